@@ -1,0 +1,268 @@
+//! API keys: minting, hashing, the KV records, and the in-memory cache every gateway
+//! authenticates against.
+//!
+//! A key is `cc_live_` plus 40 random alphanumerics (~238 bits). Only its SHA-256 is
+//! stored, in the NATS KV bucket [`KEYS_BUCKET`], keyed by a separate key id. Each gateway
+//! watches the bucket, so a create or revoke reaches it within a second, and a request
+//! costs one hash and one map lookup. Admin commands (`keys …`) live in [`crate::keys`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use callcap::subjects::KEYS_BUCKET;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use rand::distr::{Alphanumeric, SampleString};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+/// Prefix of every key, so a leaked one is recognisable (and greppable by scanners).
+pub const KEY_PREFIX: &str = "cc_live_";
+const KEY_RANDOM_CHARS: usize = 40;
+
+/// A key as stored in the bucket: everything but the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub key_id: String,
+    pub company_id: Uuid,
+    pub name: String,
+    /// Hex SHA-256 of the key.
+    pub sha256: String,
+    pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A freshly minted key: the secret (shown once) and its record.
+pub struct NewKey {
+    pub key: String,
+    pub record: KeyRecord,
+}
+
+/// Mints a key for a company.
+pub fn mint(company_id: Uuid, name: &str, expires_at: Option<DateTime<Utc>>) -> NewKey {
+    let mut rng = rand::rng();
+    let key = format!(
+        "{KEY_PREFIX}{}",
+        Alphanumeric.sample_string(&mut rng, KEY_RANDOM_CHARS)
+    );
+    let key_id = format!(
+        "k{}",
+        Alphanumeric.sample_string(&mut rng, 15).to_lowercase()
+    );
+    NewKey {
+        record: KeyRecord {
+            key_id,
+            company_id,
+            name: name.to_owned(),
+            sha256: hex::encode(hash(&key)),
+            created_at: Utc::now(),
+            expires_at,
+        },
+        key,
+    }
+}
+
+/// SHA-256 of a presented key. A fast hash is right here: keys carry ~238 random bits, so
+/// there is nothing for a slow hash to protect against, and auth stays one hash per request.
+pub fn hash(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// Who a valid key belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub key_id: String,
+    pub company_id: Uuid,
+}
+
+#[derive(Default)]
+struct Index {
+    by_hash: HashMap<[u8; 32], Arc<KeyRecord>>,
+    hash_by_id: HashMap<String, [u8; 32]>,
+}
+
+/// The gateway's in-memory copy of the key bucket.
+#[derive(Default)]
+pub struct KeyCache {
+    index: RwLock<Index>,
+    loaded: AtomicBool,
+}
+
+impl KeyCache {
+    /// Resolves a presented key; `None` when unknown, revoked, expired or malformed.
+    pub fn authenticate(&self, presented: &str, now: DateTime<Utc>) -> Option<Principal> {
+        if !presented.starts_with(KEY_PREFIX) || presented.len() > 128 {
+            return None;
+        }
+        let digest = hash(presented);
+        let index = self
+            .index
+            .read()
+            .expect("key cache lock is never held across a panic");
+        let record = index.by_hash.get(&digest)?;
+        if record.expires_at.is_some_and(|t| t <= now) {
+            return None;
+        }
+        Some(Principal {
+            key_id: record.key_id.clone(),
+            company_id: record.company_id,
+        })
+    }
+
+    /// Adds or replaces a key.
+    pub fn upsert(&self, record: KeyRecord) {
+        let Ok(bytes) = hex::decode(&record.sha256) else {
+            tracing::warn!(key_id = %record.key_id, "key record with a malformed hash ignored");
+            return;
+        };
+        let Ok(digest) = <[u8; 32]>::try_from(bytes.as_slice()) else {
+            tracing::warn!(key_id = %record.key_id, "key record with a malformed hash ignored");
+            return;
+        };
+        let mut index = self
+            .index
+            .write()
+            .expect("key cache lock is never held across a panic");
+        if let Some(old) = index.hash_by_id.insert(record.key_id.clone(), digest) {
+            index.by_hash.remove(&old);
+        }
+        index.by_hash.insert(digest, Arc::new(record));
+    }
+
+    /// Removes a key by id (revocation).
+    pub fn remove(&self, key_id: &str) {
+        let mut index = self
+            .index
+            .write()
+            .expect("key cache lock is never held across a panic");
+        if let Some(digest) = index.hash_by_id.remove(key_id) {
+            index.by_hash.remove(&digest);
+        }
+    }
+
+    /// Whether the initial contents of the bucket have been read.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    /// Marks the cache as holding the whole bucket.
+    pub fn mark_loaded(&self) {
+        self.loaded.store(true, Ordering::Release);
+    }
+
+    /// Number of keys held.
+    pub fn len(&self) -> usize {
+        self.index
+            .read()
+            .expect("key cache lock is never held across a panic")
+            .by_hash
+            .len()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Opens the key bucket, creating it on first use.
+///
+/// # Errors
+/// When JetStream is unreachable.
+pub async fn key_bucket(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<kv::Store, async_nats::Error> {
+    match js.get_key_value(KEYS_BUCKET).await {
+        Ok(store) => Ok(store),
+        Err(_) => Ok(js
+            .create_key_value(kv::Config {
+                bucket: KEYS_BUCKET.to_owned(),
+                description: "Call Capture API keys (SHA-256 only)".into(),
+                history: 1,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await?),
+    }
+}
+
+/// Keeps `cache` in step with the bucket until the process ends: reads every key, marks
+/// the cache loaded, then applies puts and deletes as they happen. Rewatches after errors.
+pub async fn watch_keys(store: kv::Store, cache: Arc<KeyCache>) {
+    loop {
+        if let Err(e) = watch_once(&store, &cache).await {
+            tracing::warn!(error = %e, "API key watch interrupted; rewatching");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn watch_once(store: &kv::Store, cache: &KeyCache) -> Result<(), async_nats::Error> {
+    let last = store.status().await?.info.state.last_sequence;
+    let mut watch = store.watch_all_from_revision(1).await?;
+    if last == 0 {
+        cache.mark_loaded();
+    }
+    while let Some(entry) = watch.next().await {
+        let entry = entry?;
+        match entry.operation {
+            kv::Operation::Put => match serde_json::from_slice::<KeyRecord>(&entry.value) {
+                Ok(record) if record.key_id == entry.key => cache.upsert(record),
+                Ok(_) | Err(_) => {
+                    tracing::warn!(key = %entry.key, "unreadable API key record ignored")
+                }
+            },
+            kv::Operation::Delete | kv::Operation::Purge => cache.remove(&entry.key),
+        }
+        if entry.revision >= last {
+            cache.mark_loaded();
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minted_keys_authenticate_until_removed_or_expired() {
+        let cache = KeyCache::default();
+        let company = Uuid::from_u128(1);
+        let k = mint(company, "dialer", None);
+        assert!(k.key.starts_with(KEY_PREFIX));
+        assert_eq!(k.key.len(), KEY_PREFIX.len() + KEY_RANDOM_CHARS);
+        assert!(!k.record.sha256.contains(&k.key[KEY_PREFIX.len()..]));
+        cache.upsert(k.record.clone());
+        let p = cache.authenticate(&k.key, Utc::now()).unwrap();
+        assert_eq!(p.company_id, company);
+        assert_eq!(p.key_id, k.record.key_id);
+        assert!(cache.authenticate("cc_live_wrong", Utc::now()).is_none());
+        assert!(cache.authenticate("", Utc::now()).is_none());
+        cache.remove(&k.record.key_id);
+        assert!(cache.authenticate(&k.key, Utc::now()).is_none());
+
+        let expiring = mint(
+            company,
+            "old",
+            Some(Utc::now() - chrono::Duration::seconds(1)),
+        );
+        cache.upsert(expiring.record);
+        assert!(cache.authenticate(&expiring.key, Utc::now()).is_none());
+    }
+
+    #[test]
+    fn keys_are_unique() {
+        let a = mint(Uuid::nil(), "a", None);
+        let b = mint(Uuid::nil(), "a", None);
+        assert_ne!(a.key, b.key);
+        assert_ne!(a.record.key_id, b.record.key_id);
+    }
+}

@@ -1,0 +1,211 @@
+//! The gateway's command line: flags with environment fallbacks, checked at boot.
+//!
+//! `ingest-gateway` with no subcommand serves; `ingest-gateway keys …` manages API keys.
+//! Doc comments here are the `--help` text.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use callcap::config::{NatsArgs, StreamArgs};
+use callcap::telemetry::LogFormat;
+use clap::{Args, Parser, Subcommand};
+use uuid::Uuid;
+
+/// Call Capture ingest gateway: authenticates dialers' call records, validates them,
+/// publishes them to the NATS JetStream stream CALLS and answers 201 once JetStream has
+/// acknowledged each one.
+#[derive(Debug, Parser)]
+#[command(name = "ingest-gateway", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub nats: NatsArgs,
+
+    #[command(flatten)]
+    pub stream: StreamArgs,
+
+    #[command(flatten)]
+    pub serve: ServeArgs,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// What to do; serving is the default.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API (the default when no subcommand is given).
+    Serve,
+    /// Create, list and revoke API keys (stored hashed in the NATS KV bucket the
+    /// gateways watch; changes reach running gateways within a second).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// API key administration.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key for a company. The key is printed once, alone on the last line of
+    /// stdout; only its SHA-256 hash is stored.
+    Create {
+        /// The company the key may write for.
+        #[arg(long)]
+        company: Uuid,
+        /// A name to recognise the key by (e.g. the dialer it is for).
+        #[arg(long)]
+        name: String,
+        /// Make the key expire after this many days.
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+    },
+    /// List keys (never the keys themselves): id, company, name, created, expiry.
+    List {
+        /// Only this company's keys.
+        #[arg(long)]
+        company: Option<Uuid>,
+    },
+    /// Revoke a key by its id; running gateways refuse it within a second.
+    Revoke {
+        /// The key id shown by `keys create` and `keys list`.
+        key_id: String,
+    },
+}
+
+/// Settings of the HTTP server.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    pub listen_addr: SocketAddr,
+
+    /// Largest body of a single-record POST, in bytes (413 above it).
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 64 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=16 * 1024 * 1024))]
+    pub max_body_bytes: u32,
+
+    /// Largest body of a batch POST, in bytes (413 above it).
+    #[arg(long, env = "MAX_BATCH_BYTES", default_value_t = 8 * 1024 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=256 * 1024 * 1024))]
+    pub max_batch_bytes: u32,
+
+    /// Most records in one batch POST (413 above it).
+    #[arg(long, env = "MAX_BATCH_RECORDS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_batch_records: u32,
+
+    /// Time a client has to send the request headers, in milliseconds; a slower
+    /// connection is closed.
+    #[arg(long, env = "HEADER_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub header_timeout_ms: u64,
+
+    /// Time a client has to send the request body, in milliseconds (408 after it).
+    #[arg(long, env = "BODY_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub body_timeout_ms: u64,
+
+    /// Longest wait for JetStream's acknowledgement of a publish, in milliseconds;
+    /// after it the answer is 503 with Retry-After.
+    #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub publish_timeout_ms: u64,
+
+    /// Most publishes awaiting a JetStream ack at once; past it new records get 503 with
+    /// Retry-After instead of queueing without bound.
+    #[arg(long, env = "MAX_IN_FLIGHT_PUBLISHES", default_value_t = 8192,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_in_flight_publishes: u32,
+
+    /// Per-key rate limit, in requests per second; 0 turns it off (the API document
+    /// promises no hard limit, so off is the default).
+    #[arg(long, env = "RATE_LIMIT_PER_SEC", default_value_t = 0.0)]
+    pub rate_limit_per_sec: f64,
+
+    /// Requests a key may send at once above the rate before it gets 429.
+    #[arg(long, env = "RATE_LIMIT_BURST", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit_burst: u32,
+
+    /// Seconds a client is told to wait (Retry-After) when the gateway cannot take its
+    /// record right now (503).
+    #[arg(long, env = "RETRY_AFTER_SECS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=3600))]
+    pub retry_after_secs: u32,
+
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish, in seconds.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServeArgs {
+    fn default() -> Self {
+        ServeArgs {
+            listen_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            max_body_bytes: 64 * 1024,
+            max_batch_bytes: 8 * 1024 * 1024,
+            max_batch_records: 1000,
+            header_timeout_ms: 5_000,
+            body_timeout_ms: 10_000,
+            publish_timeout_ms: 2_000,
+            max_in_flight_publishes: 8192,
+            rate_limit_per_sec: 0.0,
+            rate_limit_burst: 100,
+            retry_after_secs: 1,
+            shutdown_grace_secs: 20,
+        }
+    }
+}
+
+impl ServeArgs {
+    /// Checks what clap's ranges cannot express.
+    ///
+    /// # Errors
+    /// A sentence naming the flag at fault.
+    pub fn check(&self) -> Result<(), String> {
+        if !self.rate_limit_per_sec.is_finite() || self.rate_limit_per_sec < 0.0 {
+            return Err("--rate-limit-per-sec must be a non-negative number".into());
+        }
+        if self.max_batch_bytes < self.max_body_bytes {
+            return Err("--max-batch-bytes must be at least --max-body-bytes".into());
+        }
+        Ok(())
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
+    }
+
+    pub fn body_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_timeout_ms)
+    }
+
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_match_the_flags() {
+        let cli = Cli::try_parse_from(["ingest-gateway", "--listen-addr", "0.0.0.0:8080"]).unwrap();
+        let d = ServeArgs::default();
+        assert_eq!(cli.serve.max_body_bytes, d.max_body_bytes);
+        assert_eq!(cli.serve.max_batch_records, d.max_batch_records);
+        assert_eq!(cli.serve.publish_timeout_ms, d.publish_timeout_ms);
+        assert!(cli.command.is_none());
+        assert!(d.check().is_ok());
+    }
+}

@@ -1,0 +1,188 @@
+//! Every error the HTTP API can answer, and its one mapping to a status and JSON body.
+//!
+//! Bodies keep the API document's shape `{"error": "<reason phrase>", "message": "…"}`,
+//! plus `details` (per-field) for validation errors. Each failure is logged once, here.
+//! The `match` in [`ApiError::status`] has no `_` arm, so a new case must be mapped.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use callcap::{FieldError, ValidationError};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::publish::PublishError;
+
+/// An error answer of the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("Invalid or missing API key")]
+    Unauthorized,
+    #[error("this API key may only write records for its own company")]
+    Forbidden,
+    #[error("{0}")]
+    Validation(ValidationError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("Content-Type must be application/json")]
+    UnsupportedMediaType,
+    #[error("request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    TooManyRecords(String),
+    #[error("request body was not received in time")]
+    RequestTimeout,
+    #[error("rate limit exceeded for this API key; retry after {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("the gateway is at its limit of publishes in flight; retry shortly")]
+    Overloaded { retry_after_secs: u64 },
+    #[error("the record could not be stored right now; retry shortly")]
+    Unavailable {
+        retry_after_secs: u64,
+        #[source]
+        source: PublishError,
+    },
+    #[error("no such route")]
+    NotFound,
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+/// The API document's error body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// The HTTP reason phrase, e.g. `Bad Request`.
+    pub error: String,
+    /// A human sentence; for validation errors it names the field.
+    pub message: String,
+    /// Per-field errors, for validation failures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<Vec<FieldError>>,
+}
+
+impl ApiError {
+    /// The status code of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::Validation(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::PayloadTooLarge { .. } | ApiError::TooManyRecords(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Overloaded { .. } | ApiError::Unavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Seconds the client should wait before retrying, for the errors where a retry is
+    /// the right move.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited { retry_after_secs }
+            | ApiError::Overloaded { retry_after_secs }
+            | ApiError::Unavailable {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        }
+    }
+
+    /// The JSON body. A 500 says nothing of its cause: that goes to the log.
+    pub fn body(&self) -> ErrorBody {
+        let status = self.status();
+        let message = match self {
+            ApiError::Internal(_) => "An unexpected error occurred; it has been logged".to_owned(),
+            other => other.to_string(),
+        };
+        let details = match self {
+            ApiError::Validation(v) => Some(v.errors.clone()),
+            _ => None,
+        };
+        ErrorBody {
+            error: status.canonical_reason().unwrap_or("Error").to_owned(),
+            message,
+            details,
+        }
+    }
+
+    fn log(&self) {
+        match self {
+            ApiError::Internal(e) => tracing::error!(error = ?e, "internal error"),
+            ApiError::Unavailable { source, .. } => {
+                tracing::warn!(error = %source, "publish failed; answered 503")
+            }
+            ApiError::Overloaded { .. } => {
+                tracing::warn!("in-flight publish limit reached; answered 503")
+            }
+            other => tracing::debug!(status = %other.status(), error = %other, "request refused"),
+        }
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        ApiError::Validation(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.log();
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after_secs() {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_shapes_are_kept() {
+        let b = serde_json::to_value(ApiError::Unauthorized.body()).unwrap();
+        assert_eq!(
+            b,
+            serde_json::json!({"error": "Unauthorized", "message": "Invalid or missing API key"})
+        );
+        let v = ValidationError::field("company_id", "company_id is required");
+        let b = serde_json::to_value(ApiError::Validation(v).body()).unwrap();
+        assert_eq!(b["error"], "Bad Request");
+        assert_eq!(b["message"], "company_id is required");
+        assert_eq!(b["details"][0]["field"], "company_id");
+    }
+
+    #[test]
+    fn internal_errors_are_opaque() {
+        let e = ApiError::Internal(anyhow::anyhow!("secret detail"));
+        let b = e.body();
+        assert_eq!(b.error, "Internal Server Error");
+        assert!(!b.message.contains("secret"));
+    }
+
+    #[test]
+    fn retryable_answers_carry_retry_after() {
+        let r = ApiError::Overloaded {
+            retry_after_secs: 2,
+        }
+        .into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+        let r = ApiError::Unauthorized.into_response();
+        assert!(r.headers().get(header::RETRY_AFTER).is_none());
+    }
+}

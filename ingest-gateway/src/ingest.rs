@@ -1,0 +1,517 @@
+//! The ingest handlers: one record (`POST /v1/calls` and the legacy webhook path) and a
+//! batch (`POST /v1/calls/batch`).
+//!
+//! Order of checks: key (401), rate limit (429), content type (415), body size and time
+//! (413, 408), JSON (400), fields (400), company scope (403), in-flight budget (503),
+//! publish and ack (503). Only an acknowledged publish gets 201.
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use callcap::identity::{self, CallId};
+use callcap::subjects::ingest_subject;
+use callcap::{CallRecord, Envelope, FieldError};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::OwnedSemaphorePermit;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::auth::Principal;
+use crate::error::{ApiError, ErrorBody};
+use crate::publish::{AckFuture, Outbound, PublishError, Receipt};
+use crate::ratelimit::Decision;
+
+/// The API document's 201 body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Created {
+    /// Always `true`.
+    pub success: bool,
+    /// `Call record created successfully`.
+    pub message: String,
+    pub data: CreatedData,
+}
+
+/// The id of the stored record and when it was accepted.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedData {
+    /// Stable for a given `external_call_id` (or `Idempotency-Key`): a retry gets the same id.
+    pub call_history_id: Uuid,
+    /// When the gateway accepted the record (RFC 3339, milliseconds, UTC).
+    pub created_at: String,
+}
+
+/// The batch body's answer: one result per submitted record, in order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchResponse {
+    /// True when every record was accepted.
+    pub success: bool,
+    pub message: String,
+    pub accepted: usize,
+    pub rejected: usize,
+    pub results: Vec<BatchItem>,
+}
+
+/// The result of one record of a batch.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchItem {
+    /// Position in the submitted `calls` array.
+    pub index: usize,
+    /// The status this record would have had on its own (201, 400, 403, 503).
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub call_history_id: Option<Uuid>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<Vec<FieldError>>,
+}
+
+const CREATED_MESSAGE: &str = "Call record created successfully";
+
+fn timestamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// Store one call record.
+#[utoipa::path(
+    post, path = "/v1/calls", tag = "calls",
+    request_body(content = CallRecord, content_type = "application/json"),
+    params(
+        ("x-api-key" = String, Header, description = "Your API key"),
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes retries of a record without external_call_id return the same id"),
+    ),
+    responses(
+        (status = 201, description = "Accepted and durably queued", body = Created),
+        (status = 400, description = "Malformed JSON or a field breaks a rule", body = ErrorBody),
+        (status = 401, description = "Invalid or missing API key", body = ErrorBody),
+        (status = 403, description = "company_id is not the key's company", body = ErrorBody),
+        (status = 408, description = "Body not received in time", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Content-Type is not application/json", body = ErrorBody),
+        (status = 429, description = "Rate limit exceeded; see Retry-After", body = ErrorBody),
+        (status = 503, description = "Cannot queue right now; retry after Retry-After", body = ErrorBody),
+    )
+)]
+pub async fn create_call(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match create_call_inner(&state, &headers, body).await {
+        Ok((created, rate)) => {
+            with_rate_headers((StatusCode::CREATED, Json(created)).into_response(), rate)
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Same as `POST /v1/calls`: the path of the API document, so existing integrations only
+/// change the host.
+#[utoipa::path(
+    post, path = "/functions/v1/webhook-call-capture", tag = "calls",
+    request_body(content = CallRecord, content_type = "application/json"),
+    params(("x-api-key" = String, Header, description = "Your API key")),
+    responses(
+        (status = 201, description = "Accepted and durably queued", body = Created),
+        (status = 400, description = "Malformed JSON or a field breaks a rule", body = ErrorBody),
+        (status = 401, description = "Invalid or missing API key", body = ErrorBody),
+        (status = 503, description = "Cannot queue right now; retry after Retry-After", body = ErrorBody),
+    )
+)]
+pub async fn create_call_legacy(
+    state: State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    create_call(state, headers, body).await
+}
+
+type RateInfo = Option<(u64, u64)>;
+
+async fn create_call_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Created, RateInfo), ApiError> {
+    let (principal, rate) = admit(state, headers)?;
+    let bytes = read_json_body(state, headers, body, state.serve.max_body_bytes as usize).await?;
+    let value = parse_json(&bytes)?;
+    let record = callcap::validate(&value)?;
+    check_company(&principal, &record)?;
+    let idem = idempotency_key(headers)?;
+    let permit = state
+        .inflight
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Overloaded {
+            retry_after_secs: u64::from(state.serve.retry_after_secs),
+        })?;
+    let received_at = Utc::now();
+    let (id, outbound) = prepare(
+        record,
+        &principal,
+        idem.as_deref(),
+        request_id(headers),
+        received_at,
+    );
+    let ack = state
+        .publisher
+        .send(outbound)
+        .await
+        .map_err(|e| unavailable(state, e))?;
+    let receipt = await_ack(ack, permit)
+        .await
+        .map_err(|e| unavailable(state, e))?;
+    tracing::debug!(call_history_id = %id.id, seq = receipt.seq, duplicate = receipt.duplicate, "record accepted");
+    Ok((
+        Created {
+            success: true,
+            message: CREATED_MESSAGE.to_owned(),
+            data: CreatedData {
+                call_history_id: id.id,
+                created_at: timestamp(received_at),
+            },
+        },
+        rate,
+    ))
+}
+
+/// Store up to the configured number of records (1,000 by default) in one request.
+///
+/// Each record is validated on its own; valid ones are published, invalid ones reported.
+/// 201 when every record was accepted, 207 otherwise (see each item's `status`);
+/// `Retry-After` is set when any item got 503, and only those items need resending.
+#[utoipa::path(
+    post, path = "/v1/calls/batch", tag = "calls",
+    request_body(content = BatchRequestDoc, content_type = "application/json"),
+    params(("x-api-key" = String, Header, description = "Your API key")),
+    responses(
+        (status = 201, description = "Every record accepted", body = BatchResponse),
+        (status = 207, description = "Some records refused; see each item", body = BatchResponse),
+        (status = 400, description = "Malformed JSON or no `calls` array", body = ErrorBody),
+        (status = 401, description = "Invalid or missing API key", body = ErrorBody),
+        (status = 413, description = "Too many records or too many bytes", body = ErrorBody),
+        (status = 503, description = "At the in-flight limit; retry after Retry-After", body = ErrorBody),
+    )
+)]
+pub async fn create_batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match create_batch_inner(&state, &headers, body).await {
+        Ok((status, response, rate)) => {
+            let retry = response.results.iter().any(|r| r.status == 503);
+            let mut resp = with_rate_headers((status, Json(response)).into_response(), rate);
+            if retry {
+                resp.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(state.serve.retry_after_secs),
+                );
+            }
+            resp
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The batch request body.
+#[derive(ToSchema)]
+#[allow(dead_code)] // Documents the body's shape for OpenAPI; the handler reads JSON values.
+pub struct BatchRequestDoc {
+    /// The records, each shaped like a single `POST /v1/calls` body.
+    calls: Vec<CallRecord>,
+}
+
+async fn create_batch_inner(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, BatchResponse, RateInfo), ApiError> {
+    let (principal, rate) = admit(state, headers)?;
+    let bytes = read_json_body(state, headers, body, state.serve.max_batch_bytes as usize).await?;
+    let value = parse_json(&bytes)?;
+    let Some(Value::Array(calls)) = value.get("calls") else {
+        return Err(ApiError::BadRequest(
+            "body must be an object with a `calls` array".into(),
+        ));
+    };
+    let max = state.serve.max_batch_records as usize;
+    if calls.len() > max {
+        return Err(ApiError::TooManyRecords(format!(
+            "calls must hold at most {max} records (got {})",
+            calls.len()
+        )));
+    }
+    let received_at = Utc::now();
+    let rid = request_id(headers);
+    // `None` marks a valid record whose publish outcome is not known yet.
+    let mut results: Vec<Option<BatchItem>> = Vec::with_capacity(calls.len());
+    let mut valid: Vec<(usize, CallId, Outbound)> = Vec::new();
+    for (index, call) in calls.iter().enumerate() {
+        let checked = callcap::validate(call)
+            .map_err(ApiError::from)
+            .and_then(|r| check_company(&principal, &r).map(|()| r));
+        match checked {
+            Ok(record) => {
+                let (id, out) = prepare(record, &principal, None, rid.clone(), received_at);
+                valid.push((index, id, out));
+                results.push(None);
+            }
+            Err(e) => results.push(Some(item_err(index, &e))),
+        }
+    }
+    if !valid.is_empty() {
+        let permits = state
+            .inflight
+            .clone()
+            .try_acquire_many_owned(u32::try_from(valid.len()).unwrap_or(u32::MAX))
+            .map_err(|_| ApiError::Overloaded {
+                retry_after_secs: u64::from(state.serve.retry_after_secs),
+            })?;
+        publish_all(state, valid, &mut results, received_at).await;
+        drop(permits);
+    }
+    let results: Vec<BatchItem> = results
+        .into_iter()
+        .map(|r| r.expect("publish_all fills the item of every valid record"))
+        .collect();
+    let accepted = results.iter().filter(|r| r.status == 201).count();
+    let rejected = results.len() - accepted;
+    let all = rejected == 0;
+    Ok((
+        if all {
+            StatusCode::CREATED
+        } else {
+            StatusCode::MULTI_STATUS
+        },
+        BatchResponse {
+            success: all,
+            message: format!("{accepted} of {} call records created", results.len()),
+            accepted,
+            rejected,
+            results,
+        },
+        rate,
+    ))
+}
+
+/// Sends every record in order (so the stream keeps the batch's order), then awaits the
+/// acks together and writes each outcome into its item.
+async fn publish_all(
+    state: &AppState,
+    valid: Vec<(usize, CallId, Outbound)>,
+    results: &mut [Option<BatchItem>],
+    received_at: DateTime<Utc>,
+) {
+    let mut pending: Vec<(usize, CallId, Result<AckFuture, PublishError>)> =
+        Vec::with_capacity(valid.len());
+    for (index, id, out) in valid {
+        pending.push((index, id, state.publisher.send(out).await));
+    }
+    let acks = futures::future::join_all(pending.into_iter().map(|(index, id, sent)| async move {
+        let outcome = match sent {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        (index, id, outcome)
+    }))
+    .await;
+    for (index, id, outcome) in acks {
+        results[index] = Some(match outcome {
+            Ok(_) => item_ok(index, id.id, received_at),
+            Err(e) => item_err(index, &unavailable(state, e)),
+        });
+    }
+}
+
+fn item_ok(index: usize, id: Uuid, received_at: DateTime<Utc>) -> BatchItem {
+    BatchItem {
+        index,
+        status: 201,
+        call_history_id: Some(id),
+        created_at: Some(timestamp(received_at)),
+        error: None,
+        message: None,
+        details: None,
+    }
+}
+
+fn item_err(index: usize, e: &ApiError) -> BatchItem {
+    let body = e.body();
+    BatchItem {
+        index,
+        status: e.status().as_u16(),
+        call_history_id: None,
+        created_at: None,
+        error: Some(body.error),
+        message: Some(body.message),
+        details: body.details,
+    }
+}
+
+/// Authenticates and rate-limits; returns the caller and its rate-limit standing.
+fn admit(state: &AppState, headers: &HeaderMap) -> Result<(Principal, RateInfo), ApiError> {
+    let principal = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|k| state.keys.authenticate(k.trim(), Utc::now()))
+        .ok_or(ApiError::Unauthorized)?;
+    let rate = match &state.rate_limiter {
+        None => None,
+        Some(rl) => match rl.check(&principal.key_id, Instant::now()) {
+            Decision::Allow { remaining } => Some((rl.limit(), remaining)),
+            Decision::Deny { retry_after } => {
+                return Err(ApiError::RateLimited {
+                    retry_after_secs: retry_after.as_secs_f64().ceil().max(1.0) as u64,
+                })
+            }
+        },
+    };
+    Ok((principal, rate))
+}
+
+fn with_rate_headers(mut resp: Response, rate: RateInfo) -> Response {
+    if let Some((limit, remaining)) = rate {
+        let h = resp.headers_mut();
+        h.insert("ratelimit-limit", HeaderValue::from(limit));
+        h.insert("ratelimit-remaining", HeaderValue::from(remaining));
+    }
+    resp
+}
+
+/// Checks the content type and reads the body within the size and time limits.
+async fn read_json_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    match tokio::time::timeout(
+        state.serve.body_timeout(),
+        axum::body::to_bytes(body, limit),
+    )
+    .await
+    {
+        Err(_) => Err(ApiError::RequestTimeout),
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                Err(ApiError::PayloadTooLarge { limit })
+            } else {
+                Err(ApiError::BadRequest(format!(
+                    "could not read the request body: {e}"
+                )))
+            }
+        }
+    }
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("Malformed JSON: {e}")))
+}
+
+fn check_company(principal: &Principal, record: &CallRecord) -> Result<(), ApiError> {
+    if record.company_id == principal.company_id {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden)
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match v.to_str() {
+        Ok(k) if identity::valid_idempotency_key(k) => Ok(Some(k.to_owned())),
+        _ => Err(ApiError::Validation(callcap::ValidationError::field(
+            "Idempotency-Key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        ))),
+    }
+}
+
+fn request_id(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Derives the record's id and builds its stream message.
+fn prepare(
+    record: CallRecord,
+    principal: &Principal,
+    idem: Option<&str>,
+    request_id: Option<String>,
+    received_at: DateTime<Utc>,
+) -> (CallId, Outbound) {
+    let id = identity::call_history_id(&record, idem);
+    let msg_id = identity::msg_id(id.id, &record);
+    let subject = ingest_subject(record.company_id);
+    let envelope = Envelope::new(
+        id.id,
+        received_at,
+        principal.key_id.clone(),
+        request_id,
+        record,
+    );
+    (
+        id,
+        Outbound {
+            subject,
+            msg_id,
+            payload: Bytes::from(envelope.encode()),
+        },
+    )
+}
+
+/// Awaits the ack, holding the in-flight permit until it resolves.
+async fn await_ack(ack: AckFuture, permit: OwnedSemaphorePermit) -> Result<Receipt, PublishError> {
+    let out = ack.await;
+    drop(permit);
+    out
+}
+
+fn unavailable(state: &AppState, e: PublishError) -> ApiError {
+    if e.is_retryable() {
+        ApiError::Unavailable {
+            retry_after_secs: u64::from(state.serve.retry_after_secs),
+            source: e,
+        }
+    } else {
+        ApiError::PayloadTooLarge {
+            limit: callcap::subjects::MAX_MESSAGE_BYTES as usize,
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Call Capture ingest gateway.
+//!
+//! Authenticates (`x-api-key`), validates, publishes each record to the JetStream stream
+//! `CALLS` and answers 201 once JetStream has acknowledged it. Never touches Postgres.
+//!
+//! - [`config`]: command line and environment;
+//! - [`app`]: state, routes, operational endpoints; [`server`]: connections and drain;
+//! - [`ingest`]: the record handlers; [`error`]: every error answer;
+//! - [`auth`]: API keys and the watched cache; [`keys`]: the `keys` admin commands;
+//! - [`publish`]: the JetStream publisher; [`ratelimit`]: per-key token buckets.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod ingest;
+pub mod keys;
+pub mod publish;
+pub mod ratelimit;
+pub mod server;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+
+use crate::app::AppState;
+use crate::auth::KeyCache;
+use crate::config::Cli;
+use crate::publish::JetStreamPublisher;
+
+/// Connects to NATS, prepares the stream and key bucket, and serves until `shutdown`.
+///
+/// # Errors
+/// When the listen address cannot be bound or NATS set-up fails.
+pub async fn serve(
+    cli: &Cli,
+    metrics: Option<PrometheusHandle>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    cli.serve.check().map_err(anyhow::Error::msg)?;
+    let listener = TcpListener::bind(cli.serve.listen_addr)
+        .await
+        .with_context(|| format!("binding {}", cli.serve.listen_addr))?;
+    let state = connect(cli, metrics).await?;
+    tracing::info!(addr = %listener.local_addr()?, "ingest-gateway listening");
+    server::run(listener, state, shutdown).await?;
+    Ok(())
+}
+
+/// Builds the production state: NATS connection, stream, key bucket and its watch.
+///
+/// # Errors
+/// When the stream or the key bucket cannot be set up.
+pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Result<AppState> {
+    let client = cli
+        .nats
+        .connect("ingest-gateway")
+        .await
+        .context("connecting to NATS")?;
+    let publisher = JetStreamPublisher::new(
+        client,
+        cli.serve.publish_timeout(),
+        cli.serve.max_in_flight_publishes as usize,
+    );
+    let js = publisher.context().clone();
+    with_retry("creating the CALLS stream", || {
+        callcap::subjects::ensure_stream(&js, &cli.stream)
+    })
+    .await?;
+    let bucket = with_retry("opening the API key bucket", || {
+        auth::key_bucket(&js, usize::from(cli.stream.stream_replicas))
+    })
+    .await?;
+    let keys = Arc::new(KeyCache::default());
+    tokio::spawn(auth::watch_keys(bucket, keys.clone()));
+    Ok(AppState::new(
+        Arc::new(publisher),
+        keys,
+        cli.serve.clone(),
+        metrics,
+    ))
+}
+
+/// Opens the key bucket for the `keys` commands.
+///
+/// # Errors
+/// When NATS is unreachable.
+pub async fn key_store(cli: &Cli) -> anyhow::Result<jetstream::kv::Store> {
+    let client = async_nats::ConnectOptions::new()
+        .name("ingest-gateway keys")
+        .connection_timeout(Duration::from_secs(5))
+        .connect(cli.nats.nats_url.as_str())
+        .await
+        .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
+    let js = jetstream::new(client);
+    auth::key_bucket(&js, usize::from(cli.stream.stream_replicas))
+        .await
+        .map_err(|e| anyhow::anyhow!("opening the API key bucket: {e}"))
+}
+
+/// Retries start-up steps for a while: NATS may still be starting (or electing a leader).
+async fn with_retry<T, F, Fut>(what: &str, mut step: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, async_nats::Error>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        match step().await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt < 30 => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "{what} failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(anyhow::anyhow!("{what}: {e}")),
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}

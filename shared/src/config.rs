@@ -1,0 +1,85 @@
+//! Configuration both binaries share: where NATS is and how the stream is defined.
+//!
+//! Flattened into each binary's clap `Parser`, so one environment configures the whole
+//! pipeline (`NATS_URL`, `STREAM_*`). Binary-specific settings live with each binary.
+
+use clap::Args;
+
+/// Connection to NATS.
+#[derive(Debug, Clone, Args)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma-separated for a cluster.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+
+    /// Timeout for JetStream API calls and publish acks, in milliseconds.
+    #[arg(long, env = "NATS_REQUEST_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(100..=120_000))]
+    pub nats_request_timeout_ms: u64,
+}
+
+/// Definition of the `CALLS` stream.
+#[derive(Debug, Clone, Args)]
+pub struct StreamArgs {
+    /// How long the stream keeps records (the replay window), in seconds. Default 30 days.
+    #[arg(long, env = "STREAM_MAX_AGE_SECS", default_value_t = 30 * 24 * 3600,
+          value_parser = clap::value_parser!(u64).range(60..))]
+    pub stream_max_age_secs: u64,
+
+    /// Largest size of the stream, in bytes. When full, new publishes are refused (the
+    /// gateway answers 503) rather than deleting records not yet stored. Default 10 GiB.
+    #[arg(long, env = "STREAM_MAX_BYTES", default_value_t = 10 * 1024 * 1024 * 1024,
+          value_parser = clap::value_parser!(i64).range(1024 * 1024..))]
+    pub stream_max_bytes: i64,
+
+    /// Stream replicas: 1 on one server, 3 on a JetStream cluster.
+    #[arg(long, env = "STREAM_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub stream_replicas: u8,
+
+    /// Window in which JetStream drops a publish whose Nats-Msg-Id it has seen, in seconds.
+    #[arg(long, env = "STREAM_DUPLICATE_WINDOW_SECS", default_value_t = 120,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub stream_duplicate_window_secs: u64,
+}
+
+impl Default for StreamArgs {
+    fn default() -> Self {
+        StreamArgs {
+            stream_max_age_secs: 30 * 24 * 3600,
+            stream_max_bytes: 10 * 1024 * 1024 * 1024,
+            stream_replicas: 1,
+            stream_duplicate_window_secs: 120,
+        }
+    }
+}
+
+impl NatsArgs {
+    /// Settings for a server at `url` with default timeouts.
+    pub fn new(url: impl Into<String>) -> Self {
+        NatsArgs {
+            nats_url: url.into(),
+            nats_request_timeout_ms: 5_000,
+        }
+    }
+
+    /// Connects with unbounded reconnects: a service rides out NATS restarts rather than
+    /// exiting. The first connection is retried too, so start order does not matter.
+    ///
+    /// # Errors
+    /// When the URL is malformed.
+    pub async fn connect(
+        &self,
+        name: &str,
+    ) -> Result<async_nats::Client, async_nats::ConnectError> {
+        async_nats::ConnectOptions::new()
+            .name(name)
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .request_timeout(Some(std::time::Duration::from_millis(
+                self.nats_request_timeout_ms,
+            )))
+            .connect(self.nats_url.as_str())
+            .await
+    }
+}

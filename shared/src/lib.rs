@@ -1,0 +1,21 @@
+//! Call Capture shared library: the wire types and rules both services agree on.
+//!
+//! - [`record`]: the call record and its enumerations;
+//! - [`validate`]: the API document's field rules and size bounds;
+//! - [`identity`]: `call_history_id` and the publish dedup id;
+//! - [`envelope`]: the versioned stream message;
+//! - [`subjects`]: stream, subject, consumer and bucket names and definitions;
+//! - [`config`]: settings both binaries read from one environment;
+//! - [`telemetry`]: logging setup.
+
+pub mod config;
+pub mod envelope;
+pub mod identity;
+pub mod record;
+pub mod subjects;
+pub mod telemetry;
+pub mod validate;
+
+pub use envelope::Envelope;
+pub use record::{CallRecord, CallStatus, Outcome};
+pub use validate::{validate, FieldError, ValidationError};

@@ -1,0 +1,555 @@
+//! Validation: untrusted JSON in, a [`CallRecord`] or a list of field errors out.
+//!
+//! One place for every rule of the API document's field tables and for the size bounds,
+//! used by the gateway (single and batch posts). Works on an already-parsed JSON object so
+//! that each failing field is named; parsing bytes and choosing status codes is the
+//! gateway's job. Unknown fields are ignored, as the API document's clients may send more
+//! than it lists; `null` counts as absent.
+
+use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::record::{CallRecord, CallStatus, Outcome};
+
+/// Longest accepted `notes`, in bytes.
+pub const MAX_NOTES_BYTES: usize = 16 * 1024;
+/// Longest accepted `call_details`, in bytes of compact JSON.
+pub const MAX_CALL_DETAILS_BYTES: usize = 32 * 1024;
+/// Longest accepted phone number.
+pub const MAX_PHONE_BYTES: usize = 64;
+/// Longest accepted `external_call_id`.
+pub const MAX_EXTERNAL_ID_BYTES: usize = 255;
+/// Longest accepted `external_system`.
+pub const MAX_EXTERNAL_SYSTEM_BYTES: usize = 100;
+/// Longest accepted `recording_url`.
+pub const MAX_URL_BYTES: usize = 2048;
+
+/// One rejected field and a sentence that names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct FieldError {
+    /// The payload field at fault.
+    pub field: String,
+    /// A human sentence that starts with the field name.
+    pub message: String,
+}
+
+/// Why a payload was refused: every field at fault, in payload-table order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.message())]
+pub struct ValidationError {
+    pub errors: Vec<FieldError>,
+}
+
+impl ValidationError {
+    /// A single-field error.
+    pub fn field(field: &str, message: impl Into<String>) -> Self {
+        ValidationError {
+            errors: vec![FieldError {
+                field: field.to_owned(),
+                message: message.into(),
+            }],
+        }
+    }
+
+    /// The sentence for the API's `message`: the field errors joined by `; `, so a lone
+    /// missing `company_id` reads exactly `company_id is required`.
+    pub fn message(&self) -> String {
+        self.errors
+            .iter()
+            .map(|e| e.message.as_str())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Never retryable: the same payload fails the same way.
+    pub fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+/// Validates a parsed JSON body.
+///
+/// # Errors
+/// A [`ValidationError`] naming every field that breaks a rule; a body that is not a JSON
+/// object is reported against the field `body`.
+pub fn validate(body: &Value) -> Result<CallRecord, ValidationError> {
+    match body {
+        Value::Object(obj) => validate_object(obj),
+        _ => Err(ValidationError::field(
+            "body",
+            "request body must be a JSON object",
+        )),
+    }
+}
+
+/// Validates one JSON object against the API document's field tables.
+///
+/// # Errors
+/// See [`validate`].
+pub fn validate_object(obj: &Map<String, Value>) -> Result<CallRecord, ValidationError> {
+    let mut f = Fields {
+        obj,
+        errors: Vec::new(),
+    };
+    let company_id = f.uuid("company_id");
+    if company_id.is_none() && f.errors.is_empty() {
+        f.fail("company_id", "company_id is required");
+    }
+    let record = CallRecord {
+        company_id: company_id.unwrap_or_default(),
+        lead_id: f.uuid("lead_id"),
+        employee_id: f.uuid("employee_id"),
+        outcome: f.one_of(
+            "outcome",
+            Outcome::parse,
+            &Outcome::ALL.map(Outcome::as_str),
+        ),
+        notes: f.string("notes", MAX_NOTES_BYTES),
+        call_date: f.timestamp("call_date"),
+        caller_number: f.string("caller_number", MAX_PHONE_BYTES),
+        recipient_number: f.string("recipient_number", MAX_PHONE_BYTES),
+        duration_seconds: f.duration("duration_seconds"),
+        recording_url: f.url("recording_url"),
+        call_status: f.one_of(
+            "call_status",
+            CallStatus::parse,
+            &CallStatus::ALL.map(CallStatus::as_str),
+        ),
+        start_time: f.timestamp("start_time"),
+        end_time: f.timestamp("end_time"),
+        external_call_id: f.non_empty_string("external_call_id", MAX_EXTERNAL_ID_BYTES),
+        external_system: f.non_empty_string("external_system", MAX_EXTERNAL_SYSTEM_BYTES),
+        next_follow_up: f.date("next_follow_up"),
+        next_follow_up_time: f.time("next_follow_up_time"),
+        auto_call_followup: f.boolean("auto_call_followup"),
+        call_details: f.details("call_details"),
+    };
+    if let (Some(start), Some(end)) = (record.start_time, record.end_time) {
+        if end < start {
+            f.fail("end_time", "end_time must not be before start_time");
+        }
+    }
+    if f.errors.is_empty() {
+        Ok(record)
+    } else {
+        Err(ValidationError { errors: f.errors })
+    }
+}
+
+/// Reads fields off the object, collecting one error per bad field.
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+    errors: Vec<FieldError>,
+}
+
+impl Fields<'_> {
+    fn fail(&mut self, field: &str, message: impl Into<String>) {
+        self.errors.push(FieldError {
+            field: field.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// The field's value, with `null` read as absent.
+    fn get(&self, field: &str) -> Option<&Value> {
+        self.obj.get(field).filter(|v| !v.is_null())
+    }
+
+    /// A string field; `expected` completes "<field> must be …" when it is not a string.
+    fn str_of(&mut self, field: &str, expected: &str) -> Option<String> {
+        match self.get(field)? {
+            Value::String(s) => Some(s.clone()),
+            _ => {
+                self.fail(field, format!("{field} must be {expected}"));
+                None
+            }
+        }
+    }
+
+    fn string(&mut self, field: &str, max_bytes: usize) -> Option<String> {
+        let s = self.str_of(field, "a string")?;
+        if s.len() > max_bytes {
+            self.fail(field, format!("{field} must be at most {max_bytes} bytes"));
+            return None;
+        }
+        if s.contains('\0') {
+            self.fail(field, format!("{field} must not contain NUL characters"));
+            return None;
+        }
+        Some(s)
+    }
+
+    fn non_empty_string(&mut self, field: &str, max_bytes: usize) -> Option<String> {
+        let s = self.string(field, max_bytes)?;
+        if s.trim().is_empty() {
+            self.fail(field, format!("{field} must not be empty"));
+            return None;
+        }
+        Some(s)
+    }
+
+    fn uuid(&mut self, field: &str) -> Option<Uuid> {
+        let s = self.str_of(field, "a UUID string")?;
+        match Uuid::try_parse(&s) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                self.fail(field, format!("{field} must be a valid UUID"));
+                None
+            }
+        }
+    }
+
+    fn one_of<T>(
+        &mut self,
+        field: &str,
+        parse: fn(&str) -> Option<T>,
+        allowed: &[&str],
+    ) -> Option<T> {
+        let s = self.str_of(field, "a string")?;
+        let parsed = parse(&s);
+        if parsed.is_none() {
+            self.fail(
+                field,
+                format!("{field} must be one of: {}", allowed.join(", ")),
+            );
+        }
+        parsed
+    }
+
+    fn timestamp(&mut self, field: &str) -> Option<DateTime<Utc>> {
+        let s = self.str_of(field, "an ISO 8601 (RFC 3339) timestamp string")?;
+        match DateTime::parse_from_rfc3339(&s) {
+            Ok(t) => Some(t.with_timezone(&Utc)),
+            Err(_) => {
+                self.fail(
+                    field,
+                    format!("{field} must be an RFC 3339 timestamp such as 2025-11-25T10:30:00Z"),
+                );
+                None
+            }
+        }
+    }
+
+    fn date(&mut self, field: &str) -> Option<NaiveDate> {
+        let s = self.str_of(field, "a date string (YYYY-MM-DD)")?;
+        let parsed = (s.len() == 10)
+            .then(|| NaiveDate::parse_from_str(&s, "%Y-%m-%d").ok())
+            .flatten();
+        if parsed.is_none() {
+            self.fail(
+                field,
+                format!("{field} must be a date in the form YYYY-MM-DD"),
+            );
+        }
+        parsed
+    }
+
+    fn time(&mut self, field: &str) -> Option<NaiveTime> {
+        let s = self.str_of(field, "a time string (HH:MM:SS)")?;
+        let parsed = (s.len() == 8)
+            .then(|| NaiveTime::parse_from_str(&s, "%H:%M:%S").ok())
+            .flatten();
+        if parsed.is_none() {
+            self.fail(
+                field,
+                format!("{field} must be a time in the form HH:MM:SS"),
+            );
+        }
+        parsed
+    }
+
+    fn duration(&mut self, field: &str) -> Option<i32> {
+        let value = self.get(field)?;
+        let parsed = value
+            .as_i64()
+            .and_then(|n| i32::try_from(n).ok())
+            .filter(|n| *n >= 0);
+        if parsed.is_none() {
+            self.fail(
+                field,
+                format!(
+                    "{field} must be a non-negative integer (at most {})",
+                    i32::MAX
+                ),
+            );
+        }
+        parsed
+    }
+
+    fn boolean(&mut self, field: &str) -> Option<bool> {
+        match self.get(field)? {
+            Value::Bool(b) => Some(*b),
+            _ => {
+                self.fail(field, format!("{field} must be true or false"));
+                None
+            }
+        }
+    }
+
+    fn url(&mut self, field: &str) -> Option<String> {
+        let s = self.string(field, MAX_URL_BYTES)?;
+        let ok = url::Url::parse(&s)
+            .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .unwrap_or(false);
+        if !ok {
+            self.fail(field, format!("{field} must be an absolute http(s) URL"));
+            return None;
+        }
+        Some(s)
+    }
+
+    fn details(&mut self, field: &str) -> Option<Map<String, Value>> {
+        let map = match self.get(field)? {
+            Value::Object(map) => map.clone(),
+            _ => {
+                self.fail(field, format!("{field} must be a JSON object"));
+                return None;
+            }
+        };
+        let size = serde_json::to_vec(&map)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
+        if size > MAX_CALL_DETAILS_BYTES {
+            self.fail(
+                field,
+                format!("{field} must be at most {MAX_CALL_DETAILS_BYTES} bytes of JSON"),
+            );
+            return None;
+        }
+        if contains_nul(&Value::Object(map.clone())) {
+            // Postgres jsonb cannot hold U+0000; refuse it here rather than dead-letter it later.
+            self.fail(field, format!("{field} must not contain NUL characters"));
+            return None;
+        }
+        Some(map)
+    }
+}
+
+fn contains_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const COMPANY: &str = "123e4567-e89b-12d3-a456-426614174000";
+
+    fn err_fields(v: Value) -> Vec<String> {
+        validate(&v)
+            .expect_err("payload should be refused")
+            .errors
+            .into_iter()
+            .map(|e| e.field)
+            .collect()
+    }
+
+    #[test]
+    fn missing_company_id_has_the_documented_message() {
+        let e = validate(&json!({"notes": "x"})).unwrap_err();
+        assert_eq!(e.message(), "company_id is required");
+        let e = validate(&json!({"company_id": null})).unwrap_err();
+        assert_eq!(e.message(), "company_id is required");
+    }
+
+    #[test]
+    fn complete_record_from_the_api_document_is_accepted() {
+        let r = validate(&json!({
+            "company_id": COMPANY,
+            "lead_id": "234e5678-e89b-12d3-a456-426614174001",
+            "employee_id": "345e6789-e89b-12d3-a456-426614174002",
+            "outcome": "follow_up",
+            "notes": "Customer interested",
+            "call_date": "2025-11-25T10:30:00Z",
+            "caller_number": "+919876543210",
+            "recipient_number": "+919123456789",
+            "duration_seconds": 320,
+            "recording_url": "https://your-system.com/recordings/12345.mp3",
+            "call_status": "completed",
+            "start_time": "2025-11-25T10:30:00Z",
+            "end_time": "2025-11-25T10:35:20Z",
+            "external_call_id": "CALL-12345",
+            "external_system": "YourDialer",
+            "next_follow_up": "2025-11-27",
+            "next_follow_up_time": "14:00:00",
+            "auto_call_followup": true,
+            "call_details": {"campaign_id": "CAMP-001", "tags": ["premium"]}
+        }))
+        .unwrap();
+        assert_eq!(r.duration_seconds, Some(320));
+        assert_eq!(r.outcome, Some(Outcome::FollowUp));
+        assert_eq!(r.call_status, Some(CallStatus::Completed));
+        assert_eq!(r.next_follow_up_time.unwrap().to_string(), "14:00:00");
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let cases = [
+            (json!({"company_id": "nope"}), "company_id"),
+            (json!({"company_id": 5}), "company_id"),
+            (json!({"company_id": COMPANY, "lead_id": "x"}), "lead_id"),
+            (
+                json!({"company_id": COMPANY, "employee_id": "x"}),
+                "employee_id",
+            ),
+            (
+                json!({"company_id": COMPANY, "outcome": "maybe"}),
+                "outcome",
+            ),
+            (
+                json!({"company_id": COMPANY, "call_status": "done"}),
+                "call_status",
+            ),
+            (
+                json!({"company_id": COMPANY, "duration_seconds": -1}),
+                "duration_seconds",
+            ),
+            (
+                json!({"company_id": COMPANY, "duration_seconds": 1.5}),
+                "duration_seconds",
+            ),
+            (
+                json!({"company_id": COMPANY, "duration_seconds": "60"}),
+                "duration_seconds",
+            ),
+            (
+                json!({"company_id": COMPANY, "duration_seconds": 1_u64 << 40}),
+                "duration_seconds",
+            ),
+            (
+                json!({"company_id": COMPANY, "call_date": "yesterday"}),
+                "call_date",
+            ),
+            (
+                json!({"company_id": COMPANY, "start_time": "2025-11-25 10:30"}),
+                "start_time",
+            ),
+            (
+                json!({"company_id": COMPANY, "next_follow_up": "27/11/2025"}),
+                "next_follow_up",
+            ),
+            (
+                json!({"company_id": COMPANY, "next_follow_up": "2025-2-30"}),
+                "next_follow_up",
+            ),
+            (
+                json!({"company_id": COMPANY, "next_follow_up_time": "14:00"}),
+                "next_follow_up_time",
+            ),
+            (
+                json!({"company_id": COMPANY, "next_follow_up_time": "25:00:00"}),
+                "next_follow_up_time",
+            ),
+            (
+                json!({"company_id": COMPANY, "recording_url": "/rec/1.mp3"}),
+                "recording_url",
+            ),
+            (
+                json!({"company_id": COMPANY, "recording_url": "ftp://x/1.mp3"}),
+                "recording_url",
+            ),
+            (
+                json!({"company_id": COMPANY, "call_details": [1]}),
+                "call_details",
+            ),
+            (
+                json!({"company_id": COMPANY, "call_details": {"k": "a\u{0}b"}}),
+                "call_details",
+            ),
+            (
+                json!({"company_id": COMPANY, "auto_call_followup": "yes"}),
+                "auto_call_followup",
+            ),
+            (
+                json!({"company_id": COMPANY, "external_call_id": ""}),
+                "external_call_id",
+            ),
+            (json!({"company_id": COMPANY, "notes": "a\u{0}"}), "notes"),
+            (
+                json!({"company_id": COMPANY, "caller_number": "1".repeat(65)}),
+                "caller_number",
+            ),
+            (
+                json!({"company_id": COMPANY, "notes": "n".repeat(MAX_NOTES_BYTES + 1)}),
+                "notes",
+            ),
+            (
+                json!({"company_id": COMPANY, "start_time": "2025-11-25T10:35:00Z", "end_time": "2025-11-25T10:30:00Z"}),
+                "end_time",
+            ),
+        ];
+        for (payload, field) in cases {
+            let fields = err_fields(payload.clone());
+            assert_eq!(fields, vec![field.to_string()], "payload {payload}");
+            let msg = validate(&payload).unwrap_err().message();
+            assert!(
+                msg.starts_with(field),
+                "message {msg:?} should name {field}"
+            );
+        }
+    }
+
+    #[test]
+    fn timestamps_accept_fractions_and_offsets() {
+        let r = validate(&json!({
+            "company_id": COMPANY,
+            "call_date": "2025-11-25T10:30:00.123456Z",
+            "start_time": "2025-11-25T16:00:00+05:30",
+            "end_time": "2025-11-25T10:31:00Z",
+        }))
+        .unwrap();
+        assert_eq!(
+            r.start_time.unwrap().to_rfc3339(),
+            "2025-11-25T10:30:00+00:00"
+        );
+    }
+
+    #[test]
+    fn nulls_are_absent_and_unknown_fields_ignored() {
+        let r = validate(&json!({"company_id": COMPANY, "notes": null, "lead_name": "x"})).unwrap();
+        assert_eq!(r, CallRecord::new(Uuid::parse_str(COMPANY).unwrap()));
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let fields = err_fields(json!({"outcome": "x", "duration_seconds": -5}));
+        assert_eq!(fields, ["company_id", "outcome", "duration_seconds"]);
+    }
+
+    #[test]
+    fn non_objects_are_refused() {
+        for v in [json!([]), json!("x"), json!(1), json!(null)] {
+            assert_eq!(err_fields(v), ["body"]);
+        }
+    }
+
+    proptest::proptest! {
+        // No input panics; whatever is accepted survives a serde round trip unchanged.
+        #[test]
+        fn arbitrary_objects_never_panic(
+            keys in proptest::collection::vec("[a-z_]{1,20}", 0..8),
+            vals in proptest::collection::vec(proptest::prelude::any::<String>(), 0..8),
+            n in proptest::prelude::any::<i64>(),
+        ) {
+            let mut obj = Map::new();
+            obj.insert("company_id".into(), Value::String(COMPANY.into()));
+            obj.insert("duration_seconds".into(), Value::from(n));
+            for (k, v) in keys.iter().zip(vals) {
+                obj.insert(k.clone(), Value::String(v));
+            }
+            if let Ok(record) = validate_object(&obj) {
+                let back: CallRecord = serde_json::from_slice(&record.canonical_json()).unwrap();
+                proptest::prop_assert_eq!(back, record);
+            }
+        }
+    }
+}
