@@ -1,1 +1,161 @@
+//! Call Capture persist worker.
+//!
+//! Consumes the `CALLS` stream through the shared durable consumer and writes every record
+//! to Postgres exactly once. Any number of workers may run side by side.
+//!
+//! - [`config`]: command line and environment;
+//! - [`consume`]: the pull/write/ack loop; [`store`]: every SQL statement and migrations;
+//! - [`replay`]: re-applying a window of the stream; [`dlq`]: dead letters;
+//! - [`ops`]: `/metrics`, `/readyz`, `/healthz`.
 
+pub mod config;
+pub mod consume;
+pub mod dlq;
+pub mod ops;
+pub mod replay;
+pub mod store;
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::migrate::MigrateDatabase;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Cli;
+
+/// Creates the database when missing and applies pending migrations, retrying while
+/// Postgres is unreachable (up to `patience`) so start order does not matter.
+///
+/// # Errors
+/// When Postgres stays unreachable past `patience`, or a migration fails.
+pub async fn migrate(database_url: &str, pool: &PgPool, patience: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let attempt = async {
+            if !sqlx::Postgres::database_exists(database_url).await? {
+                sqlx::Postgres::create_database(database_url).await?;
+            }
+            store::MIGRATOR.run(pool).await.map_err(|e| match e {
+                sqlx::migrate::MigrateError::Execute(inner) => inner,
+                other => sqlx::Error::from(other),
+            })
+        };
+        let err = match attempt.await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        // Only "cannot reach Postgres" is worth waiting out; a failing migration is not.
+        if !store::is_connection_error(&err) || tokio::time::Instant::now() >= deadline {
+            return Err(anyhow::Error::new(err).context("applying migrations"));
+        }
+        tracing::warn!(error = %err, "Postgres not reachable yet for migrations; retrying");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Runs the worker until `cancel` fires: migrations (unless disabled), the ops endpoints,
+/// the pending-count gauge and the consumer loop.
+///
+/// # Errors
+/// When the ops address cannot be bound, migrations fail, or the consumer cannot be set up.
+pub async fn run(
+    cli: &Cli,
+    metrics: Option<PrometheusHandle>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let pool = store::pool(&cli.db.database_url, cli.db.db_max_connections)
+        .context("parsing DATABASE_URL")?;
+    let client = cli
+        .nats
+        .connect("persist-worker")
+        .await
+        .context("connecting to NATS")?;
+    let listener = tokio::net::TcpListener::bind(cli.run.metrics_addr)
+        .await
+        .with_context(|| format!("binding METRICS_ADDR {}", cli.run.metrics_addr))?;
+    let ops = ops::router(ops::OpsState {
+        pool: pool.clone(),
+        nats: client.clone(),
+        metrics,
+    });
+    let ops_cancel = cancel.clone();
+    tokio::spawn(async move {
+        let served =
+            axum::serve(listener, ops).with_graceful_shutdown(ops_cancel.cancelled_owned());
+        if let Err(e) = served.await {
+            tracing::error!(error = %e, "ops endpoint failed");
+        }
+    });
+    if !cli.run.no_migrate {
+        migrate(&cli.db.database_url, &pool, Duration::from_secs(3600)).await?;
+    }
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_millis(cli.nats.nats_request_timeout_ms))
+        .build(client);
+    let stream = loop {
+        match callcap::subjects::get_or_create_stream(&js, &cli.stream).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!(error = %e, "stream not reachable yet; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = cancel.cancelled() => return Ok(()),
+                }
+            }
+        }
+    };
+    tokio::spawn(report_pending(stream.clone(), cancel.clone()));
+    consume::run(stream, pool.clone(), cli.run.clone(), cancel)
+        .await
+        .map_err(|e| anyhow::anyhow!("consumer failed: {e}"))?;
+    pool.close().await;
+    tracing::info!("persist-worker stopped");
+    Ok(())
+}
+
+/// Publishes the consumer's backlog (`worker_consumer_pending`) every 5 seconds: the
+/// number ops scale workers on.
+async fn report_pending(stream: jetstream::stream::Stream, cancel: CancellationToken) {
+    loop {
+        if let Ok(mut c) = stream
+            .get_consumer::<jetstream::consumer::pull::Config>(callcap::subjects::CONSUMER_NAME)
+            .await
+        {
+            if let Ok(info) = c.info().await {
+                metrics::gauge!("worker_consumer_pending").set(info.num_pending as f64);
+                metrics::gauge!("worker_consumer_ack_pending").set(info.num_ack_pending as f64);
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// A token cancelled on SIGTERM or SIGINT.
+pub fn shutdown_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing a SIGTERM handler only fails outside a Tokio runtime");
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown signal received: finishing the batch in hand");
+        t.cancel();
+    });
+    token
+}

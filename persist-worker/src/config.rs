@@ -1,0 +1,227 @@
+//! The worker's command line: flags with environment fallbacks, checked at boot.
+//!
+//! `persist-worker` with no subcommand consumes; `migrate`, `replay` and `dlq` are
+//! operator commands. Doc comments here are the `--help` text.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use callcap::config::{NatsArgs, StreamArgs};
+use callcap::telemetry::LogFormat;
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+use uuid::Uuid;
+
+/// Call Capture persist worker: consumes the JetStream stream CALLS through the shared
+/// durable consumer and writes each record to Postgres exactly once (idempotent upserts,
+/// acks only after commit). Run as many as you like side by side.
+#[derive(Debug, Parser)]
+#[command(name = "persist-worker", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub db: DbArgs,
+
+    #[command(flatten)]
+    pub nats: NatsArgs,
+
+    #[command(flatten)]
+    pub stream: StreamArgs,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// What to do; consuming is the default.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Consume the stream (the default when no subcommand is given).
+    Run,
+    /// Apply pending schema migrations and exit.
+    Migrate,
+    /// Re-apply part of the stream to Postgres (backfill or rebuild). Safe while workers
+    /// run: writes are idempotent and never regress newer data.
+    Replay(ReplayArgs),
+    /// Inspect and re-drive dead letters (messages that could not be stored).
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+/// Postgres connection.
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// Postgres URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/callcap",
+        hide_env_values = true,
+        hide_default_value = false
+    )]
+    pub database_url: String,
+
+    /// Most Postgres connections this process opens.
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub db_max_connections: u32,
+}
+
+/// Settings of the consumer loop.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Address of the worker's /metrics, /readyz and /healthz.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9091")]
+    pub metrics_addr: SocketAddr,
+
+    /// Most messages written per transaction.
+    #[arg(long, env = "BATCH_SIZE", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch_size: u32,
+
+    /// How long a delivered message may stay unacknowledged before JetStream redelivers
+    /// it (to this or another worker), in seconds. Held batches are kept alive with
+    /// progress acks, so this only matters when a worker dies.
+    #[arg(long, env = "ACK_WAIT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub ack_wait_secs: u64,
+
+    /// Most deliveries of one message. Database outages do not count against it (the
+    /// worker holds the batch and retries); it bounds crash loops. After the last
+    /// delivery a message stays in the stream for `replay`.
+    #[arg(long, env = "MAX_DELIVER", default_value_t = 20,
+          value_parser = clap::value_parser!(i64).range(4..=1000))]
+    pub max_deliver: i64,
+
+    /// Most messages delivered and not yet acknowledged across all workers.
+    #[arg(long, env = "MAX_ACK_PENDING", default_value_t = 20_000,
+          value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
+    pub max_ack_pending: i64,
+
+    /// Longest pause between retries of a batch while Postgres is unavailable, in ms.
+    #[arg(long, env = "RETRY_MAX_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub retry_max_ms: u64,
+
+    /// Do not apply migrations on start.
+    #[arg(long, env = "NO_MIGRATE")]
+    pub no_migrate: bool,
+}
+
+impl Default for RunArgs {
+    fn default() -> Self {
+        RunArgs {
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9091)),
+            batch_size: 1000,
+            ack_wait_secs: 30,
+            max_deliver: 20,
+            max_ack_pending: 20_000,
+            retry_max_ms: 5_000,
+            no_migrate: false,
+        }
+    }
+}
+
+impl RunArgs {
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_secs(self.ack_wait_secs)
+    }
+
+    pub fn retry_max(&self) -> Duration {
+        Duration::from_millis(self.retry_max_ms)
+    }
+}
+
+/// Which part of the stream to replay. Give `--from-seq` or `--since`.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("start").required(true).args(["from_seq", "since"])))]
+pub struct ReplayArgs {
+    /// First stream sequence to replay.
+    #[arg(long)]
+    pub from_seq: Option<u64>,
+
+    /// Replay messages stored at or after this time (RFC 3339).
+    #[arg(long)]
+    pub since: Option<DateTime<Utc>>,
+
+    /// Stop at messages stored after this time (RFC 3339). Default: the end of the stream
+    /// as it is when the replay starts.
+    #[arg(long)]
+    pub until: Option<DateTime<Utc>>,
+
+    /// Only this company's records.
+    #[arg(long)]
+    pub company: Option<Uuid>,
+
+    /// Messages per transaction.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch_size: u32,
+
+    /// No progress bar (for logs and scripts).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Dead-letter commands.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters not yet re-driven.
+    List {
+        /// Include those already re-driven.
+        #[arg(long)]
+        all: bool,
+        /// Most rows shown.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Write dead letters again through the normal path; those that now succeed are
+    /// marked re-driven, the others keep their (updated) reason.
+    Redrive {
+        /// Dead letter ids (from `dlq list`).
+        #[arg(required_unless_present = "all")]
+        ids: Vec<i64>,
+        /// Every dead letter not yet re-driven.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn replay_needs_a_start() {
+        assert!(Cli::try_parse_from(["persist-worker", "replay"]).is_err());
+        let cli = Cli::try_parse_from(["persist-worker", "replay", "--from-seq", "1"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Replay(ReplayArgs {
+                from_seq: Some(1),
+                ..
+            }))
+        ));
+        let cli = Cli::try_parse_from([
+            "persist-worker",
+            "replay",
+            "--since",
+            "2025-11-25T10:30:00Z",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Replay(ReplayArgs { since: Some(_), .. }))
+        ));
+    }
+}

@@ -1,0 +1,533 @@
+//! Postgres: the pool, migrations, and every SQL statement of the worker.
+//!
+//! A batch is written in one transaction with set-based statements (`INSERT … SELECT FROM
+//! UNNEST`), never a statement per row. The merge rules of DESIGN.md live in the upsert's
+//! `ON CONFLICT` clause, so live consumption, replay and dead-letter redrive share them:
+//! - a newer message (higher stream sequence) wins field by field, but a field it lacks
+//!   keeps the stored value;
+//! - an older message (arriving late) only fills fields still empty;
+//! - a terminal `call_status` is never replaced by a lifecycle one;
+//! - a redelivered message (same sequence) changes nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use callcap::{CallRecord, Envelope};
+use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+/// The schema migrations, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// One decoded stream message ready to store.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// JetStream stream sequence.
+    pub seq: u64,
+    pub envelope: Envelope,
+}
+
+/// A stream message that can never be stored.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub seq: u64,
+    pub subject: String,
+    pub reason: String,
+    pub payload: Vec<u8>,
+}
+
+/// A failed database operation, sorted by what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Connection trouble, timeouts, serialization failures, shutdown: retry later.
+    #[error("database temporarily unavailable: {0}")]
+    Transient(#[source] sqlx::Error),
+    /// The data itself is refused (constraint or data exception): retrying cannot help.
+    #[error("database refused the data: {0}")]
+    Permanent(#[source] sqlx::Error),
+}
+
+impl StoreError {
+    /// Whether the same write may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Transient(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        // SQLSTATE class 22 (data exception) and 23 (integrity constraint violation) are
+        // about the row; everything else (08 connection, 40 rollback, 53 resources, 57
+        // operator intervention, pool timeouts, I/O) may pass. Unknown errors count as
+        // transient: holding a message is recoverable, dead-lettering a good one is not.
+        let permanent = match &e {
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+            _ => false,
+        };
+        if permanent {
+            StoreError::Permanent(e)
+        } else {
+            StoreError::Transient(e)
+        }
+    }
+}
+
+/// Whether an error means Postgres could not be reached (as opposed to refusing a
+/// statement): I/O, TLS, pool timeouts, and SQLSTATE classes 08 and 57P (shutdown,
+/// "cannot connect now").
+pub fn is_connection_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
+    }
+}
+
+/// Opens a pool. Connections are made lazily, so a worker starts while Postgres is down
+/// and catches up when it returns.
+///
+/// # Errors
+/// When the URL is malformed.
+pub fn pool(database_url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = database_url.parse()?;
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options.application_name("persist-worker")))
+}
+
+/// What a write did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Rows inserted or changed in `call_history`.
+    pub rows_changed: u64,
+    /// Dead letters recorded.
+    pub dead_letters: u64,
+}
+
+/// Writes a batch — rows and dead letters — in one transaction.
+///
+/// # Errors
+/// [`StoreError::Permanent`] when some row is refused (the caller then isolates it),
+/// [`StoreError::Transient`] when the database is unavailable.
+pub async fn write_batch(
+    pool: &PgPool,
+    rows: &[Row],
+    dead: &[DeadLetter],
+) -> Result<WriteStats, StoreError> {
+    let mut tx = pool.begin().await?;
+    let mut stats = WriteStats::default();
+    if !rows.is_empty() {
+        upsert_parents(&mut tx, rows).await?;
+        for round in rounds(rows) {
+            stats.rows_changed += upsert_calls(&mut tx, &round).await?;
+        }
+        sync_follow_ups(&mut tx, rows).await?;
+    }
+    stats.dead_letters = insert_dead_letters(&mut tx, dead).await?;
+    tx.commit().await?;
+    Ok(stats)
+}
+
+/// Splits a batch so that no round holds the same id twice (one `INSERT … ON CONFLICT`
+/// cannot touch a row twice). Round k holds each id's k-th message in sequence order, so
+/// applying rounds in order is applying messages in stream order. Each round is sorted by
+/// id: concurrent workers then lock rows in the same order and cannot deadlock.
+fn rounds(rows: &[Row]) -> Vec<Vec<&Row>> {
+    let mut by_id: HashMap<Uuid, Vec<&Row>> = HashMap::new();
+    for r in rows {
+        by_id.entry(r.envelope.call_history_id).or_default().push(r);
+    }
+    let mut rounds: Vec<Vec<&Row>> = Vec::new();
+    for (_, mut versions) in by_id {
+        versions.sort_by_key(|r| r.seq);
+        for (k, r) in versions.into_iter().enumerate() {
+            if rounds.len() <= k {
+                rounds.push(Vec::new());
+            }
+            rounds[k].push(r);
+        }
+    }
+    for round in &mut rounds {
+        round.sort_by_key(|r| r.envelope.call_history_id);
+    }
+    rounds
+}
+
+/// Makes sure every company, lead and employee a call points at exists.
+async fn upsert_parents(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &[Row],
+) -> Result<(), StoreError> {
+    let mut companies: Vec<Uuid> = rows.iter().map(|r| r.envelope.record.company_id).collect();
+    companies.sort_unstable();
+    companies.dedup();
+    sqlx::query(
+        "INSERT INTO companies (id) SELECT * FROM UNNEST($1::uuid[]) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&companies)
+    .execute(&mut **tx)
+    .await?;
+    for (table, pick) in [
+        (
+            "leads",
+            (|r: &CallRecord| r.lead_id) as fn(&CallRecord) -> Option<Uuid>,
+        ),
+        ("employees", |r: &CallRecord| r.employee_id),
+    ] {
+        let pairs: BTreeMap<Uuid, Uuid> = rows
+            .iter()
+            .filter_map(|r| pick(&r.envelope.record).map(|id| (id, r.envelope.record.company_id)))
+            .collect();
+        if pairs.is_empty() {
+            continue;
+        }
+        let (ids, owners): (Vec<Uuid>, Vec<Uuid>) = pairs.into_iter().unzip();
+        let sql = format!(
+            "INSERT INTO {table} (id, company_id) SELECT * FROM UNNEST($1::uuid[], $2::uuid[]) ON CONFLICT (id) DO NOTHING"
+        );
+        sqlx::query(&sql)
+            .bind(&ids)
+            .bind(&owners)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Columns merged by the plain rule: newer wins when present, older fills gaps.
+const MERGED_COLUMNS: [&str; 17] = [
+    "lead_id",
+    "employee_id",
+    "outcome",
+    "notes",
+    "caller_number",
+    "recipient_number",
+    "duration_seconds",
+    "recording_url",
+    "start_time",
+    "end_time",
+    "next_follow_up",
+    "next_follow_up_time",
+    "auto_call_followup",
+    "call_details",
+    "key_id",
+    "external_call_id",
+    "external_system",
+];
+
+const TERMINAL: &str = "('completed', 'busy', 'no-answer', 'failed', 'canceled')";
+
+fn upsert_sql() -> &'static str {
+    static SQL: OnceLock<String> = OnceLock::new();
+    SQL.get_or_init(|| {
+        let newer = "EXCLUDED.stream_seq > t.stream_seq";
+        let mut set: Vec<String> = MERGED_COLUMNS
+            .iter()
+            .map(|c| {
+                format!(
+                    "{c} = CASE WHEN {newer} THEN COALESCE(EXCLUDED.{c}, t.{c}) ELSE COALESCE(t.{c}, EXCLUDED.{c}) END"
+                )
+            })
+            .collect();
+        set.push(format!(
+            "call_status = CASE \
+               WHEN EXCLUDED.call_status IS NULL THEN t.call_status \
+               WHEN t.call_status IS NULL THEN EXCLUDED.call_status \
+               WHEN t.call_status IN {TERMINAL} AND EXCLUDED.call_status NOT IN {TERMINAL} THEN t.call_status \
+               WHEN EXCLUDED.call_status IN {TERMINAL} AND t.call_status NOT IN {TERMINAL} THEN EXCLUDED.call_status \
+               WHEN {newer} THEN EXCLUDED.call_status ELSE t.call_status END"
+        ));
+        set.push(format!(
+            "call_date = CASE \
+               WHEN EXCLUDED.call_date_given AND (NOT t.call_date_given OR {newer}) THEN EXCLUDED.call_date \
+               WHEN NOT EXCLUDED.call_date_given AND NOT t.call_date_given THEN LEAST(t.call_date, EXCLUDED.call_date) \
+               ELSE t.call_date END"
+        ));
+        set.push("call_date_given = t.call_date_given OR EXCLUDED.call_date_given".into());
+        set.push("received_at = LEAST(t.received_at, EXCLUDED.received_at)".into());
+        set.push("stream_seq = GREATEST(t.stream_seq, EXCLUDED.stream_seq)".into());
+        set.push("stored_at = now()".into());
+        format!(
+            "INSERT INTO call_history AS t (id, company_id, lead_id, employee_id, outcome, notes, call_date, \
+               call_date_given, caller_number, recipient_number, duration_seconds, recording_url, call_status, \
+               start_time, end_time, external_call_id, external_system, next_follow_up, next_follow_up_time, \
+               auto_call_followup, call_details, received_at, stream_seq, key_id) \
+             SELECT id, company_id, lead_id, employee_id, outcome, notes, COALESCE(call_date, received_at), \
+               call_date IS NOT NULL, caller_number, recipient_number, duration_seconds, recording_url, call_status, \
+               start_time, end_time, external_call_id, external_system, next_follow_up, next_follow_up_time, \
+               auto_call_followup, call_details, received_at, stream_seq, key_id \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], $7::timestamptz[], \
+               $8::text[], $9::text[], $10::int4[], $11::text[], $12::text[], $13::timestamptz[], $14::timestamptz[], \
+               $15::text[], $16::text[], $17::date[], $18::time[], $19::bool[], $20::jsonb[], $21::timestamptz[], \
+               $22::int8[], $23::text[]) \
+             AS u(id, company_id, lead_id, employee_id, outcome, notes, call_date, caller_number, recipient_number, \
+               duration_seconds, recording_url, call_status, start_time, end_time, external_call_id, external_system, \
+               next_follow_up, next_follow_up_time, auto_call_followup, call_details, received_at, stream_seq, key_id) \
+             ON CONFLICT (id) DO UPDATE SET {} \
+             WHERE t.stream_seq <> EXCLUDED.stream_seq",
+            set.join(", ")
+        )
+    })
+}
+
+/// Column arrays for one round.
+#[derive(Default)]
+struct Columns {
+    id: Vec<Uuid>,
+    company_id: Vec<Uuid>,
+    lead_id: Vec<Option<Uuid>>,
+    employee_id: Vec<Option<Uuid>>,
+    outcome: Vec<Option<&'static str>>,
+    notes: Vec<Option<String>>,
+    call_date: Vec<Option<DateTime<Utc>>>,
+    caller_number: Vec<Option<String>>,
+    recipient_number: Vec<Option<String>>,
+    duration_seconds: Vec<Option<i32>>,
+    recording_url: Vec<Option<String>>,
+    call_status: Vec<Option<&'static str>>,
+    start_time: Vec<Option<DateTime<Utc>>>,
+    end_time: Vec<Option<DateTime<Utc>>>,
+    external_call_id: Vec<Option<String>>,
+    external_system: Vec<Option<String>>,
+    next_follow_up: Vec<Option<NaiveDate>>,
+    next_follow_up_time: Vec<Option<NaiveTime>>,
+    auto_call_followup: Vec<Option<bool>>,
+    call_details: Vec<Option<serde_json::Value>>,
+    received_at: Vec<DateTime<Utc>>,
+    stream_seq: Vec<i64>,
+    key_id: Vec<Option<String>>,
+}
+
+impl Columns {
+    fn push(&mut self, row: &Row) {
+        let e = &row.envelope;
+        let r = &e.record;
+        self.id.push(e.call_history_id);
+        self.company_id.push(r.company_id);
+        self.lead_id.push(r.lead_id);
+        self.employee_id.push(r.employee_id);
+        self.outcome.push(r.outcome.map(|o| o.as_str()));
+        self.notes.push(r.notes.clone());
+        self.call_date.push(r.call_date);
+        self.caller_number.push(r.caller_number.clone());
+        self.recipient_number.push(r.recipient_number.clone());
+        self.duration_seconds.push(r.duration_seconds);
+        self.recording_url.push(r.recording_url.clone());
+        self.call_status.push(r.call_status.map(|s| s.as_str()));
+        self.start_time.push(r.start_time);
+        self.end_time.push(r.end_time);
+        self.external_call_id.push(r.external_call_id.clone());
+        self.external_system.push(r.external_system.clone());
+        self.next_follow_up.push(r.next_follow_up);
+        self.next_follow_up_time.push(r.next_follow_up_time);
+        self.auto_call_followup.push(r.auto_call_followup);
+        self.call_details
+            .push(r.call_details.clone().map(serde_json::Value::Object));
+        self.received_at.push(e.received_at);
+        // Stream sequences fit i64 for 292 years of a million messages a second.
+        self.stream_seq
+            .push(i64::try_from(row.seq).unwrap_or(i64::MAX));
+        self.key_id.push(Some(e.key_id.clone()));
+    }
+}
+
+async fn upsert_calls(
+    tx: &mut Transaction<'_, Postgres>,
+    round: &[&Row],
+) -> Result<u64, StoreError> {
+    let mut c = Columns::default();
+    for row in round {
+        c.push(row);
+    }
+    let done = sqlx::query(upsert_sql())
+        .bind(&c.id)
+        .bind(&c.company_id)
+        .bind(&c.lead_id)
+        .bind(&c.employee_id)
+        .bind(&c.outcome)
+        .bind(&c.notes)
+        .bind(&c.call_date)
+        .bind(&c.caller_number)
+        .bind(&c.recipient_number)
+        .bind(&c.duration_seconds)
+        .bind(&c.recording_url)
+        .bind(&c.call_status)
+        .bind(&c.start_time)
+        .bind(&c.end_time)
+        .bind(&c.external_call_id)
+        .bind(&c.external_system)
+        .bind(&c.next_follow_up)
+        .bind(&c.next_follow_up_time)
+        .bind(&c.auto_call_followup)
+        .bind(&c.call_details)
+        .bind(&c.received_at)
+        .bind(&c.stream_seq)
+        .bind(&c.key_id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(done.rows_affected())
+}
+
+/// Keeps `follow_ups` at one row per call whose stored `auto_call_followup` is true.
+async fn sync_follow_ups(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &[Row],
+) -> Result<(), StoreError> {
+    let mut ids: Vec<Uuid> = rows
+        .iter()
+        .filter(|r| r.envelope.record.auto_call_followup.is_some())
+        .map(|r| r.envelope.call_history_id)
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    sqlx::query(
+        "INSERT INTO follow_ups (call_id, company_id, lead_id, employee_id, due_date, due_time) \
+         SELECT id, company_id, lead_id, employee_id, next_follow_up, next_follow_up_time \
+         FROM call_history WHERE id = ANY($1) AND auto_call_followup ORDER BY id \
+         ON CONFLICT (call_id) DO UPDATE SET lead_id = EXCLUDED.lead_id, employee_id = EXCLUDED.employee_id, \
+           due_date = EXCLUDED.due_date, due_time = EXCLUDED.due_time, updated_at = now() \
+         WHERE (follow_ups.lead_id, follow_ups.employee_id, follow_ups.due_date, follow_ups.due_time) \
+           IS DISTINCT FROM (EXCLUDED.lead_id, EXCLUDED.employee_id, EXCLUDED.due_date, EXCLUDED.due_time)",
+    )
+    .bind(&ids)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "DELETE FROM follow_ups f USING call_history c \
+         WHERE f.call_id = c.id AND c.id = ANY($1) AND c.auto_call_followup IS NOT TRUE",
+    )
+    .bind(&ids)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn insert_dead_letters(
+    tx: &mut Transaction<'_, Postgres>,
+    dead: &[DeadLetter],
+) -> Result<u64, StoreError> {
+    let mut n = 0;
+    for d in dead {
+        n += sqlx::query(
+            "INSERT INTO dead_letters (stream_seq, subject, reason, payload) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (stream_seq) DO UPDATE SET reason = EXCLUDED.reason, failed_at = now(), redriven_at = NULL",
+        )
+        .bind(i64::try_from(d.seq).unwrap_or(i64::MAX))
+        .bind(&d.subject)
+        .bind(&d.reason)
+        .bind(&d.payload)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    }
+    Ok(n)
+}
+
+/// Records dead letters in their own transaction.
+///
+/// # Errors
+/// [`StoreError::Transient`] when the database is unavailable.
+pub async fn record_dead_letters(pool: &PgPool, dead: &[DeadLetter]) -> Result<u64, StoreError> {
+    let mut tx = pool.begin().await?;
+    let n = insert_dead_letters(&mut tx, dead).await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// A row of `dead_letters`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeadLetterRow {
+    pub id: i64,
+    pub stream_seq: i64,
+    pub subject: String,
+    pub reason: String,
+    pub payload: Vec<u8>,
+    pub failed_at: DateTime<Utc>,
+    pub redriven_at: Option<DateTime<Utc>>,
+}
+
+/// Dead letters not yet redriven (all of them with `include_redriven`), oldest first.
+///
+/// # Errors
+/// When the query fails.
+pub async fn dead_letters(
+    pool: &PgPool,
+    include_redriven: bool,
+    limit: i64,
+) -> Result<Vec<DeadLetterRow>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT id, stream_seq, subject, reason, payload, failed_at, redriven_at FROM dead_letters \
+         WHERE $1 OR redriven_at IS NULL ORDER BY id LIMIT $2",
+    )
+    .bind(include_redriven)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Dead letters by id.
+///
+/// # Errors
+/// When the query fails.
+pub async fn dead_letters_by_id(
+    pool: &PgPool,
+    ids: &[i64],
+) -> Result<Vec<DeadLetterRow>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT id, stream_seq, subject, reason, payload, failed_at, redriven_at FROM dead_letters \
+         WHERE id = ANY($1) ORDER BY id",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Marks a dead letter as redriven, or records why the redrive failed.
+///
+/// # Errors
+/// When the update fails.
+pub async fn mark_dead_letter(
+    pool: &PgPool,
+    id: i64,
+    failure: Option<&str>,
+) -> Result<(), StoreError> {
+    match failure {
+        None => {
+            sqlx::query("UPDATE dead_letters SET redriven_at = now() WHERE id = $1")
+                .bind(id)
+                .execute(pool)
+                .await?
+        }
+        Some(reason) => {
+            sqlx::query("UPDATE dead_letters SET reason = $2, failed_at = now() WHERE id = $1")
+                .bind(id)
+                .bind(reason)
+                .execute(pool)
+                .await?
+        }
+    };
+    Ok(())
+}
+
+/// Whether the database answers.
+///
+/// # Errors
+/// When it does not.
+pub async fn ping(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}
