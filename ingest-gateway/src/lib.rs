@@ -30,8 +30,43 @@ use tokio::net::TcpListener;
 
 use crate::app::AppState;
 use crate::auth::KeyCache;
-use crate::config::Cli;
+use crate::config::{Cli, Command, KeysCommand};
 use crate::publish::JetStreamPublisher;
+
+/// Runs what the command line asks: serve (with the Prometheus recorder installed and
+/// SIGTERM/SIGINT as the shutdown signal) or a `keys` command printing to stdout.
+///
+/// # Errors
+/// Whatever stopped the command, for `main` to report.
+pub async fn execute(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        None | Some(Command::Serve) => {
+            let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ])
+                .context("configuring histogram buckets")?
+                .install_recorder()
+                .context("installing the Prometheus recorder")?;
+            serve(&cli, Some(metrics), shutdown_signal()).await
+        }
+        Some(Command::Keys(cmd)) => {
+            let store = key_store(&cli).await?;
+            let mut out = std::io::stdout().lock();
+            match cmd {
+                KeysCommand::Create {
+                    company,
+                    name,
+                    expires_in_days,
+                } => keys::create(&store, *company, name, *expires_in_days, &mut out)
+                    .await
+                    .map(|_| ()),
+                KeysCommand::List { company } => keys::list(&store, *company, &mut out).await,
+                KeysCommand::Revoke { key_id } => keys::revoke(&store, key_id, &mut out).await,
+            }
+        }
+    }
+}
 
 /// Connects to NATS, prepares the stream and key bucket, and serves until `shutdown`.
 ///

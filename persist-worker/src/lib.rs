@@ -24,7 +24,59 @@ use sqlx::migrate::MigrateDatabase;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Cli;
+use crate::config::{Cli, Command, DlqCommand};
+
+/// Runs what the command line asks: consume (with the Prometheus recorder installed),
+/// `migrate`, `replay` or a `dlq` command. SIGTERM/SIGINT stop any of them cleanly.
+///
+/// # Errors
+/// Whatever stopped the command, for `main` to report.
+pub async fn execute(cli: Cli) -> anyhow::Result<()> {
+    let cancel = shutdown_token();
+    let pool = || {
+        store::pool(&cli.db.database_url, cli.db.db_max_connections).context("parsing DATABASE_URL")
+    };
+    match &cli.command {
+        None | Some(Command::Run) => {
+            let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ])
+                .context("configuring histogram buckets")?
+                .install_recorder()
+                .context("installing the Prometheus recorder")?;
+            run(&cli, Some(metrics), cancel).await
+        }
+        Some(Command::Migrate) => {
+            migrate(&cli.db.database_url, &pool()?, Duration::from_secs(30)).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Some(Command::Replay(args)) => {
+            let client = async_nats::connect(cli.nats.nats_url.as_str())
+                .await
+                .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
+            let js = jetstream::new(client);
+            let summary = replay::run(&js, &pool()?, args, cli.run.retry_max(), &cancel)
+                .await
+                .map_err(|e| anyhow::anyhow!("replay failed: {e}"))?;
+            println!("{summary}");
+            Ok(())
+        }
+        Some(Command::Dlq(cmd)) => {
+            let mut out = std::io::stdout().lock();
+            match cmd {
+                DlqCommand::List { all, limit } => {
+                    dlq::list(&pool()?, *all, *limit, &mut out).await
+                }
+                DlqCommand::Redrive { ids, all } => {
+                    let ids = (!*all).then_some(ids.as_slice());
+                    dlq::redrive(&pool()?, ids, &mut out).await.map(|_| ())
+                }
+            }
+        }
+    }
+}
 
 /// Creates the database when missing and applies pending migrations, retrying while
 /// Postgres is unreachable (up to `patience`) so start order does not matter.

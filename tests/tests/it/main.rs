@@ -1,1 +1,12 @@
+//! End-to-end tests: real nats-server, real Postgres, real HTTP. One binary, so the
+//! harness compiles once; each test brings its own NATS and database and runs in parallel.
 
+mod faults;
+mod gateway;
+mod merge;
+mod overload;
+mod pipeline;
+
+/// The service binaries, built from their own `main.rs` by this package.
+pub const WORKER_BIN: &str = env!("CARGO_BIN_EXE_worker-under-test");
+pub const GATEWAY_BIN: &str = env!("CARGO_BIN_EXE_gateway-under-test");

@@ -1,0 +1,303 @@
+//! The services under test: in-process (library `run` functions, for most tests) or as
+//! spawned binaries (for kill -9 and for the Prometheus recorder, which is global).
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use callcap::config::{NatsArgs, StreamArgs};
+use callcap::telemetry::LogFormat;
+use ingest_gateway::app::AppState;
+use ingest_gateway::config::ServeArgs;
+use persist_worker::config::{DbArgs, RunArgs};
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A gateway running in this process.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    pub nats_url: String,
+    pub http: reqwest::Client,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The gateway's CLI for a test NATS.
+pub fn gateway_cli(nats_url: &str, serve: ServeArgs) -> ingest_gateway::config::Cli {
+    ingest_gateway::config::Cli {
+        command: None,
+        nats: NatsArgs::new(nats_url),
+        stream: StreamArgs::default(),
+        serve,
+        log_format: LogFormat::Text,
+    }
+}
+
+impl TestGateway {
+    /// Starts with default settings.
+    pub async fn start(nats_url: &str) -> Self {
+        Self::start_with(nats_url, ServeArgs::default()).await
+    }
+
+    /// Starts with the given settings (the listen address is ignored: a free port is used).
+    pub async fn start_with(nats_url: &str, serve: ServeArgs) -> Self {
+        callcap::telemetry::init_for_tests();
+        let cli = gateway_cli(nats_url, serve);
+        let state = ingest_gateway::connect(&cli, None)
+            .await
+            .expect("gateway set-up");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the gateway");
+        let addr = listener.local_addr().expect("gateway address");
+        let cancel = CancellationToken::new();
+        let shutdown = cancel.clone().cancelled_owned();
+        let run_state = state.clone();
+        let task = tokio::spawn(async move {
+            ingest_gateway::server::run(listener, run_state, shutdown)
+                .await
+                .expect("gateway server");
+        });
+        let gw = TestGateway {
+            addr,
+            state,
+            nats_url: nats_url.to_owned(),
+            http: reqwest::Client::new(),
+            cancel,
+            task,
+        };
+        let keys = gw.state.keys.clone();
+        crate::eventually(Duration::from_secs(10), "the key cache to load", || {
+            let keys = keys.clone();
+            async move { keys.is_loaded().then_some(()) }
+        })
+        .await;
+        gw
+    }
+
+    /// `http://addr`.
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Creates an API key for `company` through the `keys create` code path and waits
+    /// until this gateway accepts it.
+    pub async fn create_key(&self, company: Uuid) -> String {
+        let key = create_key(&self.nats_url, company).await;
+        let keys = self.state.keys.clone();
+        let k = key.clone();
+        crate::eventually(
+            Duration::from_secs(5),
+            "the new key to reach the gateway",
+            || {
+                let keys = keys.clone();
+                let k = k.clone();
+                async move { keys.authenticate(&k, chrono::Utc::now()).map(|_| ()) }
+            },
+        )
+        .await;
+        key
+    }
+
+    /// POSTs JSON to `path` with `key`; returns status, headers and JSON body.
+    pub async fn post(
+        &self,
+        path: &str,
+        key: &str,
+        body: &Value,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base()))
+            .header("x-api-key", key)
+            .json(body)
+            .send()
+            .await
+            .expect("POST to the gateway");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.json::<Value>().await.expect("gateway answers JSON");
+        (status, headers, body)
+    }
+
+    /// POSTs one record to `/v1/calls` and returns status and body.
+    pub async fn post_call(&self, key: &str, body: &Value) -> (StatusCode, Value) {
+        let (s, _, b) = self.post("/v1/calls", key, body).await;
+        (s, b)
+    }
+
+    /// Stops serving (drains in-flight requests).
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Creates a key in the bucket on `nats_url`; returns the secret (the last line printed).
+pub async fn create_key(nats_url: &str, company: Uuid) -> String {
+    let cli = gateway_cli(nats_url, ServeArgs::default());
+    let store = ingest_gateway::key_store(&cli)
+        .await
+        .expect("opening the key bucket");
+    let mut out = Vec::new();
+    ingest_gateway::keys::create(&store, company, "test dialer", None, &mut out)
+        .await
+        .expect("creating a key");
+    String::from_utf8(out)
+        .expect("keys create prints UTF-8")
+        .lines()
+        .last()
+        .expect("keys create prints the key last")
+        .to_owned()
+}
+
+/// The worker's CLI for a test NATS and database.
+pub fn worker_cli(nats_url: &str, db_url: &str, run: RunArgs) -> persist_worker::config::Cli {
+    persist_worker::config::Cli {
+        command: None,
+        db: DbArgs {
+            database_url: db_url.to_owned(),
+            db_max_connections: 4,
+        },
+        nats: NatsArgs::new(nats_url),
+        stream: StreamArgs::default(),
+        run,
+        log_format: LogFormat::Text,
+    }
+}
+
+/// Worker settings for tests: an ephemeral ops port and a short ack wait, so redelivery
+/// after a kill happens within the test's patience.
+pub fn test_run_args() -> RunArgs {
+    RunArgs {
+        metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ack_wait_secs: 2,
+        retry_max_ms: 500,
+        ..RunArgs::default()
+    }
+}
+
+/// A worker running in this process.
+pub struct TestWorker {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestWorker {
+    /// Starts a worker with [`test_run_args`].
+    pub async fn start(nats_url: &str, db_url: &str) -> Self {
+        Self::start_with(nats_url, db_url, test_run_args()).await
+    }
+
+    /// Starts a worker with the given settings.
+    pub async fn start_with(nats_url: &str, db_url: &str, run: RunArgs) -> Self {
+        callcap::telemetry::init_for_tests();
+        let cli = worker_cli(nats_url, db_url, run);
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        let task = tokio::spawn(async move { persist_worker::run(&cli, None, c).await });
+        TestWorker { cancel, task }
+    }
+
+    /// SIGTERM-equivalent: finish the batch in hand and exit.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        match tokio::time::timeout(Duration::from_secs(30), self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            other => panic!("worker did not stop cleanly: {other:?}"),
+        }
+    }
+}
+
+/// A service binary run as its own process.
+pub struct Process {
+    child: Option<Child>,
+}
+
+impl Process {
+    fn spawn(bin: &str, args: &[&str], env: &[(&str, String)]) -> Self {
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .env_remove("RUST_LOG")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null());
+        if std::env::var_os("TEST_LOG").is_none() {
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        Process {
+            child: Some(
+                cmd.spawn()
+                    .unwrap_or_else(|e| panic!("spawning {bin}: {e}")),
+            ),
+        }
+    }
+
+    /// The real `persist-worker` binary at `bin` (integration tests pass
+    /// `env!("CARGO_BIN_EXE_worker-under-test")`).
+    pub fn worker(
+        bin: &str,
+        nats_url: &str,
+        db_url: &str,
+        metrics_port: u16,
+        extra: &[(&str, String)],
+    ) -> Self {
+        let mut env = vec![
+            ("NATS_URL", nats_url.to_owned()),
+            ("DATABASE_URL", db_url.to_owned()),
+            ("METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
+            ("ACK_WAIT_SECS", "2".to_owned()),
+            ("RETRY_MAX_MS", "500".to_owned()),
+        ];
+        env.extend(extra.iter().cloned());
+        Self::spawn(bin, &[], &env)
+    }
+
+    /// The real `ingest-gateway` binary at `bin`.
+    pub fn gateway(bin: &str, nats_url: &str, port: u16, extra: &[(&str, String)]) -> Self {
+        let mut env = vec![
+            ("NATS_URL", nats_url.to_owned()),
+            ("LISTEN_ADDR", format!("127.0.0.1:{port}")),
+        ];
+        env.extend(extra.iter().cloned());
+        Self::spawn(bin, &[], &env)
+    }
+
+    /// The OS process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        c.wait().ok()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
