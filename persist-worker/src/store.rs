@@ -7,7 +7,8 @@
 //!   keeps the stored value;
 //! - an older message (arriving late) only fills fields still empty;
 //! - a terminal `call_status` is never replaced by a lifecycle one;
-//! - a redelivered message (same sequence) changes nothing.
+//! - a redelivered message (same sequence), or an older one with nothing to add, changes
+//!   nothing (not even `stored_at`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
@@ -258,6 +259,25 @@ fn upsert_sql() -> &'static str {
         set.push("received_at = LEAST(t.received_at, EXCLUDED.received_at)".into());
         set.push("stream_seq = GREATEST(t.stream_seq, EXCLUDED.stream_seq)".into());
         set.push("stored_at = now()".into());
+        // A newer message always applies; an older one only when it has something to add,
+        // so replaying history over current rows rewrites nothing.
+        let mut fills: Vec<String> = MERGED_COLUMNS
+            .iter()
+            .map(|c| format!("(t.{c} IS NULL AND EXCLUDED.{c} IS NOT NULL)"))
+            .collect();
+        fills.push("(t.call_status IS NULL AND EXCLUDED.call_status IS NOT NULL)".into());
+        fills.push(format!(
+            "(EXCLUDED.call_status IN {TERMINAL} AND t.call_status NOT IN {TERMINAL})"
+        ));
+        fills.push("(EXCLUDED.call_date_given AND NOT t.call_date_given)".into());
+        fills.push(
+            "(NOT EXCLUDED.call_date_given AND NOT t.call_date_given AND EXCLUDED.call_date < t.call_date)".into(),
+        );
+        fills.push("EXCLUDED.received_at < t.received_at".into());
+        let applies = format!(
+            "{newer} OR (EXCLUDED.stream_seq < t.stream_seq AND ({}))",
+            fills.join(" OR ")
+        );
         format!(
             "INSERT INTO call_history AS t (id, company_id, lead_id, employee_id, outcome, notes, call_date, \
                call_date_given, caller_number, recipient_number, duration_seconds, recording_url, call_status, \
@@ -275,7 +295,7 @@ fn upsert_sql() -> &'static str {
                duration_seconds, recording_url, call_status, start_time, end_time, external_call_id, external_system, \
                next_follow_up, next_follow_up_time, auto_call_followup, call_details, received_at, stream_seq, key_id) \
              ON CONFLICT (id) DO UPDATE SET {} \
-             WHERE t.stream_seq <> EXCLUDED.stream_seq",
+             WHERE {applies}",
             set.join(", ")
         )
     })
