@@ -1,1 +1,489 @@
-fn main() {}
+//! `callcap-bench`: the load generator and ceiling measurements behind BENCHMARKS.md.
+//!
+//! Each subcommand measures one thing and prints one line of `key=value` results, so
+//! `deploy/bench.sh` can run them side by side in one session and compute ratios:
+//!
+//! - `http-ceiling`: an axum server whose handler parses the same JSON and answers a fixed
+//!   201 (what HTTP + JSON cost on this machine, without auth or NATS); driven by wrk;
+//! - `broker`: records published straight to JetStream from one client, many in flight
+//!   (what the broker can take);
+//! - `db-ceiling`: a plain multi-row `INSERT … SELECT FROM UNNEST` of the same rows into a
+//!   copy of `call_history` (what Postgres can take);
+//! - `worker`: the real consumer loop draining a pre-filled stream into `call_history`;
+//! - `e2e`: single POSTs through the running gateway, then the lag from each 201 to its
+//!   committed row.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use bytes::Bytes;
+use callcap::{CallRecord, Envelope};
+use chrono::Utc;
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(
+    name = "callcap-bench",
+    about = "Call Capture load generator and ceiling measurements"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve POST /v1/calls that parses the JSON body and returns a fixed 201.
+    HttpCeiling {
+        #[arg(long, default_value = "127.0.0.1:18080")]
+        listen: String,
+    },
+    /// Publish Example-2 envelopes straight to the CALLS stream.
+    Broker {
+        #[arg(long, env = "NATS_URL")]
+        nats_url: String,
+        #[arg(long, default_value_t = 200_000)]
+        count: u64,
+        /// Publishes awaiting their ack at once.
+        #[arg(long, default_value_t = 512)]
+        in_flight: usize,
+    },
+    /// Insert rows with a plain INSERT … SELECT FROM UNNEST into a copy of call_history.
+    DbCeiling {
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+    },
+    /// Drain a pre-filled stream (`broker` first) into call_history with the real worker.
+    Worker {
+        #[arg(long, env = "NATS_URL")]
+        nats_url: String,
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        /// Rows expected (the number of messages pre-filled).
+        #[arg(long)]
+        count: i64,
+        #[arg(long, default_value_t = 1000)]
+        batch_size: u32,
+    },
+    /// Print a request body for wrk: Example 2 with `__EXT__` where the external id goes
+    /// (`--records N` wraps N of them, ids `__EXT__-0` … , in a batch body).
+    Body {
+        #[arg(long)]
+        company: Uuid,
+        #[arg(long)]
+        records: Option<usize>,
+    },
+    /// POST single records to a running gateway, then measure the lag from 201 to row.
+    E2e {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        gateway: String,
+        #[arg(long)]
+        key: String,
+        #[arg(long)]
+        company: Uuid,
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 128)]
+        concurrency: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::HttpCeiling { listen } => http_ceiling(&listen).await,
+        Cmd::Body { company, records } => {
+            let body = match records {
+                None => callcap_tests::payloads::complete(company, "__EXT__"),
+                Some(n) => serde_json::json!({
+                    "calls": (0..n)
+                        .map(|i| callcap_tests::payloads::complete(company, &format!("__EXT__-{i}")))
+                        .collect::<Vec<_>>()
+                }),
+            };
+            println!("{body}");
+            Ok(())
+        }
+        Cmd::Broker {
+            nats_url,
+            count,
+            in_flight,
+        } => broker(&nats_url, count, in_flight).await,
+        Cmd::DbCeiling {
+            database_url,
+            count,
+            batch,
+        } => db_ceiling(&database_url, count, batch).await,
+        Cmd::Worker {
+            nats_url,
+            database_url,
+            count,
+            batch_size,
+        } => worker(&nats_url, &database_url, count, batch_size).await,
+        Cmd::E2e {
+            gateway,
+            key,
+            company,
+            database_url,
+            seconds,
+            concurrency,
+        } => e2e(&gateway, &key, company, &database_url, seconds, concurrency).await,
+    }
+}
+
+async fn http_ceiling(listen: &str) -> anyhow::Result<()> {
+    use axum::http::StatusCode;
+    use axum::routing::post;
+    const FIXED: &str = r#"{"success":true,"message":"Call record created successfully","data":{"call_history_id":"456e7890-e89b-12d3-a456-426614174003","created_at":"2025-11-25T10:36:00.000Z"}}"#;
+    let app = axum::Router::new().route(
+        "/v1/calls",
+        post(|body: Bytes| async move {
+            match serde_json::from_slice::<serde_json::Value>(&body) {
+                Ok(v) if v.is_object() => (StatusCode::CREATED, FIXED),
+                _ => (StatusCode::BAD_REQUEST, "{}"),
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    eprintln!("http-ceiling listening on {listen}");
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+/// The Example-2 record with a unique external id.
+fn example_record(company: Uuid, n: u64) -> CallRecord {
+    let v = callcap_tests::payloads::complete(company, &format!("BENCH-{n}"));
+    callcap::validate(&v).expect("Example 2 is valid")
+}
+
+fn example_envelope(company: Uuid, n: u64) -> Envelope {
+    let record = example_record(company, n);
+    let id = callcap::identity::call_history_id(&record, None).id;
+    Envelope::new(id, Utc::now(), "kbench".into(), None, record)
+}
+
+async fn broker(nats_url: &str, count: u64, in_flight: usize) -> anyhow::Result<()> {
+    let client = async_nats::connect(nats_url).await?;
+    let js = jetstream::ContextBuilder::new()
+        .max_ack_inflight(in_flight * 2)
+        .build(client);
+    callcap::subjects::ensure_stream(&js, &Default::default())
+        .await
+        .map_err(|e| anyhow::anyhow!("stream: {e}"))?;
+    let company = Uuid::new_v4();
+    let subject = callcap::subjects::ingest_subject(company);
+    // Payloads are prepared up front: this measures the broker, not serialization.
+    let payloads: Vec<(String, Bytes)> = (0..count)
+        .map(|n| {
+            let e = example_envelope(company, n);
+            (
+                callcap::identity::msg_id(e.call_history_id, &e.record),
+                Bytes::from(e.encode()),
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    let acked = futures::stream::iter(payloads)
+        .map(|(id, payload)| {
+            let js = js.clone();
+            let subject = subject.clone();
+            async move {
+                let msg = jetstream::message::PublishMessage::build()
+                    .payload(payload)
+                    .message_id(id);
+                js.send_publish(subject, msg).await?.await
+            }
+        })
+        .buffer_unordered(in_flight)
+        .filter(|r| futures::future::ready(r.is_ok()))
+        .count()
+        .await;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "broker count={count} acked={acked} in_flight={in_flight} seconds={secs:.2} msgs_per_sec={:.0}",
+        acked as f64 / secs
+    );
+    Ok(())
+}
+
+async fn db_ceiling(database_url: &str, count: u64, batch: usize) -> anyhow::Result<()> {
+    let pool = sqlx::PgPool::connect(database_url).await?;
+    sqlx::query("DROP TABLE IF EXISTS bench_ceiling")
+        .execute(&pool)
+        .await?;
+    // Same columns and indexes as call_history, no foreign keys and no merge: the cost of
+    // putting the rows into Postgres, nothing more.
+    sqlx::query(
+        "CREATE TABLE bench_ceiling (LIKE call_history INCLUDING DEFAULTS INCLUDING INDEXES)",
+    )
+    .execute(&pool)
+    .await?;
+    let company = Uuid::new_v4();
+    let records: Vec<Envelope> = (0..count).map(|n| example_envelope(company, n)).collect();
+    let started = Instant::now();
+    for (k, chunk) in records.chunks(batch).enumerate() {
+        let ids: Vec<Uuid> = chunk.iter().map(|e| e.call_history_id).collect();
+        let companies: Vec<Uuid> = chunk.iter().map(|e| e.record.company_id).collect();
+        let notes: Vec<Option<String>> = chunk.iter().map(|e| e.record.notes.clone()).collect();
+        let outcome: Vec<Option<&str>> = chunk
+            .iter()
+            .map(|e| e.record.outcome.map(|o| o.as_str()))
+            .collect();
+        let status: Vec<Option<&str>> = chunk
+            .iter()
+            .map(|e| e.record.call_status.map(|o| o.as_str()))
+            .collect();
+        let caller: Vec<Option<String>> = chunk
+            .iter()
+            .map(|e| e.record.caller_number.clone())
+            .collect();
+        let recipient: Vec<Option<String>> = chunk
+            .iter()
+            .map(|e| e.record.recipient_number.clone())
+            .collect();
+        let ext: Vec<Option<String>> = chunk
+            .iter()
+            .map(|e| e.record.external_call_id.clone())
+            .collect();
+        let sys: Vec<Option<String>> = chunk
+            .iter()
+            .map(|e| e.record.external_system.clone())
+            .collect();
+        let url: Vec<Option<String>> = chunk
+            .iter()
+            .map(|e| e.record.recording_url.clone())
+            .collect();
+        let dur: Vec<Option<i32>> = chunk.iter().map(|e| e.record.duration_seconds).collect();
+        let lead: Vec<Option<Uuid>> = chunk.iter().map(|e| e.record.lead_id).collect();
+        let emp: Vec<Option<Uuid>> = chunk.iter().map(|e| e.record.employee_id).collect();
+        let call_date: Vec<chrono::DateTime<Utc>> = chunk
+            .iter()
+            .map(|e| e.record.call_date.unwrap_or(e.received_at))
+            .collect();
+        let start: Vec<Option<chrono::DateTime<Utc>>> =
+            chunk.iter().map(|e| e.record.start_time).collect();
+        let end: Vec<Option<chrono::DateTime<Utc>>> =
+            chunk.iter().map(|e| e.record.end_time).collect();
+        let fu: Vec<Option<chrono::NaiveDate>> =
+            chunk.iter().map(|e| e.record.next_follow_up).collect();
+        let fut: Vec<Option<chrono::NaiveTime>> =
+            chunk.iter().map(|e| e.record.next_follow_up_time).collect();
+        let auto: Vec<Option<bool>> = chunk.iter().map(|e| e.record.auto_call_followup).collect();
+        let details: Vec<Option<serde_json::Value>> = chunk
+            .iter()
+            .map(|e| e.record.call_details.clone().map(serde_json::Value::Object))
+            .collect();
+        let received: Vec<chrono::DateTime<Utc>> = chunk.iter().map(|e| e.received_at).collect();
+        let seq: Vec<i64> = (0..chunk.len()).map(|i| (k * batch + i) as i64).collect();
+        sqlx::query(
+            "INSERT INTO bench_ceiling (id, company_id, lead_id, employee_id, outcome, notes, call_date, \
+               caller_number, recipient_number, duration_seconds, recording_url, call_status, start_time, end_time, \
+               external_call_id, external_system, next_follow_up, next_follow_up_time, auto_call_followup, call_details, \
+               received_at, stream_seq, call_date_given, key_id) \
+             SELECT u.*, true, 'kbench' FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::text[], $6::text[], \
+               $7::timestamptz[], $8::text[], $9::text[], $10::int4[], $11::text[], $12::text[], $13::timestamptz[], \
+               $14::timestamptz[], $15::text[], $16::text[], $17::date[], $18::time[], $19::bool[], $20::jsonb[], \
+               $21::timestamptz[], $22::int8[]) \
+             AS u(id, company_id, lead_id, employee_id, outcome, notes, call_date, caller_number, recipient_number, \
+               duration_seconds, recording_url, call_status, start_time, end_time, external_call_id, external_system, \
+               next_follow_up, next_follow_up_time, auto_call_followup, call_details, received_at, stream_seq)",
+        )
+        .bind(&ids)
+        .bind(&companies)
+        .bind(&lead)
+        .bind(&emp)
+        .bind(&outcome)
+        .bind(&notes)
+        .bind(&call_date)
+        .bind(&caller)
+        .bind(&recipient)
+        .bind(&dur)
+        .bind(&url)
+        .bind(&status)
+        .bind(&start)
+        .bind(&end)
+        .bind(&ext)
+        .bind(&sys)
+        .bind(&fu)
+        .bind(&fut)
+        .bind(&auto)
+        .bind(&details)
+        .bind(&received)
+        .bind(&seq)
+        .execute(&pool)
+        .await
+        .context("ceiling insert")?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    sqlx::query("DROP TABLE bench_ceiling")
+        .execute(&pool)
+        .await?;
+    println!(
+        "db_ceiling count={count} batch={batch} seconds={secs:.2} rows_per_sec={:.0}",
+        count as f64 / secs
+    );
+    Ok(())
+}
+
+async fn worker(
+    nats_url: &str,
+    database_url: &str,
+    count: i64,
+    batch_size: u32,
+) -> anyhow::Result<()> {
+    let pool = sqlx::PgPool::connect(database_url).await?;
+    let run = persist_worker::config::RunArgs {
+        metrics_addr: "127.0.0.1:0".parse()?,
+        batch_size,
+        ..Default::default()
+    };
+    let cli = callcap_tests::pipeline::worker_cli(nats_url, database_url, run);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let started = Instant::now();
+    let c = cancel.clone();
+    let task = tokio::spawn(async move { persist_worker::run(&cli, None, c).await });
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM call_history")
+            .fetch_one(&pool)
+            .await?;
+        if n >= count {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "worker did not finish: {n} of {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Time from the worker's start to the last commit, read from the rows themselves.
+    let span: f64 = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM max(stored_at) - min(stored_at))::float8 FROM call_history",
+    )
+    .fetch_one(&pool)
+    .await?;
+    let wall = started.elapsed().as_secs_f64();
+    cancel.cancel();
+    let _ = task.await;
+    println!(
+        "worker count={count} batch_size={batch_size} seconds_wall={wall:.2} seconds_first_to_last_commit={span:.2} rows_per_sec={:.0}",
+        count as f64 / span.max(1e-3)
+    );
+    Ok(())
+}
+
+async fn e2e(
+    gateway: &str,
+    key: &str,
+    company: Uuid,
+    database_url: &str,
+    seconds: u64,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let pool = sqlx::PgPool::connect(database_url).await?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()?;
+    let url = format!("{gateway}/v1/calls");
+    let counter = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let run_id = Uuid::new_v4().simple().to_string();
+    let started = Utc::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (http, url, key, counter, run_id) = (
+            http.clone(),
+            url.clone(),
+            key.to_owned(),
+            counter.clone(),
+            run_id.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut accepted: Vec<(Uuid, chrono::DateTime<Utc>)> = Vec::new();
+            let mut refused = 0u64;
+            while Instant::now() < deadline {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let body = callcap_tests::payloads::complete(company, &format!("E2E-{run_id}-{n}"));
+                let Ok(resp) = http
+                    .post(&url)
+                    .header("x-api-key", &key)
+                    .json(&body)
+                    .send()
+                    .await
+                else {
+                    refused += 1;
+                    continue;
+                };
+                if resp.status() != reqwest::StatusCode::CREATED {
+                    refused += 1;
+                    continue;
+                }
+                let at = Utc::now();
+                let v: serde_json::Value = resp.json().await.unwrap_or_default();
+                if let Some(id) = v["data"]["call_history_id"]
+                    .as_str()
+                    .and_then(|s| Uuid::parse_str(s).ok())
+                {
+                    accepted.push((id, at));
+                }
+            }
+            (accepted, refused)
+        }));
+    }
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for t in tasks {
+        let (a, r) = t.await?;
+        accepted.extend(a);
+        refused += r;
+    }
+    let ids: Vec<Uuid> = accepted.iter().map(|(id, _)| *id).collect();
+    let wait_started = Instant::now();
+    let rows: Vec<(Uuid, chrono::DateTime<Utc>)> = loop {
+        let rows: Vec<(Uuid, chrono::DateTime<Utc>)> =
+            sqlx::query_as("SELECT id, stored_at FROM call_history WHERE id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&pool)
+                .await?;
+        if rows.len() >= ids.len() || wait_started.elapsed() > Duration::from_secs(120) {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let stored: std::collections::HashMap<Uuid, chrono::DateTime<Utc>> = rows.into_iter().collect();
+    let mut lag = Histogram::<u64>::new(3)?;
+    for (id, at) in &accepted {
+        if let Some(s) = stored.get(id) {
+            lag.record((*s - *at).num_microseconds().unwrap_or(0).max(0) as u64)?;
+        }
+    }
+    let last = stored.values().max().copied().unwrap_or(started);
+    let span = (last - started).num_milliseconds() as f64 / 1000.0;
+    println!(
+        "e2e seconds={seconds} concurrency={concurrency} accepted={} refused={refused} stored={} \
+         records_per_sec={:.0} lag_p50_ms={:.1} lag_p99_ms={:.1} lag_max_ms={:.1}",
+        accepted.len(),
+        stored.len(),
+        stored.len() as f64 / span.max(1e-3),
+        lag.value_at_quantile(0.5) as f64 / 1000.0,
+        lag.value_at_quantile(0.99) as f64 / 1000.0,
+        lag.max() as f64 / 1000.0,
+    );
+    anyhow::ensure!(
+        stored.len() == accepted.len(),
+        "{} accepted records were not stored",
+        accepted.len() - stored.len()
+    );
+    Ok(())
+}

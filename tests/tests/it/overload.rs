@@ -129,7 +129,7 @@ async fn past_the_in_flight_bound_the_answer_is_503_not_a_queue() {
     let mut nats = NatsServer::start().await;
     let serve = ServeArgs {
         max_in_flight_publishes: 2,
-        publish_timeout_ms: 1_500,
+        publish_timeout_ms: 4_000,
         ..ServeArgs::default()
     };
     let gw = TestGateway::start_with(&nats.url(), serve).await;
@@ -145,7 +145,8 @@ async fn past_the_in_flight_bound_the_answer_is_503_not_a_queue() {
         .await
     };
     let third = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Well after the two took their permits, well before their 4 s ack timeout.
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
         let started = Instant::now();
         let r = gw
             .post("/v1/calls", &key, &payloads::minimal(company))
