@@ -31,8 +31,7 @@ trap cleanup EXIT
 
 start_nats() { # $1: extra jetstream settings
   rm -rf "$OUT/js"; mkdir -p "$OUT/js"
-  echo "listen: 127.0.0.1:$NATS_PORT
-jetstream { store_dir: \"$PWD/$OUT/js\" $1 }" > "$OUT/nats.conf"
+  printf 'listen: 127.0.0.1:%s\njetstream {\n  store_dir: "%s"\n  %s\n}\n' "$NATS_PORT" "$PWD/$OUT/js" "$1" > "$OUT/nats.conf"
   "$NATS_SERVER_BIN" -c "$OUT/nats.conf" > "$OUT/nats.log" 2>&1 &
   NATS_PID=$!; PIDS+=("$NATS_PID")
   for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && return 0; sleep 0.1; done

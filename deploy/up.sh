@@ -30,10 +30,8 @@ BIN=target/release
 
 log "starting nats-server $("$NATS_SERVER_BIN" --version | sed 's/.* //') on 127.0.0.1:$NATS_PORT"
 mkdir -p "$RUN/jetstream"
-{
-  echo "listen: 127.0.0.1:$NATS_PORT"
-  echo "jetstream { store_dir: \"$PWD/$RUN/jetstream\" ${JETSTREAM_SYNC:+sync_interval: $JETSTREAM_SYNC} }"
-} > "$RUN/nats.conf"
+printf 'listen: 127.0.0.1:%s\njetstream {\n  store_dir: "%s"\n  %s\n}\n' \
+  "$NATS_PORT" "$PWD/$RUN/jetstream" "${JETSTREAM_SYNC:+sync_interval: $JETSTREAM_SYNC}" > "$RUN/nats.conf"
 nohup "$NATS_SERVER_BIN" -c "$RUN/nats.conf" > "$RUN/nats.log" 2>&1 &
 echo $! > "$RUN/nats.pid"
 

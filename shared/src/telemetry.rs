@@ -1,4 +1,5 @@
-//! Logging setup for both binaries: `RUST_LOG` filter, text for people, JSON when deployed.
+//! Logging setup for both binaries: `RUST_LOG` filter, text for people, JSON when deployed,
+//! always on stderr.
 //!
 //! Metrics recorders are not installed here: a global recorder belongs to `main` only.
 
@@ -16,7 +17,13 @@ pub enum LogFormat {
 /// Installs the global subscriber. `RUST_LOG` filters (default `info`).
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_target(true);
+    // Logs go to stderr: stdout belongs to command output (`keys create` prints the key
+    // as its last stdout line, and scripts read it with `tail -n1`).
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_target(true)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     // A second init (e.g. a test binary that already installed one) is harmless.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

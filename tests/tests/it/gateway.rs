@@ -439,3 +439,51 @@ async fn the_binary_serves_metrics_and_drains_on_sigterm() {
     let status = gw.terminate().expect("gateway exit status");
     assert!(status.success(), "gateway exited with {status}");
 }
+
+#[tokio::test]
+async fn keys_cli_prints_the_key_alone_on_the_last_line_of_stdout() {
+    let nats = NatsServer::start().await;
+    let company = Uuid::new_v4();
+    let out = tokio::process::Command::new(crate::GATEWAY_BIN)
+        .args([
+            "keys",
+            "create",
+            "--company",
+            &company.to_string(),
+            "--name",
+            "cli",
+        ])
+        .env("NATS_URL", nats.url())
+        .env("RUST_LOG", "debug")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let key = stdout.lines().last().unwrap();
+    assert!(
+        key.starts_with("cc_live_") && !key.contains(' '),
+        "last line: {key:?}"
+    );
+    let gw = TestGateway::start(&nats.url()).await;
+    callcap_tests::eventually(Duration::from_secs(5), "the CLI key to work", || async {
+        let (s, _) = gw.post_call(key, &payloads::minimal(company)).await;
+        (s == StatusCode::CREATED).then_some(())
+    })
+    .await;
+    let list = tokio::process::Command::new(crate::GATEWAY_BIN)
+        .args(["keys", "list", "--company", &company.to_string()])
+        .env("NATS_URL", nats.url())
+        .output()
+        .await
+        .unwrap();
+    let listing = String::from_utf8(list.stdout).unwrap();
+    assert!(
+        listing.contains("1 key(s)") && !listing.contains(key),
+        "{listing}"
+    );
+}
