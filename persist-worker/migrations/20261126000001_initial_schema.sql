@@ -2,7 +2,11 @@
 
 -- Companies, leads and employees as seen on calls. A call is never refused because its
 -- lead or employee has not been synced from the CRM yet: the worker inserts the id here
--- first (ON CONFLICT DO NOTHING) and other systems enrich the row later.
+-- in the same transaction as the call (ON CONFLICT DO NOTHING) and other systems enrich
+-- the row later. call_history and follow_ups carry no FOREIGN KEY constraints to these
+-- tables: the worker's transaction already guarantees the parents exist, and per-row
+-- referential-integrity triggers cost the ingest path a large share of its throughput
+-- (measured: see BENCHMARKS.md).
 CREATE TABLE companies (
     id            uuid PRIMARY KEY,
     first_seen_at timestamptz NOT NULL DEFAULT now()
@@ -23,9 +27,9 @@ CREATE TABLE employees (
 -- One row per call; columns carry the API document's field names.
 CREATE TABLE call_history (
     id                  uuid PRIMARY KEY,
-    company_id          uuid NOT NULL REFERENCES companies (id),
-    lead_id             uuid REFERENCES leads (id),
-    employee_id         uuid REFERENCES employees (id),
+    company_id          uuid NOT NULL,
+    lead_id             uuid,
+    employee_id         uuid,
     outcome             text CHECK (outcome IN ('converted', 'follow_up', 'not_answered', 'completed', 'not_interested')),
     notes               text,
     call_date           timestamptz NOT NULL,
@@ -68,9 +72,9 @@ CREATE INDEX call_history_employee_timeline ON call_history (employee_id, call_d
 -- One row per call that asked for an automatic follow-up.
 CREATE TABLE follow_ups (
     call_id     uuid PRIMARY KEY REFERENCES call_history (id) ON DELETE CASCADE,
-    company_id  uuid NOT NULL REFERENCES companies (id),
-    lead_id     uuid REFERENCES leads (id),
-    employee_id uuid REFERENCES employees (id),
+    company_id  uuid NOT NULL,
+    lead_id     uuid,
+    employee_id uuid,
     due_date    date,
     due_time    time,
     updated_at  timestamptz NOT NULL DEFAULT now()

@@ -84,6 +84,11 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub batch_size: u32,
 
+    /// Longest wait for a batch to fill after its first message, in milliseconds.
+    #[arg(long, env = "BATCH_LINGER_MS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    pub batch_linger_ms: u64,
+
     /// How long a delivered message may stay unacknowledged before JetStream redelivers
     /// it (to this or another worker), in seconds. Held batches are kept alive with
     /// progress acks, so this only matters when a worker dies.
@@ -118,6 +123,7 @@ impl Default for RunArgs {
         RunArgs {
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9091)),
             batch_size: 1000,
+            batch_linger_ms: 5,
             ack_wait_secs: 30,
             max_deliver: 20,
             max_ack_pending: 20_000,
@@ -130,6 +136,10 @@ impl Default for RunArgs {
 impl RunArgs {
     pub fn ack_wait(&self) -> Duration {
         Duration::from_secs(self.ack_wait_secs)
+    }
+
+    pub fn batch_linger(&self) -> Duration {
+        Duration::from_millis(self.batch_linger_ms)
     }
 
     pub fn retry_max(&self) -> Duration {

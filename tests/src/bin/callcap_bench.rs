@@ -361,6 +361,10 @@ async fn worker(
         if n >= count {
             break;
         }
+        if task.is_finished() {
+            task.await??;
+            anyhow::bail!("the worker stopped before storing all rows ({n} of {count})");
+        }
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(600),
             "worker did not finish: {n} of {count}"
