@@ -20,7 +20,9 @@ if ! command -v wrk >/dev/null; then
   apt-get update -qq && apt-get install -y -qq wrk >/dev/null
 fi
 log "building (release)"
-cargo build --release --quiet -p ingest-gateway -p persist-worker -p callcap-tests --bin callcap-bench
+# Two commands: `--bin` would filter the services' binaries out of a combined build.
+cargo build --release --quiet -p ingest-gateway -p persist-worker
+cargo build --release --quiet -p callcap-tests --bin callcap-bench
 B=target/release
 NATS_PORT=24222 GW_PORT=18081 CEIL_PORT=18080
 export NATS_URL="nats://127.0.0.1:$NATS_PORT"
