@@ -73,35 +73,33 @@ pub enum Abandoned {
     Shutdown,
 }
 
-/// Writes rows and dead letters, retrying transient failures with capped exponential
-/// backoff; a batch refused for its data is split so that only the guilty rows become
-/// dead letters. `keep_alive` runs before each pause (progress acks).
+/// Runs `op` until it succeeds or is refused for its data (returned as the inner `Err`),
+/// waiting out database outages with capped exponential backoff. `keep_alive` runs before
+/// each pause (progress acks keep held messages from being redelivered).
 ///
 /// # Errors
-/// [`Abandoned::Shutdown`] when `cancel` fires while still unable to write.
-pub async fn write_reliably<F, Fut>(
-    pool: &PgPool,
-    rows: &[Row],
-    dead: &[DeadLetter],
+/// [`Abandoned::Shutdown`] when `cancel` fires while the database is still unavailable.
+async fn until_stored<T, Op, OpFut, K, KFut>(
+    what: &str,
     retry_max: Duration,
     cancel: &CancellationToken,
-    mut keep_alive: F,
-) -> Result<WriteStats, Abandoned>
+    keep_alive: &mut K,
+    mut op: Op,
+) -> Result<Result<T, StoreError>, Abandoned>
 where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = ()>,
+    Op: FnMut() -> OpFut,
+    OpFut: std::future::Future<Output = Result<T, StoreError>>,
+    K: FnMut() -> KFut,
+    KFut: std::future::Future<Output = ()>,
 {
     let mut pause = Duration::from_millis(50);
     loop {
-        match store::write_batch(pool, rows, dead).await {
-            Ok(stats) => return Ok(stats),
-            Err(StoreError::Permanent(e)) => {
-                tracing::warn!(error = %e, rows = rows.len(), "batch refused; isolating the rows at fault");
-                return isolate(pool, rows, dead, retry_max, cancel, keep_alive).await;
-            }
+        match op().await {
+            Ok(v) => return Ok(Ok(v)),
+            Err(e @ StoreError::Permanent(_)) => return Ok(Err(e)),
             Err(e @ StoreError::Transient(_)) => {
                 metrics::counter!("worker_db_errors_total").increment(1);
-                tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "database unavailable; holding the batch");
+                tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "database unavailable while {what}; holding");
                 keep_alive().await;
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
@@ -113,68 +111,70 @@ where
     }
 }
 
-/// Writes rows one by one: those refused for their data become dead letters.
-async fn isolate<F, Fut>(
+/// Writes rows and dead letters, waiting out database outages; a batch refused for its
+/// data is split so that only the guilty rows become dead letters.
+///
+/// # Errors
+/// [`Abandoned::Shutdown`] when `cancel` fires while still unable to write.
+pub async fn write_reliably<K, KFut>(
     pool: &PgPool,
     rows: &[Row],
     dead: &[DeadLetter],
     retry_max: Duration,
     cancel: &CancellationToken,
-    mut keep_alive: F,
+    mut keep_alive: K,
 ) -> Result<WriteStats, Abandoned>
 where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = ()>,
+    K: FnMut() -> KFut,
+    KFut: std::future::Future<Output = ()>,
 {
+    let batch = until_stored(
+        "writing a batch",
+        retry_max,
+        cancel,
+        &mut keep_alive,
+        || store::write_batch(pool, rows, dead),
+    )
+    .await?;
+    let e = match batch {
+        Ok(stats) => return Ok(stats),
+        Err(e) => e,
+    };
+    tracing::warn!(error = %e, rows = rows.len(), "batch refused; isolating the rows at fault");
     let mut total = WriteStats::default();
     let mut guilty: Vec<DeadLetter> = dead.to_vec();
     for row in rows {
-        let mut pause = Duration::from_millis(50);
-        loop {
-            match store::write_batch(pool, std::slice::from_ref(row), &[]).await {
-                Ok(s) => {
-                    total.rows_changed += s.rows_changed;
-                    break;
-                }
-                Err(StoreError::Permanent(e)) => {
-                    guilty.push(DeadLetter {
-                        seq: row.seq,
-                        subject: callcap::subjects::ingest_subject(row.envelope.record.company_id),
-                        reason: format!("refused by the database: {e}"),
-                        payload: row.envelope.encode(),
-                    });
-                    break;
-                }
-                Err(e @ StoreError::Transient(_)) => {
-                    tracing::warn!(error = %e, "database unavailable while isolating; holding");
-                    keep_alive().await;
-                    tokio::select! {
-                        () = tokio::time::sleep(pause) => {}
-                        () = cancel.cancelled() => return Err(Abandoned::Shutdown),
-                    }
-                    pause = (pause * 2).min(retry_max);
-                }
-            }
+        let one = until_stored("isolating rows", retry_max, cancel, &mut keep_alive, || {
+            store::write_batch(pool, std::slice::from_ref(row), &[])
+        })
+        .await?;
+        match one {
+            Ok(s) => total.rows_changed += s.rows_changed,
+            Err(e) => guilty.push(DeadLetter {
+                seq: row.seq,
+                subject: callcap::subjects::ingest_subject(row.envelope.record.company_id),
+                reason: format!("refused by the database: {e}"),
+                payload: row.envelope.encode(),
+            }),
         }
     }
-    let mut pause = Duration::from_millis(50);
-    loop {
-        match store::record_dead_letters(pool, &guilty).await {
-            Ok(n) => {
-                total.dead_letters += n;
-                return Ok(total);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot record dead letters yet; holding");
-                keep_alive().await;
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    () = cancel.cancelled() => return Err(Abandoned::Shutdown),
-                }
-                pause = (pause * 2).min(retry_max);
-            }
+    let recorded = until_stored(
+        "recording dead letters",
+        retry_max,
+        cancel,
+        &mut keep_alive,
+        || store::record_dead_letters(pool, &guilty),
+    )
+    .await?;
+    match recorded {
+        Ok(n) => total.dead_letters += n,
+        // Dead letters are sanitized to fit; if Postgres still refuses them, holding the
+        // batch forever would stop the consumer, so log loudly and move on.
+        Err(e) => {
+            tracing::error!(error = %e, count = guilty.len(), "dead letters could not be recorded")
         }
     }
+    Ok(total)
 }
 
 /// Consumes until `cancel` fires.

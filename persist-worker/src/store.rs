@@ -447,8 +447,9 @@ async fn insert_dead_letters(
              ON CONFLICT (stream_seq) DO UPDATE SET reason = EXCLUDED.reason, failed_at = now(), redriven_at = NULL",
         )
         .bind(i64::try_from(d.seq).unwrap_or(i64::MAX))
-        .bind(&d.subject)
-        .bind(&d.reason)
+        .bind(d.subject.replace('\0', "\u{fffd}"))
+        // Error texts can quote the offending input; Postgres text cannot hold NUL.
+        .bind(d.reason.replace('\0', "\u{fffd}"))
         .bind(&d.payload)
         .execute(&mut **tx)
         .await?

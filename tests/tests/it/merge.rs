@@ -268,3 +268,26 @@ async fn follow_ups_track_auto_call_followup_and_parents_are_created() {
         .unwrap();
     assert_eq!(n, 0);
 }
+
+#[tokio::test]
+async fn a_dead_letter_whose_reason_quotes_a_nul_is_still_recorded() {
+    let db = TestDb::create().await;
+    let dead = persist_worker::store::DeadLetter {
+        seq: 42,
+        subject: "calls.ingest.x".into(),
+        reason: "invalid value \"a\u{0}b\"".into(),
+        payload: b"a\x00b".to_vec(),
+    };
+    let n = persist_worker::store::record_dead_letters(&db.pool, &[dead])
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let rows = persist_worker::store::dead_letters(&db.pool, false, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows[0].payload, b"a\x00b",
+        "the raw payload is kept byte for byte"
+    );
+    assert!(rows[0].reason.contains("a\u{fffd}b"));
+}
