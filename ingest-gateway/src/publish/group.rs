@@ -1,0 +1,380 @@
+//! Group commit: records from concurrent requests are coalesced into JetStream atomic
+//! batches, so that under `sync_interval: always` (a 201 that survives power loss) one
+//! fsync covers a whole batch instead of one record.
+//!
+//! One committer task owns the order of the stream. It takes records as they come:
+//! - when no batch is in flight, what has arrived goes out at once (no added latency when
+//!   idle: a lone record is a plain publish);
+//! - while batches are in flight, arriving records gather into the next batch, which is
+//!   sent when an in-flight batch's ack returns, when it reaches the batch cap, or when
+//!   its first record has waited the linger bound — whichever comes first, and only while
+//!   fewer than the in-flight limit are out;
+//! - each record keeps its own `Nats-Msg-Id`; each waiting request completes with its own
+//!   stream sequence, derived from the batch ack (records of a batch are stored at
+//!   consecutive sequences, in arrival order).
+//!
+//! Failures: a batch the server refuses because it holds a `Nats-Msg-Id` it has already
+//! stored (a client's retry) is published again record by record, so the retried record
+//! gets its original sequence and the others are stored. A batch without an ack in time,
+//! or refused for any other reason, fails every record in it (503 + Retry-After upstream):
+//! never a 201 for a record whose batch was not acknowledged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+
+use super::wire::{PendingReply, Reply, Wire, ERR_BATCH_DUPLICATE_MSG_ID};
+use super::{Outbound, Outcomes, PublishError, Publisher, Receipt};
+
+/// How records are grouped.
+#[derive(Debug, Clone)]
+pub struct GroupCommitConfig {
+    /// Most records in one atomic batch (the server's `limits.batch.max_msgs`, 1,000 by
+    /// default).
+    pub max_batch_records: usize,
+    /// Most batches awaiting their ack at once. Every gateway's batches count against the
+    /// server's `max_inflight_per_stream` (50 by default).
+    pub max_batches_in_flight: usize,
+    /// Longest a record waits for its batch to fill while other batches are in flight.
+    pub linger: Duration,
+    /// Longest wait for a batch's ack; the records then fail with a timeout.
+    pub ack_timeout: Duration,
+}
+
+struct Job {
+    records: Vec<Outbound>,
+    done: oneshot::Sender<Outcomes>,
+    /// When the job was queued (for the linger bound).
+    queued: Instant,
+}
+
+/// The group-commit publisher: handlers hand records to the committer task through a
+/// bounded queue and wait for their outcomes.
+pub struct GroupCommit {
+    queue: mpsc::Sender<Job>,
+    wire: Arc<Wire>,
+    js: jetstream::Context,
+    config: GroupCommitConfig,
+}
+
+impl GroupCommit {
+    /// Starts the committer on `client`.
+    ///
+    /// # Errors
+    /// When the reply inbox cannot be subscribed.
+    pub async fn start(
+        client: async_nats::Client,
+        config: GroupCommitConfig,
+    ) -> Result<Self, async_nats::SubscribeError> {
+        let wire = Arc::new(Wire::new(client.clone()).await?);
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.ack_timeout)
+            .build(client);
+        // The queue only smooths hand-over: the gateway's in-flight budget bounds how many
+        // records wait in total.
+        let (queue, rx) = mpsc::channel(1024);
+        tokio::spawn(committer(rx, wire.clone(), config.clone()));
+        Ok(GroupCommit {
+            queue,
+            wire,
+            js,
+            config,
+        })
+    }
+
+    /// The JetStream context on the same connection (stream set-up at start).
+    pub fn context(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// The NATS client.
+    pub fn client(&self) -> &async_nats::Client {
+        self.wire.client()
+    }
+}
+
+impl Publisher for GroupCommit {
+    fn publish(&self, records: Vec<Outbound>) -> BoxFuture<'_, Outcomes> {
+        Box::pin(async move {
+            let total = records.len();
+            let deadline = tokio::time::Instant::now() + self.config.ack_timeout;
+            // Jobs are queued in order, so a request's records keep their order in the
+            // stream; each job fits one batch.
+            let mut waiting = Vec::new();
+            let mut records = records.into_iter().peekable();
+            while records.peek().is_some() {
+                let chunk: Vec<Outbound> = records
+                    .by_ref()
+                    .take(self.config.max_batch_records)
+                    .collect();
+                let n = chunk.len();
+                let (done, rx) = oneshot::channel();
+                let job = Job {
+                    records: chunk,
+                    done,
+                    queued: Instant::now(),
+                };
+                let queued = tokio::time::timeout_at(deadline, self.queue.send(job)).await;
+                waiting.push((n, queued.is_ok_and(|r| r.is_ok()).then_some(rx)));
+            }
+            let mut outcomes = Vec::with_capacity(total);
+            for (n, rx) in waiting {
+                let got = match rx {
+                    Some(rx) => tokio::time::timeout_at(deadline, rx).await.ok(),
+                    None => None,
+                };
+                match got {
+                    Some(Ok(o)) => outcomes.extend(o),
+                    _ => outcomes.extend((0..n).map(|_| {
+                        Err(PublishError::Timeout(format!(
+                            "not acknowledged within {} ms",
+                            self.config.ack_timeout.as_millis()
+                        )))
+                    })),
+                }
+            }
+            outcomes
+        })
+    }
+
+    fn check_ready(&self) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            if self.client().connection_state() != async_nats::connection::State::Connected {
+                return Err("NATS is not connected".into());
+            }
+            tokio::time::timeout(
+                self.config.ack_timeout,
+                self.js.get_stream(callcap::subjects::STREAM_NAME),
+            )
+            .await
+            .map_err(|_| "JetStream did not answer in time".to_owned())?
+            .map_err(|e| format!("stream {} unreachable: {e}", callcap::subjects::STREAM_NAME))?;
+            Ok(())
+        })
+    }
+}
+
+/// A batch being gathered or in flight: its distinct messages, and for each waiting job
+/// the message index of each of its records.
+#[derive(Default)]
+struct Batch {
+    messages: Vec<Outbound>,
+    by_msg_id: HashMap<String, usize>,
+    waiters: Vec<(oneshot::Sender<Outcomes>, Vec<usize>)>,
+    first_queued: Option<Instant>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.waiters.is_empty()
+    }
+
+    /// Adds `job` if it fits under `cap`; hands it back otherwise.
+    fn offer(&mut self, job: Job, cap: usize) -> Option<Job> {
+        if !self.messages.is_empty() && self.messages.len() + job.records.len() > cap {
+            return Some(job);
+        }
+        if job.done.is_closed() {
+            // The request is gone (client hung up, or it gave up waiting): publishing it
+            // would store a record nobody got a 201 for. Its retry will come.
+            return None;
+        }
+        self.first_queued.get_or_insert(job.queued);
+        let slots = job
+            .records
+            .into_iter()
+            .map(|record| {
+                // The same record twice in one batch (two concurrent identical POSTs)
+                // would make the server refuse the whole batch: both get one message.
+                *self
+                    .by_msg_id
+                    .entry(record.msg_id.clone())
+                    .or_insert_with(|| {
+                        self.messages.push(record);
+                        self.messages.len() - 1
+                    })
+            })
+            .collect();
+        self.waiters.push((job.done, slots));
+        None
+    }
+
+    /// Completes every waiting job from the per-message outcomes.
+    fn resolve(self, per_message: &[Result<Receipt, PublishError>]) {
+        for (done, slots) in self.waiters {
+            let _ = done.send(slots.iter().map(|&i| per_message[i].clone()).collect());
+        }
+    }
+
+    fn fail(self, e: &PublishError) {
+        let all: Vec<_> = self.messages.iter().map(|_| Err(e.clone())).collect();
+        self.resolve(&all);
+    }
+}
+
+async fn committer(mut rx: mpsc::Receiver<Job>, wire: Arc<Wire>, config: GroupCommitConfig) {
+    let cap = config.max_batch_records.max(1);
+    let mut in_flight: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
+    let mut next = Batch::default();
+    let mut carry: Option<Job> = None;
+    let mut closed = false;
+    loop {
+        if let Some(job) = carry.take() {
+            carry = next.offer(job, cap);
+        }
+        // Take everything already queued, without waiting.
+        while carry.is_none() && !closed {
+            match rx.try_recv() {
+                Ok(job) => carry = next.offer(job, cap),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
+            }
+        }
+        let full = carry.is_some() || next.messages.len() >= cap;
+        let linger_at = next.first_queued.map(|t| t + config.linger);
+        let lingered = linger_at.is_some_and(|t| Instant::now() >= t);
+        let slot_free = in_flight.len() < config.max_batches_in_flight;
+        if !next.is_empty() && slot_free && (in_flight.is_empty() || full || lingered) {
+            let batch = std::mem::take(&mut next);
+            if let Some(waiting) = send(&wire, batch, config.ack_timeout).await {
+                in_flight.push(waiting);
+            }
+            continue;
+        }
+        if closed && next.is_empty() && carry.is_none() && in_flight.is_empty() {
+            return;
+        }
+        let waiting_on_acks = !in_flight.is_empty();
+        let linger_sleep = async {
+            match linger_at {
+                Some(t) if slot_free && waiting_on_acks => {
+                    tokio::time::sleep_until(t.into()).await;
+                }
+                _ => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            job = rx.recv(), if !closed && !full => match job {
+                Some(job) => carry = next.offer(job, cap),
+                None => closed = true,
+            },
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            () = linger_sleep => {}
+        }
+    }
+}
+
+/// Hands the batch to the connection, in order, and returns the wait for its ack (which
+/// completes the batch's jobs); `None` when sending failed and the jobs are already done.
+async fn send(
+    wire: &Arc<Wire>,
+    batch: Batch,
+    ack_timeout: Duration,
+) -> Option<BoxFuture<'static, ()>> {
+    if batch.messages.is_empty() {
+        return None;
+    }
+    let started = Instant::now();
+    let sent = {
+        let refs: Vec<&Outbound> = batch.messages.iter().collect();
+        let sending = async {
+            if refs.len() == 1 {
+                wire.send_single(refs[0]).await
+            } else {
+                wire.send_atomic(&refs).await
+            }
+        };
+        match tokio::time::timeout(ack_timeout, sending).await {
+            Ok(r) => r,
+            Err(_) => Err(PublishError::Timeout(
+                "NATS did not take the batch in time".into(),
+            )),
+        }
+    };
+    let pending = match sent {
+        Ok(p) => p,
+        Err(e) => {
+            batch.fail(&e);
+            return None;
+        }
+    };
+    metrics::histogram!("gateway_publish_batch_records").record(batch.messages.len() as f64);
+    let wire = wire.clone();
+    Some(Box::pin(async move {
+        let per_message = await_batch(&wire, &batch.messages, pending, ack_timeout).await;
+        metrics::histogram!("gateway_publish_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        batch.resolve(&per_message);
+    }))
+}
+
+/// The outcome of each message of a sent batch.
+async fn await_batch(
+    wire: &Wire,
+    messages: &[Outbound],
+    pending: PendingReply,
+    ack_timeout: Duration,
+) -> Vec<Result<Receipt, PublishError>> {
+    let n = messages.len() as u64;
+    let all = |r: Result<Receipt, PublishError>| messages.iter().map(|_| r.clone()).collect();
+    match pending.wait(ack_timeout).await {
+        Err(e) => all(Err(e)),
+        Ok(Reply::Ack {
+            seq,
+            count,
+            duplicate,
+        }) if n == 1 => {
+            debug_assert_eq!(count, 1);
+            vec![Ok(Receipt { seq, duplicate })]
+        }
+        Ok(Reply::Ack { seq, count, .. }) if count == n && seq >= n => (0..n)
+            .map(|i| {
+                Ok(Receipt {
+                    seq: seq - n + 1 + i,
+                    duplicate: false,
+                })
+            })
+            .collect(),
+        Ok(Reply::Error { err_code, .. }) if err_code == ERR_BATCH_DUPLICATE_MSG_ID && n > 1 => {
+            metrics::counter!("gateway_publish_batch_fallbacks_total").increment(1);
+            tracing::debug!(
+                records = n,
+                "batch holds an already stored record; publishing its records one by one"
+            );
+            one_by_one(wire, messages, ack_timeout).await
+        }
+        Ok(reply @ Reply::Ack { .. }) => all(Err(PublishError::Refused(format!(
+            "batch ack does not match the batch of {n}: {reply:?}"
+        )))),
+        Ok(reply) => all(Err(reply
+            .into_error()
+            .expect("every reply but an ack is an error"))),
+    }
+}
+
+/// Publishes each message on its own (all sent first, then the acks awaited together).
+async fn one_by_one(
+    wire: &Wire,
+    messages: &[Outbound],
+    ack_timeout: Duration,
+) -> Vec<Result<Receipt, PublishError>> {
+    let mut pending = Vec::with_capacity(messages.len());
+    for m in messages {
+        pending.push(wire.send_single(m).await);
+    }
+    futures::future::join_all(pending.into_iter().map(|p| async move {
+        match p?.wait(ack_timeout).await? {
+            Reply::Ack { seq, duplicate, .. } => Ok(Receipt { seq, duplicate }),
+            other => Err(other
+                .into_error()
+                .expect("every reply but an ack is an error")),
+        }
+    }))
+    .await
+}

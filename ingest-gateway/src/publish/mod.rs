@@ -1,0 +1,75 @@
+//! Publishing accepted records to JetStream, and nothing else.
+//!
+//! [`Publisher`] is the seam the handlers see; [`GroupCommit`] is the real one. A record is
+//! published only when JetStream's ack for it arrives: that ack is what makes the
+//! gateway's 201 a promise.
+//!
+//! - [`wire`]: the JetStream publish protocol (single publishes and ADR-50 atomic batches)
+//!   over one NATS connection, with replies routed back to their batch;
+//! - [`group`]: group commit — concurrent records coalesced into atomic batches, so that
+//!   under `sync_interval: always` one fsync covers many records.
+
+pub mod group;
+pub mod wire;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
+pub use group::{GroupCommit, GroupCommitConfig};
+
+/// One record ready to publish.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub subject: String,
+    /// `Nats-Msg-Id`: JetStream drops a second publish with the same id in its window.
+    pub msg_id: String,
+    pub payload: Bytes,
+}
+
+/// JetStream's acknowledgement of one record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    /// Stream sequence the record is stored at.
+    pub seq: u64,
+    /// True when JetStream had it already (a retry inside the duplicate window).
+    pub duplicate: bool,
+}
+
+/// Why a record was not acknowledged.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PublishError {
+    /// NATS is down, slow, or the ack did not come in time. The record may or may not
+    /// have been stored: a retry with the same `Nats-Msg-Id` is deduplicated.
+    #[error("JetStream did not acknowledge the publish in time ({0})")]
+    Timeout(String),
+    /// JetStream answered but refused (stream full, no stream, batch abandoned…).
+    #[error("JetStream refused the publish: {0}")]
+    Refused(String),
+    /// The message is over the server's max payload.
+    #[error("message is larger than the server accepts")]
+    TooLarge,
+}
+
+impl PublishError {
+    /// Whether the client should retry the same record later (503 + Retry-After).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            PublishError::Timeout(_) | PublishError::Refused(_) => true,
+            PublishError::TooLarge => false,
+        }
+    }
+}
+
+/// One outcome per record, in the order the records were given.
+pub type Outcomes = Vec<Result<Receipt, PublishError>>;
+
+/// Where accepted records go.
+pub trait Publisher: Send + Sync + 'static {
+    /// Publishes `records` in order and resolves once each has been acknowledged or
+    /// refused, with one outcome per record in the same order. Calls are published in
+    /// the order they were made; a call's records keep their order in the stream.
+    fn publish(&self, records: Vec<Outbound>) -> BoxFuture<'_, Outcomes>;
+
+    /// Whether publishing can work right now (connected, stream present).
+    fn check_ready(&self) -> BoxFuture<'_, Result<(), String>>;
+}
