@@ -6,12 +6,14 @@
 //! - [`proxy`]: a TCP proxy in front of Postgres that a test can cut, so "Postgres refuses
 //!   connections" is real without disturbing the shared server;
 //! - [`pipeline`]: the gateway and the worker, in-process or as spawned binaries;
-//! - [`payloads`]: the API document's examples.
+//! - [`payloads`]: the API document's examples;
+//! - [`powerfs`]: a FUSE filesystem that loses every write not fsynced on a "power cut".
 
 pub mod db;
 pub mod nats;
 pub mod payloads;
 pub mod pipeline;
+pub mod powerfs;
 pub mod proxy;
 
 use std::future::Future;

@@ -6,6 +6,7 @@ mod gateway;
 mod merge;
 mod overload;
 mod pipeline;
+mod power_loss;
 
 /// The service binaries, built from their own `main.rs` by this package.
 pub const WORKER_BIN: &str = env!("CARGO_BIN_EXE_worker-under-test");
