@@ -25,7 +25,7 @@ use crate::auth::KeyCache;
 use crate::config::ServeArgs;
 use crate::error::{ApiError, ErrorBody};
 use crate::ingest;
-use crate::publish::Publisher;
+use crate::publish::{PublishStats, Publisher};
 use crate::ratelimit::RateLimiter;
 
 /// Everything a request handler needs; cheap to clone.
@@ -46,6 +46,8 @@ pub struct Shared {
     pub rate_limiter: Option<RateLimiter>,
     /// Renders `/metrics`; `None` where no recorder is installed (library tests).
     pub metrics: Option<PrometheusHandle>,
+    /// The JetStream fsync mode the server reported at start (`always`, …).
+    pub fsync_mode: String,
 }
 
 impl std::ops::Deref for AppState {
@@ -62,6 +64,7 @@ impl AppState {
         keys: Arc<KeyCache>,
         serve: ServeArgs,
         metrics: Option<PrometheusHandle>,
+        fsync_mode: String,
     ) -> Self {
         let rate_limiter = (serve.rate_limit_per_sec > 0.0)
             .then(|| RateLimiter::new(serve.rate_limit_per_sec, serve.rate_limit_burst));
@@ -72,6 +75,7 @@ impl AppState {
             rate_limiter,
             metrics,
             serve,
+            fsync_mode,
         }))
     }
 }
@@ -87,7 +91,7 @@ impl AppState {
     components(schemas(
         callcap::CallRecord, callcap::Outcome, callcap::CallStatus, callcap::FieldError,
         ingest::Created, ingest::CreatedData, ingest::BatchResponse, ingest::BatchItem,
-        ErrorBody, Readiness
+        ErrorBody, Readiness, PublishStats
     )),
     tags((name = "calls", description = "Call records"), (name = "ops", description = "Operations"))
 )]
@@ -162,6 +166,11 @@ pub struct Readiness {
     pub nats: String,
     pub keys_loaded: bool,
     pub keys: usize,
+    /// JetStream's fsync mode as reported at start: `always` means a 201 survives a
+    /// power loss of the NATS node.
+    pub fsync: String,
+    /// What this gateway has published: batches (group commit), records, fallbacks.
+    pub publish: PublishStats,
 }
 
 /// Readiness: NATS connected, stream reachable, key cache loaded.
@@ -177,6 +186,8 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
         nats: nats.err().unwrap_or_else(|| "ok".into()),
         keys_loaded,
         keys: state.keys.len(),
+        fsync: state.fsync_mode.clone(),
+        publish: state.publisher.stats(),
     };
     let status = if ready {
         StatusCode::OK

@@ -100,15 +100,22 @@ pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
     let publisher = GroupCommit::start(client, cli.serve.group_commit())
         .await
         .context("subscribing the publish reply inbox")?;
+    // A flush round trip means the connection is up and its INFO is the server's.
+    with_retry("reaching NATS", || async {
+        match tokio::time::timeout(Duration::from_secs(2), publisher.client().flush()).await {
+            Ok(flushed) => flushed.map_err(async_nats::Error::from),
+            Err(_) => Err("no answer from NATS within 2 s".into()),
+        }
+    })
+    .await?;
+    let server = publisher.client().server_info();
+    callcap::subjects::check_server_version(&server.version).map_err(anyhow::Error::msg)?;
     let js = publisher.context().clone();
     with_retry("creating the CALLS stream", || {
         callcap::subjects::ensure_stream(&js, &cli.stream)
     })
     .await?;
-    // The stream call above went through, so the connection's INFO is the server's.
-    let server = publisher.client().server_info();
-    callcap::subjects::check_server_version(&server.version).map_err(anyhow::Error::msg)?;
-    report_fsync_mode(&server, cli.serve.nats_monitor_url.as_deref()).await;
+    let fsync_mode = report_fsync_mode(&server, cli.serve.nats_monitor_url.as_deref()).await;
     let bucket = with_retry("opening the API key bucket", || {
         auth::key_bucket(&js, usize::from(cli.stream.stream_replicas))
     })
@@ -120,6 +127,7 @@ pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
         keys,
         cli.serve.clone(),
         metrics,
+        fsync_mode,
     ))
 }
 
@@ -129,28 +137,37 @@ pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
 /// The client protocol does not carry it (neither the connection's INFO nor JetStream's
 /// account info has `sync_interval`), so it is read from the server's monitoring endpoint
 /// (`/jsz`) when `NATS_MONITOR_URL` is set.
-async fn report_fsync_mode(server: &async_nats::ServerInfo, monitor_url: Option<&str>) {
+async fn report_fsync_mode(server: &async_nats::ServerInfo, monitor_url: Option<&str>) -> String {
     let Some(url) = monitor_url else {
         tracing::info!(
             server = %server.server_name, version = %server.version,
             "JetStream fsync mode unknown: the client protocol does not report it; set \
              NATS_MONITOR_URL to the server's monitoring address to have it checked"
         );
-        return;
+        return "unknown (set NATS_MONITOR_URL)".into();
     };
     match fetch_fsync_mode(url).await {
-        Ok(mode) if mode.always => tracing::info!(
-            server = %server.server_name, version = %server.version,
-            "JetStream fsync mode: sync_interval always (an ack is on disk; a 201 survives power loss)"
-        ),
-        Ok(mode) => tracing::warn!(
-            server = %server.server_name, version = %server.version,
-            interval_secs = mode.interval_secs,
-            "JetStream fsync mode: every {} s, NOT always: a 201 survives a crash of \
-             nats-server but not a power loss of its machine; set `sync_interval: always`",
-            mode.interval_secs
-        ),
-        Err(e) => tracing::warn!(error = %e, "could not read the JetStream fsync mode from {url}"),
+        Ok(mode) if mode.always => {
+            tracing::info!(
+                server = %server.server_name, version = %server.version,
+                "JetStream fsync mode: sync_interval always (an ack is on disk; a 201 survives power loss)"
+            );
+            "always".into()
+        }
+        Ok(mode) => {
+            tracing::warn!(
+                server = %server.server_name, version = %server.version,
+                interval_secs = mode.interval_secs,
+                "JetStream fsync mode: every {} s, NOT always: a 201 survives a crash of \
+                 nats-server but not a power loss of its machine; set `sync_interval: always`",
+                mode.interval_secs
+            );
+            format!("every {} s (not power-loss safe)", mode.interval_secs)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the JetStream fsync mode from {url}");
+            format!("unknown ({url}/jsz: {e})")
+        }
     }
 }
 

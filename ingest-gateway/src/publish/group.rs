@@ -20,6 +20,7 @@
 //! never a 201 for a record whose batch was not acknowledged.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,14 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::wire::{PendingReply, Reply, Wire, ERR_BATCH_DUPLICATE_MSG_ID};
-use super::{Outbound, Outcomes, PublishError, Publisher, Receipt};
+use super::{Outbound, Outcomes, PublishError, PublishStats, Publisher, Receipt};
+
+#[derive(Default)]
+struct Counters {
+    batches: AtomicU64,
+    records: AtomicU64,
+    fallbacks: AtomicU64,
+}
 
 /// How records are grouped.
 #[derive(Debug, Clone)]
@@ -61,6 +69,7 @@ pub struct GroupCommit {
     wire: Arc<Wire>,
     js: jetstream::Context,
     config: GroupCommitConfig,
+    counters: Arc<Counters>,
 }
 
 impl GroupCommit {
@@ -79,12 +88,19 @@ impl GroupCommit {
         // The queue only smooths hand-over: the gateway's in-flight budget bounds how many
         // records wait in total.
         let (queue, rx) = mpsc::channel(1024);
-        tokio::spawn(committer(rx, wire.clone(), config.clone()));
+        let counters = Arc::new(Counters::default());
+        tokio::spawn(committer(
+            rx,
+            wire.clone(),
+            config.clone(),
+            counters.clone(),
+        ));
         Ok(GroupCommit {
             queue,
             wire,
             js,
             config,
+            counters,
         })
     }
 
@@ -158,6 +174,14 @@ impl Publisher for GroupCommit {
             Ok(())
         })
     }
+
+    fn stats(&self) -> PublishStats {
+        PublishStats {
+            batches: self.counters.batches.load(Ordering::Relaxed),
+            records: self.counters.records.load(Ordering::Relaxed),
+            fallbacks: self.counters.fallbacks.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// A batch being gathered or in flight: its distinct messages, and for each waiting job
@@ -218,7 +242,12 @@ impl Batch {
     }
 }
 
-async fn committer(mut rx: mpsc::Receiver<Job>, wire: Arc<Wire>, config: GroupCommitConfig) {
+async fn committer(
+    mut rx: mpsc::Receiver<Job>,
+    wire: Arc<Wire>,
+    config: GroupCommitConfig,
+    counters: Arc<Counters>,
+) {
     let cap = config.max_batch_records.max(1);
     let mut in_flight: FuturesUnordered<BoxFuture<'static, ()>> = FuturesUnordered::new();
     let mut next = Batch::default();
@@ -242,7 +271,7 @@ async fn committer(mut rx: mpsc::Receiver<Job>, wire: Arc<Wire>, config: GroupCo
         let slot_free = in_flight.len() < config.max_batches_in_flight;
         if !next.is_empty() && slot_free && (in_flight.is_empty() || full || lingered) {
             let batch = std::mem::take(&mut next);
-            if let Some(waiting) = send(&wire, batch, config.ack_timeout).await {
+            if let Some(waiting) = send(&wire, batch, config.ack_timeout, &counters).await {
                 in_flight.push(waiting);
             }
             continue;
@@ -276,6 +305,7 @@ async fn send(
     wire: &Arc<Wire>,
     batch: Batch,
     ack_timeout: Duration,
+    counters: &Arc<Counters>,
 ) -> Option<BoxFuture<'static, ()>> {
     if batch.messages.is_empty() {
         return None;
@@ -305,9 +335,15 @@ async fn send(
         }
     };
     metrics::histogram!("gateway_publish_batch_records").record(batch.messages.len() as f64);
+    counters.batches.fetch_add(1, Ordering::Relaxed);
+    counters
+        .records
+        .fetch_add(batch.messages.len() as u64, Ordering::Relaxed);
     let wire = wire.clone();
+    let counters = counters.clone();
     Some(Box::pin(async move {
-        let per_message = await_batch(&wire, &batch.messages, pending, ack_timeout).await;
+        let per_message =
+            await_batch(&wire, &batch.messages, pending, ack_timeout, &counters).await;
         metrics::histogram!("gateway_publish_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         batch.resolve(&per_message);
@@ -320,6 +356,7 @@ async fn await_batch(
     messages: &[Outbound],
     pending: PendingReply,
     ack_timeout: Duration,
+    counters: &Counters,
 ) -> Vec<Result<Receipt, PublishError>> {
     let n = messages.len() as u64;
     let all = |r: Result<Receipt, PublishError>| messages.iter().map(|_| r.clone()).collect();
@@ -343,6 +380,7 @@ async fn await_batch(
             .collect(),
         Ok(Reply::Error { err_code, .. }) if err_code == ERR_BATCH_DUPLICATE_MSG_ID && n > 1 => {
             metrics::counter!("gateway_publish_batch_fallbacks_total").increment(1);
+            counters.fallbacks.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(
                 records = n,
                 "batch holds an already stored record; publishing its records one by one"

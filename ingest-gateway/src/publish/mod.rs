@@ -60,6 +60,17 @@ impl PublishError {
     }
 }
 
+/// What a publisher has sent since it started (for `/readyz` and the tests).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct PublishStats {
+    /// Publishes sent: atomic batches, plus single records sent on their own.
+    pub batches: u64,
+    /// Records in them.
+    pub records: u64,
+    /// Batches refused for holding an already stored record and republished one by one.
+    pub fallbacks: u64,
+}
+
 /// One outcome per record, in the order the records were given.
 pub type Outcomes = Vec<Result<Receipt, PublishError>>;
 
@@ -72,4 +83,7 @@ pub trait Publisher: Send + Sync + 'static {
 
     /// Whether publishing can work right now (connected, stream present).
     fn check_ready(&self) -> BoxFuture<'_, Result<(), String>>;
+
+    /// Counts of what has been sent.
+    fn stats(&self) -> PublishStats;
 }

@@ -3,6 +3,7 @@
 
 mod faults;
 mod gateway;
+mod group_commit;
 mod merge;
 mod overload;
 mod pipeline;
