@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces BENCHMARKS.md: every figure next to its ceiling, measured in one run on this
-# machine, everything on loopback. Takes about 10 minutes. Results: .run/bench/*.txt and a
+# machine, everything on loopback. Takes about 15 minutes. Results: .run/bench/*.txt and a
 # summary on stdout.
 #
 # Settings: BENCH_SECONDS (10) per wrk run; BENCH_ROWS (100000) for the worker figures.
@@ -24,17 +24,17 @@ log "building (release)"
 cargo build --release --quiet -p ingest-gateway -p persist-worker
 cargo build --release --quiet -p callcap-tests --bin callcap-bench
 B=target/release
-NATS_PORT=24222 GW_PORT=18081 CEIL_PORT=18080
+NATS_PORT=24222 NATS_MON_PORT=24223 GW_PORT=18081 CEIL_PORT=18080
 export NATS_URL="nats://127.0.0.1:$NATS_PORT"
 BENCH_DB_URL=$(with_database "$DATABASE_URL" callcap_bench)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-start_nats() { # $1: extra jetstream settings
+start_nats() { # $1: a config file under deploy/nats/ (single.conf is what the project runs)
   rm -rf "$OUT/js"; mkdir -p "$OUT/js"
-  printf 'listen: 127.0.0.1:%s\njetstream {\n  store_dir: "%s"\n  %s\n}\n' "$NATS_PORT" "$PWD/$OUT/js" "$1" > "$OUT/nats.conf"
-  "$NATS_SERVER_BIN" -c "$OUT/nats.conf" > "$OUT/nats.log" 2>&1 &
+  "$NATS_SERVER_BIN" -c "deploy/nats/$1" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON_PORT" \
+    -sd "$PWD/$OUT/js" > "$OUT/nats.log" 2>&1 &
   NATS_PID=$!; PIDS+=("$NATS_PID")
   for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && return 0; sleep 0.1; done
   die "nats-server did not start"
@@ -42,7 +42,7 @@ start_nats() { # $1: extra jetstream settings
 stop_nats() { kill "$NATS_PID" 2>/dev/null; wait "$NATS_PID" 2>/dev/null || true; }
 
 start_gateway() {
-  LISTEN_ADDR="127.0.0.1:$GW_PORT" RUST_LOG=warn "$B/ingest-gateway" > "$OUT/gateway.log" 2>&1 &
+  LISTEN_ADDR="127.0.0.1:$GW_PORT" NATS_MONITOR_URL="http://127.0.0.1:$NATS_MON_PORT" RUST_LOG=warn "$B/ingest-gateway" > "$OUT/gateway.log" 2>&1 &
   GW_PID=$!; PIDS+=("$GW_PID")
   for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$GW_PORT/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
 }
@@ -52,43 +52,67 @@ peak_rss_mb() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$1/status"; }
 wrk_run() { # name url connections body-file
   local name=$1 url=$2 conns=$3 body=$4
   RUN="$name-$RANDOM" BENCH_BODY="$body" KEY="$KEY" \
-    wrk -t2 -c"$conns" -d"${SECS}s" --latency -s deploy/bench/post.lua "$url" > "$OUT/$name.txt" 2>&1 || true
+    wrk -t"$(( conns < 2 ? 1 : 2 ))" -c"$conns" -d"${SECS}s" --latency -s deploy/bench/post.lua "$url" > "$OUT/$name.txt" 2>&1 || true
   local rps p50 p99 non2xx
   rps=$(awk '/Requests\/sec/ {print $2}' "$OUT/$name.txt")
   p50=$(awk '$1=="50%" {print $2}' "$OUT/$name.txt")
   p99=$(awk '$1=="99%" {print $2}' "$OUT/$name.txt")
   non2xx=$(awk '/Non-2xx/ {print $NF}' "$OUT/$name.txt")
   printf '%-28s conns=%-5s req/s=%-10s p50=%-9s p99=%-9s non2xx=%s\n' "$name" "$conns" "$rps" "$p50" "$p99" "${non2xx:-0}" | tee -a "$OUT/summary.txt"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rps" "$p50" "$p99" >> "$OUT/results.tsv"
 }
 
-: > "$OUT/summary.txt"
+: > "$OUT/summary.txt"; : > "$OUT/results.tsv"
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); nats-server $("$NATS_SERVER_BIN" --version | sed 's/.* //'); $(psql "$DATABASE_URL" -tAc 'select version()' | cut -d' ' -f1-2)" | tee -a "$OUT/summary.txt"
 COMPANY=$(python3 -c 'import uuid; print(uuid.uuid4())')
 "$B/callcap-bench" body --company "$COMPANY" > "$OUT/one.json"
 "$B/callcap-bench" body --company "$COMPANY" --records 100 > "$OUT/batch100.json"
 "$B/callcap-bench" body --company "$COMPANY" --records 1000 > "$OUT/batch1000.json"
 
-for SYNC in default always; do
-  log "JetStream fsync: $SYNC"
-  echo "--- jetstream sync: $SYNC" | tee -a "$OUT/summary.txt"
-  if [ "$SYNC" = always ]; then start_nats "sync_interval: always"; else start_nats ""; fi
-  "$B/callcap-bench" broker --count 100000 --in-flight 512 | tee -a "$OUT/summary.txt"
+# The fsync floor: what one power-loss-safe ack cannot go below on this disk.
+"$B/callcap-bench" fsync --dir "$OUT" | tee -a "$OUT/summary.txt"
+for CONF in interval-fsync single; do
+  case $CONF in single) SYNC=strict ;; *) SYNC=interval ;; esac
+  log "JetStream: deploy/nats/$CONF.conf ($SYNC fsync)"
+  echo "--- jetstream: deploy/nats/$CONF.conf ($SYNC fsync)" | tee -a "$OUT/summary.txt"
+  start_nats "$CONF.conf"
+  "$B/callcap-bench" broker --count 50000 --in-flight 512 | sed "s/^/$SYNC one-per-publish /" | tee -a "$OUT/summary.txt"
+  stop_nats; start_nats "$CONF.conf"
+  "$B/callcap-bench" broker --count 50000 --in-flight 2 --atomic-batch 1000 | sed "s/^/$SYNC atomic-batches /" | tee -a "$OUT/summary.txt"
+  stop_nats; start_nats "$CONF.conf"
   start_gateway
   KEY=$("$B/ingest-gateway" keys create --company "$COMPANY" --name bench | tail -n1)
   sleep 1
-  for C in 64 256; do
+  for C in 1 64 256; do
     wrk_run "gateway-$SYNC-c$C" "http://127.0.0.1:$GW_PORT/v1/calls" "$C" "$OUT/one.json"
   done
   echo "gateway peak RSS after load: $(peak_rss_mb "$GW_PID") MiB" | tee -a "$OUT/summary.txt"
-  if [ "$SYNC" = default ]; then
-    wrk_run "batch100" "http://127.0.0.1:$GW_PORT/v1/calls/batch" 32 "$OUT/batch100.json"
-    # 4 x 1000 records stay under MAX_IN_FLIGHT_PUBLISHES (8192); more would measure 503s.
-    wrk_run "batch1000" "http://127.0.0.1:$GW_PORT/v1/calls/batch" 4 "$OUT/batch1000.json"
+  wrk_run "batch100-$SYNC" "http://127.0.0.1:$GW_PORT/v1/calls/batch" 32 "$OUT/batch100.json"
+  # 4 x 1000 records stay under MAX_IN_FLIGHT_PUBLISHES (8192); more would measure 503s.
+  wrk_run "batch1000-$SYNC" "http://127.0.0.1:$GW_PORT/v1/calls/batch" 4 "$OUT/batch1000.json"
+  curl -fsS "http://127.0.0.1:$GW_PORT/readyz" | sed "s/^/$SYNC readyz: /" | tee -a "$OUT/summary.txt"; echo | tee -a "$OUT/summary.txt"
+  if [ "$SYNC" = strict ]; then
     wrk_run "gateway-overload-c2560" "http://127.0.0.1:$GW_PORT/v1/calls" 2560 "$OUT/one.json"
     echo "gateway peak RSS after 10x overload: $(peak_rss_mb "$GW_PID") MiB" | tee -a "$OUT/summary.txt"
   fi
   stop_gateway
   stop_nats
+done
+
+# The machine is shared and noisy: a single strict-vs-interval pair can swing +-20%.
+# Three alternating rounds of the single-POST load at 256 connections, each on a fresh
+# server and gateway; the summary reports the median ratio.
+log "paired rounds: single POST, 256 connections, strict vs interval"
+echo "--- paired rounds (alternating, fresh server each)" | tee -a "$OUT/summary.txt"
+for ROUND in 1 2 3; do
+  for CONF in interval-fsync single; do
+    case $CONF in single) SYNC=strict ;; *) SYNC=interval ;; esac
+    start_nats "$CONF.conf"; start_gateway
+    KEY=$("$B/ingest-gateway" keys create --company "$COMPANY" --name bench | tail -n1)
+    sleep 1
+    wrk_run "paired$ROUND-$SYNC-c256" "http://127.0.0.1:$GW_PORT/v1/calls" 256 "$OUT/one.json"
+    stop_gateway; stop_nats
+  done
 done
 
 log "HTTP ceiling"
@@ -105,16 +129,16 @@ log "worker vs database ceiling ($ROWS rows)"
 echo "--- worker" | tee -a "$OUT/summary.txt"
 psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS callcap_bench WITH (FORCE)"
 DATABASE_URL="$BENCH_DB_URL" "$B/persist-worker" migrate >/dev/null
-start_nats ""
+start_nats single.conf
 "$B/callcap-bench" db-ceiling --database-url "$BENCH_DB_URL" --count "$ROWS" | tee -a "$OUT/summary.txt"
-"$B/callcap-bench" broker --count "$ROWS" --in-flight 512 > /dev/null
+"$B/callcap-bench" broker --count "$ROWS" --in-flight 2 --atomic-batch 1000 > /dev/null
 "$B/callcap-bench" worker --database-url "$BENCH_DB_URL" --count "$ROWS" | tee -a "$OUT/summary.txt"
 
 log "end to end"
 echo "--- end to end" | tee -a "$OUT/summary.txt"
 psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS callcap_bench WITH (FORCE)"
 DATABASE_URL="$BENCH_DB_URL" "$B/persist-worker" migrate >/dev/null
-stop_nats; start_nats ""
+stop_nats; start_nats single.conf
 start_gateway
 DATABASE_URL="$BENCH_DB_URL" METRICS_ADDR=127.0.0.1:19091 RUST_LOG=warn "$B/persist-worker" > "$OUT/worker.log" 2>&1 &
 PIDS+=("$!")
@@ -123,4 +147,30 @@ sleep 1
 "$B/callcap-bench" e2e --gateway "http://127.0.0.1:$GW_PORT" --key "$KEY" --company "$COMPANY" \
   --database-url "$BENCH_DB_URL" --seconds "$SECS" --concurrency 128 | tee -a "$OUT/summary.txt"
 psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS callcap_bench WITH (FORCE)"
+
+# Group commit against its targets, from this run's figures.
+echo "--- group commit: strict (sync_interval always) vs interval fsync, same run" | tee -a "$OUT/summary.txt"
+python3 - "$OUT/results.tsv" "$OUT/summary.txt" <<'PY' | tee -a "$OUT/summary.txt"
+import sys, re
+rows = {l.split("\t")[0]: l.rstrip("\n").split("\t")[1:] for l in open(sys.argv[1]) if l.strip()}
+def ms(v):
+    m = re.match(r"([0-9.]+)(us|ms|s)", v or "")
+    return float(m.group(1)) * {"us": 1e-3, "ms": 1, "s": 1e3}[m.group(2)] if m else float("nan")
+summary = open(sys.argv[2]).read()
+fs = re.search(r"fsync count=\d+ p50_ms=([0-9.]+)", summary)
+for name, what in [("gateway-{}-c256", "single POST, 256 conns"), ("gateway-{}-c64", "single POST, 64 conns"),
+                   ("batch100-{}", "batch endpoint, 100/request (records/s = req/s x 100)"),
+                   ("batch1000-{}", "batch endpoint, 1000/request")]:
+    s, i = rows.get(name.format("strict")), rows.get(name.format("interval"))
+    if s and i:
+        print(f"{what}: strict {float(s[0]):.0f} req/s (p99 {s[2]}) / interval {float(i[0]):.0f} req/s = {float(s[0])/float(i[0]):.2f}")
+ratios = sorted(float(rows[f"paired{r}-strict-c256"][0]) / float(rows[f"paired{r}-interval-c256"][0])
+                for r in (1, 2, 3) if f"paired{r}-strict-c256" in rows and f"paired{r}-interval-c256" in rows)
+if ratios:
+    print("single POST, 256 conns, paired rounds: strict/interval ratios " + ", ".join(f"{x:.2f}" for x in ratios)
+          + f"; median {ratios[len(ratios) // 2]:.2f}")
+c1 = rows.get("gateway-strict-c1")
+if c1 and fs:
+    print(f"1 connection: strict p50 {ms(c1[1]):.3f} ms vs one fsync ({fs.group(1)} ms) + 1 ms = {float(fs.group(1)) + 1:.3f} ms")
+PY
 log "done: $OUT/summary.txt"

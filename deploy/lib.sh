@@ -8,6 +8,9 @@
 #   ensure_postgres     makes sure something answers on DATABASE_URL (default: the local
 #                       server as user postgres); installs and starts Debian's PostgreSQL
 #                       when nothing does.
+#   ensure_fuse         makes sure FUSE filesystems can be mounted (the power-loss test
+#                       mounts one): /dev/fuse, and as a non-root user fusermount3
+#                       (Debian fuse3).
 #   ensure_rust         checks that cargo is there.
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -84,6 +87,15 @@ ensure_postgres() {
     || pg_ctlcluster --skip-systemctl-redirect "$ver" main reload >&2 2>/dev/null || true
   for _ in $(seq 1 30); do pg_answers && return 0; sleep 1; done
   die "PostgreSQL does not answer on $DATABASE_URL"
+}
+
+ensure_fuse() {
+  [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
+  [ -e /dev/fuse ] || die "/dev/fuse is missing: the power-loss test needs FUSE (load the fuse module, or give the container --device /dev/fuse)"
+  if [ "$(id -u)" -ne 0 ] && ! command -v fusermount3 >/dev/null; then
+    die "fusermount3 is missing: install Debian's fuse3 (the power-loss test mounts a FUSE filesystem)"
+  fi
+  return 0
 }
 
 ensure_rust() {

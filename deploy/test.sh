@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 ensure_rust
 ensure_nats_server
 ensure_postgres
+ensure_fuse
 log "nats-server: $NATS_SERVER_BIN ($("$NATS_SERVER_BIN" --version))"
 log "postgres:    $DATABASE_URL"
 exec cargo test --workspace "$@"

@@ -129,13 +129,18 @@ pub struct ServeArgs {
     /// Most atomic batches this gateway has awaiting their ack at once. All gateways'
     /// batches count against the server's `jetstream.limits.batch.max_inflight_per_stream`
     /// (50 by default) and `max_inflight_total` (1,000): keep gateways x this below them.
+    /// A second batch goes out early only when it is full or has lingered
+    /// (PUBLISH_LINGER_US); otherwise it waits for the ack in flight and grows.
     #[arg(long, env = "PUBLISH_BATCHES_IN_FLIGHT", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub publish_batches_in_flight: u32,
 
     /// Longest a record waits for its batch to fill while other batches are in flight,
-    /// in microseconds. When nothing is in flight a record is sent at once.
-    #[arg(long, env = "PUBLISH_LINGER_US", default_value_t = 1000,
+    /// in microseconds; a batch is sent earlier when the ack in flight returns or it is
+    /// full. When nothing is in flight a record is sent at once. Measured on one node:
+    /// 10 ms (longer than an ack takes) gives fewer, larger batches than 1 ms and more
+    /// throughput at the same latency.
+    #[arg(long, env = "PUBLISH_LINGER_US", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub publish_linger_us: u64,
 
@@ -180,7 +185,7 @@ impl Default for ServeArgs {
             max_in_flight_publishes: 8192,
             publish_batch_max_records: 1000,
             publish_batches_in_flight: 2,
-            publish_linger_us: 1000,
+            publish_linger_us: 10_000,
             nats_monitor_url: None,
             rate_limit_per_sec: 0.0,
             rate_limit_burst: 100,

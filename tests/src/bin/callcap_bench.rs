@@ -58,6 +58,14 @@ enum Cmd {
         #[arg(long)]
         atomic_batch: Option<usize>,
     },
+    /// Time one fsync on this disk: append a record-sized block to a file in `dir` and
+    /// fdatasync it, `count` times (the floor of a power-loss-safe ack).
+    Fsync {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 2000)]
+        count: u32,
+    },
     /// Insert rows with a plain INSERT … SELECT FROM UNNEST into a copy of call_history.
     DbCeiling {
         #[arg(long, env = "DATABASE_URL")]
@@ -108,6 +116,7 @@ enum Cmd {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::HttpCeiling { listen } => http_ceiling(&listen).await,
+        Cmd::Fsync { dir, count } => fsync_latency(&dir, count),
         Cmd::Body { company, records } => {
             let body = match records {
                 None => callcap_tests::payloads::complete(company, "__EXT__"),
@@ -164,6 +173,28 @@ async fn http_ceiling(listen: &str) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     eprintln!("http-ceiling listening on {listen}");
     axum::serve(listener, app).await?;
+    Ok(())
+}
+
+fn fsync_latency(dir: &std::path::Path, count: u32) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let path = dir.join(format!("fsync-probe-{}", std::process::id()));
+    let mut file = std::fs::File::create(&path)?;
+    let block = vec![b'x'; 830];
+    let mut hist = Histogram::<u64>::new(3)?;
+    for _ in 0..count {
+        let t = Instant::now();
+        file.write_all(&block)?;
+        file.sync_data()?;
+        hist.record(t.elapsed().as_micros() as u64)?;
+    }
+    drop(file);
+    std::fs::remove_file(&path)?;
+    println!(
+        "fsync count={count} p50_ms={:.3} p99_ms={:.3}",
+        hist.value_at_quantile(0.5) as f64 / 1000.0,
+        hist.value_at_quantile(0.99) as f64 / 1000.0
+    );
     Ok(())
 }
 
