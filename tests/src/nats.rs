@@ -36,6 +36,44 @@ impl NatsConfig {
     }
 }
 
+/// Every message of the `CALLS` stream, in stream order: (stream sequence, envelope).
+/// Empty when the stream does not exist (e.g. it did not survive a power cut).
+pub async fn stream_envelopes(nats_url: &str) -> Vec<(u64, callcap::Envelope)> {
+    use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+    use futures::StreamExt;
+    let client = async_nats::connect(nats_url)
+        .await
+        .expect("connecting to NATS");
+    let js = async_nats::jetstream::new(client);
+    let Ok(mut stream) = js.get_stream(callcap::subjects::STREAM_NAME).await else {
+        return Vec::new();
+    };
+    let total = stream.info().await.expect("stream info").state.messages;
+    let mut out = Vec::new();
+    if total == 0 {
+        return out;
+    }
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .expect("an ordered consumer");
+    let mut messages = consumer.messages().await.expect("the consumer's messages");
+    while (out.len() as u64) < total {
+        let msg = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("the stream delivers what it holds")
+            .expect("the consumer is open")
+            .expect("a message");
+        let seq = msg.info().expect("a JetStream message").stream_sequence;
+        let env = callcap::Envelope::decode(&msg.payload).expect("an envelope");
+        out.push((seq, env));
+    }
+    out
+}
+
 /// A running (or stopped) test nats-server.
 pub struct NatsServer {
     child: Option<Child>,

@@ -231,19 +231,8 @@ impl Wire {
     /// # Errors
     /// When the message cannot be handed to the connection (too large, client closed).
     pub async fn send_single(&self, record: &Outbound) -> Result<PendingReply, PublishError> {
-        let (reply_to, pending) = self.register();
-        let mut headers = HeaderMap::new();
-        headers.insert(header::NATS_MESSAGE_ID, record.msg_id.as_str());
-        self.client
-            .publish_with_reply_and_headers(
-                record.subject.clone(),
-                reply_to,
-                headers,
-                record.payload.clone(),
-            )
+        self.send_expecting_reply(record, record_headers(record))
             .await
-            .map_err(classify_send)?;
-        Ok(pending)
     }
 
     /// Publishes `records` (two or more, at most the server's batch limit) as one atomic
@@ -256,35 +245,56 @@ impl Wire {
     pub async fn send_atomic(&self, records: &[&Outbound]) -> Result<PendingReply, PublishError> {
         debug_assert!(records.len() >= 2, "a batch of one is a single publish");
         let batch_id = uuid::Uuid::new_v4().simple().to_string();
-        let last = records.len();
-        let mut pending = None;
-        for (i, record) in records.iter().enumerate() {
-            let n = i + 1;
-            let mut headers = HeaderMap::new();
-            headers.insert(header::NATS_MESSAGE_ID, record.msg_id.as_str());
+        let (last, rest) = records
+            .split_last()
+            .expect("a batch has at least one record");
+        let batch_headers = |record: &Outbound, n: usize| {
+            let mut headers = record_headers(record);
             headers.insert(header::NATS_BATCH_ID, batch_id.as_str());
             headers.insert(header::NATS_BATCH_SEQUENCE, n.to_string());
-            let sent = if n == last {
-                headers.insert(header::NATS_BATCH_COMMIT, header::NATS_BATCH_COMMIT_FINAL);
-                let (reply_to, p) = self.register();
-                pending = Some(p);
-                self.client
-                    .publish_with_reply_and_headers(
-                        record.subject.clone(),
-                        reply_to,
-                        headers,
-                        record.payload.clone(),
-                    )
-                    .await
-            } else {
-                self.client
-                    .publish_with_headers(record.subject.clone(), headers, record.payload.clone())
-                    .await
-            };
-            sent.map_err(classify_send)?;
+            headers
+        };
+        // Only the commit carries a reply subject: an error earlier in the batch
+        // abandons it, and the commit is then answered "incomplete".
+        for (i, record) in rest.iter().enumerate() {
+            self.client
+                .publish_with_headers(
+                    record.subject.clone(),
+                    batch_headers(record, i + 1),
+                    record.payload.clone(),
+                )
+                .await
+                .map_err(classify_send)?;
         }
-        Ok(pending.expect("the last record of a non-empty batch registers the reply"))
+        let mut headers = batch_headers(last, records.len());
+        headers.insert(header::NATS_BATCH_COMMIT, header::NATS_BATCH_COMMIT_FINAL);
+        self.send_expecting_reply(last, headers).await
     }
+
+    async fn send_expecting_reply(
+        &self,
+        record: &Outbound,
+        headers: HeaderMap,
+    ) -> Result<PendingReply, PublishError> {
+        let (reply_to, pending) = self.register();
+        self.client
+            .publish_with_reply_and_headers(
+                record.subject.clone(),
+                reply_to,
+                headers,
+                record.payload.clone(),
+            )
+            .await
+            .map_err(classify_send)?;
+        Ok(pending)
+    }
+}
+
+/// Every record carries its `Nats-Msg-Id`: JetStream deduplicates retries by it.
+fn record_headers(record: &Outbound) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::NATS_MESSAGE_ID, record.msg_id.as_str());
+    headers
 }
 
 fn classify_send(e: async_nats::PublishError) -> PublishError {

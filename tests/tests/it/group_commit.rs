@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy};
-use callcap_tests::nats::{NatsConfig, NatsServer};
+use callcap_tests::nats::{stream_envelopes, NatsConfig, NatsServer};
 use callcap_tests::payloads;
 use callcap_tests::pipeline::TestGateway;
 use futures::StreamExt;
@@ -17,32 +16,11 @@ use uuid::Uuid;
 
 /// (stream sequence, call id, external_call_id) of every message, in stream order.
 async fn stream_messages(nats_url: &str) -> Vec<(u64, Uuid, Option<String>)> {
-    let js = jetstream::new(async_nats::connect(nats_url).await.expect("connect"));
-    let mut stream = js
-        .get_stream(callcap::subjects::STREAM_NAME)
+    stream_envelopes(nats_url)
         .await
-        .expect("stream");
-    let total = stream.info().await.expect("info").state.messages;
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .expect("ordered consumer");
-    let mut messages = consumer.messages().await.expect("messages");
-    let mut out = Vec::new();
-    while (out.len() as u64) < total {
-        let msg = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .expect("delivered")
-            .expect("open")
-            .expect("message");
-        let seq = msg.info().expect("js message").stream_sequence;
-        let env = callcap::Envelope::decode(&msg.payload).expect("envelope");
-        out.push((seq, env.call_history_id, env.record.external_call_id));
-    }
-    out
+        .into_iter()
+        .map(|(seq, env)| (seq, env.call_history_id, env.record.external_call_id))
+        .collect()
 }
 
 fn id_of(item: &Value) -> String {

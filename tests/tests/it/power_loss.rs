@@ -12,13 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy};
 use callcap_tests::db::TestDb;
-use callcap_tests::nats::{NatsConfig, NatsServer};
+use callcap_tests::nats::{stream_envelopes, NatsConfig, NatsServer};
 use callcap_tests::payloads;
 use callcap_tests::pipeline::{TestGateway, TestWorker};
 use callcap_tests::powerfs::PowerFs;
-use futures::StreamExt;
 use reqwest::StatusCode;
 use uuid::Uuid;
 
@@ -98,36 +96,11 @@ async fn load(
 
 /// Every call id in the CALLS stream (empty if the stream did not survive).
 async fn stream_ids(nats_url: &str) -> BTreeSet<Uuid> {
-    let client = async_nats::connect(nats_url).await.expect("connect");
-    let js = jetstream::new(client);
-    let Ok(mut stream) = js.get_stream(callcap::subjects::STREAM_NAME).await else {
-        return BTreeSet::new();
-    };
-    let total = stream.info().await.expect("stream info").state.messages;
-    let mut ids = BTreeSet::new();
-    if total == 0 {
-        return ids;
-    }
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
+    stream_envelopes(nats_url)
         .await
-        .expect("ordered consumer");
-    let mut messages = consumer.messages().await.expect("messages");
-    let mut seen = 0;
-    while seen < total {
-        let msg = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .expect("the stream delivers what it holds")
-            .expect("stream open")
-            .expect("message");
-        seen += 1;
-        let env = callcap::Envelope::decode(&msg.payload).expect("an envelope");
-        ids.insert(env.call_history_id);
-    }
-    ids
+        .into_iter()
+        .map(|(_, env)| env.call_history_id)
+        .collect()
 }
 
 async fn cut_power_under_load(config: NatsConfig) -> Cut {
