@@ -214,10 +214,9 @@ async fn fetch_fsync_mode(monitor_url: &str) -> anyhow::Result<FsyncMode> {
 /// # Errors
 /// When NATS is unreachable.
 pub async fn key_store(cli: &Cli) -> anyhow::Result<jetstream::kv::Store> {
-    let client = async_nats::ConnectOptions::new()
-        .name("ingest-gateway keys")
-        .connection_timeout(Duration::from_secs(5))
-        .connect(cli.nats.nats_url.as_str())
+    let client = cli
+        .nats
+        .connect_once("ingest-gateway keys")
         .await
         .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
     let js = jetstream::new(client);

@@ -53,7 +53,9 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Replay(args)) => {
-            let client = async_nats::connect(cli.nats.nats_url.as_str())
+            let client = cli
+                .nats
+                .connect_once("persist-worker replay")
                 .await
                 .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
             let js = jetstream::new(client);

@@ -63,11 +63,40 @@ impl NatsArgs {
         }
     }
 
-    /// Connects with unbounded reconnects: a service rides out NATS restarts rather than
-    /// exiting. The first connection is retried too, so start order does not matter.
+    /// The servers named by `NATS_URL`, split at commas (spaces and empty entries
+    /// ignored), each checked to be a valid address.
     ///
     /// # Errors
-    /// When the URL is malformed.
+    /// When the list is empty or an entry is not a NATS URL; the error names the entry.
+    pub fn server_addrs(&self) -> Result<Vec<async_nats::ServerAddr>, async_nats::ConnectError> {
+        let parse_error = |msg: String| {
+            async_nats::ConnectError::with_source(
+                async_nats::ConnectErrorKind::ServerParse,
+                std::io::Error::other(msg),
+            )
+        };
+        let addrs = self
+            .nats_url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| {
+                u.parse::<async_nats::ServerAddr>()
+                    .map_err(|e| parse_error(format!("NATS_URL entry {u:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if addrs.is_empty() {
+            return Err(parse_error("NATS_URL names no server".into()));
+        }
+        Ok(addrs)
+    }
+
+    /// Connects with unbounded reconnects: a service rides out NATS restarts rather than
+    /// exiting. The first connection is retried too, so start order does not matter, and
+    /// with several servers listed any one that answers will do.
+    ///
+    /// # Errors
+    /// When the URL list is malformed.
     pub async fn connect(
         &self,
         name: &str,
@@ -79,7 +108,45 @@ impl NatsArgs {
             .request_timeout(Some(std::time::Duration::from_millis(
                 self.nats_request_timeout_ms,
             )))
-            .connect(self.nats_url.as_str())
+            .connect(self.server_addrs()?)
             .await
+    }
+
+    /// Connects once, for a command that does one job and exits (`keys`, `replay`,
+    /// `dlq`): fails within a few seconds when no listed server answers.
+    ///
+    /// # Errors
+    /// When the URL list is malformed or no server answers.
+    pub async fn connect_once(
+        &self,
+        name: &str,
+    ) -> Result<async_nats::Client, async_nats::ConnectError> {
+        async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(std::time::Duration::from_secs(5))
+            .request_timeout(Some(std::time::Duration::from_millis(
+                self.nats_request_timeout_ms,
+            )))
+            .connect(self.server_addrs()?)
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nats_url_takes_a_comma_separated_list() {
+        let args = NatsArgs::new("nats://127.0.0.1:4222, nats://127.0.0.1:4223,,127.0.0.1:4224");
+        let addrs = args.server_addrs().expect("a valid list");
+        let ports: Vec<u16> = addrs.iter().map(|a| a.port()).collect();
+        assert_eq!(ports, [4222, 4223, 4224]);
+        let bad = NatsArgs::new("nats://127.0.0.1:4222,nats://127.0.0.1:notaport")
+            .server_addrs()
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("notaport"), "{bad}");
+        assert!(NatsArgs::new(" , ").server_addrs().is_err());
     }
 }

@@ -8,6 +8,7 @@ mod merge;
 mod overload;
 mod pipeline;
 mod power_loss;
+mod seeds;
 
 /// The service binaries, built from their own `main.rs` by this package.
 pub const WORKER_BIN: &str = env!("CARGO_BIN_EXE_worker-under-test");
