@@ -17,6 +17,23 @@ use futures::future::BoxFuture;
 
 pub use group::{GroupCommit, GroupCommitConfig};
 
+/// Registers the `# HELP` text of the publish metrics (call once the recorder is in).
+pub fn describe_metrics() {
+    metrics::describe_histogram!(
+        "gateway_publish_batch_records",
+        "Records per publish to JetStream (an atomic batch, or 1): group commit at work"
+    );
+    metrics::describe_histogram!(
+        "gateway_publish_duration_seconds",
+        metrics::Unit::Seconds,
+        "From handing a batch to NATS to its ack (the fsync included)"
+    );
+    metrics::describe_counter!(
+        "gateway_publish_batch_fallbacks_total",
+        "Atomic batches refused for holding an already stored record, republished one by one"
+    );
+}
+
 /// One record ready to publish.
 #[derive(Debug, Clone)]
 pub struct Outbound {
