@@ -9,6 +9,7 @@
 //! - [`payloads`]: the API document's examples;
 //! - [`powerfs`]: a FUSE filesystem that loses every write not fsynced on a "power cut".
 
+pub mod cluster;
 pub mod db;
 pub mod nats;
 pub mod payloads;

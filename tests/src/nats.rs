@@ -21,6 +21,8 @@ pub enum NatsConfig {
     Strict,
     /// `interval-fsync.conf`: JetStream's default 2-minute fsync, for comparison only.
     IntervalFsync,
+    /// `cluster.conf`: one node of a 3-node cluster (name and routes from the environment).
+    ClusterNode,
 }
 
 impl NatsConfig {
@@ -29,6 +31,7 @@ impl NatsConfig {
         let name = match self {
             NatsConfig::Strict => "single.conf",
             NatsConfig::IntervalFsync => "interval-fsync.conf",
+            NatsConfig::ClusterNode => "cluster.conf",
         };
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../deploy/nats")
@@ -41,7 +44,9 @@ impl NatsConfig {
 pub async fn stream_envelopes(nats_url: &str) -> Vec<(u64, callcap::Envelope)> {
     use async_nats::jetstream::consumer::{pull, DeliverPolicy};
     use futures::StreamExt;
-    let client = async_nats::connect(nats_url)
+    // A seed list (a cluster) as well as one URL.
+    let seeds: Vec<&str> = nats_url.split(',').collect();
+    let client = async_nats::connect(seeds)
         .await
         .expect("connecting to NATS");
     let js = async_nats::jetstream::new(client);
@@ -83,6 +88,8 @@ pub struct NatsServer {
     dir: TempDir,
     store_dir: PathBuf,
     config: NatsConfig,
+    /// Environment for the process (a cluster node's name and routes).
+    env: Vec<(String, String)>,
 }
 
 /// The nats-server binary to run, checked against the project's minimum version.
@@ -126,9 +133,34 @@ impl NatsServer {
             dir,
             store_dir,
             config,
+            env: Vec::new(),
         };
         server.start_again().await;
         server
+    }
+
+    /// A stopped server with `config`, `env` and its own ports and store; `spawn` starts
+    /// it without waiting (cluster nodes only answer once a quorum is up).
+    pub fn prepare(config: NatsConfig, env: Vec<(String, String)>) -> Self {
+        let dir = tempfile::tempdir().expect("creating a temp dir for the nats-server");
+        let store_dir = dir.path().join("js");
+        NatsServer {
+            child: None,
+            port: crate::free_port(),
+            monitor_port: crate::free_port(),
+            dir,
+            store_dir,
+            config,
+            env,
+        }
+    }
+
+    /// The server's name in the cluster (`CALLCAP_NODE`), if it is a cluster node.
+    pub fn node_name(&self) -> Option<&str> {
+        self.env
+            .iter()
+            .find(|(k, _)| k == "CALLCAP_NODE")
+            .map(|(_, v)| v.as_str())
     }
 
     /// The client URL.
@@ -146,8 +178,15 @@ impl NatsServer {
         self.port
     }
 
-    /// Starts the server again (after `stop` or `kill`) on the same ports and store.
+    /// Starts the server again (after `stop` or `kill`) on the same ports and store, and
+    /// waits until it serves JetStream.
     pub async fn start_again(&mut self) {
+        self.spawn();
+        self.wait_ready().await;
+    }
+
+    /// Starts the process without waiting for it.
+    pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "server already running");
         let mut cmd = Command::new(server_binary());
         cmd.arg("-c")
@@ -155,7 +194,8 @@ impl NatsServer {
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-m", &self.monitor_port.to_string()])
             .arg("-sd")
-            .arg(&self.store_dir);
+            .arg(&self.store_dir)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -166,10 +206,14 @@ impl NatsServer {
             .stderr(Stdio::from(err))
             .stdin(Stdio::null());
         self.child = Some(cmd.spawn().expect("spawning nats-server"));
+    }
+
+    /// Waits until the server answers JetStream requests.
+    pub async fn wait_ready(&self) {
         let url = self.url();
         crate::eventually(
-            Duration::from_secs(15),
-            "nats-server to accept clients",
+            Duration::from_secs(30),
+            "nats-server to serve JetStream",
             || {
                 let url = url.clone();
                 async move {

@@ -44,8 +44,13 @@ impl TestGateway {
 
     /// Starts with the given settings (the listen address is ignored: a free port is used).
     pub async fn start_with(nats_url: &str, serve: ServeArgs) -> Self {
+        Self::start_cli(gateway_cli(nats_url, serve)).await
+    }
+
+    /// Starts from a full command line (e.g. `STREAM_REPLICAS=3` on a cluster).
+    pub async fn start_cli(cli: ingest_gateway::config::Cli) -> Self {
         callcap::telemetry::init_for_tests();
-        let cli = gateway_cli(nats_url, serve);
+        let nats_url = cli.nats.nats_url.clone();
         let state = ingest_gateway::connect(&cli, None)
             .await
             .expect("gateway set-up");
@@ -64,7 +69,7 @@ impl TestGateway {
         let gw = TestGateway {
             addr,
             state,
-            nats_url: nats_url.to_owned(),
+            nats_url,
             http: reqwest::Client::new(),
             cancel,
             task,

@@ -38,6 +38,7 @@ struct Counters {
     batches: AtomicU64,
     records: AtomicU64,
     fallbacks: AtomicU64,
+    retries: AtomicU64,
 }
 
 /// How records are grouped.
@@ -180,6 +181,7 @@ impl Publisher for GroupCommit {
             batches: self.counters.batches.load(Ordering::Relaxed),
             records: self.counters.records.load(Ordering::Relaxed),
             fallbacks: self.counters.fallbacks.load(Ordering::Relaxed),
+            retries: self.counters.retries.load(Ordering::Relaxed),
         }
     }
 }
@@ -311,21 +313,11 @@ async fn send(
         return None;
     }
     let started = Instant::now();
-    let sent = {
-        let refs: Vec<&Outbound> = batch.messages.iter().collect();
-        let sending = async {
-            if refs.len() == 1 {
-                wire.send_single(refs[0]).await
-            } else {
-                wire.send_atomic(&refs).await
-            }
-        };
-        match tokio::time::timeout(ack_timeout, sending).await {
-            Ok(r) => r,
-            Err(_) => Err(PublishError::Timeout(
-                "NATS did not take the batch in time".into(),
-            )),
-        }
+    let sent = match tokio::time::timeout(ack_timeout, send_messages(wire, &batch.messages)).await {
+        Ok(r) => r,
+        Err(_) => Err(PublishError::Timeout(
+            "NATS did not take the batch in time".into(),
+        )),
     };
     let pending = match sent {
         Ok(p) => p,
@@ -350,6 +342,58 @@ async fn send(
     }))
 }
 
+/// Hands `messages` to the connection: one plain publish, or one atomic batch.
+async fn send_messages(wire: &Wire, messages: &[Outbound]) -> Result<PendingReply, PublishError> {
+    if let [one] = messages {
+        wire.send_single(one).await
+    } else {
+        let refs: Vec<&Outbound> = messages.iter().collect();
+        wire.send_atomic(&refs).await
+    }
+}
+
+/// Longest wait for one attempt's reply before the same records are sent again (a reply
+/// sent while the connection was moving to another server is lost).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Waits for the reply to a sent batch. A reply that means "not now" — no stream leader
+/// (an election), a batch cut short by a leader change, too many batches in flight, or no
+/// answer at all — is met by sending the same records again, with the same
+/// `Nats-Msg-Id`s (a first attempt that was stored after all makes the next one a 10201,
+/// answered from the dedup), until the deadline. So a short election costs latency, not
+/// a 503.
+async fn reply_by(
+    wire: &Wire,
+    messages: &[Outbound],
+    mut pending: PendingReply,
+    deadline: Instant,
+    counters: &Counters,
+) -> Result<Reply, PublishError> {
+    let mut backoff = Duration::from_millis(25);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let outcome = pending.wait(left.min(ATTEMPT_TIMEOUT)).await;
+        let transient = match &outcome {
+            Ok(reply) => reply.is_transient(),
+            Err(PublishError::Timeout(_)) => true,
+            Err(_) => false,
+        };
+        if !transient || Instant::now() + backoff >= deadline {
+            return outcome;
+        }
+        tracing::debug!(
+            ?outcome,
+            records = messages.len(),
+            "publish not taken yet; sending again"
+        );
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(400));
+        metrics::counter!("gateway_publish_retries_total").increment(1);
+        counters.retries.fetch_add(1, Ordering::Relaxed);
+        pending = send_messages(wire, messages).await?;
+    }
+}
+
 /// The outcome of each message of a sent batch.
 async fn await_batch(
     wire: &Wire,
@@ -360,7 +404,8 @@ async fn await_batch(
 ) -> Vec<Result<Receipt, PublishError>> {
     let n = messages.len() as u64;
     let all = |r: Result<Receipt, PublishError>| messages.iter().map(|_| r.clone()).collect();
-    match pending.wait(ack_timeout).await {
+    let deadline = Instant::now() + ack_timeout;
+    match reply_by(wire, messages, pending, deadline, counters).await {
         Err(e) => all(Err(e)),
         Ok(Reply::Ack {
             seq,

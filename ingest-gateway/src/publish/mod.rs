@@ -29,6 +29,10 @@ pub fn describe_metrics() {
         "From handing a batch to NATS to its ack (the fsync included)"
     );
     metrics::describe_counter!(
+        "gateway_publish_retries_total",
+        "Publishes sent again within the publish deadline (leader election, lost reply, in-flight limit)"
+    );
+    metrics::describe_counter!(
         "gateway_publish_batch_fallbacks_total",
         "Atomic batches refused for holding an already stored record, republished one by one"
     );
@@ -86,6 +90,9 @@ pub struct PublishStats {
     pub records: u64,
     /// Batches refused for holding an already stored record and republished one by one.
     pub fallbacks: u64,
+    /// Publishes sent again because the first attempt met an election, a lost reply or
+    /// the in-flight limit.
+    pub retries: u64,
 }
 
 /// One outcome per record, in the order the records were given.

@@ -34,6 +34,9 @@ use super::{Outbound, PublishError};
 pub const ERR_BATCH_DUPLICATE_MSG_ID: u32 = 10201;
 /// JetStream's error code for too many atomic batches in flight (per stream or server).
 pub const ERR_BATCH_TOO_MANY_INFLIGHT: u32 = 10210;
+/// JetStream's error code for an atomic batch abandoned before its commit (its messages
+/// went to a leader that stepped down, or it timed out on the server).
+pub const ERR_BATCH_INCOMPLETE: u32 = 10176;
 
 type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>;
 
@@ -60,6 +63,21 @@ pub enum Reply {
 }
 
 impl Reply {
+    /// Whether sending the same records again may succeed soon: no stream leader (an
+    /// election), a service-unavailable answer, a batch cut short, or too many batches
+    /// in flight.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Reply::NoResponders => true,
+            Reply::Error { code, err_code, .. } => {
+                *code == 503
+                    || *err_code == ERR_BATCH_TOO_MANY_INFLIGHT
+                    || *err_code == ERR_BATCH_INCOMPLETE
+            }
+            Reply::Ack { .. } | Reply::Garbled(_) => false,
+        }
+    }
+
     /// The error this reply means for the records it covers, if it is not an ack.
     pub fn into_error(self) -> Option<PublishError> {
         match self {
@@ -356,6 +374,21 @@ mod tests {
             parse_reply(&msg("", Some(StatusCode::NO_RESPONDERS))),
             Reply::NoResponders
         );
+        assert!(
+            !dup.is_transient(),
+            "a duplicate is answered from the dedup, not resent"
+        );
+        assert!(Reply::NoResponders.is_transient());
+        let incomplete = parse_reply(&msg(
+            r#"{"error":{"code":400,"err_code":10176,"description":"atomic publish batch is incomplete"},"stream":"CALLS","seq":0}"#,
+            None,
+        ));
+        assert!(incomplete.is_transient());
+        let full = parse_reply(&msg(
+            r#"{"error":{"code":400,"err_code":10077,"description":"maximum bytes exceeded"},"stream":"CALLS","seq":0}"#,
+            None,
+        ));
+        assert!(!full.is_transient(), "a full stream is not an election");
         assert!(matches!(
             parse_reply(&msg("not json", None)),
             Reply::Garbled(_)
