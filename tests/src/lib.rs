@@ -6,11 +6,13 @@
 //! - [`proxy`]: a TCP proxy in front of Postgres that a test can cut, so "Postgres refuses
 //!   connections" is real without disturbing the shared server;
 //! - [`pipeline`]: the gateway and the worker, in-process or as spawned binaries;
+//! - [`load`]: concurrent clients posting unique records, counting what they saw;
 //! - [`payloads`]: the API document's examples;
 //! - [`powerfs`]: a FUSE filesystem that loses every write not fsynced on a "power cut".
 
 pub mod cluster;
 pub mod db;
+pub mod load;
 pub mod nats;
 pub mod payloads;
 pub mod pipeline;

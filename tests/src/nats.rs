@@ -124,17 +124,10 @@ impl NatsServer {
     /// Starts a server with `config`, storing JetStream data in `store_dir` (default: a
     /// temp dir of its own).
     pub async fn start_with(config: NatsConfig, store_dir: Option<&Path>) -> Self {
-        let dir = tempfile::tempdir().expect("creating a temp dir for the nats-server");
-        let store_dir = store_dir.map_or_else(|| dir.path().join("js"), Path::to_path_buf);
-        let mut server = NatsServer {
-            child: None,
-            port: crate::free_port(),
-            monitor_port: crate::free_port(),
-            dir,
-            store_dir,
-            config,
-            env: Vec::new(),
-        };
+        let mut server = Self::prepare(config, Vec::new());
+        if let Some(dir) = store_dir {
+            server.store_dir = dir.to_path_buf();
+        }
         server.start_again().await;
         server
     }

@@ -2,88 +2,16 @@
 //! and key bucket): nodes die under load and every 201 must still be stored exactly once.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use callcap::config::StreamArgs;
 use callcap_tests::cluster::NatsCluster;
 use callcap_tests::db::TestDb;
-use callcap_tests::payloads;
+use callcap_tests::load::{Load, Seen};
 use callcap_tests::pipeline::{gateway_cli, TestGateway, TestWorker};
 use ingest_gateway::config::ServeArgs;
-use reqwest::StatusCode;
 use uuid::Uuid;
-
-/// What clients saw during a load: accepted ids, 503s, the longest stretch without a 201.
-#[derive(Default)]
-struct Seen {
-    accepted: BTreeSet<Uuid>,
-    unavailable: u64,
-    longest_gap: Duration,
-}
-
-async fn load(
-    gw: Arc<TestGateway>,
-    key: String,
-    company: Uuid,
-    clients: usize,
-    stop: Arc<AtomicBool>,
-) -> Seen {
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let last_201 = Arc::new(Mutex::new(Instant::now()));
-    let unavailable = Arc::new(AtomicU64::new(0));
-    let tasks: Vec<_> = (0..clients)
-        .map(|c| {
-            let (gw, key, stop) = (gw.clone(), key.clone(), stop.clone());
-            let (seen, last_201, unavailable) =
-                (seen.clone(), last_201.clone(), unavailable.clone());
-            tokio::spawn(async move {
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    i += 1;
-                    let body = payloads::complete(company, &format!("CLUSTER-{c}-{i}"));
-                    let Ok(resp) = gw
-                        .http
-                        .post(format!("{}/v1/calls", gw.base()))
-                        .header("x-api-key", &key)
-                        .json(&body)
-                        .timeout(Duration::from_secs(10))
-                        .send()
-                        .await
-                    else {
-                        continue;
-                    };
-                    match resp.status() {
-                        StatusCode::CREATED => {
-                            let v: serde_json::Value = resp.json().await.expect("201 body");
-                            let id =
-                                Uuid::parse_str(v["data"]["call_history_id"].as_str().unwrap())
-                                    .unwrap();
-                            let now = Instant::now();
-                            let mut last = last_201.lock().unwrap();
-                            let mut s = seen.lock().unwrap();
-                            s.longest_gap = s.longest_gap.max(now - *last);
-                            *last = now;
-                            s.accepted.insert(id);
-                        }
-                        StatusCode::SERVICE_UNAVAILABLE => {
-                            unavailable.fetch_add(1, Ordering::Relaxed);
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                        other => panic!("unexpected status {other}"),
-                    }
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.expect("load client");
-    }
-    let mut s = std::mem::take(&mut *seen.lock().unwrap());
-    s.unavailable = unavailable.load(Ordering::Relaxed);
-    s
-}
 
 #[tokio::test]
 async fn kill_9_of_the_stream_leader_under_load_loses_and_doubles_nothing() {
@@ -121,16 +49,14 @@ async fn kill_the_leader_under_load(serve: ServeArgs) -> Seen {
     let key = gw.create_key(company).await;
     let worker = TestWorker::start(&cluster.seeds(), &db.url).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let loader = tokio::spawn(load(gw.clone(), key, company, 32, stop.clone()));
+    let load = Load::start(gw.clone(), &key, company, 32, "CLUSTER");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let leader = cluster.stream_leader(callcap::subjects::STREAM_NAME).await;
     cluster.nodes[leader].kill();
     tokio::time::sleep(Duration::from_secs(5)).await;
     cluster.nodes[leader].start_again().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    let seen = loader.await.expect("load");
+    let seen = load.finish().await;
     eprintln!(
         "leader kill -9 under load: {} accepted (201), {} answered 503, longest stretch without a 201 {:?}",
         seen.accepted.len(),

@@ -8,16 +8,14 @@
 //! second test shows that the simulation is real (the first test could fail).
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use callcap_tests::db::TestDb;
+use callcap_tests::load::{Load, Seen};
 use callcap_tests::nats::{stream_envelopes, NatsConfig, NatsServer};
-use callcap_tests::payloads;
 use callcap_tests::pipeline::{TestGateway, TestWorker};
 use callcap_tests::powerfs::PowerFs;
-use reqwest::StatusCode;
 use uuid::Uuid;
 
 /// What a power cut under load left.
@@ -40,60 +38,6 @@ impl Cut {
     }
 }
 
-/// Posts unique records from `clients` concurrent clients until `stop`; returns the ids
-/// that got 201 and every id posted.
-async fn load(
-    gw: Arc<TestGateway>,
-    key: String,
-    company: Uuid,
-    clients: usize,
-    stop: Arc<AtomicBool>,
-) -> (BTreeSet<Uuid>, BTreeSet<Uuid>) {
-    let accepted = Arc::new(Mutex::new(BTreeSet::new()));
-    let attempted = Arc::new(Mutex::new(BTreeSet::new()));
-    let tasks: Vec<_> = (0..clients)
-        .map(|c| {
-            let (gw, key, stop) = (gw.clone(), key.clone(), stop.clone());
-            let (accepted, attempted) = (accepted.clone(), attempted.clone());
-            tokio::spawn(async move {
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let ext = format!("POWER-{c}-{i}");
-                    i += 1;
-                    let body = payloads::complete(company, &ext);
-                    let id = callcap::identity::call_history_id(
-                        &callcap::validate(&body).expect("Example 2 is valid"),
-                        None,
-                    )
-                    .id;
-                    attempted.lock().unwrap().insert(id);
-                    let sent = gw
-                        .http
-                        .post(format!("{}/v1/calls", gw.base()))
-                        .header("x-api-key", &key)
-                        .json(&body)
-                        .timeout(Duration::from_secs(10))
-                        .send()
-                        .await;
-                    let Ok(resp) = sent else { continue };
-                    if resp.status() == StatusCode::CREATED {
-                        let v: serde_json::Value = resp.json().await.expect("201 body");
-                        let got = v["data"]["call_history_id"].as_str().unwrap_or_default();
-                        assert_eq!(got, id.to_string(), "the 201 names the record's id");
-                        accepted.lock().unwrap().insert(id);
-                    }
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.expect("load client");
-    }
-    let accepted = accepted.lock().unwrap().clone();
-    let attempted = attempted.lock().unwrap().clone();
-    (accepted, attempted)
-}
-
 /// Every call id in the CALLS stream (empty if the stream did not survive).
 async fn stream_ids(nats_url: &str) -> BTreeSet<Uuid> {
     stream_envelopes(nats_url)
@@ -111,8 +55,7 @@ async fn cut_power_under_load(config: NatsConfig) -> Cut {
     let company = Uuid::new_v4();
     let key = gw.create_key(company).await;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let loader = tokio::spawn(load(gw.clone(), key, company, 64, stop.clone()));
+    let load = Load::start(gw.clone(), &key, company, 64, "POWER");
     // Cut once records are flowing and some are not yet fsynced by an interval server.
     callcap_tests::eventually(Duration::from_secs(30), "records to flow", || async {
         (fs.unsynced_bytes() > 256 * 1024 || fs.fsyncs() > 200).then_some(())
@@ -121,8 +64,11 @@ async fn cut_power_under_load(config: NatsConfig) -> Cut {
     tokio::time::sleep(Duration::from_millis(300)).await;
     nats.kill();
     fs.power_cut();
-    stop.store(true, Ordering::Relaxed);
-    let (accepted, attempted) = loader.await.expect("load");
+    let Seen {
+        accepted,
+        attempted,
+        ..
+    } = load.finish().await;
     assert!(
         accepted.len() > 100,
         "only {} records were accepted before the cut",
