@@ -91,6 +91,15 @@ impl NatsArgs {
         Ok(addrs)
     }
 
+    /// What every connection shares: its name and the JetStream request timeout.
+    fn options(&self, name: &str) -> async_nats::ConnectOptions {
+        async_nats::ConnectOptions::new()
+            .name(name)
+            .request_timeout(Some(std::time::Duration::from_millis(
+                self.nats_request_timeout_ms,
+            )))
+    }
+
     /// Connects with unbounded reconnects: a service rides out NATS restarts rather than
     /// exiting. The first connection is retried too, so start order does not matter, and
     /// with several servers listed any one that answers will do.
@@ -101,13 +110,9 @@ impl NatsArgs {
         &self,
         name: &str,
     ) -> Result<async_nats::Client, async_nats::ConnectError> {
-        async_nats::ConnectOptions::new()
-            .name(name)
+        self.options(name)
             .retry_on_initial_connect()
             .max_reconnects(None)
-            .request_timeout(Some(std::time::Duration::from_millis(
-                self.nats_request_timeout_ms,
-            )))
             .connect(self.server_addrs()?)
             .await
     }
@@ -121,12 +126,8 @@ impl NatsArgs {
         &self,
         name: &str,
     ) -> Result<async_nats::Client, async_nats::ConnectError> {
-        async_nats::ConnectOptions::new()
-            .name(name)
+        self.options(name)
             .connection_timeout(std::time::Duration::from_secs(5))
-            .request_timeout(Some(std::time::Duration::from_millis(
-                self.nats_request_timeout_ms,
-            )))
             .connect(self.server_addrs()?)
             .await
     }
