@@ -2,9 +2,10 @@
 # Stops what deploy/up.sh started (SIGTERM: the gateway drains, the worker finishes its batch).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-for svc in gateway worker nats; do
-  pidfile=.run/$svc.pid
+# Gateways first (they stop taking records), then workers, then NATS.
+for pidfile in .run/gateway*.pid .run/worker*.pid .run/nats*.pid; do
   [ -f "$pidfile" ] || continue
+  svc=$(basename "$pidfile" .pid)
   pid=$(cat "$pidfile")
   if kill -TERM "$pid" 2>/dev/null; then
     for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done

@@ -11,6 +11,9 @@
 #   ensure_fuse         makes sure FUSE filesystems can be mounted (the power-loss test
 #                       mounts one): /dev/fuse, and as a non-root user fusermount3
 #                       (Debian fuse3).
+#   ensure_deploy_tools installs what the checks of deploy/k8s and deploy/prometheus run:
+#                       kubernetes-validate (PyPI; it ships the Kubernetes schemas, so
+#                       validation is offline) and promtool (Debian prometheus).
 #   ensure_rust         checks that cargo is there.
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
@@ -94,6 +97,26 @@ ensure_fuse() {
   [ -e /dev/fuse ] || die "/dev/fuse is missing: the power-loss test needs FUSE (load the fuse module, or give the container --device /dev/fuse)"
   if [ "$(id -u)" -ne 0 ] && ! command -v fusermount3 >/dev/null; then
     die "fusermount3 is missing: install Debian's fuse3 (the power-loss test mounts a FUSE filesystem)"
+  fi
+  return 0
+}
+
+ensure_deploy_tools() {
+  if ! command -v kubernetes-validate >/dev/null; then
+    log "installing kubernetes-validate (PyPI)"
+    python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate >&2 \
+      || python3 -m pip install --quiet --disable-pip-version-check --user kubernetes-validate >&2 \
+      || die "pip install kubernetes-validate failed"
+    hash -r
+    command -v kubernetes-validate >/dev/null || export PATH="$HOME/.local/bin:$PATH"
+  fi
+  if ! command -v promtool >/dev/null; then
+    [ "$(id -u)" -eq 0 ] || die "promtool is missing: install Debian's prometheus package"
+    log "installing promtool (Debian prometheus)"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -qq --no-install-recommends prometheus >&2 \
+      || { apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends prometheus >&2; }; } \
+      || die "apt-get install prometheus failed"
   fi
   return 0
 }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test: installs what is missing (nats-server 2.15+, PostgreSQL), then
+# Runs every test: installs what is missing (nats-server 2.15+, PostgreSQL, FUSE, the
+# deploy checks' kubernetes-validate and promtool), then
 # `cargo test --workspace`. Tests start their own nats-server on free ports and create a
 # fresh database per test on the server at DATABASE_URL.
 set -euo pipefail
@@ -9,6 +10,7 @@ ensure_rust
 ensure_nats_server
 ensure_postgres
 ensure_fuse
+ensure_deploy_tools
 log "nats-server: $NATS_SERVER_BIN ($("$NATS_SERVER_BIN" --version))"
 log "postgres:    $DATABASE_URL"
 exec cargo test --workspace "$@"

@@ -9,6 +9,12 @@
 # DATABASE_URL (the local server; the pipeline uses database "callcap" on it).
 # nats-server runs deploy/nats/single.conf: `sync_interval: always`, so a 201 survives a
 # power loss of this machine.
+#
+# CLUSTER=3 brings up the clustered pipeline instead, to try failover on one machine:
+# three nats-servers on loopback (deploy/nats/cluster.conf; client ports NATS_PORT..+2,
+# monitoring NATS_MONITOR_PORT..+2, routes CLUSTER_PORT..+2, default 16222), an R3
+# stream, consumer and key bucket, two gateways (GATEWAY_PORT, +1) and two workers
+# (metrics on METRICS_PORT, +1), every process given all three servers in NATS_URL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/lib.sh
@@ -16,10 +22,17 @@ GATEWAY_PORT=${GATEWAY_PORT:-8080}
 NATS_PORT=${NATS_PORT:-14222}
 NATS_MONITOR_PORT=${NATS_MONITOR_PORT:-18222}
 METRICS_PORT=${METRICS_PORT:-9091}
+CLUSTER=${CLUSTER:-1}
+CLUSTER_PORT=${CLUSTER_PORT:-16222}
+case "$CLUSTER" in
+  1) NODES=1 ;;
+  3) NODES=3 ;;
+  *) die "CLUSTER=$CLUSTER: use 3 (a 3-node JetStream cluster) or leave it unset (one server)" ;;
+esac
 RUN=.run
 mkdir -p "$RUN"
 
-[ -f "$RUN/gateway.pid" ] && bash deploy/down.sh >/dev/null 2>&1 || true
+ls "$RUN"/*.pid >/dev/null 2>&1 && bash deploy/down.sh >/dev/null 2>&1 || true
 
 ensure_rust
 ensure_nats_server
@@ -30,32 +43,62 @@ log "building (release)"
 cargo build --release --quiet -p ingest-gateway -p persist-worker
 BIN=target/release
 
-log "starting nats-server $("$NATS_SERVER_BIN" --version | sed 's/.* //') on 127.0.0.1:$NATS_PORT"
-mkdir -p "$RUN/jetstream"
-nohup "$NATS_SERVER_BIN" -c deploy/nats/single.conf -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MONITOR_PORT" \
-  -sd "$PWD/$RUN/jetstream" > "$RUN/nats.log" 2>&1 &
-echo $! > "$RUN/nats.pid"
+NATS_VERSION=$("$NATS_SERVER_BIN" --version | sed 's/.* //')
+SEEDS=()
+if [ "$NODES" -eq 1 ]; then
+  log "starting nats-server $NATS_VERSION on 127.0.0.1:$NATS_PORT"
+  mkdir -p "$RUN/jetstream"
+  nohup "$NATS_SERVER_BIN" -c deploy/nats/single.conf -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MONITOR_PORT" \
+    -sd "$PWD/$RUN/jetstream" > "$RUN/nats.log" 2>&1 &
+  echo $! > "$RUN/nats.pid"
+  SEEDS=("nats://127.0.0.1:$NATS_PORT")
+else
+  log "starting a 3-node nats-server $NATS_VERSION cluster on 127.0.0.1:$NATS_PORT-$((NATS_PORT + 2))"
+  for i in 1 2 3; do
+    mkdir -p "$RUN/jetstream-n$i"
+    CALLCAP_NODE="n$i" CALLCAP_CLUSTER_LISTEN="127.0.0.1:$((CLUSTER_PORT + i - 1))" \
+      CALLCAP_ROUTE_1="nats://127.0.0.1:$CLUSTER_PORT" \
+      CALLCAP_ROUTE_2="nats://127.0.0.1:$((CLUSTER_PORT + 1))" \
+      CALLCAP_ROUTE_3="nats://127.0.0.1:$((CLUSTER_PORT + 2))" \
+      nohup "$NATS_SERVER_BIN" -c deploy/nats/cluster.conf -a 127.0.0.1 -p "$((NATS_PORT + i - 1))" \
+      -m "$((NATS_MONITOR_PORT + i - 1))" -sd "$PWD/$RUN/jetstream-n$i" > "$RUN/nats-$i.log" 2>&1 &
+    echo $! > "$RUN/nats-$i.pid"
+    SEEDS+=("nats://127.0.0.1:$((NATS_PORT + i - 1))")
+  done
+  # R3 everywhere, said explicitly (unset would also give 3 on a new cluster).
+  export STREAM_REPLICAS=3
+fi
 
-export NATS_URL="nats://127.0.0.1:$NATS_PORT"
+NATS_URL=$(IFS=,; echo "${SEEDS[*]}")
+export NATS_URL
 export NATS_MONITOR_URL="http://127.0.0.1:$NATS_MONITOR_PORT"
 export DATABASE_URL="$PIPELINE_DB_URL"
-export LISTEN_ADDR="127.0.0.1:$GATEWAY_PORT"
-export METRICS_ADDR="127.0.0.1:$METRICS_PORT"
 
 log "migrating $DATABASE_URL"
 "$BIN/persist-worker" migrate >&2
 
-log "starting ingest-gateway on $LISTEN_ADDR and persist-worker (metrics on $METRICS_ADDR)"
-nohup "$BIN/ingest-gateway" > "$RUN/gateway.log" 2>&1 &
-echo $! > "$RUN/gateway.pid"
-nohup "$BIN/persist-worker" > "$RUN/worker.log" 2>&1 &
-echo $! > "$RUN/worker.pid"
-
-for _ in $(seq 1 60); do
-  curl -fsS "http://$LISTEN_ADDR/readyz" >/dev/null 2>&1 && break
-  sleep 0.5
+GATEWAYS=()
+for i in $(seq 1 $(( NODES == 1 ? 1 : 2 ))); do
+  suffix=$([ "$NODES" -eq 1 ] && echo "" || echo "-$i")
+  listen="127.0.0.1:$((GATEWAY_PORT + i - 1))"
+  metrics="127.0.0.1:$((METRICS_PORT + i - 1))"
+  log "starting ingest-gateway$suffix on $listen and persist-worker$suffix (metrics on $metrics)"
+  LISTEN_ADDR="$listen" nohup "$BIN/ingest-gateway" > "$RUN/gateway$suffix.log" 2>&1 &
+  echo $! > "$RUN/gateway$suffix.pid"
+  METRICS_ADDR="$metrics" nohup "$BIN/persist-worker" > "$RUN/worker$suffix.log" 2>&1 &
+  echo $! > "$RUN/worker$suffix.pid"
+  GATEWAYS+=("$listen")
 done
-curl -fsS "http://$LISTEN_ADDR/readyz" >/dev/null || die "gateway not ready; see $RUN/gateway.log"
+LISTEN_ADDR=${GATEWAYS[0]}
+METRICS_ADDR="127.0.0.1:$METRICS_PORT"
+
+for gw in "${GATEWAYS[@]}"; do
+  for _ in $(seq 1 120); do
+    curl -fsS "http://$gw/readyz" >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  curl -fsS "http://$gw/readyz" >/dev/null || die "gateway on $gw not ready; see the logs in $RUN/"
+done
 
 COMPANY=$(cat "$RUN/demo_company" 2>/dev/null || python3 -c 'import uuid; print(uuid.uuid4())')
 echo "$COMPANY" > "$RUN/demo_company"
@@ -63,12 +106,22 @@ KEY=$("$BIN/ingest-gateway" keys create --company "$COMPANY" --name "demo key" |
 echo "$KEY" > "$RUN/demo_key"
 sleep 1 # the new key reaches the gateway through its KV watch
 
+if [ "$NODES" -eq 1 ]; then
+  SHAPE="  gateway   http://$LISTEN_ADDR   (logs: $RUN/gateway.log)
+  worker    metrics http://$METRICS_ADDR/metrics   (logs: $RUN/worker.log)"
+else
+  SHAPE="  gateways  http://${GATEWAYS[0]}  http://${GATEWAYS[1]}   (logs: $RUN/gateway-*.log)
+  workers   metrics http://127.0.0.1:$METRICS_PORT/metrics  http://127.0.0.1:$((METRICS_PORT + 1))/metrics
+  cluster   3 nodes, monitoring http://127.0.0.1:$NATS_MONITOR_PORT/jsz (+1, +2); stream CALLS R3
+            try: kill -9 \$(cat $RUN/nats-1.pid) while posting: the other two nodes carry on"
+fi
+
 cat <<MSG
 
 Call Capture is up.
-  gateway   http://$LISTEN_ADDR   (logs: $RUN/gateway.log)
-  worker    metrics http://$METRICS_ADDR/metrics   (logs: $RUN/worker.log)
-  NATS      $NATS_URL   Postgres  $DATABASE_URL
+$SHAPE
+  NATS      $NATS_URL
+  Postgres  $DATABASE_URL
   demo company $COMPANY, key in $RUN/demo_key
 
 Send a call record:

@@ -197,6 +197,20 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
     (status, Json(body))
 }
 
+/// Keeps the `gateway_ready` gauge (1 ready, 0 not: the `/readyz` check) current every
+/// 5 seconds, so an alert can see a gateway that is up but cannot take records.
+pub async fn report_readiness(state: AppState) {
+    metrics::describe_gauge!(
+        "gateway_ready",
+        "1 when the gateway can take records (NATS reachable, API keys loaded), else 0"
+    );
+    loop {
+        let ready = state.keys.is_loaded() && state.publisher.check_ready().await.is_ok();
+        metrics::gauge!("gateway_ready").set(if ready { 1.0 } else { 0.0 });
+        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    }
+}
+
 /// Prometheus metrics in text format.
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
 pub async fn metrics_text(State(state): State<AppState>) -> Response {

@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
-use callcap::subjects::KEYS_BUCKET;
+use callcap::subjects::{self, SetupError, KEYS_BUCKET, KEYS_BUCKET_STREAM};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use rand::distr::{Alphanumeric, SampleString};
@@ -170,27 +170,36 @@ impl KeyCache {
     }
 }
 
-/// Opens the key bucket, creating it on first use.
+/// Opens the key bucket, creating it on first use with as many replicas as the stream
+/// (`STREAM_REPLICAS`, see [`callcap::subjects::target_replicas`]), and applying a
+/// changed `STREAM_REPLICAS` to an existing one.
 ///
 /// # Errors
-/// When JetStream is unreachable.
+/// When JetStream is unreachable or cannot have the replica count.
 pub async fn key_bucket(
     js: &jetstream::Context,
-    replicas: usize,
-) -> Result<kv::Store, async_nats::Error> {
-    match js.get_key_value(KEYS_BUCKET).await {
-        Ok(store) => Ok(store),
-        Err(_) => Ok(js
-            .create_key_value(kv::Config {
-                bucket: KEYS_BUCKET.to_owned(),
-                description: "Call Capture API keys (SHA-256 only)".into(),
-                history: 1,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await?),
+    requested_replicas: Option<u8>,
+) -> Result<kv::Store, SetupError> {
+    if let Ok(store) = js.get_key_value(KEYS_BUCKET).await {
+        subjects::apply_replicas(js, KEYS_BUCKET_STREAM, requested_replicas).await?;
+        return Ok(store);
     }
+    let replicas = subjects::target_replicas(
+        KEYS_BUCKET,
+        requested_replicas,
+        None,
+        subjects::clustered(js),
+    )?;
+    js.create_key_value(kv::Config {
+        bucket: KEYS_BUCKET.to_owned(),
+        description: "Call Capture API keys (SHA-256 only)".into(),
+        history: 1,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| SetupError::Nats(e.into()))
 }
 
 /// Keeps `cache` in step with the bucket until the process ends: reads every key, marks

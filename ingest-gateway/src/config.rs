@@ -108,8 +108,11 @@ pub struct ServeArgs {
     pub body_timeout_ms: u64,
 
     /// Longest wait for JetStream's acknowledgement of a publish, in milliseconds;
-    /// after it the answer is 503 with Retry-After.
-    #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 2_000,
+    /// after it the answer is 503 with Retry-After. Until then a publish refused or
+    /// unanswered during a leader election is resent (same Nats-Msg-Id). The default
+    /// covers JetStream's election (4-9 s after a node dies), so losing a node costs
+    /// latency, not 503s; clients' HTTP timeouts should be longer (15 s or more).
+    #[arg(long, env = "PUBLISH_TIMEOUT_MS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(50..=60_000))]
     pub publish_timeout_ms: u64,
 
@@ -181,7 +184,7 @@ impl Default for ServeArgs {
             max_batch_records: 1000,
             header_timeout_ms: 5_000,
             body_timeout_ms: 10_000,
-            publish_timeout_ms: 2_000,
+            publish_timeout_ms: 10_000,
             max_in_flight_publishes: 8192,
             publish_batch_max_records: 1000,
             publish_batches_in_flight: 2,

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
+use callcap::subjects::SetupError;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
@@ -91,6 +92,7 @@ pub async fn serve(
         .await
         .with_context(|| format!("binding {}", cli.serve.listen_addr))?;
     let state = connect(cli, metrics).await?;
+    tokio::spawn(app::report_readiness(state.clone()));
     tracing::info!(addr = %listener.local_addr()?, "ingest-gateway listening");
     server::run(listener, state, shutdown).await?;
     Ok(())
@@ -112,8 +114,8 @@ pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
     // A flush round trip means the connection is up and its INFO is the server's.
     with_retry("reaching NATS", || async {
         match tokio::time::timeout(Duration::from_secs(2), publisher.client().flush()).await {
-            Ok(flushed) => flushed.map_err(async_nats::Error::from),
-            Err(_) => Err("no answer from NATS within 2 s".into()),
+            Ok(flushed) => flushed.map_err(|e| SetupError::Nats(e.into())),
+            Err(_) => Err(SetupError::Nats("no answer from NATS within 2 s".into())),
         }
     })
     .await?;
@@ -126,7 +128,7 @@ pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
     .await?;
     let fsync_mode = report_fsync_mode(&server, cli.serve.nats_monitor_url.as_deref()).await;
     let bucket = with_retry("opening the API key bucket", || {
-        auth::key_bucket(&js, usize::from(cli.stream.stream_replicas))
+        auth::key_bucket(&js, cli.stream.stream_replicas)
     })
     .await?;
     let keys = Arc::new(KeyCache::default());
@@ -229,21 +231,23 @@ pub async fn key_store(cli: &Cli) -> anyhow::Result<jetstream::kv::Store> {
         .await
         .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
     let js = jetstream::new(client);
-    auth::key_bucket(&js, usize::from(cli.stream.stream_replicas))
+    auth::key_bucket(&js, cli.stream.stream_replicas)
         .await
         .map_err(|e| anyhow::anyhow!("opening the API key bucket: {e}"))
 }
 
 /// Retries start-up steps for a while: NATS may still be starting (or electing a leader).
+/// A refusal that retrying cannot change (e.g. 3 replicas on a single server) ends at once.
 async fn with_retry<T, F, Fut>(what: &str, mut step: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, async_nats::Error>>,
+    Fut: Future<Output = Result<T, SetupError>>,
 {
     let mut attempt = 0u32;
     loop {
         match step().await {
             Ok(v) => return Ok(v),
+            Err(SetupError::Refused(why)) => return Err(anyhow::anyhow!("{what}: {why}")),
             Err(e) if attempt < 30 => {
                 attempt += 1;
                 tracing::warn!(error = %e, attempt, "{what} failed; retrying");

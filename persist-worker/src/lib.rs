@@ -45,6 +45,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                 .context("configuring histogram buckets")?
                 .install_recorder()
                 .context("installing the Prometheus recorder")?;
+            describe_metrics();
             run(&cli, Some(metrics), cancel).await
         }
         Some(Command::Migrate) => {
@@ -152,6 +153,9 @@ pub async fn run(
     let stream = loop {
         match callcap::subjects::get_or_create_stream(&js, &cli.stream).await {
             Ok(s) => break s,
+            Err(callcap::subjects::SetupError::Refused(why)) => {
+                anyhow::bail!("setting up the CALLS stream: {why}")
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "stream not reachable yet; retrying");
                 tokio::select! {
@@ -168,6 +172,55 @@ pub async fn run(
     pool.close().await;
     tracing::info!("persist-worker stopped");
     Ok(())
+}
+
+/// Registers the `# HELP` text of the worker's metrics and starts its counters at 0 (a
+/// series that first appears at 1 shows no increase to Prometheus: the first dead letter
+/// or database error would not fire its alert).
+fn describe_metrics() {
+    let counters = [
+        (
+            "worker_messages_total",
+            "Stream messages handled (stored, merged or dead-lettered) and acked",
+        ),
+        (
+            "worker_rows_written_total",
+            "Rows inserted or changed in Postgres",
+        ),
+        (
+            "worker_dead_letters_total",
+            "Messages moved to the dead-letter table instead of stored",
+        ),
+        (
+            "worker_db_errors_total",
+            "Failed database transactions (retried with backoff; nothing is acked)",
+        ),
+        (
+            "worker_redeliveries_total",
+            "Messages delivered more than once (a worker died or was slow before its ack)",
+        ),
+    ];
+    for (name, help) in counters {
+        metrics::describe_counter!(name, help);
+        metrics::counter!(name).absolute(0);
+    }
+    metrics::describe_gauge!(
+        "worker_consumer_pending",
+        "Records in the stream not yet delivered to any worker (the backlog KEDA scales on)"
+    );
+    metrics::describe_gauge!(
+        "worker_consumer_ack_pending",
+        "Records delivered to a worker and not yet acked (being stored)"
+    );
+    metrics::describe_histogram!(
+        "worker_batch_size",
+        "Messages per batch written in one transaction"
+    );
+    metrics::describe_histogram!(
+        "worker_batch_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time to write a batch: transaction and acks"
+    );
 }
 
 /// Publishes the consumer's backlog (`worker_consumer_pending`) every 5 seconds: the

@@ -32,10 +32,13 @@ pub struct StreamArgs {
           value_parser = clap::value_parser!(i64).range(1024 * 1024..))]
     pub stream_max_bytes: i64,
 
-    /// Stream replicas: 1 on one server, 3 on a JetStream cluster.
-    #[arg(long, env = "STREAM_REPLICAS", default_value_t = 1,
+    /// Replicas of the stream and the key bucket (1, 3 or 5). Unset: a new stream gets 3
+    /// when the server is part of a cluster and 1 on a single server, and an existing
+    /// stream keeps its count. Set: the gateway changes an existing stream to it (a
+    /// single server refuses more than 1, and the gateway exits saying so).
+    #[arg(long, env = "STREAM_REPLICAS",
           value_parser = clap::value_parser!(u8).range(1..=5))]
-    pub stream_replicas: u8,
+    pub stream_replicas: Option<u8>,
 
     /// Window in which JetStream drops a publish whose Nats-Msg-Id it has seen, in seconds.
     #[arg(long, env = "STREAM_DUPLICATE_WINDOW_SECS", default_value_t = 120,
@@ -48,7 +51,7 @@ impl Default for StreamArgs {
         StreamArgs {
             stream_max_age_secs: 30 * 24 * 3600,
             stream_max_bytes: 10 * 1024 * 1024 * 1024,
-            stream_replicas: 1,
+            stream_replicas: None,
             stream_duplicate_window_secs: 120,
         }
     }

@@ -21,6 +21,8 @@ pub const SUBJECT_WILDCARD: &str = "calls.ingest.*";
 pub const CONSUMER_NAME: &str = "persist-worker";
 /// KV bucket holding API keys (hashed), watched by every gateway.
 pub const KEYS_BUCKET: &str = "callcap_api_keys";
+/// The stream JetStream keeps [`KEYS_BUCKET`] in.
+pub const KEYS_BUCKET_STREAM: &str = "KV_callcap_api_keys";
 /// Largest stream message; a record is bounded well below this by validation.
 pub const MAX_MESSAGE_BYTES: i32 = 1024 * 1024;
 
@@ -64,12 +66,12 @@ pub fn ingest_subject(company_id: Uuid) -> String {
     format!("{SUBJECT_PREFIX}.{company_id}")
 }
 
-/// The stream definition for the given settings.
+/// The stream definition for the given settings, with `replicas` copies.
 ///
 /// Limits retention keeps records for the replay window; `discard: new` makes a full
 /// stream refuse publishes (the gateway answers 503) instead of silently deleting the
 /// oldest records, which the workers may not have stored yet.
-pub fn stream_config(args: &StreamArgs) -> stream::Config {
+pub fn stream_config(args: &StreamArgs, replicas: usize) -> stream::Config {
     stream::Config {
         name: STREAM_NAME.to_owned(),
         description: Some(
@@ -82,7 +84,7 @@ pub fn stream_config(args: &StreamArgs) -> stream::Config {
         max_age: Duration::from_secs(args.stream_max_age_secs),
         max_bytes: args.stream_max_bytes,
         max_message_size: MAX_MESSAGE_BYTES,
-        num_replicas: usize::from(args.stream_replicas),
+        num_replicas: replicas,
         duplicate_window: Duration::from_secs(args.stream_duplicate_window_secs),
         // Group commit: the gateway publishes concurrent records as atomic batches.
         allow_atomic_publish: true,
@@ -90,28 +92,195 @@ pub fn stream_config(args: &StreamArgs) -> stream::Config {
     }
 }
 
-/// Creates the stream, or brings an existing one to the configured settings.
+/// Why the NATS side could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A setting this server cannot honour: retrying will not help, the operator must
+    /// change the setting or the deployment.
+    #[error("{0}")]
+    Refused(String),
+    /// NATS did not answer, or refused for a reason that may pass (a cluster still
+    /// forming, a leader being elected): worth retrying.
+    #[error(transparent)]
+    Nats(#[from] async_nats::Error),
+}
+
+/// How many replicas a stream (or the key bucket) should have.
+///
+/// `requested` is `STREAM_REPLICAS`; `existing` the count of a stream that already
+/// exists; `clustered` whether the server is part of a cluster. Unset keeps an existing
+/// stream as it is (a gateway started without the setting must not quietly scale an R3
+/// stream down) and gives a new one 3 on a cluster, 1 on a single server.
 ///
 /// # Errors
-/// When JetStream is unreachable or refuses the definition (e.g. a storage type change).
+/// More than one replica on a server that is not part of a cluster: a sentence saying so.
+pub fn target_replicas(
+    name: &str,
+    requested: Option<u8>,
+    existing: Option<usize>,
+    clustered: bool,
+) -> Result<usize, SetupError> {
+    let target = match (requested, existing) {
+        (Some(n), _) => usize::from(n),
+        (None, Some(n)) => n.max(1),
+        (None, None) if clustered => 3,
+        (None, None) => 1,
+    };
+    if target > 1 && !clustered {
+        return Err(SetupError::Refused(format!(
+            "STREAM_REPLICAS={target}, but this NATS server is not part of a cluster: {name} \
+             can only have 1 replica here. Set STREAM_REPLICAS=1, or point NATS_URL at a \
+             JetStream cluster of at least {target} nodes (deploy/nats/cluster.conf)"
+        )));
+    }
+    Ok(target)
+}
+
+/// Whether the server this context talks to is part of a cluster. Only meaningful once a
+/// request has gone through (the connection's INFO is the server's).
+pub fn clustered(js: &jetstream::Context) -> bool {
+    js.client()
+        .server_info()
+        .cluster
+        .is_some_and(|c| !c.is_empty())
+}
+
+/// Creates the stream, or brings an existing one to the configured settings. An existing
+/// stream's replica count changes only when `STREAM_REPLICAS` is set (JetStream moves the
+/// data; the durable consumer, which inherits the stream's count, follows).
+///
+/// # Errors
+/// [`SetupError::Refused`] for a replica count the server cannot have;
+/// [`SetupError::Nats`] when JetStream is unreachable or refuses the definition.
 pub async fn ensure_stream(
     js: &jetstream::Context,
     args: &StreamArgs,
-) -> Result<stream::Stream, async_nats::Error> {
-    js.create_or_update_stream(stream_config(args)).await?;
-    Ok(js.get_stream(STREAM_NAME).await?)
+) -> Result<stream::Stream, SetupError> {
+    let existing = existing_replicas(js, STREAM_NAME).await?;
+    let replicas = target_replicas(STREAM_NAME, args.stream_replicas, existing, clustered(js))?;
+    if let Some(from) = existing.filter(|n| *n != replicas) {
+        tracing::warn!(
+            stream = STREAM_NAME,
+            from,
+            to = replicas,
+            "changing the stream's replica count (STREAM_REPLICAS)"
+        );
+    }
+    js.create_or_update_stream(stream_config(args, replicas))
+        .await
+        .map_err(|e| replica_change_error(STREAM_NAME, existing, replicas, e.into()))?;
+    Ok(js
+        .get_stream(STREAM_NAME)
+        .await
+        .map_err(async_nats::Error::from)?)
+}
+
+/// Brings the replica count of an existing stream (e.g. the key bucket's `KV_…` stream)
+/// to `STREAM_REPLICAS` when that is set; everything else of its definition is kept.
+///
+/// # Errors
+/// As [`ensure_stream`].
+pub async fn apply_replicas(
+    js: &jetstream::Context,
+    stream_name: &str,
+    requested: Option<u8>,
+) -> Result<(), SetupError> {
+    let Some(existing) = existing_replicas(js, stream_name).await? else {
+        return Ok(());
+    };
+    let replicas = target_replicas(stream_name, requested, Some(existing), clustered(js))?;
+    if replicas == existing {
+        return Ok(());
+    }
+    tracing::warn!(
+        stream = stream_name,
+        from = existing,
+        to = replicas,
+        "changing the stream's replica count (STREAM_REPLICAS)"
+    );
+    let mut config = js
+        .get_stream(stream_name)
+        .await
+        .map_err(async_nats::Error::from)?
+        .cached_info()
+        .config
+        .clone();
+    config.num_replicas = replicas;
+    js.update_stream(config)
+        .await
+        .map_err(|e| replica_change_error(stream_name, Some(existing), replicas, e.into()))?;
+    Ok(())
+}
+
+/// The replica count of `stream_name`, or `None` when it does not exist.
+async fn existing_replicas(
+    js: &jetstream::Context,
+    stream_name: &str,
+) -> Result<Option<usize>, SetupError> {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    match js.get_stream(stream_name).await {
+        Ok(s) => Ok(Some(s.cached_info().config.num_replicas)),
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(j)
+                if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(SetupError::Nats(e.into())),
+        },
+    }
+}
+
+/// Names the replica change in a refusal, so the log says what was asked and why it failed.
+fn replica_change_error(
+    name: &str,
+    existing: Option<usize>,
+    replicas: usize,
+    e: async_nats::Error,
+) -> SetupError {
+    match existing {
+        Some(from) if from != replicas => SetupError::Nats(
+            format!("changing {name} from {from} to {replicas} replicas (STREAM_REPLICAS): {e}")
+                .into(),
+        ),
+        _ => SetupError::Nats(e),
+    }
 }
 
 /// Gets the stream, creating it with the configured settings only when it is missing
-/// (a worker never rewrites the gateway's definition).
+/// (a worker never rewrites the gateway's definition; a `STREAM_REPLICAS` that differs
+/// from the stream's is logged and left to the gateway).
 ///
 /// # Errors
-/// When JetStream is unreachable.
+/// As [`ensure_stream`].
 pub async fn get_or_create_stream(
     js: &jetstream::Context,
     args: &StreamArgs,
-) -> Result<stream::Stream, async_nats::Error> {
-    Ok(js.get_or_create_stream(stream_config(args)).await?)
+) -> Result<stream::Stream, SetupError> {
+    match existing_replicas(js, STREAM_NAME).await? {
+        Some(existing) => {
+            if let Some(asked) = args.stream_replicas.filter(|n| usize::from(*n) != existing) {
+                tracing::warn!(
+                    stream = STREAM_NAME,
+                    replicas = existing,
+                    asked,
+                    "the stream's replica count differs from STREAM_REPLICAS; the gateway \
+                     applies it, the worker leaves the stream as it is"
+                );
+            }
+            Ok(js
+                .get_stream(STREAM_NAME)
+                .await
+                .map_err(async_nats::Error::from)?)
+        }
+        None => {
+            let replicas = target_replicas(STREAM_NAME, args.stream_replicas, None, clustered(js))?;
+            Ok(js
+                .get_or_create_stream(stream_config(args, replicas))
+                .await
+                .map_err(async_nats::Error::from)?)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -130,6 +299,28 @@ mod tests {
         assert!(check_server_version("2.100.0").is_ok());
         assert!(check_server_version("").is_err());
         assert!(check_server_version("garbage").is_err());
+    }
+
+    #[test]
+    fn replica_counts_follow_the_setting_the_stream_and_the_deployment() {
+        // Unset: a new stream gets 3 on a cluster, 1 alone; an existing one keeps its count.
+        assert_eq!(target_replicas("S", None, None, true).unwrap(), 3);
+        assert_eq!(target_replicas("S", None, None, false).unwrap(), 1);
+        assert_eq!(target_replicas("S", None, Some(3), true).unwrap(), 3);
+        assert_eq!(target_replicas("S", None, Some(1), true).unwrap(), 1);
+        // Set: applied, up or down.
+        assert_eq!(target_replicas("S", Some(3), Some(1), true).unwrap(), 3);
+        assert_eq!(target_replicas("S", Some(1), Some(3), true).unwrap(), 1);
+        // More than one replica without a cluster is refused, naming the way out.
+        let SetupError::Refused(msg) =
+            target_replicas("CALLS", Some(3), Some(1), false).unwrap_err()
+        else {
+            panic!("a refusal")
+        };
+        assert!(
+            msg.contains("STREAM_REPLICAS=3") && msg.contains("not part of a cluster"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -27,6 +27,17 @@ pub struct Seen {
     pub longest_gap: Duration,
 }
 
+impl Seen {
+    /// What two loads saw together.
+    pub fn merge(mut self, other: Seen) -> Seen {
+        self.accepted.extend(other.accepted);
+        self.attempted.extend(other.attempted);
+        self.unavailable += other.unavailable;
+        self.longest_gap = self.longest_gap.max(other.longest_gap);
+        self
+    }
+}
+
 /// A running load; [`Load::finish`] stops it and returns what was seen.
 pub struct Load {
     stop: Arc<AtomicBool>,
@@ -94,6 +105,11 @@ impl Load {
             })
             .collect();
         Load { stop, tasks, seen }
+    }
+
+    /// How many 201s the clients have had so far.
+    pub fn accepted_so_far(&self) -> usize {
+        self.seen.lock().unwrap().0.accepted.len()
     }
 
     /// Stops the clients (each finishes the request it is in) and returns what they saw.

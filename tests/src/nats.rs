@@ -90,6 +90,8 @@ pub struct NatsServer {
     config: NatsConfig,
     /// Environment for the process (a cluster node's name and routes).
     env: Vec<(String, String)>,
+    /// Extra command-line arguments (test-only settings the shipped file must not have).
+    args: Vec<String>,
 }
 
 /// The nats-server binary to run, checked against the project's minimum version.
@@ -145,7 +147,14 @@ impl NatsServer {
             store_dir,
             config,
             env,
+            args: Vec::new(),
         }
+    }
+
+    /// Adds command-line arguments for every start.
+    pub fn with_args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| (*a).to_owned()));
+        self
     }
 
     /// The server's name in the cluster (`CALLCAP_NODE`), if it is a cluster node.
@@ -188,6 +197,7 @@ impl NatsServer {
             .args(["-m", &self.monitor_port.to_string()])
             .arg("-sd")
             .arg(&self.store_dir)
+            .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let log = std::fs::OpenOptions::new()
             .create(true)

@@ -92,6 +92,13 @@ impl TestGateway {
     /// until this gateway accepts it.
     pub async fn create_key(&self, company: Uuid) -> String {
         let key = create_key(&self.nats_url, company).await;
+        self.wait_for_key(&key).await;
+        key
+    }
+
+    /// Waits until this gateway accepts `key` (created elsewhere).
+    pub async fn wait_for_key(&self, key: &str) {
+        let key = key.to_owned();
         let keys = self.state.keys.clone();
         let k = key.clone();
         crate::eventually(
@@ -104,7 +111,6 @@ impl TestGateway {
             },
         )
         .await;
-        key
     }
 
     /// POSTs JSON to `path` with `key`; returns status, headers and JSON body.

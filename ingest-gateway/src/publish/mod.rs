@@ -36,6 +36,10 @@ pub fn describe_metrics() {
         "gateway_publish_batch_fallbacks_total",
         "Atomic batches refused for holding an already stored record, republished one by one"
     );
+    // Counters exist from the start at 0: a series that first appears at 1 shows no
+    // increase to Prometheus, so the first event would go unseen by rate() and alerts.
+    metrics::counter!("gateway_publish_retries_total").absolute(0);
+    metrics::counter!("gateway_publish_batch_fallbacks_total").absolute(0);
 }
 
 /// One record ready to publish.

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use callcap_tests::nats::NatsServer;
 use callcap_tests::payloads;
 use callcap_tests::pipeline::TestGateway;
+use ingest_gateway::config::ServeArgs;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -310,7 +311,11 @@ async fn protocol_errors_keep_the_json_error_shape() {
 #[tokio::test]
 async fn nats_down_means_503_with_retry_after_then_recovery() {
     let mut nats = NatsServer::start().await;
-    let gw = TestGateway::start(&nats.url()).await;
+    let serve = ServeArgs {
+        publish_timeout_ms: 2_000,
+        ..ServeArgs::default()
+    };
+    let gw = TestGateway::start_with(&nats.url(), serve).await;
     let company = Uuid::new_v4();
     let key = gw.create_key(company).await;
     let (s, b) = gw.post_call(&key, &payloads::minimal(company)).await;
@@ -324,7 +329,7 @@ async fn nats_down_means_503_with_retry_after_then_recovery() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(
         started.elapsed() < Duration::from_secs(5),
-        "503 took {:?}",
+        "503 by the 2 s publish deadline, took {:?}",
         started.elapsed()
     );
     assert!(headers.contains_key("retry-after"));

@@ -2,6 +2,7 @@
 //! harness compiles once; each test brings its own NATS and database and runs in parallel.
 
 mod cluster;
+mod deploy;
 mod faults;
 mod gateway;
 mod group_commit;

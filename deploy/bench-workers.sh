@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Scaling workers: how fast 1, 2 and 4 persist-worker processes drain a filled stream
+# into Postgres, each next to the database ceiling measured in the same round
+# (callcap-bench db-ceiling: plain INSERT … SELECT FROM UNNEST into a copy of the table).
+# Takes a few minutes. Results on stdout and in .run/bench/workers.txt (BENCHMARKS.md,
+# "Scaling workers").
+#
+# Settings: BENCH_ROWS (100000) per round; BENCH_WORKERS ("1 2 4").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. deploy/lib.sh
+ROWS=${BENCH_ROWS:-100000}
+COUNTS=${BENCH_WORKERS:-1 2 4}
+OUT=.run/bench
+mkdir -p "$OUT"
+ensure_rust
+ensure_nats_server
+ensure_postgres
+log "building (release)"
+cargo build --release --quiet -p ingest-gateway -p persist-worker
+cargo build --release --quiet -p callcap-tests --bin callcap-bench
+B=target/release
+NATS_PORT=24222
+export NATS_URL="nats://127.0.0.1:$NATS_PORT"
+BENCH_DB_URL=$(with_database "$DATABASE_URL" callcap_bench)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+count_rows() { psql "$BENCH_DB_URL" -tAc "select count(*) from call_history"; }
+
+TABLE="$OUT/workers.txt"
+{
+  echo "| workers | rows/s | db ceiling (same round) | ratio | cores |"
+  echo "|---|---|---|---|---|"
+} > "$TABLE"
+for N in $COUNTS; do
+  log "round: $N worker(s), $ROWS rows"
+  psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS callcap_bench WITH (FORCE)"
+  DATABASE_URL="$BENCH_DB_URL" "$B/persist-worker" migrate >/dev/null
+  rm -rf "$OUT/js-workers"; mkdir -p "$OUT/js-workers"
+  "$NATS_SERVER_BIN" -c deploy/nats/single.conf -a 127.0.0.1 -p "$NATS_PORT" -m 0 \
+    -sd "$PWD/$OUT/js-workers" > "$OUT/nats-workers.log" 2>&1 &
+  NATS_PID=$!; PIDS+=("$NATS_PID")
+  for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && break; sleep 0.1; done
+  CEIL=$("$B/callcap-bench" db-ceiling --database-url "$BENCH_DB_URL" --count "$ROWS" | sed -n 's/.*rows_per_sec=\([0-9]*\).*/\1/p')
+  "$B/callcap-bench" broker --count "$ROWS" --in-flight 2 --atomic-batch 1000 > /dev/null
+  WPIDS=()
+  for i in $(seq 1 "$N"); do
+    DATABASE_URL="$BENCH_DB_URL" METRICS_ADDR="127.0.0.1:$((19100 + i))" NO_MIGRATE=true RUST_LOG=warn \
+      "$B/persist-worker" > "$OUT/worker-$N-$i.log" 2>&1 &
+    WPIDS+=($!); PIDS+=($!)
+  done
+  for _ in $(seq 1 6000); do [ "$(count_rows)" -ge "$ROWS" ] && break; sleep 0.1; done
+  [ "$(count_rows)" -ge "$ROWS" ] || die "workers did not store $ROWS rows"
+  # First to last commit, from the rows themselves (start-up not counted).
+  SPAN=$(psql "$BENCH_DB_URL" -tAc "select extract(epoch from max(stored_at) - min(stored_at)) from call_history")
+  RATE=$(python3 -c "print(round($ROWS / max($SPAN, 0.001)))")
+  RATIO=$(python3 -c "print(f'{$RATE / $CEIL:.2f}')")
+  echo "| $N | $RATE | $CEIL | $RATIO | $(nproc) |" | tee -a "$TABLE"
+  for p in "${WPIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  kill "$NATS_PID" 2>/dev/null || true
+  wait 2>/dev/null || true
+done
+echo
+cat "$TABLE"
