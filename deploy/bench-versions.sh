@@ -16,6 +16,11 @@ OUT=.run/bench-versions
 mkdir -p "$OUT"
 ensure_rust
 cargo build --release --quiet -p callcap-tests --bin callcap-bench
+cargo build --release --quiet -p ingest-gateway
+# The broker admits only the pipeline's NATS identities (SECURITY.md); the tools and
+# admin commands run as admin, each service as itself.
+ensure_nkeys "$PWD/.run/nkeys" target/release/ingest-gateway
+export NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/admin.nk"
 B=target/release
 PORT=24322
 export NATS_URL="nats://127.0.0.1:$PORT"

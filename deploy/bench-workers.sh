@@ -19,6 +19,10 @@ ensure_postgres
 log "building (release)"
 cargo build --release --quiet -p ingest-gateway -p persist-worker
 cargo build --release --quiet -p callcap-tests --bin callcap-bench
+# The broker admits only the pipeline's NATS identities (SECURITY.md); the tools and
+# admin commands run as admin, each service as itself.
+ensure_nkeys "$PWD/.run/nkeys" target/release/ingest-gateway
+export NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/admin.nk"
 B=target/release
 NATS_PORT=24222
 export NATS_URL="nats://127.0.0.1:$NATS_PORT"
@@ -47,7 +51,7 @@ for N in $COUNTS; do
   "$B/callcap-bench" broker --count "$ROWS" --in-flight 2 --atomic-batch 1000 > /dev/null
   WPIDS=()
   for i in $(seq 1 "$N"); do
-    DATABASE_URL="$BENCH_DB_URL" METRICS_ADDR="127.0.0.1:$((19100 + i))" NO_MIGRATE=true RUST_LOG=warn \
+    DATABASE_URL="$BENCH_DB_URL" METRICS_ADDR="127.0.0.1:$((19100 + i))" NO_MIGRATE=true RUST_LOG=warn NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/worker.nk" \
       "$B/persist-worker" > "$OUT/worker-$N-$i.log" 2>&1 &
     WPIDS+=($!); PIDS+=($!)
   done

@@ -23,6 +23,10 @@ log "building (release)"
 # Two commands: `--bin` would filter the services' binaries out of a combined build.
 cargo build --release --quiet -p ingest-gateway -p persist-worker
 cargo build --release --quiet -p callcap-tests --bin callcap-bench
+# The broker admits only the pipeline's NATS identities (SECURITY.md); the tools and
+# admin commands run as admin, each service as itself.
+ensure_nkeys "$PWD/.run/nkeys" target/release/ingest-gateway
+export NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/admin.nk"
 B=target/release
 NATS_PORT=24222 NATS_MON_PORT=24223 GW_PORT=18081 CEIL_PORT=18080
 export NATS_URL="nats://127.0.0.1:$NATS_PORT"
@@ -42,7 +46,7 @@ start_nats() { # $1: a config file under deploy/nats/ (single.conf is what the p
 stop_nats() { kill "$NATS_PID" 2>/dev/null; wait "$NATS_PID" 2>/dev/null || true; }
 
 start_gateway() {
-  LISTEN_ADDR="127.0.0.1:$GW_PORT" NATS_MONITOR_URL="http://127.0.0.1:$NATS_MON_PORT" RUST_LOG=warn "$B/ingest-gateway" > "$OUT/gateway.log" 2>&1 &
+  LISTEN_ADDR="127.0.0.1:$GW_PORT" NATS_MONITOR_URL="http://127.0.0.1:$NATS_MON_PORT" NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/gateway.nk" RUST_LOG=warn "$B/ingest-gateway" > "$OUT/gateway.log" 2>&1 &
   GW_PID=$!; PIDS+=("$GW_PID")
   for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$GW_PORT/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
 }
@@ -140,7 +144,7 @@ psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS callcap_bench WITH (FORCE)"
 DATABASE_URL="$BENCH_DB_URL" "$B/persist-worker" migrate >/dev/null
 stop_nats; start_nats single.conf
 start_gateway
-DATABASE_URL="$BENCH_DB_URL" METRICS_ADDR=127.0.0.1:19091 RUST_LOG=warn "$B/persist-worker" > "$OUT/worker.log" 2>&1 &
+DATABASE_URL="$BENCH_DB_URL" METRICS_ADDR=127.0.0.1:19091 RUST_LOG=warn NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/worker.nk" "$B/persist-worker" > "$OUT/worker.log" 2>&1 &
 PIDS+=("$!")
 KEY=$("$B/ingest-gateway" keys create --company "$COMPANY" --name bench | tail -n1)
 sleep 1

@@ -15,6 +15,12 @@
 #                       kubernetes-validate (PyPI; it ships the Kubernetes schemas, so
 #                       validation is offline) and promtool (Debian prometheus).
 #   ensure_rust         checks that cargo is there.
+#   ensure_nkeys DIR CMD…  the pipeline's NATS identities (SECURITY.md): creates DIR/
+#                       gateway.nk, worker.nk, admin.nk (nkey seeds, mode 0600) and
+#                       route.password when missing, with CMD… being an ingest-gateway
+#                       binary (or `podman run … /ingest-gateway`); exports the public keys
+#                       CALLCAP_{GATEWAY,WORKER,ADMIN}_NKEY and CALLCAP_ROUTE_PASSWORD that
+#                       deploy/nats/*.conf require, and CALLCAP_NKEY_DIR=DIR.
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -134,4 +140,26 @@ import sys, urllib.parse as u
 p = u.urlsplit(sys.argv[1])
 print(u.urlunsplit((p.scheme, p.netloc, "/" + sys.argv[2], p.query, p.fragment)))
 PY
+}
+
+ensure_nkeys() {
+  local dir=$1; shift
+  mkdir -p "$dir"
+  chmod 700 "$dir"
+  local role
+  for role in gateway worker admin; do
+    if [ ! -s "$dir/$role.nk" ]; then
+      rm -f "$dir/$role.nk"
+      "$@" nkey create --out "$dir/$role.nk" >/dev/null || die "creating the $role nkey"
+    fi
+  done
+  if [ ! -s "$dir/route.password" ]; then
+    (umask 077; python3 -c 'import secrets; print(secrets.token_hex(24))' > "$dir/route.password")
+  fi
+  CALLCAP_GATEWAY_NKEY=$("$@" nkey public "$dir/gateway.nk")
+  CALLCAP_WORKER_NKEY=$("$@" nkey public "$dir/worker.nk")
+  CALLCAP_ADMIN_NKEY=$("$@" nkey public "$dir/admin.nk")
+  CALLCAP_ROUTE_PASSWORD=$(cat "$dir/route.password")
+  CALLCAP_NKEY_DIR=$dir
+  export CALLCAP_GATEWAY_NKEY CALLCAP_WORKER_NKEY CALLCAP_ADMIN_NKEY CALLCAP_ROUTE_PASSWORD CALLCAP_NKEY_DIR
 }

@@ -8,7 +8,8 @@
 # nats-server may hold 4222), NATS_MONITOR_PORT (18222), METRICS_PORT (9091),
 # DATABASE_URL (the local server; the pipeline uses database "callcap" on it).
 # nats-server runs deploy/nats/single.conf: `sync_interval: always`, so a 201 survives a
-# power loss of this machine.
+# power loss of this machine. The broker only admits the pipeline's three NATS identities
+# (nkeys created once under .run/nkeys/: gateway, worker, admin; see SECURITY.md).
 #
 # CLUSTER=3 brings up the clustered pipeline instead, to try failover on one machine:
 # three nats-servers on loopback (deploy/nats/cluster.conf; client ports NATS_PORT..+2,
@@ -42,6 +43,8 @@ PIPELINE_DB_URL=$(with_database "$DATABASE_URL" callcap)
 log "building (release)"
 cargo build --release --quiet -p ingest-gateway -p persist-worker
 BIN=target/release
+NKEYS="$PWD/$RUN/nkeys"
+ensure_nkeys "$NKEYS" "$BIN/ingest-gateway"
 
 NATS_VERSION=$("$NATS_SERVER_BIN" --version | sed 's/.* //')
 SEEDS=()
@@ -57,9 +60,9 @@ else
   for i in 1 2 3; do
     mkdir -p "$RUN/jetstream-n$i"
     CALLCAP_NODE="n$i" CALLCAP_CLUSTER_LISTEN="127.0.0.1:$((CLUSTER_PORT + i - 1))" \
-      CALLCAP_ROUTE_1="nats://127.0.0.1:$CLUSTER_PORT" \
-      CALLCAP_ROUTE_2="nats://127.0.0.1:$((CLUSTER_PORT + 1))" \
-      CALLCAP_ROUTE_3="nats://127.0.0.1:$((CLUSTER_PORT + 2))" \
+      CALLCAP_ROUTE_1="nats://callcap-route:$CALLCAP_ROUTE_PASSWORD@127.0.0.1:$CLUSTER_PORT" \
+      CALLCAP_ROUTE_2="nats://callcap-route:$CALLCAP_ROUTE_PASSWORD@127.0.0.1:$((CLUSTER_PORT + 1))" \
+      CALLCAP_ROUTE_3="nats://callcap-route:$CALLCAP_ROUTE_PASSWORD@127.0.0.1:$((CLUSTER_PORT + 2))" \
       nohup "$NATS_SERVER_BIN" -c deploy/nats/cluster.conf -a 127.0.0.1 -p "$((NATS_PORT + i - 1))" \
       -m "$((NATS_MONITOR_PORT + i - 1))" -sd "$PWD/$RUN/jetstream-n$i" > "$RUN/nats-$i.log" 2>&1 &
     echo $! > "$RUN/nats-$i.pid"
@@ -83,9 +86,9 @@ for i in $(seq 1 $(( NODES == 1 ? 1 : 2 ))); do
   listen="127.0.0.1:$((GATEWAY_PORT + i - 1))"
   metrics="127.0.0.1:$((METRICS_PORT + i - 1))"
   log "starting ingest-gateway$suffix on $listen and persist-worker$suffix (metrics on $metrics)"
-  LISTEN_ADDR="$listen" nohup "$BIN/ingest-gateway" > "$RUN/gateway$suffix.log" 2>&1 &
+  NATS_NKEY_FILE="$NKEYS/gateway.nk" LISTEN_ADDR="$listen" nohup "$BIN/ingest-gateway" > "$RUN/gateway$suffix.log" 2>&1 &
   echo $! > "$RUN/gateway$suffix.pid"
-  METRICS_ADDR="$metrics" nohup "$BIN/persist-worker" > "$RUN/worker$suffix.log" 2>&1 &
+  NATS_NKEY_FILE="$NKEYS/worker.nk" METRICS_ADDR="$metrics" nohup "$BIN/persist-worker" > "$RUN/worker$suffix.log" 2>&1 &
   echo $! > "$RUN/worker$suffix.pid"
   GATEWAYS+=("$listen")
 done
@@ -102,7 +105,7 @@ done
 
 COMPANY=$(cat "$RUN/demo_company" 2>/dev/null || python3 -c 'import uuid; print(uuid.uuid4())')
 echo "$COMPANY" > "$RUN/demo_company"
-KEY=$("$BIN/ingest-gateway" keys create --company "$COMPANY" --name "demo key" | tail -n1)
+KEY=$(NATS_NKEY_FILE="$NKEYS/admin.nk" "$BIN/ingest-gateway" keys create --company "$COMPANY" --name "demo key" | tail -n1)
 echo "$KEY" > "$RUN/demo_key"
 sleep 1 # the new key reaches the gateway through its KV watch
 
@@ -123,6 +126,7 @@ $SHAPE
   NATS      $NATS_URL
   Postgres  $DATABASE_URL
   demo company $COMPANY, key in $RUN/demo_key
+  NATS identities  $NKEYS/{gateway,worker,admin}.nk (admin commands: NATS_NKEY_FILE=$NKEYS/admin.nk)
 
 Send a call record:
 

@@ -39,17 +39,23 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+# The broker admits only the pipeline's NATS identities. The seeds are made readable for
+# the image's unprivileged user (uid 65532) in this throwaway directory only; in
+# production each is a Secret mounted for its own service (deploy/k8s).
+cargo build --quiet -p ingest-gateway
+ensure_nkeys "$WORK/nkeys" target/debug/ingest-gateway
+mkdir -p "$WORK/cnk" && cp "$WORK"/nkeys/*.nk "$WORK/cnk/" && chmod 755 "$WORK/cnk" && chmod 644 "$WORK"/cnk/*.nk
 "$NATS_SERVER_BIN" -c deploy/nats/single.conf -a 127.0.0.1 -p "$NATS_PORT" -m 0 -sd "$WORK/js" > "$WORK/nats.log" 2>&1 &
 NATS_PID=$!
 psql "$DATABASE_URL" -qc "create database $DB"
 # "localhost" rather than 127.0.0.1: the static binary must resolve names by itself.
 NATS="nats://localhost:$NATS_PORT"
 DBURL=$(with_database "$DATABASE_URL" "$DB" | sed 's/127\.0\.0\.1/localhost/')
-run() { "${PODMAN[@]}" run "${ULIMITS[@]}" --network host "$@"; }
+run() { "${PODMAN[@]}" run "${ULIMITS[@]}" --network host -v "$WORK/cnk:/nkeys:ro" "$@"; }
 
 log "starting the gateway and the worker containers"
-run -d --name "cc-gw-$$" -e NATS_URL="$NATS" -e LISTEN_ADDR="127.0.0.1:$GW_PORT" "$IMAGE" /ingest-gateway >/dev/null
-run -d --name "cc-wk-$$" -e NATS_URL="$NATS" -e DATABASE_URL="$DBURL" -e METRICS_ADDR="127.0.0.1:$WK_PORT" \
+run -d --name "cc-gw-$$" -e NATS_URL="$NATS" -e NATS_NKEY_FILE=/nkeys/gateway.nk -e LISTEN_ADDR="127.0.0.1:$GW_PORT" "$IMAGE" /ingest-gateway >/dev/null
+run -d --name "cc-wk-$$" -e NATS_URL="$NATS" -e NATS_NKEY_FILE=/nkeys/worker.nk -e DATABASE_URL="$DBURL" -e METRICS_ADDR="127.0.0.1:$WK_PORT" \
   "$IMAGE" /persist-worker >/dev/null
 for _ in $(seq 1 60); do
   curl -fsS "http://127.0.0.1:$GW_PORT/readyz" >/dev/null 2>&1 && curl -fsS "http://127.0.0.1:$WK_PORT/readyz" >/dev/null 2>&1 && break
@@ -59,7 +65,7 @@ curl -fsS "http://127.0.0.1:$GW_PORT/readyz" >/dev/null || { "${PODMAN[@]}" logs
 curl -fsS "http://127.0.0.1:$WK_PORT/readyz" >/dev/null || { "${PODMAN[@]}" logs "cc-wk-$$" >&2; die "worker container not ready"; }
 
 COMPANY=$(python3 -c 'import uuid; print(uuid.uuid4())')
-KEY=$(run --rm -e NATS_URL="$NATS" "$IMAGE" /ingest-gateway keys create --company "$COMPANY" --name container-test | tail -n1)
+KEY=$(run --rm -e NATS_URL="$NATS" -e NATS_NKEY_FILE=/nkeys/admin.nk "$IMAGE" /ingest-gateway keys create --company "$COMPANY" --name container-test | tail -n1)
 sleep 1 # the key reaches the gateway through its KV watch
 STATUS=$(curl -sS -o "$WORK/resp" -w '%{http_code}' -X POST "http://127.0.0.1:$GW_PORT/v1/calls" \
   -H 'Content-Type: application/json' -H "x-api-key: $KEY" \

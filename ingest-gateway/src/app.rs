@@ -93,9 +93,29 @@ impl AppState {
         ingest::Created, ingest::CreatedData, ingest::BatchResponse, ingest::BatchItem,
         ErrorBody, Readiness, PublishStats
     )),
-    tags((name = "calls", description = "Call records"), (name = "ops", description = "Operations"))
+    tags((name = "calls", description = "Call records"), (name = "ops", description = "Operations")),
+    modifiers(&AcceptsUnknownFields)
 )]
 pub struct ApiDoc;
+
+/// `CallRecord` derives `deny_unknown_fields` for the stream envelope (the worker refuses
+/// what it does not know), which utoipa renders as `additionalProperties: false`. The
+/// HTTP API validates a JSON object and ignores unknown fields (the API document's
+/// clients send more than it lists), so the request schema says so.
+struct AcceptsUnknownFields;
+
+impl utoipa::Modify for AcceptsUnknownFields {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::schema::{AdditionalProperties, Schema};
+        use utoipa::openapi::RefOr;
+        let Some(components) = openapi.components.as_mut() else {
+            return;
+        };
+        if let Some(RefOr::T(Schema::Object(record))) = components.schemas.get_mut("CallRecord") {
+            record.additional_properties = Some(Box::new(AdditionalProperties::FreeForm(true)));
+        }
+    }
+}
 
 /// The router with all routes and middleware.
 pub fn app(state: AppState) -> Router {
@@ -110,9 +130,11 @@ pub fn app(state: AppState) -> Router {
         .route("/openapi.json", get(openapi_json))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn(enforce_head_limits))
         .layer(middleware::from_fn(record_metrics))
         .layer(
             ServiceBuilder::new()
+                .layer(middleware::from_fn(drop_unusable_request_id))
                 .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
                 .layer(
                     TraceLayer::new_for_http()
@@ -136,13 +158,96 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Longest request URI answered by the router; longer gets 414 with the JSON error body.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// Most bytes of request headers (names and values) answered by the router; more gets 431.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+/// Most request headers answered by the router; more gets 431. hyper's own limits sit
+/// above these (see `server`), so these answers carry the API's JSON body and a request id.
+pub const MAX_HEADERS: usize = 100;
+
+/// Registers the `# HELP` text of the HTTP metrics (call once the recorder is in).
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        "gateway_requests_total",
+        "HTTP requests answered, by route, method (a closed set; others are OTHER) and status"
+    );
+    metrics::describe_histogram!(
+        "gateway_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time from receiving a request to its answer, by route"
+    );
+    metrics::describe_counter!(
+        "gateway_refused_total",
+        "Requests answered with an error, by reason (unauthorized, invalid_field, body_too_large, …)"
+    );
+    metrics::counter!("gateway_refused_total", "reason" => "unauthorized").absolute(0);
+}
+
+/// Drops an `x-request-id` that is empty, longer than 128 bytes or not visible ASCII, so
+/// that the next layer generates one: a request id is copied into the logs and into every
+/// record of a batch in the stream, and must not carry unbounded or hostile bytes there.
+async fn drop_unusable_request_id(mut req: Request, next: Next) -> Response {
+    let usable = req
+        .headers()
+        .get_all("x-request-id")
+        .iter()
+        .map(|v| v.to_str().is_ok_and(callcap::envelope::valid_request_id))
+        .collect::<Vec<_>>();
+    if usable.len() > 1 || usable.first() == Some(&false) {
+        req.headers_mut().remove("x-request-id");
+    }
+    next.run(req).await
+}
+
+/// Answers an over-long URI with 414 and too many or too large headers with 431.
+async fn enforce_head_limits(req: Request, next: Next) -> Response {
+    let uri = req.uri().to_string().len();
+    if uri > MAX_URI_BYTES {
+        return ApiError::UriTooLong {
+            limit: MAX_URI_BYTES,
+        }
+        .into_response();
+    }
+    let headers = req.headers();
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return ApiError::HeadersTooLarge {
+            limit: MAX_HEADER_BYTES,
+        }
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// The `method` label: the standard methods by name, anything else as `OTHER`, so a
+/// client inventing methods cannot grow `/metrics` without bound.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "OTHER",
+    }
+}
+
 /// Counts requests by route and status and times them.
 async fn record_metrics(req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().to_string();
+    let method = method_label(req.method());
     let started = Instant::now();
     let response = next.run(req).await;
     let status = response.status().as_u16().to_string();

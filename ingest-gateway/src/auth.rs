@@ -202,6 +202,21 @@ pub async fn key_bucket(
     .map_err(|e| SetupError::Nats(e.into()))
 }
 
+/// Opens the key bucket for a serving gateway: creates it when missing, otherwise uses
+/// it as it is (changing its replicas is `ingest-gateway setup`'s job, admin identity).
+///
+/// # Errors
+/// As [`key_bucket`].
+pub async fn open_key_bucket(
+    js: &jetstream::Context,
+    requested_replicas: Option<u8>,
+) -> Result<kv::Store, SetupError> {
+    match js.get_key_value(KEYS_BUCKET).await {
+        Ok(store) => Ok(store),
+        Err(_) => key_bucket(js, requested_replicas).await,
+    }
+}
+
 /// Keeps `cache` in step with the bucket until the process ends: reads every key, marks
 /// the cache loaded, then applies puts and deletes as they happen. Rewatches after errors.
 pub async fn watch_keys(store: kv::Store, cache: Arc<KeyCache>) {

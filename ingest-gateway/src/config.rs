@@ -43,6 +43,32 @@ pub enum Command {
     /// gateways watch; changes reach running gateways within a second).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Create the stream CALLS and the API key bucket, or bring existing ones to the
+    /// STREAM_* settings (e.g. a new STREAM_REPLICAS or STREAM_MAX_AGE_SECS). Run with
+    /// the admin NATS identity: a serving gateway creates what is missing but never
+    /// changes what exists.
+    Setup,
+    /// NATS identities (nkeys) for the broker's configuration.
+    #[command(subcommand)]
+    Nkey(NkeyCommand),
+}
+
+/// NATS nkey administration.
+#[derive(Debug, Subcommand)]
+pub enum NkeyCommand {
+    /// Create a user nkey: writes its seed (the secret) to --out, readable only by its
+    /// owner, and prints the public key (starts with U) for the server's config, e.g.
+    /// CALLCAP_GATEWAY_NKEY. An existing file is never overwritten.
+    Create {
+        /// Where to write the seed; give it to one service as NATS_NKEY_FILE.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Print the public key of an existing seed file.
+    Public {
+        /// The seed file.
+        seed_file: std::path::PathBuf,
+    },
 }
 
 /// API key administration.
@@ -57,8 +83,8 @@ pub enum KeysCommand {
         /// A name to recognise the key by (e.g. the dialer it is for).
         #[arg(long)]
         name: String,
-        /// Make the key expire after this many days.
-        #[arg(long)]
+        /// Make the key expire after this many days (1 to 36,500, i.e. 100 years).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=36_500))]
         expires_in_days: Option<u32>,
     },
     /// List keys (never the keys themselves): id, company, name, created, expiry.
@@ -101,6 +127,39 @@ pub struct ServeArgs {
     #[arg(long, env = "HEADER_TIMEOUT_MS", default_value_t = 5_000,
           value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub header_timeout_ms: u64,
+
+    /// A connection with no request in progress is closed after this many seconds
+    /// (HTTP/1 keep-alive and HTTP/2 alike). Keep it above your load balancer's idle
+    /// timeout (60 s on most), so the balancer closes first and never reuses a socket
+    /// the gateway is closing. A connection that has not sent a whole request yet gets
+    /// HEADER_TIMEOUT_MS instead.
+    #[arg(long, env = "IDLE_TIMEOUT_SECS", default_value_t = 75,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub idle_timeout_secs: u64,
+
+    /// Most client connections open at once; a connection beyond it is closed at once
+    /// (counted in gateway_connections_refused_total), so a flood of sockets cannot use
+    /// up the file descriptors the open ones and NATS need. Lowered at start to the
+    /// process's open-file limit minus 128 when that is smaller (the soft limit is
+    /// first raised to the hard one).
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
+    /// Serve HTTPS with this PEM certificate chain (leaf first). Needs TLS_KEY_FILE.
+    /// Without both, the gateway serves plain HTTP and TLS is the load balancer's job.
+    #[arg(long, env = "TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+
+    /// The PEM private key (PKCS#8, PKCS#1 or SEC1) of TLS_CERT_FILE.
+    #[arg(long, env = "TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<std::path::PathBuf>,
+
+    /// How often to check TLS_CERT_FILE and TLS_KEY_FILE for a renewed certificate, in
+    /// seconds; a change is served to new connections without a restart.
+    #[arg(long, env = "TLS_RELOAD_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub tls_reload_secs: u64,
 
     /// Time a client has to send the request body, in milliseconds (408 after it).
     #[arg(long, env = "BODY_TIMEOUT_MS", default_value_t = 10_000,
@@ -183,6 +242,11 @@ impl Default for ServeArgs {
             max_batch_bytes: 8 * 1024 * 1024,
             max_batch_records: 1000,
             header_timeout_ms: 5_000,
+            idle_timeout_secs: 75,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_reload_secs: 30,
+            max_connections: 10_000,
             body_timeout_ms: 10_000,
             publish_timeout_ms: 10_000,
             max_in_flight_publishes: 8192,

@@ -42,6 +42,12 @@ pub enum ApiError {
         #[source]
         source: PublishError,
     },
+    #[error("the gateway is starting and has not loaded its API keys yet; retry shortly")]
+    NotReady { retry_after_secs: u64 },
+    #[error("request URI is longer than the limit of {limit} bytes")]
+    UriTooLong { limit: usize },
+    #[error("request headers are larger than the limit of {limit} bytes")]
+    HeadersTooLarge { limit: usize },
     #[error("no such route")]
     NotFound,
     #[error("method not allowed on this route")]
@@ -75,9 +81,11 @@ impl ApiError {
             }
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Overloaded { .. } | ApiError::Unavailable { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Overloaded { .. }
+            | ApiError::Unavailable { .. }
+            | ApiError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            ApiError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -90,6 +98,7 @@ impl ApiError {
         match self {
             ApiError::RateLimited { retry_after_secs }
             | ApiError::Overloaded { retry_after_secs }
+            | ApiError::NotReady { retry_after_secs }
             | ApiError::Unavailable {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
@@ -115,7 +124,39 @@ impl ApiError {
         }
     }
 
+    /// Why the request was refused, from a closed set: the `reason` label of
+    /// `gateway_refused_total` and the field of the refusal log line. No `_` arm.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden => "forbidden_company",
+            ApiError::Validation(_) => "invalid_field",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::PayloadTooLarge { .. } => "body_too_large",
+            ApiError::TooManyRecords(_) => "too_many_records",
+            ApiError::RequestTimeout => "body_timeout",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::Overloaded { .. } => "overloaded",
+            ApiError::Unavailable { .. } => "unavailable",
+            ApiError::NotReady { .. } => "not_ready",
+            ApiError::UriTooLong { .. } => "uri_too_long",
+            ApiError::HeadersTooLarge { .. } => "headers_too_large",
+            ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
     fn log(&self) {
+        let reason = self.reason();
+        metrics::counter!("gateway_refused_total", "reason" => reason).increment(1);
+        // A flood of refusals (a misconfigured dialer, a scan) must not flood the log: one
+        // line per reason per 10 seconds, with how many were refused since the last one.
+        // The line carries the reason and message, never the key or the body.
+        if let Some(suppressed) = REFUSAL_LOG.admit(reason) {
+            tracing::info!(reason, status = %self.status(), error = %self, suppressed, "request refused");
+        }
         match self {
             ApiError::Internal(e) => tracing::error!(error = ?e, "internal error"),
             ApiError::Unavailable { source, .. } => {
@@ -124,7 +165,45 @@ impl ApiError {
             ApiError::Overloaded { .. } => {
                 tracing::warn!("in-flight publish limit reached; answered 503")
             }
-            other => tracing::debug!(status = %other.status(), error = %other, "request refused"),
+            _ => {}
+        }
+    }
+}
+
+/// At most one log line per refusal reason per [`RefusalLog::EVERY`].
+pub struct RefusalLog {
+    last: std::sync::Mutex<std::collections::HashMap<&'static str, (std::time::Instant, u64)>>,
+}
+
+static REFUSAL_LOG: std::sync::LazyLock<RefusalLog> = std::sync::LazyLock::new(|| RefusalLog {
+    last: std::sync::Mutex::new(std::collections::HashMap::new()),
+});
+
+impl RefusalLog {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// `Some(suppressed since the last line)` when a line may be written now.
+    fn admit(&self, reason: &'static str) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match last.get_mut(reason) {
+            Some((at, suppressed)) if now.duration_since(*at) < Self::EVERY => {
+                *suppressed += 1;
+                None
+            }
+            Some((at, suppressed)) => {
+                let n = *suppressed;
+                *at = now;
+                *suppressed = 0;
+                Some(n)
+            }
+            None => {
+                last.insert(reason, (now, 0));
+                Some(0)
+            }
         }
     }
 }

@@ -100,7 +100,7 @@ fn timestamp(t: DateTime<Utc>) -> String {
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "Content-Type is not application/json", body = ErrorBody),
         (status = 429, description = "Rate limit exceeded; see Retry-After", body = ErrorBody),
-        (status = 503, description = "Cannot queue right now; retry after Retry-After", body = ErrorBody),
+        (status = 503, description = "Cannot queue right now, or the gateway is starting; retry after Retry-After", body = ErrorBody),
     )
 )]
 pub async fn create_call(
@@ -126,7 +126,12 @@ pub async fn create_call(
         (status = 201, description = "Accepted and durably queued", body = Created),
         (status = 400, description = "Malformed JSON or a field breaks a rule", body = ErrorBody),
         (status = 401, description = "Invalid or missing API key", body = ErrorBody),
-        (status = 503, description = "Cannot queue right now; retry after Retry-After", body = ErrorBody),
+        (status = 403, description = "company_id is not the key's company", body = ErrorBody),
+        (status = 408, description = "Body not received in time", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "Content-Type is not application/json", body = ErrorBody),
+        (status = 429, description = "Rate limit exceeded; see Retry-After", body = ErrorBody),
+        (status = 503, description = "Cannot queue right now, or the gateway is starting; retry after Retry-After", body = ErrorBody),
     )
 )]
 pub async fn create_call_legacy(
@@ -198,8 +203,11 @@ async fn create_call_inner(
         (status = 207, description = "Some records refused; see each item", body = BatchResponse),
         (status = 400, description = "Malformed JSON or no `calls` array", body = ErrorBody),
         (status = 401, description = "Invalid or missing API key", body = ErrorBody),
+        (status = 408, description = "Body not received in time", body = ErrorBody),
         (status = 413, description = "Too many records or too many bytes", body = ErrorBody),
-        (status = 503, description = "At the in-flight limit; retry after Retry-After", body = ErrorBody),
+        (status = 415, description = "Content-Type is not application/json", body = ErrorBody),
+        (status = 429, description = "Rate limit exceeded; see Retry-After", body = ErrorBody),
+        (status = 503, description = "At the in-flight limit, or the gateway is starting; retry after Retry-After", body = ErrorBody),
     )
 )]
 pub async fn create_batch(
@@ -352,6 +360,13 @@ fn item_err(index: usize, e: &ApiError) -> BatchItem {
 
 /// Authenticates and rate-limits; returns the caller and its rate-limit standing.
 fn admit(state: &AppState, headers: &HeaderMap) -> Result<(Principal, RateInfo), ApiError> {
+    // Until the whole key bucket is read, an unknown key may be a valid one not read yet:
+    // 503 + Retry-After (try again), never 401 (which clients treat as final).
+    if !state.keys.is_loaded() {
+        return Err(ApiError::NotReady {
+            retry_after_secs: u64::from(state.serve.retry_after_secs),
+        });
+    }
     let principal = headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
@@ -449,10 +464,13 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// The request id to copy into the envelope. The middleware has already replaced an
+/// unbounded one with a generated id; checked again here because it lands in the stream.
 fn request_id(headers: &HeaderMap) -> Option<String> {
     headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
+        .filter(|id| callcap::envelope::valid_request_id(id))
         .map(str::to_owned)
 }
 

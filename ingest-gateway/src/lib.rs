@@ -15,10 +15,13 @@ pub mod config;
 pub mod error;
 pub mod ingest;
 pub mod keys;
+pub mod nkey;
 pub mod publish;
 pub mod ratelimit;
 pub mod server;
+pub mod tls;
 
+use callcap::config::Role;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +34,7 @@ use tokio::net::TcpListener;
 
 use crate::app::AppState;
 use crate::auth::KeyCache;
-use crate::config::{Cli, Command, KeysCommand};
+use crate::config::{Cli, Command, KeysCommand, NkeyCommand};
 use crate::publish::GroupCommit;
 
 /// Runs what the command line asks: serve (with the Prometheus recorder installed and
@@ -58,6 +61,8 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                 .install_recorder()
                 .context("installing the Prometheus recorder")?;
             publish::describe_metrics();
+            app::describe_metrics();
+            server::describe_metrics();
             serve(&cli, Some(metrics), shutdown_signal()).await
         }
         Some(Command::Keys(cmd)) => {
@@ -73,6 +78,18 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                     .map(|_| ()),
                 KeysCommand::List { company } => keys::list(&store, *company, &mut out).await,
                 KeysCommand::Revoke { key_id } => keys::revoke(&store, key_id, &mut out).await,
+            }
+        }
+        Some(Command::Setup) => {
+            let summary = setup(&cli).await?;
+            println!("{summary}");
+            Ok(())
+        }
+        Some(Command::Nkey(cmd)) => {
+            let mut out = std::io::stdout().lock();
+            match cmd {
+                NkeyCommand::Create { out: path } => nkey::create(path, &mut out),
+                NkeyCommand::Public { seed_file } => nkey::public(seed_file, &mut out),
             }
         }
     }
@@ -91,10 +108,27 @@ pub async fn serve(
     let listener = TcpListener::bind(cli.serve.listen_addr)
         .await
         .with_context(|| format!("binding {}", cli.serve.listen_addr))?;
+    let tls = match (&cli.serve.tls_cert_file, &cli.serve.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let reloading = Arc::new(
+                tls::ReloadingCert::open(cert.clone(), key.clone())
+                    .context("loading the TLS certificate")?,
+            );
+            let acceptor = reloading.acceptor()?;
+            tokio::spawn(reloading.watch(Duration::from_secs(cli.serve.tls_reload_secs)));
+            Some(acceptor)
+        }
+        (None, None) => None,
+        _ => anyhow::bail!("TLS_CERT_FILE and TLS_KEY_FILE must be set together"),
+    };
     let state = connect(cli, metrics).await?;
     tokio::spawn(app::report_readiness(state.clone()));
-    tracing::info!(addr = %listener.local_addr()?, "ingest-gateway listening");
-    server::run(listener, state, shutdown).await?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        https = tls.is_some(),
+        "ingest-gateway listening"
+    );
+    server::run(listener, state, tls, shutdown).await?;
     Ok(())
 }
 
@@ -105,7 +139,7 @@ pub async fn serve(
 pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Result<AppState> {
     let client = cli
         .nats
-        .connect("ingest-gateway")
+        .connect("ingest-gateway", Role::Gateway)
         .await
         .context("connecting to NATS")?;
     let publisher = GroupCommit::start(client, cli.serve.group_commit())
@@ -122,13 +156,13 @@ pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
     let server = publisher.client().server_info();
     callcap::subjects::check_server_version(&server.version).map_err(anyhow::Error::msg)?;
     let js = publisher.context().clone();
-    with_retry("creating the CALLS stream", || {
-        callcap::subjects::ensure_stream(&js, &cli.stream)
+    with_retry("opening the CALLS stream", || {
+        callcap::subjects::open_stream(&js, &cli.stream)
     })
     .await?;
     let fsync_mode = report_fsync_mode(&server, cli.serve.nats_monitor_url.as_deref()).await;
     let bucket = with_retry("opening the API key bucket", || {
-        auth::key_bucket(&js, cli.stream.stream_replicas)
+        auth::open_key_bucket(&js, cli.stream.stream_replicas)
     })
     .await?;
     let keys = Arc::new(KeyCache::default());
@@ -220,6 +254,37 @@ async fn fetch_fsync_mode(monitor_url: &str) -> anyhow::Result<FsyncMode> {
     })
 }
 
+/// Creates the stream and the key bucket, or brings existing ones to the STREAM_*
+/// settings (`ingest-gateway setup`, admin identity). Returns a one-line summary.
+///
+/// # Errors
+/// When NATS is unreachable, refuses the definition, or the identity may not change it.
+pub async fn setup(cli: &Cli) -> anyhow::Result<String> {
+    let client = cli
+        .nats
+        .connect_once("ingest-gateway setup", Role::Admin)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
+    let js = jetstream::new(client);
+    let mut stream = with_retry("creating or updating the CALLS stream", || {
+        callcap::subjects::ensure_stream(&js, &cli.stream)
+    })
+    .await?;
+    with_retry("creating or updating the API key bucket", || {
+        auth::key_bucket(&js, cli.stream.stream_replicas)
+    })
+    .await?;
+    let info = stream.info().await.context("reading the stream back")?;
+    Ok(format!(
+        "stream {} ready: {} replica(s), max age {} s, max {} bytes, {} records held",
+        info.config.name,
+        info.config.num_replicas,
+        info.config.max_age.as_secs(),
+        info.config.max_bytes,
+        info.state.messages
+    ))
+}
+
 /// Opens the key bucket for the `keys` commands.
 ///
 /// # Errors
@@ -227,7 +292,7 @@ async fn fetch_fsync_mode(monitor_url: &str) -> anyhow::Result<FsyncMode> {
 pub async fn key_store(cli: &Cli) -> anyhow::Result<jetstream::kv::Store> {
     let client = cli
         .nats
-        .connect_once("ingest-gateway keys")
+        .connect_once("ingest-gateway keys", Role::Admin)
         .await
         .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
     let js = jetstream::new(client);

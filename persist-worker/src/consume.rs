@@ -53,7 +53,7 @@ pub fn decode(msgs: &[jetstream::Message]) -> Decoded {
         if delivered > 1 {
             metrics::counter!("worker_redeliveries_total").increment(1);
         }
-        match Envelope::decode(&m.payload) {
+        match Envelope::decode_checked(&m.subject, &m.payload) {
             Ok(envelope) => rows.push(Row { seq, envelope }),
             Err(e) => dead.push(DeadLetter {
                 seq,

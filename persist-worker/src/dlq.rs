@@ -88,7 +88,7 @@ pub async fn redrive(
 }
 
 async fn redrive_one(pool: &PgPool, dl: &DeadLetterRow) -> Result<(), String> {
-    let envelope = Envelope::decode(&dl.payload).map_err(|e| e.to_string())?;
+    let envelope = Envelope::decode_checked(&dl.subject, &dl.payload).map_err(|e| e.to_string())?;
     let row = Row {
         seq: u64::try_from(dl.stream_seq).unwrap_or(0),
         envelope,

@@ -15,6 +15,7 @@ pub mod ops;
 pub mod replay;
 pub mod store;
 
+use callcap::config::Role;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -56,7 +57,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Replay(args)) => {
             let client = cli
                 .nats
-                .connect_once("persist-worker replay")
+                .connect_once("persist-worker replay", Role::Admin)
                 .await
                 .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
             let js = jetstream::new(client);
@@ -125,7 +126,7 @@ pub async fn run(
         .context("parsing DATABASE_URL")?;
     let client = cli
         .nats
-        .connect("persist-worker")
+        .connect("persist-worker", Role::Worker)
         .await
         .context("connecting to NATS")?;
     let listener = tokio::net::TcpListener::bind(cli.run.metrics_addr)
@@ -151,7 +152,7 @@ pub async fn run(
         .timeout(Duration::from_millis(cli.nats.nats_request_timeout_ms))
         .build(client);
     let stream = loop {
-        match callcap::subjects::get_or_create_stream(&js, &cli.stream).await {
+        match callcap::subjects::open_stream(&js, &cli.stream).await {
             Ok(s) => break s,
             Err(callcap::subjects::SetupError::Refused(why)) => {
                 anyhow::bail!("setting up the CALLS stream: {why}")

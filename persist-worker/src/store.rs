@@ -10,6 +10,7 @@
 //! - a redelivered message (same sequence), or an older one with nothing to add, changes
 //!   nothing (not even `stored_at`).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -128,16 +129,70 @@ pub async fn write_batch(
 ) -> Result<WriteStats, StoreError> {
     let mut tx = pool.begin().await?;
     let mut stats = WriteStats::default();
+    let (rows, foreign) = split_foreign(&mut tx, rows).await?;
     if !rows.is_empty() {
-        upsert_parents(&mut tx, rows).await?;
-        for round in rounds(rows) {
+        upsert_parents(&mut tx, &rows).await?;
+        for round in rounds(&rows) {
             stats.rows_changed += upsert_calls(&mut tx, &round).await?;
         }
-        sync_follow_ups(&mut tx, rows).await?;
+        sync_follow_ups(&mut tx, &rows).await?;
     }
     stats.dead_letters = insert_dead_letters(&mut tx, dead).await?;
+    stats.dead_letters += insert_dead_letters(&mut tx, &foreign).await?;
     tx.commit().await?;
     Ok(stats)
+}
+
+/// Separates the rows whose `call_history_id` already belongs to another company — in the
+/// table, or to an earlier message of this batch — from the rest, as dead letters.
+///
+/// Ids are derived from the company (see `callcap::identity`), so a genuine record never
+/// meets another company's id; one that does was forged or corrupted, and writing it would
+/// overwrite another company's call. The upsert also refuses such an update (`WHERE
+/// t.company_id = EXCLUDED.company_id`) for the race where two workers insert one id at once.
+async fn split_foreign<'a>(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &'a [Row],
+) -> Result<(Cow<'a, [Row]>, Vec<DeadLetter>), StoreError> {
+    if rows.is_empty() {
+        return Ok((Cow::Borrowed(rows), Vec::new()));
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.envelope.call_history_id).collect();
+    let mut owner: HashMap<Uuid, Uuid> =
+        sqlx::query_as("SELECT id, company_id FROM call_history WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .collect();
+    let mut ordered: Vec<&Row> = rows.iter().collect();
+    ordered.sort_by_key(|r| r.seq);
+    let mut refused = std::collections::HashSet::new();
+    let mut foreign = Vec::new();
+    for row in ordered {
+        let company = row.envelope.record.company_id;
+        let id = row.envelope.call_history_id;
+        if *owner.entry(id).or_insert(company) != company {
+            refused.insert(row.seq);
+            foreign.push(DeadLetter {
+                seq: row.seq,
+                subject: callcap::subjects::ingest_subject(company),
+                reason: format!(
+                    "call_history_id {id} belongs to another company; a record may not overwrite another company's call"
+                ),
+                payload: row.envelope.encode(),
+            });
+        }
+    }
+    if foreign.is_empty() {
+        return Ok((Cow::Borrowed(rows), foreign));
+    }
+    let kept = rows
+        .iter()
+        .filter(|r| !refused.contains(&r.seq))
+        .cloned()
+        .collect();
+    Ok((Cow::Owned(kept), foreign))
 }
 
 /// Splits a batch so that no round holds the same id twice (one `INSERT … ON CONFLICT`
@@ -275,7 +330,7 @@ fn upsert_sql() -> &'static str {
         );
         fills.push("EXCLUDED.received_at < t.received_at".into());
         let applies = format!(
-            "{newer} OR (EXCLUDED.stream_seq < t.stream_seq AND ({}))",
+            "t.company_id = EXCLUDED.company_id AND ({newer} OR (EXCLUDED.stream_seq < t.stream_seq AND ({})))",
             fills.join(" OR ")
         );
         format!(

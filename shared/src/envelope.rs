@@ -36,7 +36,23 @@ pub enum DecodeError {
     Malformed(#[from] serde_json::Error),
     #[error("unsupported envelope version {0} (this build reads version {ENVELOPE_VERSION})")]
     UnsupportedVersion(u64),
+    /// Well-formed, but not something the gateway could have published.
+    #[error("refused: {0}")]
+    Refused(String),
 }
+
+/// Longest `x-request-id` the gateway copies into the envelope; a longer or non-visible
+/// ASCII one is replaced by a generated id (a request id is copied into every record of a
+/// batch, so an unbounded one multiplies into the stream).
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// Whether a request id may be copied into the envelope: 1 to 128 visible ASCII characters.
+pub fn valid_request_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_REQUEST_ID_BYTES && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Longest key id (`auth` creates `k` + 15 characters).
+const MAX_KEY_ID_BYTES: usize = 64;
 
 impl DecodeError {
     /// Never retryable: the bytes will not change.
@@ -86,6 +102,68 @@ impl Envelope {
         }
         Ok(serde_json::from_slice(bytes)?)
     }
+
+    /// Reads a stream message and checks it as the gateway would have built it; the worker
+    /// trusts nothing it reads from the stream.
+    ///
+    /// # Errors
+    /// As [`Envelope::decode`], and [`DecodeError::Refused`] with the reason when the
+    /// subject is not the record's company's, the record breaks a rule the gateway
+    /// enforces, the id is not the one the gateway derives, or a header copy is unbounded.
+    pub fn decode_checked(subject: &str, bytes: &[u8]) -> Result<Self, DecodeError> {
+        let envelope = Self::decode(bytes)?;
+        envelope.check(subject).map_err(DecodeError::Refused)?;
+        Ok(envelope)
+    }
+
+    /// See [`Envelope::decode_checked`].
+    ///
+    /// # Errors
+    /// The reason, as a sentence.
+    pub fn check(&self, subject: &str) -> Result<(), String> {
+        let company = self.record.company_id;
+        if subject != crate::subjects::ingest_subject(company) {
+            return Err(format!(
+                "subject {subject:?} is not the record's company's ({})",
+                crate::subjects::ingest_subject(company)
+            ));
+        }
+        let as_sent = serde_json::to_value(&self.record).map_err(|e| e.to_string())?;
+        match crate::validate::validate(&as_sent) {
+            Ok(record) if record == self.record => {}
+            Ok(_) => return Err("record is not in the form the gateway stores".into()),
+            Err(e) => return Err(format!("record breaks a rule: {e}")),
+        }
+        let derived = crate::identity::call_history_id(&self.record, None);
+        let id = self.call_history_id;
+        let id_ok = if derived.deterministic {
+            id == derived.id
+        } else {
+            // From an Idempotency-Key (v5, the key is not in the envelope) or fresh (v7).
+            matches!(id.get_version_num(), 5 | 7)
+        };
+        if !id_ok {
+            return Err(format!(
+                "call_history_id {id} is not the id the gateway derives for this record"
+            ));
+        }
+        if self.key_id.is_empty()
+            || self.key_id.len() > MAX_KEY_ID_BYTES
+            || !self.key_id.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            return Err("key_id is not a key id".into());
+        }
+        if self
+            .request_id
+            .as_deref()
+            .is_some_and(|r| !valid_request_id(r))
+        {
+            return Err(format!(
+                "request_id must be 1 to {MAX_REQUEST_ID_BYTES} visible ASCII characters"
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -110,5 +188,55 @@ mod tests {
             Envelope::decode(b"not json").unwrap_err(),
             DecodeError::Malformed(_)
         ));
+    }
+
+    fn genuine() -> Envelope {
+        let mut record = CallRecord::new(Uuid::from_u128(2));
+        record.external_call_id = Some("X".into());
+        let id = crate::identity::call_history_id(&record, None).id;
+        Envelope::new(id, Utc::now(), "kabc".into(), Some("req-1".into()), record)
+    }
+
+    #[test]
+    fn what_the_gateway_builds_passes_the_check() {
+        let e = genuine();
+        let subject = crate::subjects::ingest_subject(e.record.company_id);
+        assert_eq!(Envelope::decode_checked(&subject, &e.encode()).unwrap(), e);
+    }
+
+    #[test]
+    fn forged_envelopes_are_refused_with_the_reason() {
+        let e = genuine();
+        let subject = crate::subjects::ingest_subject(e.record.company_id);
+        let refused = |e: &Envelope, subject: &str| match e.check(subject) {
+            Err(reason) => reason,
+            Ok(()) => panic!("{e:?} on {subject} passed the check"),
+        };
+        // Another company's subject, and a subject that is not a company at all.
+        let other = crate::subjects::ingest_subject(Uuid::from_u128(3));
+        assert!(refused(&e, &other).contains("subject"));
+        assert!(refused(&e, "calls.ingest.not-a-uuid").contains("subject"));
+        // An id that is not the derived one (e.g. another company's row).
+        let mut wrong_id = e.clone();
+        wrong_id.call_history_id = Uuid::from_u128(9);
+        assert!(refused(&wrong_id, &subject).contains("call_history_id"));
+        // A record the gateway would refuse.
+        let mut bad = e.clone();
+        bad.record.duration_seconds = Some(-5);
+        assert!(refused(&bad, &subject).contains("rule"));
+        let mut deep = e.clone();
+        let mut details = serde_json::json!({});
+        for _ in 0..40 {
+            details = serde_json::json!({ "a": details });
+        }
+        deep.record.call_details = details.as_object().cloned();
+        assert!(refused(&deep, &subject).contains("call_details"));
+        // Unbounded copies of headers.
+        let mut long_rid = e.clone();
+        long_rid.request_id = Some("r".repeat(MAX_REQUEST_ID_BYTES + 1));
+        assert!(refused(&long_rid, &subject).contains("request_id"));
+        let mut no_key = e;
+        no_key.key_id = String::new();
+        assert!(refused(&no_key, &subject).contains("key_id"));
     }
 }

@@ -247,31 +247,37 @@ fn replica_change_error(
     }
 }
 
-/// Gets the stream, creating it with the configured settings only when it is missing
-/// (a worker never rewrites the gateway's definition; a `STREAM_REPLICAS` that differs
-/// from the stream's is logged and left to the gateway).
+/// Opens the stream for a running gateway or worker: creates it when it is missing (a fresh
+/// deployment comes up with one command), and otherwise uses it as it is. A definition
+/// that differs from the settings is logged, not applied: changing an existing stream is
+/// `ingest-gateway setup`'s job, run with the admin identity — the services' NATS
+/// identities may create the stream but not change or delete it (SECURITY.md).
 ///
 /// # Errors
 /// As [`ensure_stream`].
-pub async fn get_or_create_stream(
+pub async fn open_stream(
     js: &jetstream::Context,
     args: &StreamArgs,
 ) -> Result<stream::Stream, SetupError> {
     match existing_replicas(js, STREAM_NAME).await? {
         Some(existing) => {
-            if let Some(asked) = args.stream_replicas.filter(|n| usize::from(*n) != existing) {
-                tracing::warn!(
-                    stream = STREAM_NAME,
-                    replicas = existing,
-                    asked,
-                    "the stream's replica count differs from STREAM_REPLICAS; the gateway \
-                     applies it, the worker leaves the stream as it is"
-                );
-            }
-            Ok(js
+            let mut s = js
                 .get_stream(STREAM_NAME)
                 .await
-                .map_err(async_nats::Error::from)?)
+                .map_err(async_nats::Error::from)?;
+            let replicas = args.stream_replicas.map_or(existing, usize::from);
+            let wanted = stream_config(args, replicas);
+            let info = s.info().await.map_err(async_nats::Error::from)?;
+            let diffs = differences(&info.config, &wanted);
+            if !diffs.is_empty() {
+                tracing::warn!(
+                    stream = STREAM_NAME,
+                    differences = %diffs.join("; "),
+                    "the stream's definition differs from the STREAM_* settings; it is used \
+                     as it is. Run `ingest-gateway setup` with the admin NATS identity to apply them"
+                );
+            }
+            Ok(s)
         }
         None => {
             let replicas = target_replicas(STREAM_NAME, args.stream_replicas, None, clustered(js))?;
@@ -281,6 +287,57 @@ pub async fn get_or_create_stream(
                 .map_err(async_nats::Error::from)?)
         }
     }
+}
+
+/// The settings of `wanted` that `current` does not have, one sentence each.
+pub fn differences(current: &stream::Config, wanted: &stream::Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut check = |name: &str, now: String, want: String| {
+        if now != want {
+            out.push(format!("{name} is {now}, settings say {want}"));
+        }
+    };
+    check(
+        "subjects",
+        format!("{:?}", current.subjects),
+        format!("{:?}", wanted.subjects),
+    );
+    check(
+        "replicas",
+        current.num_replicas.to_string(),
+        wanted.num_replicas.to_string(),
+    );
+    check(
+        "max_age",
+        format!("{:?}", current.max_age),
+        format!("{:?}", wanted.max_age),
+    );
+    check(
+        "max_bytes",
+        current.max_bytes.to_string(),
+        wanted.max_bytes.to_string(),
+    );
+    check(
+        "duplicate_window",
+        format!("{:?}", current.duplicate_window),
+        format!("{:?}", wanted.duplicate_window),
+    );
+    check(
+        "max_message_size",
+        current.max_message_size.to_string(),
+        wanted.max_message_size.to_string(),
+    );
+    check(
+        "discard",
+        format!("{:?}", current.discard),
+        format!("{:?}", wanted.discard),
+    );
+    check(
+        "allow_atomic_publish",
+        current.allow_atomic_publish.to_string(),
+        wanted.allow_atomic_publish.to_string(),
+    );
+    out
 }
 
 #[cfg(test)]

@@ -26,6 +26,13 @@ pub const MAX_EXTERNAL_ID_BYTES: usize = 255;
 pub const MAX_EXTERNAL_SYSTEM_BYTES: usize = 100;
 /// Longest accepted `recording_url`.
 pub const MAX_URL_BYTES: usize = 2048;
+/// Deepest accepted nesting of `call_details` (the object itself is level 1).
+///
+/// The one nesting limit of the pipeline. The gateway's JSON parser stops at 128 levels
+/// and the worker reads the record two levels down inside the stream envelope, so without
+/// this limit a record nested just under the parser's limit got 201 and could then never be
+/// decoded by the worker. 32 leaves room for any envelope and for a batch body's wrapping.
+pub const MAX_CALL_DETAILS_DEPTH: usize = 32;
 
 /// One rejected field and a sentence that names it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
@@ -109,8 +116,8 @@ pub fn validate_object(obj: &Map<String, Value>) -> Result<CallRecord, Validatio
         ),
         notes: f.string("notes", MAX_NOTES_BYTES),
         call_date: f.timestamp("call_date"),
-        caller_number: f.string("caller_number", MAX_PHONE_BYTES),
-        recipient_number: f.string("recipient_number", MAX_PHONE_BYTES),
+        caller_number: f.no_controls("caller_number", MAX_PHONE_BYTES),
+        recipient_number: f.no_controls("recipient_number", MAX_PHONE_BYTES),
         duration_seconds: f.duration("duration_seconds"),
         recording_url: f.url("recording_url"),
         call_status: f.one_of(
@@ -120,8 +127,8 @@ pub fn validate_object(obj: &Map<String, Value>) -> Result<CallRecord, Validatio
         ),
         start_time: f.timestamp("start_time"),
         end_time: f.timestamp("end_time"),
-        external_call_id: f.non_empty_string("external_call_id", MAX_EXTERNAL_ID_BYTES),
-        external_system: f.non_empty_string("external_system", MAX_EXTERNAL_SYSTEM_BYTES),
+        external_call_id: f.identifier("external_call_id", MAX_EXTERNAL_ID_BYTES),
+        external_system: f.identifier("external_system", MAX_EXTERNAL_SYSTEM_BYTES),
         next_follow_up: f.date("next_follow_up"),
         next_follow_up_time: f.time("next_follow_up_time"),
         auto_call_followup: f.boolean("auto_call_followup"),
@@ -145,7 +152,7 @@ struct Fields<'a> {
     errors: Vec<FieldError>,
 }
 
-impl Fields<'_> {
+impl<'a> Fields<'a> {
     fn fail(&mut self, field: &str, message: impl Into<String>) {
         self.errors.push(FieldError {
             field: field.to_owned(),
@@ -154,7 +161,7 @@ impl Fields<'_> {
     }
 
     /// The field's value, with `null` read as absent.
-    fn get(&self, field: &str) -> Option<&Value> {
+    fn get(&self, field: &str) -> Option<&'a Value> {
         self.obj.get(field).filter(|v| !v.is_null())
     }
 
@@ -182,8 +189,24 @@ impl Fields<'_> {
         Some(s)
     }
 
-    fn non_empty_string(&mut self, field: &str, max_bytes: usize) -> Option<String> {
+    /// A string without control characters (U+0000-U+001F, U+007F-U+009F).
+    fn no_controls(&mut self, field: &str, max_bytes: usize) -> Option<String> {
         let s = self.string(field, max_bytes)?;
+        if s.chars().any(char::is_control) {
+            self.fail(
+                field,
+                format!("{field} must not contain control characters"),
+            );
+            return None;
+        }
+        Some(s)
+    }
+
+    /// A part of the record's identity: non-empty and without control characters, so the
+    /// separator the id derivation joins the parts with (U+001F) can never occur in one
+    /// and two different calls can never derive the same `call_history_id`.
+    fn identifier(&mut self, field: &str, max_bytes: usize) -> Option<String> {
+        let s = self.no_controls(field, max_bytes)?;
         if s.trim().is_empty() {
             self.fail(field, format!("{field} must not be empty"));
             return None;
@@ -221,8 +244,14 @@ impl Fields<'_> {
 
     fn timestamp(&mut self, field: &str) -> Option<DateTime<Utc>> {
         let s = self.str_of(field, "an ISO 8601 (RFC 3339) timestamp string")?;
-        match DateTime::parse_from_rfc3339(&s) {
-            Ok(t) => Some(t.with_timezone(&Utc)),
+        // Kept to the microsecond, Postgres' precision, so the stored value is the
+        // validated one (a leap second becomes the next second's start, as in Postgres).
+        match DateTime::parse_from_rfc3339(&s)
+            .ok()
+            .and_then(|t| DateTime::from_timestamp_micros(t.timestamp_micros()))
+            .ok_or(())
+        {
+            Ok(t) => Some(t),
             Err(_) => {
                 self.fail(
                     field,
@@ -289,42 +318,72 @@ impl Fields<'_> {
         }
     }
 
+    /// An absolute http(s) URL, returned in its parsed (normalised) form: what is stored
+    /// is exactly what was validated. Control characters are refused outright rather than
+    /// silently dropped by the URL parser (a CR LF inside a URL is an injection attempt).
     fn url(&mut self, field: &str) -> Option<String> {
         let s = self.string(field, MAX_URL_BYTES)?;
-        let ok = url::Url::parse(&s)
-            .map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-            .unwrap_or(false);
-        if !ok {
+        let parsed = if s.chars().any(char::is_control) {
+            None
+        } else {
+            url::Url::parse(&s)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+        };
+        let Some(u) = parsed else {
             self.fail(field, format!("{field} must be an absolute http(s) URL"));
             return None;
-        }
-        Some(s)
-    }
-
-    fn details(&mut self, field: &str) -> Option<Map<String, Value>> {
-        let map = match self.get(field)? {
-            Value::Object(map) => map.clone(),
-            _ => {
-                self.fail(field, format!("{field} must be a JSON object"));
-                return None;
-            }
         };
-        let size = serde_json::to_vec(&map)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
-        if size > MAX_CALL_DETAILS_BYTES {
+        if u.as_str().len() > MAX_URL_BYTES {
             self.fail(
                 field,
-                format!("{field} must be at most {MAX_CALL_DETAILS_BYTES} bytes of JSON"),
+                format!("{field} must be at most {MAX_URL_BYTES} bytes"),
             );
             return None;
         }
-        if contains_nul(&Value::Object(map.clone())) {
-            // Postgres jsonb cannot hold U+0000; refuse it here rather than dead-letter it later.
-            self.fail(field, format!("{field} must not contain NUL characters"));
+        Some(u.into())
+    }
+
+    fn details(&mut self, field: &str) -> Option<Map<String, Value>> {
+        let value = self.get(field)?;
+        let Value::Object(map) = value else {
+            self.fail(field, format!("{field} must be a JSON object"));
             return None;
+        };
+        let size = serde_json::to_vec(map)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
+        let problem = if size > MAX_CALL_DETAILS_BYTES {
+            Some(format!(
+                "{field} must be at most {MAX_CALL_DETAILS_BYTES} bytes of JSON"
+            ))
+        } else if depth(value) > MAX_CALL_DETAILS_DEPTH {
+            Some(format!(
+                "{field} must not be nested more than {MAX_CALL_DETAILS_DEPTH} levels deep"
+            ))
+        } else if contains_nul(value) {
+            // Postgres jsonb cannot hold U+0000; refuse it here rather than dead-letter it later.
+            Some(format!("{field} must not contain NUL characters"))
+        } else {
+            None
+        };
+        let map = map.clone();
+        match problem {
+            Some(message) => {
+                self.fail(field, message);
+                None
+            }
+            None => Some(map),
         }
-        Some(map)
+    }
+}
+
+/// Nesting depth of a JSON value: 0 for a scalar, 1 for a flat object or array.
+fn depth(v: &Value) -> usize {
+    match v {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        _ => 0,
     }
 }
 
@@ -466,6 +525,26 @@ mod tests {
                 "call_details",
             ),
             (
+                json!({"company_id": COMPANY, "external_call_id": "X\u{1f}Y"}),
+                "external_call_id",
+            ),
+            (
+                json!({"company_id": COMPANY, "external_system": "sysA\n"}),
+                "external_system",
+            ),
+            (
+                json!({"company_id": COMPANY, "caller_number": "+1555\r\n"}),
+                "caller_number",
+            ),
+            (
+                json!({"company_id": COMPANY, "recording_url": "https://x.example/a\r\nSet-Cookie: y"}),
+                "recording_url",
+            ),
+            (
+                json!({"company_id": COMPANY, "call_details": nested(MAX_CALL_DETAILS_DEPTH + 1)}),
+                "call_details",
+            ),
+            (
                 json!({"company_id": COMPANY, "auto_call_followup": "yes"}),
                 "auto_call_followup",
             ),
@@ -530,6 +609,46 @@ mod tests {
         for v in [json!([]), json!("x"), json!(1), json!(null)] {
             assert_eq!(err_fields(v), ["body"]);
         }
+    }
+
+    /// An object nested `levels` deep: `{"a":{"a":…{}}}`.
+    fn nested(levels: usize) -> Value {
+        (1..levels).fold(json!({}), |inner, _| json!({ "a": inner }))
+    }
+
+    #[test]
+    fn call_details_depth_is_bounded_at_the_limit() {
+        let ok = json!({"company_id": COMPANY, "call_details": nested(MAX_CALL_DETAILS_DEPTH)});
+        assert!(validate(&ok).is_ok());
+        let deep =
+            json!({"company_id": COMPANY, "call_details": nested(MAX_CALL_DETAILS_DEPTH + 1)});
+        assert_eq!(err_fields(deep), ["call_details"]);
+    }
+
+    #[test]
+    fn timestamps_keep_the_precision_postgres_stores() {
+        let r = validate(&json!({"company_id": COMPANY, "start_time": "2025-11-25T10:30:00.123456789Z", "end_time": "2025-12-31T23:59:60.5Z"}))
+            .unwrap();
+        assert_eq!(
+            r.start_time.unwrap().to_rfc3339(),
+            "2025-11-25T10:30:00.123456+00:00"
+        );
+        assert_eq!(
+            r.end_time.unwrap().to_rfc3339(),
+            "2026-01-01T00:00:00.500+00:00"
+        );
+    }
+
+    #[test]
+    fn recording_url_is_stored_as_validated() {
+        let r = validate(
+            &json!({"company_id": COMPANY, "recording_url": "HTTPS://Rec.Example.com/a b.mp3"}),
+        )
+        .unwrap();
+        assert_eq!(
+            r.recording_url.as_deref(),
+            Some("https://rec.example.com/a%20b.mp3")
+        );
     }
 
     proptest::proptest! {

@@ -59,7 +59,10 @@ impl NatsCluster {
                         .map_or(*port, |p| p.addr.port());
                     env.push((
                         format!("CALLCAP_ROUTE_{}", j + 1),
-                        format!("nats://127.0.0.1:{target}"),
+                        format!(
+                            "nats://callcap-route:{}@127.0.0.1:{target}",
+                            crate::identities::identities().route_password
+                        ),
                     ));
                 }
                 let node = NatsServer::prepare(NatsConfig::ClusterNode, env);
@@ -142,8 +145,7 @@ impl NatsCluster {
         let name = crate::eventually(Duration::from_secs(30), "a stream leader", || {
             let seeds = seeds.clone();
             async move {
-                let addrs: Vec<&str> = seeds.split(',').collect();
-                let client = async_nats::connect(addrs).await.ok()?;
+                let client = crate::identities::try_connect(&seeds).await?;
                 let js = async_nats::jetstream::new(client);
                 let mut s = js.get_stream(stream).await.ok()?;
                 s.info().await.ok()?.cluster.as_ref()?.leader.clone()
@@ -183,9 +185,7 @@ pub async fn wait_stream_copies(seeds: &str, stream: &str, copies: usize) {
         || {
             let (seeds, stream) = (seeds.clone(), stream.clone());
             async move {
-                let client = async_nats::connect(seeds.split(',').collect::<Vec<_>>())
-                    .await
-                    .ok()?;
+                let client = crate::identities::try_connect(&seeds).await?;
                 let js = async_nats::jetstream::new(client);
                 let mut s = js.get_stream(&stream).await.ok()?;
                 let info = s.info().await.ok()?;
@@ -207,9 +207,7 @@ pub async fn wait_consumer_copies(seeds: &str, stream: &str, consumer: &str, cop
         || {
             let (seeds, stream, consumer) = (seeds.clone(), stream.clone(), consumer.clone());
             async move {
-                let client = async_nats::connect(seeds.split(',').collect::<Vec<_>>())
-                    .await
-                    .ok()?;
+                let client = crate::identities::try_connect(&seeds).await?;
                 let js = async_nats::jetstream::new(client);
                 let s = js.get_stream(&stream).await.ok()?;
                 let mut c = s

@@ -2,6 +2,7 @@
 //!
 //! - [`nats`]: a private `nats-server -js` per test (free port, temp store) that a test can
 //!   stop, kill and restart on the same port and store;
+//! - [`identities`]: the NATS identities (nkeys) the shipped configs require;
 //! - [`db`]: a fresh, migrated, UUID-named Postgres database per test, dropped afterwards;
 //! - [`proxy`]: a TCP proxy in front of Postgres that a test can cut, so "Postgres refuses
 //!   connections" is real without disturbing the shared server;
@@ -12,12 +13,14 @@
 
 pub mod cluster;
 pub mod db;
+pub mod identities;
 pub mod load;
 pub mod nats;
 pub mod payloads;
 pub mod pipeline;
 pub mod powerfs;
 pub mod proxy;
+pub mod tls;
 
 use std::future::Future;
 use std::time::Duration;

@@ -45,10 +45,7 @@ pub async fn stream_envelopes(nats_url: &str) -> Vec<(u64, callcap::Envelope)> {
     use async_nats::jetstream::consumer::{pull, DeliverPolicy};
     use futures::StreamExt;
     // A seed list (a cluster) as well as one URL.
-    let seeds: Vec<&str> = nats_url.split(',').collect();
-    let client = async_nats::connect(seeds)
-        .await
-        .expect("connecting to NATS");
+    let client = crate::identities::connect(nats_url).await;
     let js = async_nats::jetstream::new(client);
     let Ok(mut stream) = js.get_stream(callcap::subjects::STREAM_NAME).await else {
         return Vec::new();
@@ -136,7 +133,8 @@ impl NatsServer {
 
     /// A stopped server with `config`, `env` and its own ports and store; `spawn` starts
     /// it without waiting (cluster nodes only answer once a quorum is up).
-    pub fn prepare(config: NatsConfig, env: Vec<(String, String)>) -> Self {
+    pub fn prepare(config: NatsConfig, mut env: Vec<(String, String)>) -> Self {
+        env.extend(crate::identities::identities().server_env());
         let dir = tempfile::tempdir().expect("creating a temp dir for the nats-server");
         let store_dir = dir.path().join("js");
         NatsServer {
@@ -220,7 +218,7 @@ impl NatsServer {
             || {
                 let url = url.clone();
                 async move {
-                    let client = async_nats::connect(url).await.ok()?;
+                    let client = crate::identities::try_connect(&url).await?;
                     let js = async_nats::jetstream::new(client);
                     js.query_account().await.ok().map(|_| ())
                 }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use callcap::config::{NatsArgs, StreamArgs};
+use callcap::config::{Role, StreamArgs};
 use callcap::telemetry::LogFormat;
 use ingest_gateway::app::AppState;
 use ingest_gateway::config::ServeArgs;
@@ -29,7 +29,7 @@ pub struct TestGateway {
 pub fn gateway_cli(nats_url: &str, serve: ServeArgs) -> ingest_gateway::config::Cli {
     ingest_gateway::config::Cli {
         command: None,
-        nats: NatsArgs::new(nats_url),
+        nats: crate::identities::nats_args(nats_url, Role::Gateway),
         stream: StreamArgs::default(),
         serve,
         log_format: LogFormat::Text,
@@ -62,7 +62,7 @@ impl TestGateway {
         let shutdown = cancel.clone().cancelled_owned();
         let run_state = state.clone();
         let task = tokio::spawn(async move {
-            ingest_gateway::server::run(listener, run_state, shutdown)
+            ingest_gateway::server::run(listener, run_state, None, shutdown)
                 .await
                 .expect("gateway server");
         });
@@ -148,8 +148,16 @@ impl TestGateway {
 }
 
 /// Creates a key in the bucket on `nats_url`; returns the secret (the last line printed).
+/// The gateway's CLI as the operator runs its admin commands (`keys`, `setup`): with the
+/// admin NATS identity.
+pub fn admin_cli(nats_url: &str) -> ingest_gateway::config::Cli {
+    let mut cli = gateway_cli(nats_url, ServeArgs::default());
+    cli.nats = crate::identities::nats_args(nats_url, Role::Admin);
+    cli
+}
+
 pub async fn create_key(nats_url: &str, company: Uuid) -> String {
-    let cli = gateway_cli(nats_url, ServeArgs::default());
+    let cli = admin_cli(nats_url);
     let store = ingest_gateway::key_store(&cli)
         .await
         .expect("opening the key bucket");
@@ -173,7 +181,7 @@ pub fn worker_cli(nats_url: &str, db_url: &str, run: RunArgs) -> persist_worker:
             database_url: db_url.to_owned(),
             db_max_connections: 4,
         },
-        nats: NatsArgs::new(nats_url),
+        nats: crate::identities::nats_args(nats_url, Role::Worker),
         stream: StreamArgs::default(),
         run,
         log_format: LogFormat::Text,
@@ -223,6 +231,15 @@ impl TestWorker {
     }
 }
 
+/// The seed file of `role`'s NATS identity, for `NATS_NKEY_FILE`.
+pub fn seed_path(role: Role) -> String {
+    crate::identities::identities()
+        .of(role)
+        .seed_file
+        .display()
+        .to_string()
+}
+
 /// A service binary run as its own process.
 pub struct Process {
     child: Option<Child>,
@@ -257,6 +274,7 @@ impl Process {
     ) -> Self {
         let mut env = vec![
             ("NATS_URL", nats_url.to_owned()),
+            ("NATS_NKEY_FILE", seed_path(Role::Worker)),
             ("DATABASE_URL", db_url.to_owned()),
             ("METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
             ("ACK_WAIT_SECS", "2".to_owned()),
@@ -270,10 +288,34 @@ impl Process {
     pub fn gateway(bin: &str, nats_url: &str, port: u16, extra: &[(&str, String)]) -> Self {
         let mut env = vec![
             ("NATS_URL", nats_url.to_owned()),
+            ("NATS_NKEY_FILE", seed_path(Role::Gateway)),
             ("LISTEN_ADDR", format!("127.0.0.1:{port}")),
         ];
         env.extend(extra.iter().cloned());
         Self::spawn(bin, &[], &env)
+    }
+
+    /// The real `ingest-gateway` binary on a free port, once `/readyz` answers 200;
+    /// returns it and its base URL.
+    pub async fn gateway_ready(
+        bin: &str,
+        nats_url: &str,
+        extra: &[(&str, String)],
+    ) -> (Self, String) {
+        let port = crate::free_port();
+        let gw = Self::gateway(bin, nats_url, port, extra);
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        crate::eventually(
+            Duration::from_secs(20),
+            "the gateway binary to be ready",
+            || async {
+                let r = http.get(format!("{base}/readyz")).send().await.ok()?;
+                (r.status() == StatusCode::OK).then_some(())
+            },
+        )
+        .await;
+        (gw, base)
     }
 
     /// The OS process id.

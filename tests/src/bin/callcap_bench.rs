@@ -216,7 +216,7 @@ async fn broker(
     in_flight: usize,
     atomic_batch: Option<usize>,
 ) -> anyhow::Result<()> {
-    let client = async_nats::connect(nats_url).await?;
+    let client = callcap_tests::identities::connect(nats_url).await;
     let js = jetstream::ContextBuilder::new()
         .max_ack_inflight(in_flight * 2)
         .build(client);

@@ -297,7 +297,7 @@ async fn two_of_three_nodes_down_means_503_never_201_then_recovery() {
 }
 
 #[tokio::test]
-async fn stream_replicas_is_applied_to_the_stream_the_key_bucket_and_the_consumer() {
+async fn stream_replicas_is_applied_by_setup_to_the_stream_the_key_bucket_and_the_consumer() {
     use callcap::subjects::{CONSUMER_NAME, KEYS_BUCKET_STREAM};
     use callcap_tests::cluster::wait_consumer_copies;
     let cluster = NatsCluster::start().await;
@@ -325,10 +325,22 @@ async fn stream_replicas_is_applied_to_the_stream_the_key_bucket_and_the_consume
         .expect("a gateway without STREAM_REPLICAS");
     wait_stream_copies(&seeds, STREAM_NAME, 1).await;
 
-    // Asked for 3: everything is replicated to all three nodes, the consumer included.
+    // A serving gateway asked for 3 does not change the existing stream either: its NATS
+    // identity may create the stream but not change it.
     let _third = ingest_gateway::connect(&gateway_with(Some(3)), None)
         .await
         .expect("a gateway with STREAM_REPLICAS=3");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_stream_copies(&seeds, STREAM_NAME, 1).await;
+
+    // `ingest-gateway setup` (admin identity) asked for 3: everything is replicated to all
+    // three nodes, the consumer included.
+    let mut admin = callcap_tests::pipeline::admin_cli(&seeds);
+    admin.stream.stream_replicas = Some(3);
+    let summary = ingest_gateway::setup(&admin)
+        .await
+        .expect("setup with 3 replicas");
+    assert!(summary.contains("3 replica"), "{summary}");
     wait_stream_copies(&seeds, STREAM_NAME, 3).await;
     wait_stream_copies(&seeds, KEYS_BUCKET_STREAM, 3).await;
     wait_consumer_copies(&seeds, STREAM_NAME, CONSUMER_NAME, 3).await;

@@ -188,6 +188,35 @@ fn deployments_use_only_settings_probes_and_ports_the_binaries_have() {
                 "{file}: {var} from a missing secret key {key}"
             );
         }
+        // The NATS identity: a secret volume holding the file NATS_NKEY_FILE names.
+        let pod = &dep["spec"]["template"]["spec"];
+        let nkey_file = container_env(dep)
+            .into_iter()
+            .find(|(k, _)| k == "NATS_NKEY_FILE")
+            .and_then(|(_, v)| v["value"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| panic!("{file}: no NATS_NKEY_FILE"));
+        let (dir, name) = nkey_file.rsplit_once('/').unwrap();
+        let mount = pod["containers"][0]["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"] == dir)
+            .unwrap_or_else(|| panic!("{file}: nothing mounted at {dir}"));
+        let volume = pod["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap();
+        let secret = find(
+            &secrets,
+            "Secret",
+            volume["secret"]["secretName"].as_str().unwrap(),
+        );
+        assert!(
+            !secret["stringData"][name].is_null(),
+            "{file}: the identity secret has no {name}"
+        );
     }
 }
 
@@ -249,6 +278,62 @@ fn the_helm_values_run_the_server_as_the_tests_do() {
         );
     }
     assert!(conf.contains("sync_interval: always"));
+
+    // The same identities and permissions as deploy/nats/identities.conf, which every
+    // test runs (and `security::each_nats_identity…` checks).
+    let identities = std::fs::read_to_string(repo().join("deploy/nats/identities.conf")).unwrap();
+    let block = |name: &str| -> Vec<String> {
+        let start = identities.find(&format!("{name} = {{")).unwrap();
+        let end = start + identities[start..].find("\n  }\n").unwrap();
+        identities[start..end]
+            .lines()
+            .map(|l| l.split('#').next().unwrap().trim())
+            .filter(|l| l.starts_with('"'))
+            .map(|l| l.trim_matches('"').to_owned())
+            .collect()
+    };
+    let users = config["merge"]["authorization"]["users"]
+        .as_sequence()
+        .unwrap();
+    for (i, name) in ["GATEWAY", "WORKER"].iter().enumerate() {
+        let perms = &users[i]["permissions"];
+        let mut helm: Vec<String> = perms["publish"]["allow"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .chain(perms["subscribe"]["allow"].as_sequence().unwrap())
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect();
+        let mut shipped = block(name);
+        // identities.conf writes the subscribe allow inline: ["_INBOX.x.>"].
+        let inline = identities[identities.find(&format!("{name} = {{")).unwrap()..]
+            .lines()
+            .find(|l| l.trim_start().starts_with("subscribe"))
+            .unwrap()
+            .split('"')
+            .nth(1)
+            .unwrap()
+            .to_owned();
+        shipped.push(inline);
+        helm.sort();
+        shipped.sort();
+        assert_eq!(
+            helm, shipped,
+            "{name}: the Helm values differ from identities.conf"
+        );
+    }
+    assert_eq!(users[2]["permissions"]["publish"], ">");
+    for (user, var) in users.iter().zip([
+        "CALLCAP_GATEWAY_NKEY",
+        "CALLCAP_WORKER_NKEY",
+        "CALLCAP_ADMIN_NKEY",
+    ]) {
+        assert_eq!(user["nkey"].as_str().unwrap(), format!("<< ${var} >>"));
+        assert!(
+            !values["container"]["env"][var].is_null(),
+            "{var} is not given to the server"
+        );
+    }
 }
 
 #[test]

@@ -189,7 +189,7 @@ async fn keys_are_checked_scoped_to_their_company_and_revocable() {
     assert_eq!(body["error"], "Forbidden");
 
     // Revoke through the admin path; the running gateway refuses the key within seconds.
-    let cli = callcap_tests::pipeline::gateway_cli(&nats.url(), Default::default());
+    let cli = callcap_tests::pipeline::admin_cli(&nats.url());
     let store = ingest_gateway::key_store(&cli).await.unwrap();
     let records = ingest_gateway::keys::records(&store, Some(company))
         .await
@@ -402,20 +402,9 @@ async fn openapi_document_covers_every_route() {
 #[tokio::test]
 async fn the_binary_serves_metrics_and_drains_on_sigterm() {
     let nats = NatsServer::start().await;
-    let port = callcap_tests::free_port();
-    let mut gw =
-        callcap_tests::pipeline::Process::gateway(crate::GATEWAY_BIN, &nats.url(), port, &[]);
-    let base = format!("http://127.0.0.1:{port}");
+    let (mut gw, base) =
+        callcap_tests::pipeline::Process::gateway_ready(crate::GATEWAY_BIN, &nats.url(), &[]).await;
     let http = reqwest::Client::new();
-    callcap_tests::eventually(
-        Duration::from_secs(20),
-        "the gateway binary to be ready",
-        || async {
-            let r = http.get(format!("{base}/readyz")).send().await.ok()?;
-            (r.status() == StatusCode::OK).then_some(())
-        },
-    )
-    .await;
     let company = Uuid::new_v4();
     let key = callcap_tests::pipeline::create_key(&nats.url(), company).await;
     callcap_tests::eventually(Duration::from_secs(5), "a 201 from the binary", || async {
@@ -459,6 +448,10 @@ async fn keys_cli_prints_the_key_alone_on_the_last_line_of_stdout() {
             "cli",
         ])
         .env("NATS_URL", nats.url())
+        .env(
+            "NATS_NKEY_FILE",
+            callcap_tests::pipeline::seed_path(callcap::config::Role::Admin),
+        )
         .env("RUST_LOG", "debug")
         .output()
         .await
@@ -483,6 +476,10 @@ async fn keys_cli_prints_the_key_alone_on_the_last_line_of_stdout() {
     let list = tokio::process::Command::new(crate::GATEWAY_BIN)
         .args(["keys", "list", "--company", &company.to_string()])
         .env("NATS_URL", nats.url())
+        .env(
+            "NATS_NKEY_FILE",
+            callcap_tests::pipeline::seed_path(callcap::config::Role::Admin),
+        )
         .output()
         .await
         .unwrap();

@@ -4,12 +4,14 @@
 mod cluster;
 mod deploy;
 mod faults;
+mod fuzz;
 mod gateway;
 mod group_commit;
 mod merge;
 mod overload;
 mod pipeline;
 mod power_loss;
+mod security;
 mod seeds;
 
 /// The service binaries, built from their own `main.rs` by this package.
