@@ -15,6 +15,8 @@
 #                       kubernetes-validate (PyPI; it ships the Kubernetes schemas, so
 #                       validation is offline) and promtool (Debian prometheus).
 #   ensure_rust         checks that cargo is there.
+#   ensure_node         Node.js 18+ (built-in fetch) for examples/test-webhook.js and its
+#                       test; installs Debian's nodejs when none is found.
 #   ensure_nkeys DIR CMD…  the pipeline's NATS identities (SECURITY.md): creates DIR/
 #                       gateway.nk, worker.nk, admin.nk (nkey seeds, mode 0600) and
 #                       route.password when missing, with CMD… being an ingest-gateway
@@ -123,6 +125,20 @@ ensure_deploy_tools() {
     { apt-get install -y -qq --no-install-recommends prometheus >&2 \
       || { apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends prometheus >&2; }; } \
       || die "apt-get install prometheus failed"
+  fi
+  return 0
+}
+
+ensure_node() {
+  local major
+  major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+  if [ "$major" -lt 18 ]; then
+    [ "$(id -u)" -eq 0 ] || die "Node.js 18+ is missing: install Debian's nodejs"
+    log "installing Node.js (Debian nodejs)"
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -qq --no-install-recommends nodejs >&2 \
+      || { apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends nodejs >&2; }; } \
+      || die "apt-get install nodejs failed"
   fi
   return 0
 }

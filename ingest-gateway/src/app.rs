@@ -17,6 +17,8 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::predicate::SizeAbove;
+use tower_http::compression::CompressionLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use utoipa::{OpenApi, ToSchema};
@@ -150,6 +152,14 @@ pub fn app(state: AppState) -> Router {
                         .on_failure(()),
                 )
                 .layer(PropagateRequestIdLayer::new(request_id))
+                // Accept-Encoding honoured where it pays: batch answers (a result per record)
+                // and /metrics; small answers go as they are.
+                .layer(
+                    CompressionLayer::new()
+                        .gzip(true)
+                        .zstd(true)
+                        .compress_when(SizeAbove::new(1024)),
+                )
                 // A bug must cost one request a 500, not the connection or the process.
                 .layer(CatchPanicLayer::custom(|_panic: Box<dyn std::any::Any + Send>| {
                     ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()

@@ -48,9 +48,27 @@ pub enum Command {
     /// the admin NATS identity: a serving gateway creates what is missing but never
     /// changes what exists.
     Setup,
+    /// Check an integration end to end, as `examples/test-webhook.js` does: send the API
+    /// document's Example 1 and Example 2 to a running service with your key, and say
+    /// what happened. Exits 0 when both were created, 1 otherwise.
+    Check(CheckArgs),
     /// NATS identities (nkeys) for the broker's configuration.
     #[command(subcommand)]
     Nkey(NkeyCommand),
+}
+
+/// `ingest-gateway check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The service's base URL (http or https).
+    #[arg(long, env = "CALLCAP_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// Your API key.
+    #[arg(long, env = "CALLCAP_API_KEY", hide_env_values = true)]
+    pub key: String,
+    /// The company id the key belongs to.
+    #[arg(long, env = "CALLCAP_COMPANY_ID")]
+    pub company: Uuid,
 }
 
 /// NATS nkey administration.

@@ -26,6 +26,10 @@ pub enum ApiError {
     BadRequest(String),
     #[error("Content-Type must be application/json")]
     UnsupportedMediaType,
+    #[error(
+        "Content-Encoding {0:?} is not supported; send gzip, deflate, zstd or an uncompressed body"
+    )]
+    UnsupportedEncoding(String),
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
@@ -75,7 +79,9 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::Validation(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::UnsupportedMediaType | ApiError::UnsupportedEncoding(_) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
             ApiError::PayloadTooLarge { .. } | ApiError::TooManyRecords(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -133,6 +139,7 @@ impl ApiError {
             ApiError::Validation(_) => "invalid_field",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::UnsupportedEncoding(_) => "unsupported_encoding",
             ApiError::PayloadTooLarge { .. } => "body_too_large",
             ApiError::TooManyRecords(_) => "too_many_records",
             ApiError::RequestTimeout => "body_timeout",

@@ -90,6 +90,7 @@ fn timestamp(t: DateTime<Utc>) -> String {
     params(
         ("x-api-key" = String, Header, description = "Your API key"),
         ("Idempotency-Key" = Option<String>, Header, description = "Makes retries of a record without external_call_id return the same id"),
+        ("Content-Encoding" = Option<String>, Header, description = "gzip, deflate or zstd (others: 415); the size limits apply to the decompressed body"),
     ),
     responses(
         (status = 201, description = "Accepted and durably queued", body = Created),
@@ -98,7 +99,7 @@ fn timestamp(t: DateTime<Utc>) -> String {
         (status = 403, description = "company_id is not the key's company", body = ErrorBody),
         (status = 408, description = "Body not received in time", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Content-Type is not application/json", body = ErrorBody),
+        (status = 415, description = "Content-Type is not application/json, or an unsupported Content-Encoding", body = ErrorBody),
         (status = 429, description = "Rate limit exceeded; see Retry-After", body = ErrorBody),
         (status = 503, description = "Cannot queue right now, or the gateway is starting; retry after Retry-After", body = ErrorBody),
     )
@@ -121,7 +122,10 @@ pub async fn create_call(
 #[utoipa::path(
     post, path = "/functions/v1/webhook-call-capture", tag = "calls",
     request_body(content = CallRecord, content_type = "application/json"),
-    params(("x-api-key" = String, Header, description = "Your API key")),
+    params(
+        ("x-api-key" = String, Header, description = "Your API key"),
+        ("Content-Encoding" = Option<String>, Header, description = "gzip, deflate or zstd (others: 415); the size limits apply to the decompressed body"),
+    ),
     responses(
         (status = 201, description = "Accepted and durably queued", body = Created),
         (status = 400, description = "Malformed JSON or a field breaks a rule", body = ErrorBody),
@@ -129,7 +133,7 @@ pub async fn create_call(
         (status = 403, description = "company_id is not the key's company", body = ErrorBody),
         (status = 408, description = "Body not received in time", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
-        (status = 415, description = "Content-Type is not application/json", body = ErrorBody),
+        (status = 415, description = "Content-Type is not application/json, or an unsupported Content-Encoding", body = ErrorBody),
         (status = 429, description = "Rate limit exceeded; see Retry-After", body = ErrorBody),
         (status = 503, description = "Cannot queue right now, or the gateway is starting; retry after Retry-After", body = ErrorBody),
     )
@@ -197,7 +201,10 @@ async fn create_call_inner(
 #[utoipa::path(
     post, path = "/v1/calls/batch", tag = "calls",
     request_body(content = BatchRequestDoc, content_type = "application/json"),
-    params(("x-api-key" = String, Header, description = "Your API key")),
+    params(
+        ("x-api-key" = String, Header, description = "Your API key"),
+        ("Content-Encoding" = Option<String>, Header, description = "gzip, deflate or zstd (others: 415); the size limits apply to the decompressed body"),
+    ),
     responses(
         (status = 201, description = "Every record accepted", body = BatchResponse),
         (status = 207, description = "Some records refused; see each item", body = BatchResponse),
@@ -205,7 +212,7 @@ async fn create_call_inner(
         (status = 401, description = "Invalid or missing API key", body = ErrorBody),
         (status = 408, description = "Body not received in time", body = ErrorBody),
         (status = 413, description = "Too many records or too many bytes", body = ErrorBody),
-        (status = 415, description = "Content-Type is not application/json", body = ErrorBody),
+        (status = 415, description = "Content-Type is not application/json, or an unsupported Content-Encoding", body = ErrorBody),
         (status = 429, description = "Rate limit exceeded; see Retry-After", body = ErrorBody),
         (status = 503, description = "At the in-flight limit, or the gateway is starting; retry after Retry-After", body = ErrorBody),
     )
@@ -395,7 +402,51 @@ fn with_rate_headers(mut resp: Response, rate: RateInfo) -> Response {
     resp
 }
 
-/// Checks the content type and reads the body within the size and time limits.
+/// The request body's `Content-Encoding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Identity,
+    Gzip,
+    Deflate,
+    Zstd,
+}
+
+/// Reads `Content-Encoding`: none, `identity`, `gzip` (or `x-gzip`), `deflate` (zlib, as
+/// HTTP defines it) or `zstd`; anything else — including a list of several — is 415.
+fn content_encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> {
+    let mut values = headers.get_all(header::CONTENT_ENCODING).iter();
+    let Some(value) = values.next() else {
+        return Ok(Encoding::Identity);
+    };
+    let raw = value.to_str().unwrap_or("(not text)").trim();
+    if values.next().is_some() || raw.contains(',') {
+        return Err(ApiError::UnsupportedEncoding(
+            headers
+                .get_all(header::CONTENT_ENCODING)
+                .iter()
+                .map(|v| v.to_str().unwrap_or("?"))
+                .collect::<Vec<_>>()
+                .join(", ")
+                .chars()
+                .take(64)
+                .collect(),
+        ));
+    }
+    match raw.to_ascii_lowercase().as_str() {
+        "" | "identity" => Ok(Encoding::Identity),
+        "gzip" | "x-gzip" => Ok(Encoding::Gzip),
+        "deflate" => Ok(Encoding::Deflate),
+        "zstd" => Ok(Encoding::Zstd),
+        _ => Err(ApiError::UnsupportedEncoding(
+            raw.chars().take(64).collect(),
+        )),
+    }
+}
+
+/// Checks the content type and encoding and reads the body within the size and time
+/// limits. A compressed body is decompressed as it arrives and the limit applies to the
+/// decompressed bytes, so a decompression bomb is refused (413) after `limit` bytes
+/// without ever being held whole; the bytes on the wire are bounded by `limit` too.
 async fn read_json_body(
     state: &AppState,
     headers: &HeaderMap,
@@ -410,6 +461,7 @@ async fn read_json_body(
     if !is_json {
         return Err(ApiError::UnsupportedMediaType);
     }
+    let encoding = content_encoding(headers)?;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -417,22 +469,65 @@ async fn read_json_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    match tokio::time::timeout(
-        state.serve.body_timeout(),
-        axum::body::to_bytes(body, limit),
-    )
-    .await
-    {
+    let read = async {
+        if encoding == Encoding::Identity {
+            return axum::body::to_bytes(body, limit).await.map_err(|e| {
+                let too_large = std::error::Error::source(&e)
+                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+                if too_large {
+                    ApiError::PayloadTooLarge { limit }
+                } else {
+                    ApiError::BadRequest(format!("could not read the request body: {e}"))
+                }
+            });
+        }
+        decompress(body, encoding, limit).await
+    };
+    match tokio::time::timeout(state.serve.body_timeout(), read).await {
         Err(_) => Err(ApiError::RequestTimeout),
-        Ok(Ok(bytes)) => Ok(bytes),
-        Ok(Err(e)) => {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if too_large {
+        Ok(result) => result,
+    }
+}
+
+/// Decompresses `body` up to `limit` decompressed bytes (one more means 413).
+async fn decompress(body: Body, encoding: Encoding, limit: usize) -> Result<Bytes, ApiError> {
+    use async_compression::tokio::bufread::{GzipDecoder, ZlibDecoder, ZstdDecoder};
+    use futures::TryStreamExt as _;
+    use tokio::io::AsyncReadExt as _;
+    // The compressed bytes are bounded by the same limit (a body that does not shrink is
+    // no reason to read more of it).
+    let wire = http_body_util::Limited::new(body, limit);
+    let stream = http_body_util::BodyStream::new(wire)
+        // Trailers (never sent by dialers) become empty chunks.
+        .map_ok(|frame| frame.into_data().unwrap_or_default())
+        .map_err(std::io::Error::other);
+    let reader = tokio_util::io::StreamReader::new(stream);
+    let mut decoded: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match encoding {
+        Encoding::Gzip => Box::new(GzipDecoder::new(reader)),
+        Encoding::Deflate => Box::new(ZlibDecoder::new(reader)),
+        Encoding::Zstd => Box::new(ZstdDecoder::new(reader)),
+        Encoding::Identity => Box::new(reader),
+    };
+    let mut out = Vec::with_capacity(limit.min(64 * 1024));
+    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+    match (&mut decoded).take(cap).read_to_end(&mut out).await {
+        Ok(_) if out.len() > limit => Err(ApiError::PayloadTooLarge { limit }),
+        Ok(_) => Ok(Bytes::from(out)),
+        Err(e) => {
+            let wire_too_large = e
+                .get_ref()
+                .is_some_and(|inner| inner.is::<http_body_util::LengthLimitError>());
+            if wire_too_large {
                 Err(ApiError::PayloadTooLarge { limit })
             } else {
+                let name = match encoding {
+                    Encoding::Gzip => "gzip",
+                    Encoding::Deflate => "deflate (zlib)",
+                    Encoding::Zstd => "zstd",
+                    Encoding::Identity => "plain",
+                };
                 Err(ApiError::BadRequest(format!(
-                    "could not read the request body: {e}"
+                    "the body is not valid {name} as its Content-Encoding says: {e}"
                 )))
             }
         }

@@ -11,6 +11,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod check;
 pub mod config;
 pub mod error;
 pub mod ingest;
@@ -84,6 +85,14 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             let summary = setup(&cli).await?;
             println!("{summary}");
             Ok(())
+        }
+        Some(Command::Check(args)) => {
+            let mut out = std::io::stdout().lock();
+            if check::run(args, &mut out).await? {
+                Ok(())
+            } else {
+                anyhow::bail!("the integration check failed")
+            }
         }
         Some(Command::Nkey(cmd)) => {
             let mut out = std::io::stdout().lock();

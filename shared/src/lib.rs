@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod envelope;
+pub mod examples;
 pub mod identity;
 pub mod record;
 pub mod subjects;

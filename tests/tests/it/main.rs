@@ -3,6 +3,8 @@
 
 mod cluster;
 mod deploy;
+mod encoding;
+mod examples;
 mod faults;
 mod fuzz;
 mod gateway;
