@@ -646,9 +646,7 @@ async fn encoded(
     let bodies: Vec<Bytes> = (0..batches)
         .map(|b| {
             let calls: Vec<serde_json::Value> = (0..records)
-                .map(|i| {
-                    callcap_tests::payloads::complete(company, &format!("ENC-{run_id}-{b}-{i}"))
-                })
+                .map(|i| varied(company, &format!("ENC-{run_id}-{b}-{i}")))
                 .collect();
             let json = serde_json::to_vec(&serde_json::json!({ "calls": calls }))
                 .expect("a batch serializes");
@@ -729,4 +727,64 @@ async fn encoded(
         wire_bytes as f64 / plain_bytes as f64,
     );
     Ok(())
+}
+
+/// Example 2 with the values a real dialer's records vary in (lead, agent, numbers,
+/// duration, times, recording, notes) drawn at random, so that a compressed batch is not
+/// just one record repeated.
+fn varied(company: Uuid, external_call_id: &str) -> serde_json::Value {
+    const PHRASES: [&str; 16] = [
+        "Customer interested in premium package.",
+        "Needs time to discuss with spouse.",
+        "Asked for a call back next week.",
+        "Not interested at the moment.",
+        "Wants a quote by email.",
+        "Already a customer, upsell possible.",
+        "Line busy on first attempt.",
+        "Spoke to the assistant, decision maker away.",
+        "Requested product brochure.",
+        "Complained about the previous invoice.",
+        "Happy with the demo.",
+        "Budget approved for next quarter.",
+        "Prefers WhatsApp follow-up.",
+        "Do not call before 10am.",
+        "Transferred to sales manager.",
+        "Left a voicemail.",
+    ];
+    let r = Uuid::new_v4().as_u128();
+    let pick = |shift: u32, n: u128| ((r >> shift) % n) as u64;
+    let mut v = callcap_tests::payloads::complete(company, external_call_id);
+    v["lead_id"] = Uuid::new_v4().to_string().into();
+    v["employee_id"] = Uuid::new_v4().to_string().into();
+    v["caller_number"] = format!("+9198{:08}", pick(0, 100_000_000)).into();
+    v["recipient_number"] = format!("+9191{:08}", pick(27, 100_000_000)).into();
+    let duration = pick(54, 3600);
+    let start = 8 * 3600 + pick(66, 10 * 3600);
+    let end = start + duration;
+    let hms = |t: u64| {
+        format!(
+            "2025-11-25T{:02}:{:02}:{:02}Z",
+            t / 3600,
+            t / 60 % 60,
+            t % 60
+        )
+    };
+    v["duration_seconds"] = duration.into();
+    v["start_time"] = hms(start).into();
+    v["call_date"] = hms(start).into();
+    v["end_time"] = hms(end).into();
+    v["recording_url"] = format!(
+        "https://your-system.com/recordings/{}.mp3",
+        Uuid::new_v4().simple()
+    )
+    .into();
+    v["notes"] = format!(
+        "{} {} {}",
+        PHRASES[pick(80, 16) as usize],
+        PHRASES[pick(84, 16) as usize],
+        PHRASES[pick(88, 16) as usize]
+    )
+    .into();
+    v["call_details"]["agent_name"] = format!("Agent {}", pick(92, 200)).into();
+    v
 }
