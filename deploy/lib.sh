@@ -15,6 +15,7 @@
 #                       kubernetes-validate (PyPI; it ships the Kubernetes schemas, so
 #                       validation is offline) and promtool (Debian prometheus).
 #   ensure_rust         checks that cargo is there.
+#   ensure_chromium     Debian's chromium, headless, for the status pages' browser test.
 #   ensure_node         Node.js 18+ (built-in fetch) for examples/test-webhook.js and its
 #                       test; installs Debian's nodejs when none is found.
 #   ensure_nkeys DIR CMD…  the pipeline's NATS identities (SECURITY.md): creates DIR/
@@ -127,6 +128,16 @@ ensure_deploy_tools() {
       || die "apt-get install prometheus failed"
   fi
   return 0
+}
+
+ensure_chromium() {
+  command -v chromium >/dev/null && return 0
+  [ "$(id -u)" -eq 0 ] || die "chromium is missing: install Debian's chromium (the status pages are tested in it)"
+  log "installing chromium (Debian)"
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get install -y -qq --no-install-recommends chromium >&2 \
+    || { apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends chromium >&2; }; } \
+    || die "apt-get install chromium failed"
 }
 
 ensure_node() {

@@ -88,7 +88,7 @@ impl AppState {
     info(title = "Call Capture API", description = "Submit call records from dialers and telephony systems."),
     paths(
         ingest::create_call, ingest::create_call_legacy, ingest::create_batch,
-        healthz, readyz, metrics_text, openapi_json
+        healthz, readyz, metrics_text, openapi_json, crate::status::status_page
     ),
     components(schemas(
         callcap::CallRecord, callcap::Outcome, callcap::CallStatus, callcap::FieldError,
@@ -130,6 +130,7 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi_json))
+        .route("/status", get(crate::status::status_page))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn(enforce_head_limits))
@@ -260,6 +261,7 @@ async fn record_metrics(req: Request, next: Next) -> Response {
     let method = method_label(req.method());
     let started = Instant::now();
     let response = next.run(req).await;
+    crate::status::record_request(response.status());
     let status = response.status().as_u16().to_string();
     metrics::counter!("gateway_requests_total", "route" => route.clone(), "method" => method, "status" => status)
         .increment(1);

@@ -20,6 +20,7 @@ pub mod nkey;
 pub mod publish;
 pub mod ratelimit;
 pub mod server;
+pub mod status;
 pub mod tls;
 
 use callcap::config::Role;

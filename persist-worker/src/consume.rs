@@ -286,6 +286,7 @@ async fn handle(
                 );
             }
             metrics::counter!("worker_messages_total").increment(msgs.len() as u64);
+            crate::ops::record_batch(decoded.rows.len() as u64, stats.dead_letters);
             metrics::counter!("worker_rows_written_total").increment(stats.rows_changed);
             metrics::counter!("worker_dead_letters_total").increment(stats.dead_letters);
             metrics::histogram!("worker_batch_size").record(msgs.len() as f64);

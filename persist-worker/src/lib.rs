@@ -235,6 +235,7 @@ async fn report_pending(stream: jetstream::stream::Stream, cancel: CancellationT
             if let Ok(info) = c.info().await {
                 metrics::gauge!("worker_consumer_pending").set(info.num_pending as f64);
                 metrics::gauge!("worker_consumer_ack_pending").set(info.num_ack_pending as f64);
+                ops::set_consumer_figures(info.num_pending, info.num_ack_pending as u64);
             }
         }
         tokio::select! {

@@ -1,7 +1,13 @@
-//! The worker's operational HTTP endpoints on `METRICS_ADDR`: `/metrics`, `/readyz`,
-//! `/healthz`. Nothing here touches records.
+//! The worker's operational HTTP endpoints on `METRICS_ADDR`: `/` (the status page),
+//! `/metrics`, `/readyz`, `/healthz`. Nothing here touches records.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::LazyLock;
 use std::time::Duration;
+
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use callcap::recent::{html_escape, page, Window};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -21,6 +27,7 @@ pub struct OpsState {
 /// The ops router.
 pub fn router(state: OpsState) -> Router {
     Router::new()
+        .route("/", get(status_page))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -58,4 +65,106 @@ async fn metrics(State(s): State<OpsState>) -> (StatusCode, String) {
             "metrics recorder not installed\n".into(),
         ),
     }
+}
+
+/// Records stored (0) and dead-lettered (1), per second over the last minute.
+static STORED: LazyLock<Window<2>> = LazyLock::new(Window::default);
+/// The consumer's figures as last read (every 5 s); `u64::MAX` until the first read.
+static PENDING: AtomicU64 = AtomicU64::new(u64::MAX);
+static ACK_PENDING: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Counts a committed batch for the status page.
+pub fn record_batch(stored: u64, dead_letters: u64) {
+    STORED.add(0, stored);
+    STORED.add(1, dead_letters);
+}
+
+/// The consumer's backlog as last read.
+pub fn set_consumer_figures(pending: u64, ack_pending: u64) {
+    PENDING.store(pending, Ordering::Relaxed);
+    ACK_PENDING.store(ack_pending, Ordering::Relaxed);
+}
+
+fn figure(v: u64) -> String {
+    if v == u64::MAX {
+        "not read yet".into()
+    } else {
+        v.to_string()
+    }
+}
+
+/// `GET /`: the worker's status page for an operator without Grafana.
+async fn status_page(State(s): State<OpsState>) -> Response {
+    let nats_ok = s.nats.connection_state() == async_nats::connection::State::Connected;
+    let db = tokio::time::timeout(
+        Duration::from_secs(2),
+        crate::store::recent_dead_letters(&s.pool, 5),
+    )
+    .await;
+    let (db_ok, dead_total, recent) = match db {
+        Ok(Ok((total, recent))) => (true, Some(total), recent),
+        _ => (false, None, Vec::new()),
+    };
+    let state = |ok: bool| {
+        if ok {
+            r#"<span class="ok">OK</span>"#
+        } else {
+            r#"<span class="bad">Unavailable</span>"#
+        }
+    };
+    let [stored, dead] = STORED.rates();
+    let mut reasons = String::new();
+    for (at, reason) in &recent {
+        reasons.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td></tr>\n",
+            at.format("%Y-%m-%d %H:%M:%S UTC"),
+            html_escape(reason)
+        ));
+    }
+    if reasons.is_empty() {
+        reasons.push_str("<tr><td colspan=\"2\">None waiting</td></tr>\n");
+    }
+    let body = format!(
+        r#"<table id="health">
+<thead><tr><th scope="col">Dependency</th><th scope="col">State</th></tr></thead>
+<tbody>
+<tr><td>NATS</td><td>{nats}</td></tr>
+<tr><td>Postgres</td><td>{db}</td></tr>
+</tbody>
+</table>
+<h2>Work</h2>
+<table id="work">
+<thead><tr><th scope="col">Figure</th><th scope="col">Value</th></tr></thead>
+<tbody>
+<tr><td>Records stored per second (this worker)</td><td class="n" id="stored-rate">{stored:.1}</td></tr>
+<tr><td>Dead-lettered per second (this worker)</td><td class="n">{dead:.2}</td></tr>
+<tr><td>Consumer pending (not yet delivered, all workers)</td><td class="n" id="pending">{pending}</td></tr>
+<tr><td>Consumer ack pending (being stored)</td><td class="n" id="ack-pending">{ack_pending}</td></tr>
+<tr><td>Dead letters waiting for redrive</td><td class="n" id="dead-letters">{dead_total}</td></tr>
+</tbody>
+</table>
+<h2>Latest dead letters</h2>
+<table id="reasons">
+<thead><tr><th scope="col">When</th><th scope="col">Reason</th></tr></thead>
+<tbody>
+{reasons}</tbody>
+</table>
+<p><small><code>persist-worker dlq list</code> shows them all; <code>dlq redrive</code> stores them again once the cause is fixed.</small></p>"#,
+        nats = state(nats_ok),
+        db = state(db_ok),
+        pending = figure(PENDING.load(Ordering::Relaxed)),
+        ack_pending = figure(ACK_PENDING.load(Ordering::Relaxed)),
+        dead_total = dead_total.map_or_else(
+            || "unknown (Postgres unavailable)".into(),
+            |n| n.to_string()
+        ),
+    );
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        page("Call Capture worker", &body),
+    )
+        .into_response()
 }

@@ -536,6 +536,27 @@ pub struct DeadLetterRow {
     pub redriven_at: Option<DateTime<Utc>>,
 }
 
+/// How many dead letters wait for redrive, and the newest `limit` of them (when, why).
+///
+/// # Errors
+/// When the database is unavailable.
+pub async fn recent_dead_letters(
+    pool: &PgPool,
+    limit: i64,
+) -> Result<(i64, Vec<(DateTime<Utc>, String)>), StoreError> {
+    let total: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE redriven_at IS NULL")
+            .fetch_one(pool)
+            .await?;
+    let recent = sqlx::query_as(
+        "SELECT failed_at, reason FROM dead_letters WHERE redriven_at IS NULL ORDER BY id DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok((total, recent))
+}
+
 /// Dead letters not yet redriven (all of them with `include_redriven`), oldest first.
 ///
 /// # Errors

@@ -12,6 +12,7 @@ pub mod config;
 pub mod envelope;
 pub mod examples;
 pub mod identity;
+pub mod recent;
 pub mod record;
 pub mod subjects;
 pub mod telemetry;

@@ -336,8 +336,9 @@ async fn send(
     Some(Box::pin(async move {
         let per_message =
             await_batch(&wire, &batch.messages, pending, ack_timeout, &counters).await;
-        metrics::histogram!("gateway_publish_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
+        let took = started.elapsed().as_secs_f64();
+        metrics::histogram!("gateway_publish_duration_seconds").record(took);
+        crate::status::record_publish(took);
         batch.resolve(&per_message);
     }))
 }

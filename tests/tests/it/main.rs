@@ -15,6 +15,7 @@ mod pipeline;
 mod power_loss;
 mod security;
 mod seeds;
+mod status;
 
 /// The service binaries, built from their own `main.rs` by this package.
 pub const WORKER_BIN: &str = env!("CARGO_BIN_EXE_worker-under-test");

@@ -1,0 +1,129 @@
+//! `GET /status`: the gateway's status page for an operator without Grafana — requests
+//! per second by status over the last minute, publish latency percentiles, readiness and
+//! why not. No key needed and nothing secret on it (no keys, no companies, no records).
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use callcap::recent::{html_escape, page, Latencies, Window};
+use std::sync::LazyLock;
+
+use crate::app::AppState;
+
+/// The statuses the gateway answers, in the order the page lists them; anything else is
+/// counted as "other".
+const STATUSES: [u16; 18] = [
+    200, 201, 207, 400, 401, 403, 404, 405, 408, 413, 414, 415, 429, 431, 500, 503, 504, 0,
+];
+
+static REQUESTS: LazyLock<Window<18>> = LazyLock::new(Window::default);
+static PUBLISH: LazyLock<Latencies> = LazyLock::new(Latencies::default);
+
+/// Counts one answered request for the page.
+pub fn record_request(status: StatusCode) {
+    let i = STATUSES
+        .iter()
+        .position(|s| *s == status.as_u16())
+        .unwrap_or(STATUSES.len() - 1);
+    REQUESTS.add(i, 1);
+}
+
+/// Records one publish's time to its JetStream ack for the page.
+pub fn record_publish(seconds: f64) {
+    PUBLISH.record(seconds);
+}
+
+fn ms(v: Option<f64>) -> String {
+    match v {
+        None => "—".into(),
+        Some(x) if x.is_infinite() => "over 10 s".into(),
+        Some(x) => format!("≤ {x} ms"),
+    }
+}
+
+/// Status page for people: readiness, requests/s by status, publish latency (HTML).
+#[utoipa::path(get, path = "/status", tag = "ops", responses((status = 200, description = "HTML status page, refreshing itself", content_type = "text/html")))]
+pub async fn status_page(State(state): State<AppState>) -> Response {
+    let nats = state.publisher.check_ready().await;
+    let keys_loaded = state.keys.is_loaded();
+    let mut why_not = Vec::new();
+    if let Err(e) = &nats {
+        why_not.push(format!("NATS: {e}"));
+    }
+    if !keys_loaded {
+        why_not.push("API keys not loaded yet".to_owned());
+    }
+    let readiness = if why_not.is_empty() {
+        r#"<p>Status: <span class="ok">Ready</span> — taking records.</p>"#.to_owned()
+    } else {
+        format!(
+            r#"<p>Status: <span class="bad">Not ready</span> — {}</p>"#,
+            html_escape(&why_not.join("; "))
+        )
+    };
+    let rates = REQUESTS.rates();
+    let mut rows = String::new();
+    let mut total = 0.0;
+    for (status, rate) in STATUSES.iter().zip(rates) {
+        total += rate;
+        if rate > 0.0 {
+            let name = if *status == 0 {
+                "other".to_owned()
+            } else {
+                format!(
+                    "{status} {}",
+                    StatusCode::from_u16(*status)
+                        .ok()
+                        .and_then(|s| s.canonical_reason())
+                        .unwrap_or("")
+                )
+            };
+            rows.push_str(&format!(
+                "<tr><td>{name}</td><td class=\"n\">{rate:.1}</td></tr>\n"
+            ));
+        }
+    }
+    if rows.is_empty() {
+        rows.push_str("<tr><td colspan=\"2\">No requests in the last minute</td></tr>\n");
+    }
+    let stats = state.publisher.stats();
+    let body = format!(
+        r#"{readiness}
+<p>JetStream fsync: {fsync}. Keys loaded: {keys}.</p>
+<h2>Requests per second, by status</h2>
+<table id="requests">
+<thead><tr><th scope="col">Status</th><th scope="col">Requests/s</th></tr></thead>
+<tbody>
+{rows}<tr><th scope="row">All</th><td class="n" id="requests-total">{total:.1}</td></tr>
+</tbody>
+</table>
+<h2>Publish to JetStream (until the ack)</h2>
+<table id="publish">
+<thead><tr><th scope="col">Figure</th><th scope="col">Value</th></tr></thead>
+<tbody>
+<tr><td>Publishes in the last minute</td><td class="n" id="publish-count">{count}</td></tr>
+<tr><td>p50</td><td class="n">{p50}</td></tr>
+<tr><td>p90</td><td class="n">{p90}</td></tr>
+<tr><td>p99</td><td class="n">{p99}</td></tr>
+<tr><td>Records published since start</td><td class="n" id="records-total">{records}</td></tr>
+<tr><td>Atomic batches since start</td><td class="n">{batches}</td></tr>
+</tbody>
+</table>"#,
+        fsync = html_escape(&state.fsync_mode),
+        keys = state.keys.len(),
+        count = PUBLISH.count(),
+        p50 = ms(PUBLISH.quantile_ms(0.50)),
+        p90 = ms(PUBLISH.quantile_ms(0.90)),
+        p99 = ms(PUBLISH.quantile_ms(0.99)),
+        records = stats.records,
+        batches = stats.batches,
+    );
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        page("Call Capture gateway", &body),
+    )
+        .into_response()
+}
