@@ -122,22 +122,24 @@ ensure_deploy_tools() {
   if ! command -v promtool >/dev/null; then
     [ "$(id -u)" -eq 0 ] || die "promtool is missing: install Debian's prometheus package"
     log "installing promtool (Debian prometheus)"
-    export DEBIAN_FRONTEND=noninteractive
-    { apt-get install -y -qq --no-install-recommends prometheus >&2 \
-      || { apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends prometheus >&2; }; } \
-      || die "apt-get install prometheus failed"
+    apt_install prometheus
   fi
   return 0
+}
+
+# apt_install PKG: Debian's package, refreshing the package lists only when needed.
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get install -y -qq --no-install-recommends "$1" >&2 \
+    || { apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends "$1" >&2; }; } \
+    || die "apt-get install $1 failed"
 }
 
 ensure_chromium() {
   command -v chromium >/dev/null && return 0
   [ "$(id -u)" -eq 0 ] || die "chromium is missing: install Debian's chromium (the status pages are tested in it)"
   log "installing chromium (Debian)"
-  export DEBIAN_FRONTEND=noninteractive
-  { apt-get install -y -qq --no-install-recommends chromium >&2 \
-    || { apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends chromium >&2; }; } \
-    || die "apt-get install chromium failed"
+  apt_install chromium
 }
 
 ensure_node() {
@@ -146,10 +148,7 @@ ensure_node() {
   if [ "$major" -lt 18 ]; then
     [ "$(id -u)" -eq 0 ] || die "Node.js 18+ is missing: install Debian's nodejs"
     log "installing Node.js (Debian nodejs)"
-    export DEBIAN_FRONTEND=noninteractive
-    { apt-get install -y -qq --no-install-recommends nodejs >&2 \
-      || { apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends nodejs >&2; }; } \
-      || die "apt-get install nodejs failed"
+    apt_install nodejs
   fi
   return 0
 }

@@ -422,28 +422,8 @@ mod tests {
 
     #[test]
     fn complete_record_from_the_api_document_is_accepted() {
-        let r = validate(&json!({
-            "company_id": COMPANY,
-            "lead_id": "234e5678-e89b-12d3-a456-426614174001",
-            "employee_id": "345e6789-e89b-12d3-a456-426614174002",
-            "outcome": "follow_up",
-            "notes": "Customer interested",
-            "call_date": "2025-11-25T10:30:00Z",
-            "caller_number": "+919876543210",
-            "recipient_number": "+919123456789",
-            "duration_seconds": 320,
-            "recording_url": "https://your-system.com/recordings/12345.mp3",
-            "call_status": "completed",
-            "start_time": "2025-11-25T10:30:00Z",
-            "end_time": "2025-11-25T10:35:20Z",
-            "external_call_id": "CALL-12345",
-            "external_system": "YourDialer",
-            "next_follow_up": "2025-11-27",
-            "next_follow_up_time": "14:00:00",
-            "auto_call_followup": true,
-            "call_details": {"campaign_id": "CAMP-001", "tags": ["premium"]}
-        }))
-        .unwrap();
+        let company = Uuid::parse_str(COMPANY).unwrap();
+        let r = validate(&crate::examples::complete(company, "CALL-12345")).unwrap();
         assert_eq!(r.duration_seconds, Some(320));
         assert_eq!(r.outcome, Some(Outcome::FollowUp));
         assert_eq!(r.call_status, Some(CallStatus::Completed));

@@ -447,14 +447,16 @@ async fn every_metric_the_alerts_and_dashboard_use_is_exported() {
     })
     .await;
     // Gauges are reported every 5 s.
-    let exported =
+    let (exported, texts) =
         callcap_tests::eventually(Duration::from_secs(30), "both binaries' gauges", || {
             let http = http.clone();
             async move {
                 let mut exported = BTreeSet::new();
+                let mut texts = Vec::new();
                 for port in [gw_port, worker_port] {
                     let url = format!("http://127.0.0.1:{port}/metrics");
                     let text = http.get(url).send().await.ok()?.text().await.ok()?;
+                    texts.push(text.clone());
                     for line in text
                         .lines()
                         .filter(|l| !l.starts_with('#') && !l.is_empty())
@@ -468,11 +470,32 @@ async fn every_metric_the_alerts_and_dashboard_use_is_exported() {
                         }
                     }
                 }
-                (exported.contains("gateway_ready") && exported.contains("worker_consumer_pending"))
-                    .then_some(exported)
+                (exported.contains("gateway_ready")
+                    && exported.contains("worker_consumer_pending")
+                    && exported.contains("worker_batch_size"))
+                .then_some((exported, texts))
             }
         })
         .await;
+    // Every metric says what it is (# HELP), and batch sizes have count buckets.
+    for text in &texts {
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let name = line.split(' ').nth(2).unwrap();
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "{name} has no # HELP line"
+            );
+        }
+    }
+    let worker_text = &texts[1];
+    assert!(
+        worker_text.contains("worker_batch_size_bucket{le=\"1000\"}"),
+        "{worker_text}"
+    );
+    assert!(
+        !worker_text.contains("worker_batch_size_bucket{le=\"0.001\"}"),
+        "{worker_text}"
+    );
     let mut used = 0;
     for (owner, expr) in shipped_queries() {
         for name in expr
