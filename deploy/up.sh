@@ -135,6 +135,11 @@ curl -sS -X POST http://$LISTEN_ADDR/functions/v1/webhook-call-capture \\
   -H "x-api-key: $KEY" \\
   -d '{"company_id": "$COMPANY", "caller_number": "+919876543210", "recipient_number": "+919123456789", "duration_seconds": 180, "outcome": "follow_up", "notes": "Customer interested in service", "external_call_id": "CALL-12345"}'
 
+Check the whole integration (the API document's Example 1 and 2), and watch the status pages:
+
+CALLCAP_URL=http://$LISTEN_ADDR CALLCAP_API_KEY=$KEY CALLCAP_COMPANY_ID=$COMPANY node examples/test-webhook.js
+  gateway status  http://$LISTEN_ADDR/status     worker status  http://$METRICS_ADDR/
+
 Then see it stored:
 
 psql "$DATABASE_URL" -c "select id, outcome, notes, stored_at from call_history order by stored_at desc limit 5"
