@@ -135,6 +135,7 @@ psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS callcap_bench WITH (FORCE)"
 DATABASE_URL="$BENCH_DB_URL" "$B/persist-worker" migrate >/dev/null
 start_nats single.conf
 "$B/callcap-bench" db-ceiling --database-url "$BENCH_DB_URL" --count "$ROWS" | tee -a "$OUT/summary.txt"
+"$B/callcap-bench" db-ceiling --copy --database-url "$BENCH_DB_URL" --count "$ROWS" | tee -a "$OUT/summary.txt"
 "$B/callcap-bench" broker --count "$ROWS" --in-flight 2 --atomic-batch 1000 > /dev/null
 "$B/callcap-bench" worker --database-url "$BENCH_DB_URL" --count "$ROWS" | tee -a "$OUT/summary.txt"
 
@@ -144,6 +145,12 @@ psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS callcap_bench WITH (FORCE)"
 DATABASE_URL="$BENCH_DB_URL" "$B/persist-worker" migrate >/dev/null
 stop_nats; start_nats single.conf
 start_gateway
+KEY=$("$B/ingest-gateway" keys create --company "$COMPANY" --name bench | tail -n1)
+sleep 1
+# The gateway alone, driven by the same client as the end-to-end figure.
+"$B/callcap-bench" e2e --gateway "http://127.0.0.1:$GW_PORT" --key "$KEY" --company "$COMPANY" \
+  --database-url "$BENCH_DB_URL" --seconds "$SECS" --concurrency 128 --post-only | tee -a "$OUT/summary.txt"
+stop_gateway; stop_nats; start_nats single.conf; start_gateway
 DATABASE_URL="$BENCH_DB_URL" METRICS_ADDR=127.0.0.1:19091 RUST_LOG=warn NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/worker.nk" "$B/persist-worker" > "$OUT/worker.log" 2>&1 &
 PIDS+=("$!")
 KEY=$("$B/ingest-gateway" keys create --company "$COMPANY" --name bench | tail -n1)
@@ -176,5 +183,37 @@ if ratios:
 c1 = rows.get("gateway-strict-c1")
 if c1 and fs:
     print(f"1 connection: strict p50 {ms(c1[1]):.3f} ms vs one fsync ({fs.group(1)} ms) + 1 ms = {float(fs.group(1)) + 1:.3f} ms")
+PY
+
+# Every stage next to its ceiling, measured in this run.
+echo "--- every stage against its ceiling (this run)" | tee -a "$OUT/summary.txt"
+python3 - "$OUT/results.tsv" "$OUT/summary.txt" <<'PY' | tee -a "$OUT/summary.txt"
+import sys, re
+rows = {l.split("\t")[0]: l.rstrip("\n").split("\t")[1:] for l in open(sys.argv[1]) if l.strip()}
+summary = open(sys.argv[2]).read()
+def field(prefix, key):
+    m = re.search(rf"^{prefix} .*?\b{key}=([0-9.]+)", summary, re.M)
+    return float(m.group(1)) if m else None
+def rps(name):
+    return float(rows[name][0]) if name in rows else None
+table = []
+worker, unnest, copy = field("worker", "rows_per_sec"), field("db_ceiling", "rows_per_sec"), field("db_ceiling_copy", "rows_per_sec")
+if worker and unnest and copy:
+    best = max(unnest, copy)
+    table.append(("worker, rows/s from a filled stream", f"{worker:.0f}",
+                  f"{best:.0f} (INSERT…UNNEST {unnest:.0f}; COPY+INSERT…SELECT {copy:.0f})", worker / best, "≥ 0.8"))
+gw, ceil = rps("gateway-strict-c256"), rps("http-ceiling-c256")
+if gw and ceil:
+    table.append(("gateway, single POST req/s at 256 conns (strict fsync)", f"{gw:.0f}, p99 {rows['gateway-strict-c256'][2]}",
+                  f"{ceil:.0f}, p99 {rows['http-ceiling-c256'][2]} (bare axum handler)", gw / ceil, "≥ 0.5, p99 ≤ 10 ms"))
+post, e2e = field("e2e_post_only", "records_per_sec"), field("e2e", "records_per_sec")
+lag = field("e2e", "lag_p99_ms")
+if post and e2e and worker:
+    slower = min(post, worker)
+    table.append(("end to end, records/s POST → row (128 clients)", f"{e2e:.0f}, lag p99 {lag} ms",
+                  f"{slower:.0f} (slower of gateway alone {post:.0f}, worker alone {worker:.0f})", e2e / slower, "≥ 0.8, lag p99 ≤ 100 ms"))
+print(f"| {'stage':<55} | {'figure':<22} | {'ceiling (same run)':<60} | ratio | target |")
+for what, fig, c, r, target in table:
+    print(f"| {what:<55} | {fig:<22} | {c:<60} | {r:5.2f} | {target} |")
 PY
 log "done: $OUT/summary.txt"

@@ -15,7 +15,8 @@ use axum::Json;
 use bytes::Bytes;
 use callcap::identity::{self, CallId};
 use callcap::subjects::ingest_subject;
-use callcap::{CallRecord, Envelope, FieldError};
+use callcap::validate::Incoming;
+use callcap::{CallRecord, Envelope, FieldError, ValidationError};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use serde_json::Value;
@@ -155,8 +156,11 @@ async fn create_call_inner(
 ) -> Result<(Created, RateInfo), ApiError> {
     let (principal, rate) = admit(state, headers)?;
     let bytes = read_json_body(state, headers, body, state.serve.max_body_bytes as usize).await?;
-    let value = parse_json(&bytes)?;
-    let record = callcap::validate(&value)?;
+    let record = match serde_json::from_slice::<Incoming>(&bytes) {
+        Ok(incoming) => incoming.validate()?,
+        // Not a well-formed object: the parsed value names what is wrong.
+        Err(_) => callcap::validate(&parse_json(&bytes)?)?,
+    };
     check_company(&principal, &record)?;
     let idem = idempotency_key(headers)?;
     let permit = state
@@ -246,6 +250,42 @@ pub struct BatchRequestDoc {
     calls: Vec<CallRecord>,
 }
 
+/// A batch body as the handler reads it: `calls` (each item read straight into
+/// [`Incoming`]); other keys skipped. Only an object with a `calls` array of objects
+/// deserializes; anything else is read again as a value to report what is wrong.
+struct BatchBody {
+    calls: Vec<Incoming>,
+}
+
+impl<'de> serde::Deserialize<'de> for BatchBody {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectOnly;
+        impl<'de> serde::de::Visitor<'de> for ObjectOnly {
+            type Value = BatchBody;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object with a `calls` array")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<BatchBody, A::Error> {
+                let mut calls = None;
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == "calls" {
+                        calls = Some(map.next_value::<Vec<Incoming>>()?);
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                calls
+                    .map(|calls| BatchBody { calls })
+                    .ok_or_else(|| serde::de::Error::missing_field("calls"))
+            }
+        }
+        deserializer.deserialize_map(ObjectOnly)
+    }
+}
+
 async fn create_batch_inner(
     state: &AppState,
     headers: &HeaderMap,
@@ -253,12 +293,29 @@ async fn create_batch_inner(
 ) -> Result<(StatusCode, BatchResponse, RateInfo), ApiError> {
     let (principal, rate) = admit(state, headers)?;
     let bytes = read_json_body(state, headers, body, state.serve.max_batch_bytes as usize).await?;
-    let value = parse_json(&bytes)?;
-    let Some(Value::Array(calls)) = value.get("calls") else {
-        return Err(ApiError::BadRequest(
-            "body must be an object with a `calls` array".into(),
-        ));
-    };
+    let calls: Vec<Result<Incoming, ValidationError>> =
+        match serde_json::from_slice::<BatchBody>(&bytes) {
+            Ok(body) => body.calls.into_iter().map(Ok).collect(),
+            // Not well-formed, or some item is not an object: read it as a value to say which.
+            Err(_) => {
+                let value = parse_json(&bytes)?;
+                let Some(Value::Array(calls)) = value.get("calls") else {
+                    return Err(ApiError::BadRequest(
+                        "body must be an object with a `calls` array".into(),
+                    ));
+                };
+                calls
+                    .iter()
+                    .map(|call| match call {
+                        Value::Object(obj) => Ok(Incoming::from_object(obj)),
+                        other => match callcap::validate(other) {
+                            Err(e) => Err(e),
+                            Ok(_) => unreachable!("only an object validates"),
+                        },
+                    })
+                    .collect()
+            }
+        };
     let max = state.serve.max_batch_records as usize;
     if calls.len() > max {
         return Err(ApiError::TooManyRecords(format!(
@@ -271,8 +328,9 @@ async fn create_batch_inner(
     // `None` marks a valid record whose publish outcome is not known yet.
     let mut results: Vec<Option<BatchItem>> = Vec::with_capacity(calls.len());
     let mut valid: Vec<(usize, CallId, Outbound)> = Vec::new();
-    for (index, call) in calls.iter().enumerate() {
-        let checked = callcap::validate(call)
+    for (index, call) in calls.into_iter().enumerate() {
+        let checked = call
+            .and_then(Incoming::validate)
             .map_err(ApiError::from)
             .and_then(|r| check_company(&principal, &r).map(|()| r));
         match checked {
@@ -578,7 +636,6 @@ fn prepare(
     received_at: DateTime<Utc>,
 ) -> (CallId, Outbound) {
     let id = identity::call_history_id(&record, idem);
-    let msg_id = identity::msg_id(id.id, &record);
     let subject = ingest_subject(record.company_id);
     let envelope = Envelope::new(
         id.id,
@@ -587,12 +644,14 @@ fn prepare(
         request_id,
         record,
     );
+    // The record is serialized once: the dedup id hashes the bytes the envelope carries.
+    let (record_json, payload) = envelope.encode_with_record();
     (
         id,
         Outbound {
             subject,
-            msg_id,
-            payload: Bytes::from(envelope.encode()),
+            msg_id: identity::msg_id_of(id.id, &record_json),
+            payload: Bytes::from(payload),
         },
     )
 }

@@ -84,6 +84,14 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub batch_size: u32,
 
+    /// Most batches written at once, each in its own transaction on its own connection,
+    /// while the next one is pulled and decoded. Batches that share a call id are never
+    /// written at the same time. Keep below DB_MAX_CONNECTIONS; 1 writes one batch at a
+    /// time.
+    #[arg(long, env = "BATCHES_IN_FLIGHT", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub batches_in_flight: u32,
+
     /// Longest wait for a batch to fill after its first message, in milliseconds.
     #[arg(long, env = "BATCH_LINGER_MS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(0..=10_000))]
@@ -124,6 +132,7 @@ impl Default for RunArgs {
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9091)),
             batch_size: 1000,
             batch_linger_ms: 5,
+            batches_in_flight: 3,
             ack_wait_secs: 30,
             max_deliver: 20,
             max_ack_pending: 20_000,

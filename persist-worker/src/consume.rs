@@ -7,6 +7,7 @@
 //! holding up the rest of its batch. On shutdown it stops pulling, finishes (or hands
 //! back) the batch in hand, and returns.
 
+use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, message::AckKind, stream::Stream};
@@ -14,7 +15,9 @@ use callcap::subjects::CONSUMER_NAME;
 use callcap::Envelope;
 use futures::{FutureExt, StreamExt};
 use sqlx::PgPool;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::config::RunArgs;
 use crate::store::{self, DeadLetter, Row, StoreError, WriteStats};
@@ -183,6 +186,12 @@ where
 /// after the first one, whichever comes first: full transactions under load, a few
 /// milliseconds of added latency when idle.
 ///
+/// Up to `batches_in_flight` batches are written at once, each in its own transaction on
+/// its own connection, while the next one is pulled and decoded: the database's commit
+/// and the worker's decoding overlap instead of taking turns. Stream order matters only
+/// per call id (the merge rules), so a batch that shares an id with one still being
+/// written waits for it: for every call, messages are applied in stream order.
+///
 /// # Errors
 /// When the durable consumer cannot be created or its message stream opened.
 pub async fn run(
@@ -197,9 +206,11 @@ pub async fn run(
     tracing::info!(
         consumer = CONSUMER_NAME,
         batch_size = args.batch_size,
+        batches_in_flight = args.batches_in_flight,
         "consuming"
     );
     let batch = args.batch_size as usize;
+    let mut writing = InFlight::default();
     loop {
         let mut messages = consumer
             .stream()
@@ -211,6 +222,7 @@ pub async fn run(
         loop {
             let first = tokio::select! {
                 () = cancel.cancelled() => {
+                    writing.drain().await;
                     hand_back_prefetched(&mut messages).await;
                     return Ok(());
                 }
@@ -234,13 +246,105 @@ pub async fn run(
             if msgs.is_empty() {
                 continue;
             }
-            if handle(&pool, &args, &cancel, msgs).await == Err(Abandoned::Shutdown) {
+            let started = Instant::now();
+            let decoded = decode(&msgs);
+            let ids: HashSet<Uuid> = decoded
+                .rows
+                .iter()
+                .map(|r| r.envelope.call_history_id)
+                .collect();
+            // Room for this batch: fewer than `batches_in_flight` writing, none of them
+            // with one of its calls.
+            let stopped = writing
+                .wait_for_room(args.batches_in_flight as usize, &ids)
+                .await;
+            if stopped {
+                nak_all(&msgs).await;
+                writing.drain().await;
                 hand_back_prefetched(&mut messages).await;
                 return Ok(());
             }
+            let (pool, args, cancel) = (pool.clone(), args.clone(), cancel.clone());
+            let task =
+                tokio::spawn(
+                    async move { handle(&pool, &args, &cancel, msgs, decoded, started).await },
+                );
+            writing.batches.push_back((ids, task));
         }
         tracing::warn!("pull stream ended; reopening");
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// One batch's write task.
+type Write = JoinHandle<Result<(), Abandoned>>;
+
+/// Batches being written, oldest first, with the call ids each one holds.
+#[derive(Default)]
+struct InFlight {
+    batches: VecDeque<(HashSet<Uuid>, Write)>,
+}
+
+impl InFlight {
+    /// Waits until fewer than `limit` batches are being written and none of them holds
+    /// one of `ids`. Returns true when a write was abandoned for shutdown.
+    async fn wait_for_room(&mut self, limit: usize, ids: &HashSet<Uuid>) -> bool {
+        let mut stopped = false;
+        loop {
+            // Finished writes leave first, whatever their place.
+            let mut still = VecDeque::with_capacity(self.batches.len());
+            for (held, task) in self.batches.drain(..) {
+                if task.is_finished() {
+                    stopped |= Self::outcome(task).await;
+                } else {
+                    still.push_back((held, task));
+                }
+            }
+            self.batches = still;
+            let blocking = self
+                .batches
+                .iter()
+                .position(|(held, _)| !held.is_disjoint(ids));
+            let full = self.batches.len() >= limit.max(1);
+            let wait_for = match (blocking, full) {
+                (Some(i), _) => i,
+                (None, true) => 0,
+                (None, false) => return stopped,
+            };
+            if wait_for > 0 {
+                // Keep the order of the writes ahead of the one waited for.
+                let (held, task) = self.batches.remove(wait_for).expect("index in range");
+                stopped |= Self::outcome(task).await;
+                drop(held);
+            } else if let Some((_, task)) = self.batches.pop_front() {
+                stopped |= Self::outcome(task).await;
+            }
+        }
+    }
+
+    /// Waits for every write in flight.
+    async fn drain(&mut self) {
+        while let Some((_, task)) = self.batches.pop_front() {
+            Self::outcome(task).await;
+        }
+    }
+
+    async fn outcome(task: Write) -> bool {
+        match task.await {
+            Ok(Ok(())) => false,
+            Ok(Err(Abandoned::Shutdown)) => true,
+            Err(e) => {
+                // A panic in a write: its messages were not acked and will be redelivered.
+                tracing::error!(error = %e, "a batch write failed unexpectedly");
+                false
+            }
+        }
+    }
+}
+
+async fn nak_all(msgs: &[jetstream::Message]) {
+    for m in msgs {
+        let _ = m.ack_with(AckKind::Nak(None)).await;
     }
 }
 
@@ -251,15 +355,15 @@ fn usable(m: Result<jetstream::Message, pull::MessagesError>) -> Option<jetstrea
         .ok()
 }
 
-/// Writes one batch and acks it; on shutdown without a write, hands it back.
+/// Writes one decoded batch and acks it; on shutdown without a write, hands it back.
 async fn handle(
     pool: &PgPool,
     args: &RunArgs,
     cancel: &CancellationToken,
     msgs: Vec<jetstream::Message>,
+    decoded: Decoded,
+    started: Instant,
 ) -> Result<(), Abandoned> {
-    let started = Instant::now();
-    let decoded = decode(&msgs);
     let keep_alive = || async {
         for m in &msgs {
             let _ = m.ack_with(AckKind::Progress).await;
@@ -301,9 +405,7 @@ async fn handle(
             Ok(())
         }
         Err(Abandoned::Shutdown) => {
-            for m in &msgs {
-                let _ = m.ack_with(AckKind::Nak(None)).await;
-            }
+            nak_all(&msgs).await;
             Err(Abandoned::Shutdown)
         }
     }
@@ -319,5 +421,71 @@ where
         if let Ok(m) = m {
             let _ = m.ack_with(AckKind::Nak(None)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    fn ids(ns: &[u128]) -> HashSet<Uuid> {
+        ns.iter().map(|n| Uuid::from_u128(*n)).collect()
+    }
+
+    /// A write that finishes after `ms`, logging its name when it does.
+    fn write(
+        name: &'static str,
+        ms: u64,
+        log: &Arc<Mutex<Vec<&'static str>>>,
+    ) -> JoinHandle<Result<(), Abandoned>> {
+        let log = log.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            log.lock().unwrap().push(name);
+            Ok(())
+        })
+    }
+
+    #[tokio::test]
+    async fn a_batch_sharing_a_call_waits_for_the_write_holding_it() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut writing = InFlight::default();
+        writing
+            .batches
+            .push_back((ids(&[1, 2]), write("slow", 300, &log)));
+        writing
+            .batches
+            .push_back((ids(&[3]), write("fast", 10, &log)));
+        // Disjoint from both and below the limit: starts at once.
+        assert!(!writing.wait_for_room(3, &ids(&[4])).await);
+        assert!(log.lock().unwrap().is_empty());
+        // Holds call 2: waits until the write holding it has committed.
+        assert!(!writing.wait_for_room(3, &ids(&[2, 5])).await);
+        assert!(log.lock().unwrap().contains(&"slow"));
+        assert!(writing
+            .batches
+            .iter()
+            .all(|(held, _)| !held.contains(&Uuid::from_u128(2))));
+    }
+
+    #[tokio::test]
+    async fn at_the_limit_the_oldest_write_is_waited_for() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut writing = InFlight::default();
+        writing
+            .batches
+            .push_back((ids(&[1]), write("first", 200, &log)));
+        writing
+            .batches
+            .push_back((ids(&[2]), write("second", 400, &log)));
+        assert!(!writing.wait_for_room(2, &ids(&[3])).await);
+        assert_eq!(*log.lock().unwrap(), ["first"]);
+        assert_eq!(writing.batches.len(), 1);
+        // A write abandoned for shutdown is reported.
+        writing
+            .batches
+            .push_back((ids(&[4]), tokio::spawn(async { Err(Abandoned::Shutdown) })));
+        assert!(writing.wait_for_room(1, &ids(&[4])).await);
     }
 }

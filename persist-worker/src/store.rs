@@ -135,7 +135,6 @@ pub async fn write_batch(
         for round in rounds(&rows) {
             stats.rows_changed += upsert_calls(&mut tx, &round).await?;
         }
-        sync_follow_ups(&mut tx, &rows).await?;
     }
     stats.dead_letters = insert_dead_letters(&mut tx, dead).await?;
     stats.dead_letters += insert_dead_letters(&mut tx, &foreign).await?;
@@ -333,7 +332,7 @@ fn upsert_sql() -> &'static str {
             "t.company_id = EXCLUDED.company_id AND ({newer} OR (EXCLUDED.stream_seq < t.stream_seq AND ({})))",
             fills.join(" OR ")
         );
-        format!(
+        let upsert = format!(
             "INSERT INTO call_history AS t (id, company_id, lead_id, employee_id, outcome, notes, call_date, \
                call_date_given, caller_number, recipient_number, duration_seconds, recording_url, call_status, \
                start_time, end_time, external_call_id, external_system, next_follow_up, next_follow_up_time, \
@@ -350,8 +349,26 @@ fn upsert_sql() -> &'static str {
                duration_seconds, recording_url, call_status, start_time, end_time, external_call_id, external_system, \
                next_follow_up, next_follow_up_time, auto_call_followup, call_details, received_at, stream_seq, key_id) \
              ON CONFLICT (id) DO UPDATE SET {} \
-             WHERE {applies}",
+             WHERE {applies} \
+             RETURNING t.id, t.company_id, t.lead_id, t.employee_id, t.next_follow_up, t.next_follow_up_time, \
+               t.auto_call_followup",
             set.join(", ")
+        );
+        // `follow_ups` follows the rows this statement changed, in the same statement: a
+        // row the merge left alone keeps its follow-up as it was. Sorted by id like the
+        // upsert, so concurrent writers lock follow-ups in the same order.
+        format!(
+            "WITH changed AS ({upsert}), \
+             gone AS (DELETE FROM follow_ups f USING changed c \
+               WHERE f.call_id = c.id AND c.auto_call_followup IS NOT TRUE), \
+             due AS (INSERT INTO follow_ups (call_id, company_id, lead_id, employee_id, due_date, due_time) \
+               SELECT id, company_id, lead_id, employee_id, next_follow_up, next_follow_up_time \
+               FROM changed WHERE auto_call_followup ORDER BY id \
+               ON CONFLICT (call_id) DO UPDATE SET lead_id = EXCLUDED.lead_id, employee_id = EXCLUDED.employee_id, \
+                 due_date = EXCLUDED.due_date, due_time = EXCLUDED.due_time, updated_at = now() \
+               WHERE (follow_ups.lead_id, follow_ups.employee_id, follow_ups.due_date, follow_ups.due_time) \
+                 IS DISTINCT FROM (EXCLUDED.lead_id, EXCLUDED.employee_id, EXCLUDED.due_date, EXCLUDED.due_time)) \
+             SELECT count(*) FROM changed"
         )
     })
 }
@@ -425,7 +442,7 @@ async fn upsert_calls(
     for row in round {
         c.push(row);
     }
-    let done = sqlx::query(upsert_sql())
+    let changed: i64 = sqlx::query_scalar(upsert_sql())
         .bind(&c.id)
         .bind(&c.company_id)
         .bind(&c.lead_id)
@@ -449,46 +466,9 @@ async fn upsert_calls(
         .bind(&c.received_at)
         .bind(&c.stream_seq)
         .bind(&c.key_id)
-        .execute(&mut **tx)
+        .fetch_one(&mut **tx)
         .await?;
-    Ok(done.rows_affected())
-}
-
-/// Keeps `follow_ups` at one row per call whose stored `auto_call_followup` is true.
-async fn sync_follow_ups(
-    tx: &mut Transaction<'_, Postgres>,
-    rows: &[Row],
-) -> Result<(), StoreError> {
-    let mut ids: Vec<Uuid> = rows
-        .iter()
-        .filter(|r| r.envelope.record.auto_call_followup.is_some())
-        .map(|r| r.envelope.call_history_id)
-        .collect();
-    if ids.is_empty() {
-        return Ok(());
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    sqlx::query(
-        "INSERT INTO follow_ups (call_id, company_id, lead_id, employee_id, due_date, due_time) \
-         SELECT id, company_id, lead_id, employee_id, next_follow_up, next_follow_up_time \
-         FROM call_history WHERE id = ANY($1) AND auto_call_followup ORDER BY id \
-         ON CONFLICT (call_id) DO UPDATE SET lead_id = EXCLUDED.lead_id, employee_id = EXCLUDED.employee_id, \
-           due_date = EXCLUDED.due_date, due_time = EXCLUDED.due_time, updated_at = now() \
-         WHERE (follow_ups.lead_id, follow_ups.employee_id, follow_ups.due_date, follow_ups.due_time) \
-           IS DISTINCT FROM (EXCLUDED.lead_id, EXCLUDED.employee_id, EXCLUDED.due_date, EXCLUDED.due_time)",
-    )
-    .bind(&ids)
-    .execute(&mut **tx)
-    .await?;
-    sqlx::query(
-        "DELETE FROM follow_ups f USING call_history c \
-         WHERE f.call_id = c.id AND c.id = ANY($1) AND c.auto_call_followup IS NOT TRUE",
-    )
-    .bind(&ids)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    Ok(u64::try_from(changed).unwrap_or(0))
 }
 
 async fn insert_dead_letters(

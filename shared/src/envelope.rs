@@ -104,35 +104,71 @@ impl Envelope {
     }
 
     /// Reads a stream message and checks it as the gateway would have built it; the worker
-    /// trusts nothing it reads from the stream.
+    /// trusts nothing it reads from the stream. One pass over the bytes: the record is
+    /// read into [`Incoming`] and put through the gateway's own validation, so what is
+    /// stored is exactly what the rules produce.
     ///
     /// # Errors
     /// As [`Envelope::decode`], and [`DecodeError::Refused`] with the reason when the
     /// subject is not the record's company's, the record breaks a rule the gateway
     /// enforces, the id is not the one the gateway derives, or a header copy is unbounded.
     pub fn decode_checked(subject: &str, bytes: &[u8]) -> Result<Self, DecodeError> {
-        let envelope = Self::decode(bytes)?;
-        envelope.check(subject).map_err(DecodeError::Refused)?;
+        let received: Received = match serde_json::from_slice(bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                // Name a version this build does not read rather than its fields.
+                return Err(match serde_json::from_slice::<VersionProbe>(bytes) {
+                    Ok(p) if p.v != u64::from(ENVELOPE_VERSION) => {
+                        DecodeError::UnsupportedVersion(p.v)
+                    }
+                    _ => DecodeError::Malformed(e),
+                });
+            }
+        };
+        if received.v != u64::from(ENVELOPE_VERSION) {
+            return Err(DecodeError::UnsupportedVersion(received.v));
+        }
+        let record = received
+            .record
+            .validate()
+            .map_err(|e| DecodeError::Refused(format!("record breaks a rule: {e}")))?;
+        let envelope = Envelope::new(
+            received.call_history_id,
+            received.received_at,
+            received.key_id,
+            received.request_id,
+            record,
+        );
+        envelope
+            .check_origin(subject)
+            .map_err(DecodeError::Refused)?;
         Ok(envelope)
     }
 
-    /// See [`Envelope::decode_checked`].
+    /// Checks an envelope already in hand as [`Envelope::decode_checked`] checks bytes:
+    /// the record must re-validate to itself.
     ///
     /// # Errors
     /// The reason, as a sentence.
     pub fn check(&self, subject: &str) -> Result<(), String> {
+        let as_sent = serde_json::to_value(&self.record).map_err(|e| e.to_string())?;
+        match crate::validate::validate(&as_sent) {
+            Ok(record) if record == self.record => {}
+            Ok(_) => return Err("record is not in the form the gateway stores".into()),
+            Err(e) => return Err(format!("record breaks a rule: {e}")),
+        }
+        self.check_origin(subject)
+    }
+
+    /// Everything but the record's fields: the subject is the record's company's, the id is
+    /// the one the gateway derives, the key id and request id are bounded.
+    fn check_origin(&self, subject: &str) -> Result<(), String> {
         let company = self.record.company_id;
         if subject != crate::subjects::ingest_subject(company) {
             return Err(format!(
                 "subject {subject:?} is not the record's company's ({})",
                 crate::subjects::ingest_subject(company)
             ));
-        }
-        let as_sent = serde_json::to_value(&self.record).map_err(|e| e.to_string())?;
-        match crate::validate::validate(&as_sent) {
-            Ok(record) if record == self.record => {}
-            Ok(_) => return Err("record is not in the form the gateway stores".into()),
-            Err(e) => return Err(format!("record breaks a rule: {e}")),
         }
         let derived = crate::identity::call_history_id(&self.record, None);
         let id = self.call_history_id;
@@ -164,6 +200,52 @@ impl Envelope {
         }
         Ok(())
     }
+
+    /// The record's canonical bytes (what the publish dedup id hashes) and the envelope's
+    /// bytes, serializing the record once: the envelope embeds the same bytes. Equal to
+    /// `(record.canonical_json(), encode())`.
+    pub fn encode_with_record(&self) -> (Vec<u8>, Vec<u8>) {
+        let record = self.record.canonical_json();
+        let head = Head {
+            v: self.v,
+            call_history_id: self.call_history_id,
+            received_at: self.received_at,
+            key_id: &self.key_id,
+            request_id: self.request_id.as_deref(),
+        };
+        let mut bytes = Vec::with_capacity(record.len() + 192);
+        serde_json::to_writer(&mut bytes, &head).expect("an Envelope always serializes");
+        // `{…}` of the head fields, then the record as the last field, as `encode` writes it.
+        bytes.pop();
+        bytes.extend_from_slice(b",\"record\":");
+        bytes.extend_from_slice(&record);
+        bytes.push(b'}');
+        (record, bytes)
+    }
+}
+
+/// [`Envelope`]'s fields before the record, in its order.
+#[derive(Serialize)]
+struct Head<'a> {
+    v: u32,
+    call_history_id: Uuid,
+    received_at: DateTime<Utc>,
+    key_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
+}
+
+/// An envelope as read off the stream, its record not yet checked.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Received {
+    v: u64,
+    call_history_id: Uuid,
+    received_at: DateTime<Utc>,
+    key_id: String,
+    #[serde(default)]
+    request_id: Option<String>,
+    record: crate::validate::Incoming,
 }
 
 #[cfg(test)]
@@ -202,6 +284,50 @@ mod tests {
         let e = genuine();
         let subject = crate::subjects::ingest_subject(e.record.company_id);
         assert_eq!(Envelope::decode_checked(&subject, &e.encode()).unwrap(), e);
+    }
+
+    #[test]
+    fn the_record_is_serialized_once_into_the_same_bytes() {
+        let mut e = genuine();
+        e.record.notes = Some("quote \" and é".into());
+        e.record.call_details = serde_json::json!({"b": 1, "a": [true]})
+            .as_object()
+            .cloned();
+        let (record, payload) = e.encode_with_record();
+        assert_eq!(record, e.record.canonical_json());
+        assert_eq!(payload, e.encode());
+        e.request_id = None;
+        assert_eq!(e.encode_with_record().1, e.encode());
+    }
+
+    #[test]
+    fn decode_checked_names_another_version_and_stores_the_validated_record() {
+        let e = genuine();
+        let subject = crate::subjects::ingest_subject(e.record.company_id);
+        let mut v2: serde_json::Value = serde_json::from_slice(&e.encode()).unwrap();
+        v2["v"] = 2.into();
+        v2["new_field"] = true.into();
+        let err = Envelope::decode_checked(&subject, &serde_json::to_vec(&v2).unwrap());
+        assert!(
+            matches!(err, Err(DecodeError::UnsupportedVersion(2))),
+            "{err:?}"
+        );
+        // A record field the gateway would have normalised is stored normalised.
+        let mut raw: serde_json::Value = serde_json::from_slice(&e.encode()).unwrap();
+        raw["record"]["call_date"] = "2025-11-25T12:30:00+02:00".into();
+        let decoded =
+            Envelope::decode_checked(&subject, &serde_json::to_vec(&raw).unwrap()).unwrap();
+        assert_eq!(
+            decoded.record.call_date.unwrap().to_rfc3339(),
+            "2025-11-25T10:30:00+00:00"
+        );
+        // Unknown envelope fields are refused, unknown record fields skipped.
+        let mut extra = raw.clone();
+        extra["smuggled"] = 1.into();
+        assert!(matches!(
+            Envelope::decode_checked(&subject, &serde_json::to_vec(&extra).unwrap()),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -64,9 +64,15 @@ pub fn call_history_id(record: &CallRecord, idempotency_key: Option<&str>) -> Ca
 /// Because the id is part of it, two records can only share a dedup id if they share a
 /// `call_history_id`, so a duplicate ack never hides a record under another id.
 pub fn msg_id(id: Uuid, record: &CallRecord) -> String {
+    msg_id_of(id, &record.canonical_json())
+}
+
+/// [`msg_id`] from the record's canonical JSON already in hand
+/// ([`crate::Envelope::encode_with_record`]).
+pub fn msg_id_of(id: Uuid, canonical_json: &[u8]) -> String {
     let mut h = Sha256::new();
     h.update(id.as_bytes());
-    h.update(record.canonical_json());
+    h.update(canonical_json);
     hex::encode(h.finalize())
 }
 

@@ -1,10 +1,11 @@
 //! Validation: untrusted JSON in, a [`CallRecord`] or a list of field errors out.
 //!
 //! One place for every rule of the API document's field tables and for the size bounds,
-//! used by the gateway (single and batch posts). Works on an already-parsed JSON object so
-//! that each failing field is named; parsing bytes and choosing status codes is the
-//! gateway's job. Unknown fields are ignored, as the API document's clients may send more
-//! than it lists; `null` counts as absent.
+//! used by the gateway (single and batch posts) and by the worker on every stream message.
+//! The record's known fields are read straight from the JSON into [`Incoming`] (unknown
+//! fields skipped without being kept, the way the API document's clients may send more
+//! than it lists) and each is checked on its own, so that each failing field is named;
+//! choosing status codes is the gateway's job. `null` counts as absent.
 
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use serde::Serialize;
@@ -97,10 +98,111 @@ pub fn validate(body: &Value) -> Result<CallRecord, ValidationError> {
 /// # Errors
 /// See [`validate`].
 pub fn validate_object(obj: &Map<String, Value>) -> Result<CallRecord, ValidationError> {
-    let mut f = Fields {
-        obj,
-        errors: Vec::new(),
-    };
+    Incoming::from_object(obj).validate()
+}
+
+/// The names of the record's fields, in the API document's table order.
+const FIELD_NAMES: [&str; 19] = [
+    "company_id",
+    "lead_id",
+    "employee_id",
+    "outcome",
+    "notes",
+    "call_date",
+    "caller_number",
+    "recipient_number",
+    "duration_seconds",
+    "recording_url",
+    "call_status",
+    "start_time",
+    "end_time",
+    "external_call_id",
+    "external_system",
+    "next_follow_up",
+    "next_follow_up_time",
+    "auto_call_followup",
+    "call_details",
+];
+
+/// The known fields of one record as sent, not yet checked: what deserializing a record
+/// object yields without building a map of every key (unknown fields are skipped, a
+/// repeated key keeps its last value, as in a parsed object). Only a JSON object
+/// deserializes into it.
+#[derive(Debug, Default, Clone)]
+pub struct Incoming {
+    slots: [Option<Value>; FIELD_NAMES.len()],
+}
+
+impl Incoming {
+    /// The known fields of an already-parsed object.
+    pub fn from_object(obj: &Map<String, Value>) -> Self {
+        let mut incoming = Incoming::default();
+        for (slot, name) in incoming.slots.iter_mut().zip(FIELD_NAMES) {
+            *slot = obj.get(name).cloned();
+        }
+        incoming
+    }
+
+    /// Checks every field against the API document's field tables.
+    ///
+    /// # Errors
+    /// See [`validate`].
+    pub fn validate(self) -> Result<CallRecord, ValidationError> {
+        validate_fields(Fields {
+            slots: self.slots,
+            errors: Vec::new(),
+        })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Incoming {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectOnly;
+        impl<'de> serde::de::Visitor<'de> for ObjectOnly {
+            type Value = Incoming;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Incoming, A::Error> {
+                let mut incoming = Incoming::default();
+                while let Some(FieldName(slot)) = map.next_key()? {
+                    match slot {
+                        Some(i) => incoming.slots[i] = Some(map.next_value()?),
+                        None => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(incoming)
+            }
+        }
+        deserializer.deserialize_map(ObjectOnly)
+    }
+}
+
+/// A key of a record object: the index of a known field, `None` for any other key.
+struct FieldName(Option<usize>);
+
+impl<'de> serde::Deserialize<'de> for FieldName {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Key;
+        impl serde::de::Visitor<'_> for Key {
+            type Value = FieldName;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<FieldName, E> {
+                Ok(FieldName(FIELD_NAMES.iter().position(|n| *n == key)))
+            }
+        }
+        deserializer.deserialize_str(Key)
+    }
+}
+
+fn validate_fields(mut f: Fields) -> Result<CallRecord, ValidationError> {
     let company_id = f.uuid("company_id");
     if company_id.is_none() && f.errors.is_empty() {
         f.fail("company_id", "company_id is required");
@@ -147,12 +249,12 @@ pub fn validate_object(obj: &Map<String, Value>) -> Result<CallRecord, Validatio
 }
 
 /// Reads fields off the object, collecting one error per bad field.
-struct Fields<'a> {
-    obj: &'a Map<String, Value>,
+struct Fields {
+    slots: [Option<Value>; FIELD_NAMES.len()],
     errors: Vec<FieldError>,
 }
 
-impl<'a> Fields<'a> {
+impl Fields {
     fn fail(&mut self, field: &str, message: impl Into<String>) {
         self.errors.push(FieldError {
             field: field.to_owned(),
@@ -160,15 +262,16 @@ impl<'a> Fields<'a> {
         });
     }
 
-    /// The field's value, with `null` read as absent.
-    fn get(&self, field: &str) -> Option<&'a Value> {
-        self.obj.get(field).filter(|v| !v.is_null())
+    /// The field's value, taken (each field is read once), with `null` read as absent.
+    fn get(&mut self, field: &str) -> Option<Value> {
+        let i = FIELD_NAMES.iter().position(|n| *n == field)?;
+        self.slots[i].take().filter(|v| !v.is_null())
     }
 
     /// A string field; `expected` completes "<field> must be …" when it is not a string.
     fn str_of(&mut self, field: &str, expected: &str) -> Option<String> {
         match self.get(field)? {
-            Value::String(s) => Some(s.clone()),
+            Value::String(s) => Some(s),
             _ => {
                 self.fail(field, format!("{field} must be {expected}"));
                 None
@@ -310,7 +413,7 @@ impl<'a> Fields<'a> {
 
     fn boolean(&mut self, field: &str) -> Option<bool> {
         match self.get(field)? {
-            Value::Bool(b) => Some(*b),
+            Value::Bool(b) => Some(b),
             _ => {
                 self.fail(field, format!("{field} must be true or false"));
                 None
@@ -346,35 +449,49 @@ impl<'a> Fields<'a> {
 
     fn details(&mut self, field: &str) -> Option<Map<String, Value>> {
         let value = self.get(field)?;
-        let Value::Object(map) = value else {
-            self.fail(field, format!("{field} must be a JSON object"));
-            return None;
-        };
-        let size = serde_json::to_vec(map)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
-        let problem = if size > MAX_CALL_DETAILS_BYTES {
+        let problem = if !value.is_object() {
+            Some(format!("{field} must be a JSON object"))
+        } else if json_len(&value) > MAX_CALL_DETAILS_BYTES {
             Some(format!(
                 "{field} must be at most {MAX_CALL_DETAILS_BYTES} bytes of JSON"
             ))
-        } else if depth(value) > MAX_CALL_DETAILS_DEPTH {
+        } else if depth(&value) > MAX_CALL_DETAILS_DEPTH {
             Some(format!(
                 "{field} must not be nested more than {MAX_CALL_DETAILS_DEPTH} levels deep"
             ))
-        } else if contains_nul(value) {
+        } else if contains_nul(&value) {
             // Postgres jsonb cannot hold U+0000; refuse it here rather than dead-letter it later.
             Some(format!("{field} must not contain NUL characters"))
         } else {
             None
         };
-        let map = map.clone();
-        match problem {
-            Some(message) => {
+        match (problem, value) {
+            (None, Value::Object(map)) => Some(map),
+            (Some(message), _) => {
                 self.fail(field, message);
                 None
             }
-            None => Some(map),
+            (None, _) => unreachable!("a value that is not an object has a problem"),
         }
+    }
+}
+
+/// Length of a value's compact JSON, counted without building it.
+fn json_len(v: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, v) {
+        Ok(()) => count.0,
+        Err(_) => usize::MAX,
     }
 }
 
@@ -399,6 +516,7 @@ fn contains_nul(v: &Value) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy as _;
     use serde_json::json;
 
     const COMPANY: &str = "123e4567-e89b-12d3-a456-426614174000";
@@ -631,7 +749,76 @@ mod tests {
         );
     }
 
+    /// What the gateway and the worker do with bytes: read them into [`Incoming`].
+    fn from_bytes(text: &str) -> Option<Result<CallRecord, ValidationError>> {
+        serde_json::from_str::<Incoming>(text)
+            .ok()
+            .map(Incoming::validate)
+    }
+
+    #[test]
+    fn reading_bytes_straight_into_fields_matches_the_parsed_object() {
+        let company = Uuid::parse_str(COMPANY).unwrap();
+        let complete = crate::examples::complete(company, "CALL-1").to_string();
+        assert_eq!(
+            from_bytes(&complete),
+            Some(validate(&serde_json::from_str(&complete).unwrap()))
+        );
+        // A repeated key keeps its last value, as in a parsed object; unknown fields of any
+        // shape are skipped; null is absent; escaped keys are still recognised.
+        let text = format!(
+            r#"{{"notes":"first","company_id":"{COMPANY}","extra":{{"deep":[1,{{"x":null}}]}},"notes":"last","lead_id":null,"dura\u0074ion_seconds":5}}"#
+        );
+        let record = from_bytes(&text).unwrap().unwrap();
+        assert_eq!(record.notes.as_deref(), Some("last"));
+        assert_eq!(record.duration_seconds, Some(5));
+        assert_eq!(
+            Some(Ok(record)),
+            Some(validate(&serde_json::from_str(&text).unwrap()))
+        );
+        // Field errors are the same, named the same.
+        let bad = r#"{"company_id":"nope","duration_seconds":-1,"call_details":[]}"#;
+        assert_eq!(
+            from_bytes(bad),
+            Some(validate(&serde_json::from_str(bad).unwrap()))
+        );
+        // Only an object is a record: an array is not read positionally.
+        assert!(from_bytes(&format!(r#"["{COMPANY}"]"#)).is_none());
+        assert!(from_bytes("\"x\"").is_none());
+    }
+
     proptest::proptest! {
+        // Any object text with known and unknown keys, repeated or not: reading it into
+        // fields gives exactly what validating the parsed object gives.
+        #[test]
+        fn incoming_agrees_with_the_parsed_object(
+            pairs in proptest::collection::vec(
+                (proptest::sample::select(vec![
+                    "company_id", "notes", "duration_seconds", "call_date", "outcome",
+                    "call_details", "recording_url", "other", "auto_call_followup",
+                ]),
+                proptest::prop_oneof![
+                    proptest::prelude::Just(Value::String(COMPANY.into())),
+                    proptest::prelude::Just(Value::Null),
+                    proptest::prelude::any::<i64>().prop_map(Value::from),
+                    proptest::prelude::any::<bool>().prop_map(Value::from),
+                    "[ -~]{0,12}".prop_map(Value::from),
+                    proptest::prelude::Just(json!({"a": [1, "b", null]})),
+                    proptest::prelude::Just(json!("2025-11-25T10:30:00.1234567+02:00")),
+                    proptest::prelude::Just(json!("https://x.example/a b")),
+                ]),
+                0..10,
+            ),
+        ) {
+            let body: Vec<String> = pairs
+                .iter()
+                .map(|(k, v)| format!("{}:{}", Value::from(*k), v))
+                .collect();
+            let text = format!("{{{}}}", body.join(","));
+            let parsed: Value = serde_json::from_str(&text).unwrap();
+            proptest::prop_assert_eq!(from_bytes(&text), Some(validate(&parsed)));
+        }
+
         // No input panics; whatever is accepted survives a serde round trip unchanged.
         #[test]
         fn arbitrary_objects_never_panic(

@@ -27,6 +27,11 @@ use futures::StreamExt;
 use hdrhistogram::Histogram;
 use uuid::Uuid;
 
+// The same allocator as the services' binaries: `worker` runs the worker's loop in this
+// process, and its figure must be the binary's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "callcap-bench",
@@ -66,7 +71,9 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         count: u32,
     },
-    /// Insert rows with a plain INSERT … SELECT FROM UNNEST into a copy of call_history.
+    /// Insert rows into a copy of call_history: a plain INSERT … SELECT FROM UNNEST per
+    /// batch, or (`--copy`) a binary COPY into a staging table followed by one
+    /// INSERT … SELECT … ON CONFLICT per batch.
     DbCeiling {
         #[arg(long, env = "DATABASE_URL")]
         database_url: String,
@@ -74,6 +81,8 @@ enum Cmd {
         count: u64,
         #[arg(long, default_value_t = 1000)]
         batch: usize,
+        #[arg(long)]
+        copy: bool,
     },
     /// Drain a pre-filled stream (`broker` first) into call_history with the real worker.
     Worker {
@@ -86,6 +95,9 @@ enum Cmd {
         count: i64,
         #[arg(long, default_value_t = 1000)]
         batch_size: u32,
+        /// Batches written at once (the worker's BATCHES_IN_FLIGHT).
+        #[arg(long, default_value_t = 3)]
+        batches_in_flight: u32,
     },
     /// Print a request body for wrk: Example 2 with `__EXT__` where the external id goes
     /// (`--records N` wraps N of them, ids `__EXT__-0` … , in a batch body).
@@ -130,6 +142,14 @@ enum Cmd {
         seconds: u64,
         #[arg(long, default_value_t = 128)]
         concurrency: usize,
+        /// Only POST (no worker is expected to run): the gateway alone, measured with the
+        /// same client as the end-to-end figure.
+        #[arg(long)]
+        post_only: bool,
+        /// Send at this many records per second in all (paced, open loop) instead of as
+        /// fast as the gateway answers: the soak's load.
+        #[arg(long)]
+        rate: Option<f64>,
     },
 }
 
@@ -180,13 +200,30 @@ async fn main() -> anyhow::Result<()> {
             database_url,
             count,
             batch,
-        } => db_ceiling(&database_url, count, batch).await,
+            copy,
+        } => {
+            if copy {
+                db_ceiling_copy(&database_url, count, batch).await
+            } else {
+                db_ceiling(&database_url, count, batch).await
+            }
+        }
         Cmd::Worker {
             nats_url,
             database_url,
             count,
             batch_size,
-        } => worker(&nats_url, &database_url, count, batch_size).await,
+            batches_in_flight,
+        } => {
+            worker(
+                &nats_url,
+                &database_url,
+                count,
+                batch_size,
+                batches_in_flight,
+            )
+            .await
+        }
         Cmd::E2e {
             gateway,
             key,
@@ -194,7 +231,17 @@ async fn main() -> anyhow::Result<()> {
             database_url,
             seconds,
             concurrency,
-        } => e2e(&gateway, &key, company, &database_url, seconds, concurrency).await,
+            post_only,
+            rate,
+        } => {
+            let load = Load {
+                seconds,
+                concurrency,
+                post_only,
+                rate,
+            };
+            e2e(&gateway, &key, company, &database_url, &load).await
+        }
     }
 }
 
@@ -466,6 +513,7 @@ async fn db_ceiling(database_url: &str, count: u64, batch: usize) -> anyhow::Res
         .context("ceiling insert")?;
     }
     let secs = started.elapsed().as_secs_f64();
+    ensure_rows(&pool, count).await?;
     sqlx::query("DROP TABLE bench_ceiling")
         .execute(&pool)
         .await?;
@@ -476,16 +524,171 @@ async fn db_ceiling(database_url: &str, count: u64, batch: usize) -> anyhow::Res
     Ok(())
 }
 
+/// A ceiling counts only if every row arrived.
+async fn ensure_rows(pool: &sqlx::PgPool, count: u64) -> anyhow::Result<()> {
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_ceiling")
+        .fetch_one(pool)
+        .await?;
+    anyhow::ensure!(
+        n as u64 == count,
+        "ceiling table holds {n} rows, not {count}"
+    );
+    Ok(())
+}
+
+/// The columns both ceilings write, in order.
+const CEILING_COLUMNS: &str = "id, company_id, lead_id, employee_id, outcome, notes, call_date, caller_number, \
+    recipient_number, duration_seconds, recording_url, call_status, start_time, end_time, external_call_id, \
+    external_system, next_follow_up, next_follow_up_time, auto_call_followup, call_details, received_at, \
+    stream_seq, call_date_given, key_id";
+
+/// See [`Cmd::DbCeiling`] (`--copy`): rows encoded in Postgres' binary COPY format.
+async fn db_ceiling_copy(database_url: &str, count: u64, batch: usize) -> anyhow::Result<()> {
+    let pool = sqlx::PgPool::connect(database_url).await?;
+    sqlx::query("DROP TABLE IF EXISTS bench_ceiling")
+        .execute(&pool)
+        .await?;
+    sqlx::query(
+        "CREATE TABLE bench_ceiling (LIKE call_history INCLUDING DEFAULTS INCLUDING INDEXES)",
+    )
+    .execute(&pool)
+    .await?;
+    let mut conn = pool.acquire().await?;
+    sqlx::query(&format!(
+        "CREATE TEMP TABLE bench_staging AS SELECT {CEILING_COLUMNS} FROM call_history WITH NO DATA"
+    ))
+    .execute(&mut *conn)
+    .await?;
+    let company = Uuid::new_v4();
+    let records: Vec<Envelope> = (0..count).map(|n| example_envelope(company, n)).collect();
+    let started = Instant::now();
+    for (k, chunk) in records.chunks(batch).enumerate() {
+        let mut out = BinaryCopy::new();
+        for (i, e) in chunk.iter().enumerate() {
+            let r = &e.record;
+            out.row(24);
+            out.uuid(Some(e.call_history_id));
+            out.uuid(Some(r.company_id));
+            out.uuid(r.lead_id);
+            out.uuid(r.employee_id);
+            out.text(r.outcome.map(|o| o.as_str()));
+            out.text(r.notes.as_deref());
+            out.timestamp(Some(r.call_date.unwrap_or(e.received_at)));
+            out.text(r.caller_number.as_deref());
+            out.text(r.recipient_number.as_deref());
+            out.field(r.duration_seconds.map(|d| d.to_be_bytes()));
+            out.text(r.recording_url.as_deref());
+            out.text(r.call_status.map(|s| s.as_str()));
+            out.timestamp(r.start_time);
+            out.timestamp(r.end_time);
+            out.text(r.external_call_id.as_deref());
+            out.text(r.external_system.as_deref());
+            out.field(r.next_follow_up.map(|d| {
+                let epoch = chrono::NaiveDate::from_ymd_opt(2000, 1, 1).expect("a date");
+                (i32::try_from((d - epoch).num_days()).unwrap_or(i32::MAX)).to_be_bytes()
+            }));
+            out.field(r.next_follow_up_time.map(|t| {
+                let micros = (t - chrono::NaiveTime::MIN).num_microseconds().unwrap_or(0);
+                micros.to_be_bytes()
+            }));
+            out.field(r.auto_call_followup.map(|b| [u8::from(b)]));
+            out.field(r.call_details.as_ref().map(|d| {
+                let mut v = vec![1u8]; // jsonb binary format version
+                serde_json::to_writer(&mut v, d).expect("a map serializes");
+                v
+            }));
+            out.timestamp(Some(e.received_at));
+            out.field(Some(((k * batch + i) as i64).to_be_bytes()));
+            out.field(Some([1u8]));
+            out.text(Some("kbench"));
+        }
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        let mut copy = tx
+            .copy_in_raw(&format!(
+                "COPY bench_staging ({CEILING_COLUMNS}) FROM STDIN (FORMAT binary)"
+            ))
+            .await?;
+        copy.send(out.finish()).await?;
+        copy.finish().await.context("binary COPY")?;
+        sqlx::query(&format!(
+            "INSERT INTO bench_ceiling ({CEILING_COLUMNS}) SELECT {CEILING_COLUMNS} FROM bench_staging \
+             ON CONFLICT (id) DO NOTHING"
+        ))
+        .execute(&mut *tx)
+        .await
+        .context("insert from staging")?;
+        sqlx::query("TRUNCATE bench_staging")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    drop(conn);
+    ensure_rows(&pool, count).await?;
+    sqlx::query("DROP TABLE bench_ceiling")
+        .execute(&pool)
+        .await?;
+    println!(
+        "db_ceiling_copy count={count} batch={batch} seconds={secs:.2} rows_per_sec={:.0}",
+        count as f64 / secs
+    );
+    Ok(())
+}
+
+/// Rows in Postgres' binary COPY format (header, per row a field count and per field a
+/// length and the value in the type's binary send format, trailer).
+struct BinaryCopy(Vec<u8>);
+
+impl BinaryCopy {
+    fn new() -> Self {
+        let mut buf = b"PGCOPY\n\xff\r\n\0".to_vec();
+        buf.extend_from_slice(&0i32.to_be_bytes()); // flags
+        buf.extend_from_slice(&0i32.to_be_bytes()); // header extension length
+        BinaryCopy(buf)
+    }
+    fn row(&mut self, fields: i16) {
+        self.0.extend_from_slice(&fields.to_be_bytes());
+    }
+    fn field(&mut self, value: Option<impl AsRef<[u8]>>) {
+        match value {
+            None => self.0.extend_from_slice(&(-1i32).to_be_bytes()),
+            Some(v) => {
+                let v = v.as_ref();
+                self.0
+                    .extend_from_slice(&i32::try_from(v.len()).unwrap_or(i32::MAX).to_be_bytes());
+                self.0.extend_from_slice(v);
+            }
+        }
+    }
+    fn uuid(&mut self, v: Option<Uuid>) {
+        self.field(v.map(|u| *u.as_bytes()));
+    }
+    fn text(&mut self, v: Option<&str>) {
+        self.field(v);
+    }
+    /// Microseconds since 2000-01-01 UTC.
+    fn timestamp(&mut self, v: Option<chrono::DateTime<Utc>>) {
+        const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+        self.field(v.map(|t| (t.timestamp_micros() - PG_EPOCH_MICROS).to_be_bytes()));
+    }
+    fn finish(mut self) -> Vec<u8> {
+        self.0.extend_from_slice(&(-1i16).to_be_bytes());
+        self.0
+    }
+}
+
 async fn worker(
     nats_url: &str,
     database_url: &str,
     count: i64,
     batch_size: u32,
+    batches_in_flight: u32,
 ) -> anyhow::Result<()> {
     let pool = sqlx::PgPool::connect(database_url).await?;
     let run = persist_worker::config::RunArgs {
         metrics_addr: "127.0.0.1:0".parse()?,
         batch_size,
+        batches_in_flight,
         ..Default::default()
     };
     let cli = callcap_tests::pipeline::worker_cli(nats_url, database_url, run);
@@ -520,10 +723,19 @@ async fn worker(
     cancel.cancel();
     let _ = task.await;
     println!(
-        "worker count={count} batch_size={batch_size} seconds_wall={wall:.2} seconds_first_to_last_commit={span:.2} rows_per_sec={:.0}",
+        "worker count={count} batch_size={batch_size} batches_in_flight={batches_in_flight} seconds_wall={wall:.2} seconds_first_to_last_commit={span:.2} rows_per_sec={:.0}",
         count as f64 / span.max(1e-3)
     );
     Ok(())
+}
+
+/// How `e2e` loads the gateway.
+#[derive(Clone, Copy)]
+struct Load {
+    seconds: u64,
+    concurrency: usize,
+    post_only: bool,
+    rate: Option<f64>,
 }
 
 async fn e2e(
@@ -531,9 +743,14 @@ async fn e2e(
     key: &str,
     company: Uuid,
     database_url: &str,
-    seconds: u64,
-    concurrency: usize,
+    load: &Load,
 ) -> anyhow::Result<()> {
+    let Load {
+        seconds,
+        concurrency,
+        post_only,
+        rate,
+    } = *load;
     let pool = sqlx::PgPool::connect(database_url).await?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
@@ -555,7 +772,17 @@ async fn e2e(
         tasks.push(tokio::spawn(async move {
             let mut accepted: Vec<(Uuid, chrono::DateTime<Utc>)> = Vec::new();
             let mut refused = 0u64;
+            // Paced: each client sends its share of the rate on a fixed schedule.
+            let mut pace = rate.map(|r| {
+                let period = Duration::from_secs_f64(concurrency as f64 / r.max(0.001));
+                let mut t = tokio::time::interval(period);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            });
             while Instant::now() < deadline {
+                if let Some(t) = pace.as_mut() {
+                    t.tick().await;
+                }
                 let n = counter.fetch_add(1, Ordering::Relaxed);
                 let body = callcap_tests::payloads::complete(company, &format!("E2E-{run_id}-{n}"));
                 let Ok(resp) = http
@@ -591,19 +818,33 @@ async fn e2e(
         accepted.extend(a);
         refused += r;
     }
-    let ids: Vec<Uuid> = accepted.iter().map(|(id, _)| *id).collect();
+    if post_only {
+        let span = (Utc::now() - started).num_milliseconds() as f64 / 1000.0;
+        println!(
+            "e2e_post_only seconds={seconds} concurrency={concurrency} accepted={} refused={refused} records_per_sec={:.0}",
+            accepted.len(),
+            accepted.len() as f64 / span.max(1e-3),
+        );
+        return Ok(());
+    }
+    // The run's rows are its company's (a fresh company per run): count until every
+    // accepted record is there, then read when each was stored.
     let wait_started = Instant::now();
-    let rows: Vec<(Uuid, chrono::DateTime<Utc>)> = loop {
-        let rows: Vec<(Uuid, chrono::DateTime<Utc>)> =
-            sqlx::query_as("SELECT id, stored_at FROM call_history WHERE id = ANY($1)")
-                .bind(&ids)
-                .fetch_all(&pool)
-                .await?;
-        if rows.len() >= ids.len() || wait_started.elapsed() > Duration::from_secs(120) {
-            break rows;
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM call_history WHERE company_id = $1")
+            .bind(company)
+            .fetch_one(&pool)
+            .await?;
+        if n as usize >= accepted.len() || wait_started.elapsed() > Duration::from_secs(120) {
+            break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    }
+    let rows: Vec<(Uuid, chrono::DateTime<Utc>)> =
+        sqlx::query_as("SELECT id, stored_at FROM call_history WHERE company_id = $1")
+            .bind(company)
+            .fetch_all(&pool)
+            .await?;
     let stored: std::collections::HashMap<Uuid, chrono::DateTime<Utc>> = rows.into_iter().collect();
     let mut lag = Histogram::<u64>::new(3)?;
     for (id, at) in &accepted {
@@ -623,11 +864,11 @@ async fn e2e(
         lag.value_at_quantile(0.99) as f64 / 1000.0,
         lag.max() as f64 / 1000.0,
     );
-    anyhow::ensure!(
-        stored.len() == accepted.len(),
-        "{} accepted records were not stored",
-        accepted.len() - stored.len()
-    );
+    let missing = accepted
+        .iter()
+        .filter(|(id, _)| !stored.contains_key(id))
+        .count();
+    anyhow::ensure!(missing == 0, "{missing} accepted records were not stored");
     Ok(())
 }
 
