@@ -47,21 +47,23 @@ use crate::publish::GroupCommit;
 pub async fn execute(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         None | Some(Command::Serve) => {
-            let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-                .set_buckets(&[
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                ])
-                .context("configuring histogram buckets")?
-                // A count, not a duration: records per atomic batch.
-                .set_buckets_for_metric(
-                    metrics_exporter_prometheus::Matcher::Full(
-                        "gateway_publish_batch_records".into(),
-                    ),
-                    &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0],
-                )
-                .context("configuring batch-size buckets")?
-                .install_recorder()
-                .context("installing the Prometheus recorder")?;
+            let metrics = callcap::telemetry::install_metrics(
+                metrics_exporter_prometheus::PrometheusBuilder::new()
+                    .set_buckets(&[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0,
+                    ])
+                    .context("configuring histogram buckets")?
+                    // A count, not a duration: records per atomic batch.
+                    .set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(
+                            "gateway_publish_batch_records".into(),
+                        ),
+                        &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0],
+                    )
+                    .context("configuring batch-size buckets")?,
+            )
+            .context("installing the Prometheus recorder")?;
             publish::describe_metrics();
             app::describe_metrics();
             server::describe_metrics();

@@ -39,22 +39,24 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
     };
     match &cli.command {
         None | Some(Command::Run) => {
-            let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-                .set_buckets(&[
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                ])
-                .context("configuring histogram buckets")?
-                // A count, not a duration: messages per batch.
-                .set_buckets_for_metric(
-                    metrics_exporter_prometheus::Matcher::Full("worker_batch_size".into()),
-                    &[
-                        1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0,
-                        5000.0,
-                    ],
-                )
-                .context("configuring batch-size buckets")?
-                .install_recorder()
-                .context("installing the Prometheus recorder")?;
+            let metrics = callcap::telemetry::install_metrics(
+                metrics_exporter_prometheus::PrometheusBuilder::new()
+                    .set_buckets(&[
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        10.0,
+                    ])
+                    .context("configuring histogram buckets")?
+                    // A count, not a duration: messages per batch.
+                    .set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full("worker_batch_size".into()),
+                        &[
+                            1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0,
+                            5000.0,
+                        ],
+                    )
+                    .context("configuring batch-size buckets")?,
+            )
+            .context("installing the Prometheus recorder")?;
             describe_metrics();
             run(&cli, Some(metrics), cancel).await
         }

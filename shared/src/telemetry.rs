@@ -1,7 +1,8 @@
 //! Logging setup for both binaries: `RUST_LOG` filter, text for people, JSON when deployed,
 //! always on stderr.
 //!
-//! Metrics recorders are not installed here: a global recorder belongs to `main` only.
+//! Each binary's `execute` installs its Prometheus recorder with [`install_metrics`], which
+//! also keeps it drained.
 
 use tracing_subscriber::{fmt, EnvFilter};
 
@@ -38,4 +39,30 @@ pub fn init_for_tests() {
             .unwrap_or_else(|_| EnvFilter::new("debug,async_nats=info,sqlx=warn,hyper=info"));
         let _ = fmt().with_env_filter(filter).with_test_writer().try_init();
     }
+}
+
+/// Installs `builder`'s Prometheus recorder as the global one and keeps it drained.
+///
+/// `install_recorder` keeps every histogram observation pending until something renders
+/// `/metrics`; with nobody scraping, memory grew with every request (the 30-minute soak
+/// showed the gateway's RSS going from 31 to 56 MiB in 15 minutes). An upkeep task folds
+/// pending observations into the buckets every 5 seconds, as the exporter's own HTTP
+/// listener would. Call it inside the Tokio runtime.
+///
+/// # Errors
+/// When a recorder is already installed.
+pub fn install_metrics(
+    builder: metrics_exporter_prometheus::PrometheusBuilder,
+) -> Result<metrics_exporter_prometheus::PrometheusHandle, metrics_exporter_prometheus::BuildError>
+{
+    let handle = builder.install_recorder()?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
 }
