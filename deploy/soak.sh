@@ -8,14 +8,18 @@
 #
 # Settings: SOAK_SECONDS (120; BENCHMARKS.md's figure is 1800), SOAK_RESTART_SECONDS (30;
 # BENCHMARKS.md: 300), SOAK_RATE (records/s; default: half the measured end-to-end rate),
-# SOAK_BUILD (release; CI uses the debug build its tests already made, at a low rate).
+# SOAK_BUILD (release; CI uses the debug build its tests already made, at a low rate),
+# SOAK_NAME (soak: the results directory .run/NAME and the database callcap_NAME) and
+# SOAK_PORT_OFFSET (0: added to the ports 25222, 25223, 18091, 19191), so that two soaks
+# can share a machine.
 # Results: .run/soak/summary.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/lib.sh
 SECONDS_TOTAL=${SOAK_SECONDS:-120}
 RESTART=${SOAK_RESTART_SECONDS:-30}
-OUT=.run/soak
+NAME=${SOAK_NAME:-soak}
+OUT=.run/$NAME
 mkdir -p "$OUT"
 ensure_rust
 ensure_nats_server
@@ -29,21 +33,24 @@ cargo build "${FLAGS[@]}" --quiet -p callcap-tests --bin callcap-bench
 B=target/$BUILD
 ensure_nkeys "$PWD/.run/nkeys" "$B/ingest-gateway"
 export NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/admin.nk"
-NATS_PORT=25222 NATS_MON_PORT=25223 GW_PORT=18091 WORKER_OPS=127.0.0.1:19191
+OFF=${SOAK_PORT_OFFSET:-0}
+NATS_PORT=$((25222 + OFF)) NATS_MON_PORT=$((25223 + OFF)) GW_PORT=$((18091 + OFF)) WORKER_OPS=127.0.0.1:$((19191 + OFF))
 export NATS_URL="nats://127.0.0.1:$NATS_PORT"
-DB_URL=$(with_database "$DATABASE_URL" callcap_soak)
+DB_NAME=callcap_${NAME//[^a-z0-9_]/_}
+DB_URL=$(with_database "$DATABASE_URL" "$DB_NAME")
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 rss_mb() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 
-psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS callcap_soak WITH (FORCE)"
+psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $DB_NAME WITH (FORCE)"
 DATABASE_URL="$DB_URL" "$B/persist-worker" migrate >/dev/null
 rm -rf "$OUT/js"; mkdir -p "$OUT/js"
 "$NATS_SERVER_BIN" -c deploy/nats/single.conf -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON_PORT" \
   -sd "$PWD/$OUT/js" > "$OUT/nats.log" 2>&1 &
 PIDS+=("$!")
 for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && break; sleep 0.1; done
+kill -0 "${PIDS[-1]}" 2>/dev/null || die "nats-server did not start (port $NATS_PORT taken? see $OUT/nats.log)"
 LISTEN_ADDR="127.0.0.1:$GW_PORT" NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/gateway.nk" RUST_LOG=warn \
   "$B/ingest-gateway" > "$OUT/gateway.log" 2>&1 &
 GW_PID=$!; PIDS+=("$GW_PID")
