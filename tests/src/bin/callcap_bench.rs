@@ -405,19 +405,7 @@ async fn broker_atomic(
 }
 
 async fn db_ceiling(database_url: &str, count: u64, batch: usize) -> anyhow::Result<()> {
-    let pool = sqlx::PgPool::connect(database_url).await?;
-    sqlx::query("DROP TABLE IF EXISTS bench_ceiling")
-        .execute(&pool)
-        .await?;
-    // Same columns and indexes as call_history, no foreign keys and no merge: the cost of
-    // putting the rows into Postgres, nothing more.
-    sqlx::query(
-        "CREATE TABLE bench_ceiling (LIKE call_history INCLUDING DEFAULTS INCLUDING INDEXES)",
-    )
-    .execute(&pool)
-    .await?;
-    let company = Uuid::new_v4();
-    let records: Vec<Envelope> = (0..count).map(|n| example_envelope(company, n)).collect();
+    let (pool, records) = ceiling_setup(database_url, count).await?;
     let started = Instant::now();
     for (k, chunk) in records.chunks(batch).enumerate() {
         let ids: Vec<Uuid> = chunk.iter().map(|e| e.call_history_id).collect();
@@ -524,6 +512,27 @@ async fn db_ceiling(database_url: &str, count: u64, batch: usize) -> anyhow::Res
     Ok(())
 }
 
+/// A fresh `bench_ceiling` table and the rows both ceilings write.
+async fn ceiling_setup(
+    database_url: &str,
+    count: u64,
+) -> anyhow::Result<(sqlx::PgPool, Vec<Envelope>)> {
+    let pool = sqlx::PgPool::connect(database_url).await?;
+    sqlx::query("DROP TABLE IF EXISTS bench_ceiling")
+        .execute(&pool)
+        .await?;
+    // Same columns and indexes as call_history, no foreign keys and no merge: the cost of
+    // putting the rows into Postgres, nothing more.
+    sqlx::query(
+        "CREATE TABLE bench_ceiling (LIKE call_history INCLUDING DEFAULTS INCLUDING INDEXES)",
+    )
+    .execute(&pool)
+    .await?;
+    let company = Uuid::new_v4();
+    let records = (0..count).map(|n| example_envelope(company, n)).collect();
+    Ok((pool, records))
+}
+
 /// A ceiling counts only if every row arrived.
 async fn ensure_rows(pool: &sqlx::PgPool, count: u64) -> anyhow::Result<()> {
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM bench_ceiling")
@@ -544,23 +553,13 @@ const CEILING_COLUMNS: &str = "id, company_id, lead_id, employee_id, outcome, no
 
 /// See [`Cmd::DbCeiling`] (`--copy`): rows encoded in Postgres' binary COPY format.
 async fn db_ceiling_copy(database_url: &str, count: u64, batch: usize) -> anyhow::Result<()> {
-    let pool = sqlx::PgPool::connect(database_url).await?;
-    sqlx::query("DROP TABLE IF EXISTS bench_ceiling")
-        .execute(&pool)
-        .await?;
-    sqlx::query(
-        "CREATE TABLE bench_ceiling (LIKE call_history INCLUDING DEFAULTS INCLUDING INDEXES)",
-    )
-    .execute(&pool)
-    .await?;
+    let (pool, records) = ceiling_setup(database_url, count).await?;
     let mut conn = pool.acquire().await?;
     sqlx::query(&format!(
         "CREATE TEMP TABLE bench_staging AS SELECT {CEILING_COLUMNS} FROM call_history WITH NO DATA"
     ))
     .execute(&mut *conn)
     .await?;
-    let company = Uuid::new_v4();
-    let records: Vec<Envelope> = (0..count).map(|n| example_envelope(company, n)).collect();
     let started = Instant::now();
     for (k, chunk) in records.chunks(batch).enumerate() {
         let mut out = BinaryCopy::new();
