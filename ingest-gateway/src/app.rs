@@ -24,6 +24,7 @@ use tower_http::trace::TraceLayer;
 use utoipa::{OpenApi, ToSchema};
 
 use crate::auth::KeyCache;
+use crate::budget::MemoryBudget;
 use crate::config::ServeArgs;
 use crate::error::{ApiError, ErrorBody};
 use crate::ingest;
@@ -44,6 +45,8 @@ pub struct Shared {
     pub serve: ServeArgs,
     /// Budget of publishes awaiting an ack; exhausted means 503.
     pub inflight: Arc<Semaphore>,
+    /// Memory of request bodies being read, parsed and published; exhausted means 503.
+    pub bodies: Arc<MemoryBudget>,
     /// Per-key rate limit, when configured.
     pub rate_limiter: Option<RateLimiter>,
     /// Renders `/metrics`; `None` where no recorder is installed (library tests).
@@ -74,6 +77,7 @@ impl AppState {
             publisher,
             keys,
             inflight: Arc::new(Semaphore::new(serve.max_in_flight_publishes as usize)),
+            bodies: MemoryBudget::new(serve.body_memory_bytes(), serve.body_memory_per_key_bytes()),
             rate_limiter,
             metrics,
             serve,
@@ -93,7 +97,7 @@ impl AppState {
     components(schemas(
         callcap::CallRecord, callcap::Outcome, callcap::CallStatus, callcap::FieldError,
         ingest::Created, ingest::CreatedData, ingest::BatchResponse, ingest::BatchItem,
-        ErrorBody, Readiness, PublishStats
+        ErrorBody, Readiness, PublishStats, crate::body::ContentEncoding
     )),
     tags((name = "calls", description = "Call records"), (name = "ops", description = "Operations")),
     modifiers(&AcceptsUnknownFields)
@@ -198,7 +202,12 @@ pub fn describe_metrics() {
 /// Drops an `x-request-id` that is empty, longer than 128 bytes or not visible ASCII, so
 /// that the next layer generates one: a request id is copied into the logs and into every
 /// record of a batch in the stream, and must not carry unbounded or hostile bytes there.
+///
+/// It also notes how many header fields the client sent ([`SentHeaders`]), before a request
+/// id is added, for the header count limit.
 async fn drop_unusable_request_id(mut req: Request, next: Next) -> Response {
+    let sent = SentHeaders(req.headers().len());
+    req.extensions_mut().insert(sent);
     let usable = req
         .headers()
         .get_all("x-request-id")
@@ -210,6 +219,10 @@ async fn drop_unusable_request_id(mut req: Request, next: Next) -> Response {
     }
     next.run(req).await
 }
+
+/// The number of header fields as the client sent them (the request id layer may add one).
+#[derive(Debug, Clone, Copy)]
+struct SentHeaders(usize);
 
 /// Answers an over-long URI with 414 and too many or too large headers with 431.
 async fn enforce_head_limits(req: Request, next: Next) -> Response {
@@ -225,7 +238,18 @@ async fn enforce_head_limits(req: Request, next: Next) -> Response {
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len())
         .sum();
-    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+    let count = req
+        .extensions()
+        .get::<SentHeaders>()
+        .map_or(headers.len(), |s| s.0);
+    if count > MAX_HEADERS {
+        return ApiError::TooManyHeaders {
+            count,
+            limit: MAX_HEADERS,
+        }
+        .into_response();
+    }
+    if bytes > MAX_HEADER_BYTES {
         return ApiError::HeadersTooLarge {
             limit: MAX_HEADER_BYTES,
         }

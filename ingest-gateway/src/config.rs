@@ -230,6 +230,24 @@ pub struct ServeArgs {
     #[arg(long, env = "NATS_MONITOR_URL")]
     pub nats_monitor_url: Option<String>,
 
+    /// Memory that request bodies being read, parsed and published may hold at once, in
+    /// MiB; 0 (the default) is a quarter of the memory the gateway may use (its cgroup's
+    /// limit, else the machine's), between 64 and 1,024. What a body costs is counted as
+    /// it is decoded and, before it is parsed, what parsing it will allocate (a compressed
+    /// body of a few KiB can decode to MiBs of JSON values). Past the budget new bodies
+    /// get 503 with Retry-After; see gateway_body_memory_bytes.
+    #[arg(long, env = "BODY_MEMORY_MB", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
+    pub body_memory_mb: u32,
+
+    /// Share of BODY_MEMORY_MB one API key's requests may hold at once, in percent: one
+    /// dialer cannot take the memory every other company's records need. A single body
+    /// that costs more than this share gets 413 (send fewer records per request); a key
+    /// whose other requests hold its share gets 503 with Retry-After.
+    #[arg(long, env = "BODY_MEMORY_PER_KEY_PERCENT", default_value_t = 50,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub body_memory_per_key_percent: u8,
+
     /// Per-key rate limit, in requests per second; 0 turns it off (the API document
     /// promises no hard limit, so off is the default).
     #[arg(long, env = "RATE_LIMIT_PER_SEC", default_value_t = 0.0)]
@@ -272,6 +290,8 @@ impl Default for ServeArgs {
             publish_batches_in_flight: 2,
             publish_linger_us: 10_000,
             nats_monitor_url: None,
+            body_memory_mb: 0,
+            body_memory_per_key_percent: 50,
             rate_limit_per_sec: 0.0,
             rate_limit_burst: 100,
             retry_after_secs: 1,
@@ -293,6 +313,19 @@ impl ServeArgs {
             return Err("--max-batch-bytes must be at least --max-body-bytes".into());
         }
         Ok(())
+    }
+
+    /// BODY_MEMORY_MB in bytes, with 0 resolved to the default.
+    pub fn body_memory_bytes(&self) -> usize {
+        match self.body_memory_mb {
+            0 => crate::budget::default_limit_bytes(),
+            mb => (mb as usize).saturating_mul(1024 * 1024),
+        }
+    }
+
+    /// What one key may hold of [`ServeArgs::body_memory_bytes`].
+    pub fn body_memory_per_key_bytes(&self) -> usize {
+        self.body_memory_bytes() / 100 * usize::from(self.body_memory_per_key_percent)
     }
 
     pub fn header_timeout(&self) -> Duration {

@@ -34,6 +34,13 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("{0}")]
     TooManyRecords(String),
+    #[error("the body needs {needed} bytes of memory to read, more than one request may use ({limit}); send fewer or smaller records per request")]
+    BodyTooCostly { needed: usize, limit: usize },
+    #[error("{cause}; retry shortly")]
+    MemoryBusy {
+        retry_after_secs: u64,
+        cause: crate::budget::Exhausted,
+    },
     #[error("request body was not received in time")]
     RequestTimeout,
     #[error("rate limit exceeded for this API key; retry after {retry_after_secs} s")]
@@ -52,6 +59,8 @@ pub enum ApiError {
     UriTooLong { limit: usize },
     #[error("request headers are larger than the limit of {limit} bytes")]
     HeadersTooLarge { limit: usize },
+    #[error("request has {count} header fields; at most {limit} are allowed")]
+    TooManyHeaders { count: usize, limit: usize },
     #[error("no such route")]
     NotFound,
     #[error("method not allowed on this route")]
@@ -82,16 +91,19 @@ impl ApiError {
             ApiError::UnsupportedMediaType | ApiError::UnsupportedEncoding(_) => {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
             }
-            ApiError::PayloadTooLarge { .. } | ApiError::TooManyRecords(_) => {
-                StatusCode::PAYLOAD_TOO_LARGE
-            }
+            ApiError::PayloadTooLarge { .. }
+            | ApiError::TooManyRecords(_)
+            | ApiError::BodyTooCostly { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Overloaded { .. }
+            | ApiError::MemoryBusy { .. }
             | ApiError::Unavailable { .. }
             | ApiError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
-            ApiError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::HeadersTooLarge { .. } | ApiError::TooManyHeaders { .. } => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -104,6 +116,9 @@ impl ApiError {
         match self {
             ApiError::RateLimited { retry_after_secs }
             | ApiError::Overloaded { retry_after_secs }
+            | ApiError::MemoryBusy {
+                retry_after_secs, ..
+            }
             | ApiError::NotReady { retry_after_secs }
             | ApiError::Unavailable {
                 retry_after_secs, ..
@@ -142,6 +157,8 @@ impl ApiError {
             ApiError::UnsupportedEncoding(_) => "unsupported_encoding",
             ApiError::PayloadTooLarge { .. } => "body_too_large",
             ApiError::TooManyRecords(_) => "too_many_records",
+            ApiError::BodyTooCostly { .. } => "body_too_costly",
+            ApiError::MemoryBusy { .. } => "memory_busy",
             ApiError::RequestTimeout => "body_timeout",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Overloaded { .. } => "overloaded",
@@ -149,6 +166,7 @@ impl ApiError {
             ApiError::NotReady { .. } => "not_ready",
             ApiError::UriTooLong { .. } => "uri_too_long",
             ApiError::HeadersTooLarge { .. } => "headers_too_large",
+            ApiError::TooManyHeaders { .. } => "too_many_headers",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Internal(_) => "internal",
@@ -171,6 +189,9 @@ impl ApiError {
             }
             ApiError::Overloaded { .. } => {
                 tracing::warn!("in-flight publish limit reached; answered 503")
+            }
+            ApiError::MemoryBusy { cause, .. } => {
+                tracing::warn!(%cause, "request body memory budget in use; answered 503")
             }
             _ => {}
         }

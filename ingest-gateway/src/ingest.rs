@@ -1,9 +1,10 @@
 //! The ingest handlers: one record (`POST /v1/calls` and the legacy webhook path) and a
 //! batch (`POST /v1/calls/batch`).
 //!
-//! Order of checks: key (401), rate limit (429), content type (415), body size and time
-//! (413, 408), JSON (400), fields (400), company scope (403), in-flight budget (503),
-//! publish and ack (503). Only an acknowledged publish gets 201.
+//! Order of checks: key (401), rate limit (429), content type (415), body size, time and
+//! memory (413, 408, 503; [`crate::body`]), JSON (400), fields (400), company scope (403),
+//! in-flight budget (503), publish and ack (503). Only an acknowledged publish gets 201.
+//! The body's memory reservation is held until the answer is built.
 
 use std::time::Instant;
 
@@ -25,6 +26,7 @@ use uuid::Uuid;
 
 use crate::app::AppState;
 use crate::auth::Principal;
+use crate::body::JsonBody;
 use crate::error::{ApiError, ErrorBody};
 use crate::publish::{Outbound, PublishError};
 use crate::ratelimit::Decision;
@@ -91,7 +93,7 @@ fn timestamp(t: DateTime<Utc>) -> String {
     params(
         ("x-api-key" = String, Header, description = "Your API key"),
         ("Idempotency-Key" = Option<String>, Header, description = "Makes retries of a record without external_call_id return the same id"),
-        ("Content-Encoding" = Option<String>, Header, description = "gzip, deflate or zstd (others: 415); the size limits apply to the decompressed body"),
+        ("Content-Encoding" = Option<crate::body::ContentEncoding>, Header, description = "gzip, deflate or zstd (others: 415); the size limits apply to the decompressed body"),
     ),
     responses(
         (status = 201, description = "Accepted and durably queued", body = Created),
@@ -99,10 +101,10 @@ fn timestamp(t: DateTime<Utc>) -> String {
         (status = 401, description = "Invalid or missing API key", body = ErrorBody),
         (status = 403, description = "company_id is not the key's company", body = ErrorBody),
         (status = 408, description = "Body not received in time", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 413, description = "Body too large, or it would take more memory to read than one request may use", body = ErrorBody),
         (status = 415, description = "Content-Type is not application/json, or an unsupported Content-Encoding", body = ErrorBody),
         (status = 429, description = "Rate limit exceeded; see Retry-After", body = ErrorBody),
-        (status = 503, description = "Cannot queue right now, or the gateway is starting; retry after Retry-After", body = ErrorBody),
+        (status = 503, description = "Cannot queue right now, the gateway's memory for request bodies is in use, or the gateway is starting; retry after Retry-After", body = ErrorBody),
     )
 )]
 pub async fn create_call(
@@ -125,7 +127,7 @@ pub async fn create_call(
     request_body(content = CallRecord, content_type = "application/json"),
     params(
         ("x-api-key" = String, Header, description = "Your API key"),
-        ("Content-Encoding" = Option<String>, Header, description = "gzip, deflate or zstd (others: 415); the size limits apply to the decompressed body"),
+        ("Content-Encoding" = Option<crate::body::ContentEncoding>, Header, description = "gzip, deflate or zstd (others: 415); the size limits apply to the decompressed body"),
     ),
     responses(
         (status = 201, description = "Accepted and durably queued", body = Created),
@@ -133,10 +135,10 @@ pub async fn create_call(
         (status = 401, description = "Invalid or missing API key", body = ErrorBody),
         (status = 403, description = "company_id is not the key's company", body = ErrorBody),
         (status = 408, description = "Body not received in time", body = ErrorBody),
-        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 413, description = "Body too large, or it would take more memory to read than one request may use", body = ErrorBody),
         (status = 415, description = "Content-Type is not application/json, or an unsupported Content-Encoding", body = ErrorBody),
         (status = 429, description = "Rate limit exceeded; see Retry-After", body = ErrorBody),
-        (status = 503, description = "Cannot queue right now, or the gateway is starting; retry after Retry-After", body = ErrorBody),
+        (status = 503, description = "Cannot queue right now, the gateway's memory for request bodies is in use, or the gateway is starting; retry after Retry-After", body = ErrorBody),
     )
 )]
 pub async fn create_call_legacy(
@@ -155,11 +157,12 @@ async fn create_call_inner(
     body: Body,
 ) -> Result<(Created, RateInfo), ApiError> {
     let (principal, rate) = admit(state, headers)?;
-    let bytes = read_json_body(state, headers, body, state.serve.max_body_bytes as usize).await?;
-    let record = match serde_json::from_slice::<Incoming>(&bytes) {
+    let body = read_body(state, &principal, headers, body, state.serve.max_body_bytes).await?;
+    let bytes = &body.text;
+    let record = match serde_json::from_slice::<Incoming>(bytes) {
         Ok(incoming) => incoming.validate()?,
         // Not a well-formed object: the parsed value names what is wrong.
-        Err(_) => callcap::validate(&parse_json(&bytes)?)?,
+        Err(_) => callcap::validate(&parse_json(bytes)?)?,
     };
     check_company(&principal, &record)?;
     let idem = idempotency_key(headers)?;
@@ -207,18 +210,18 @@ async fn create_call_inner(
     request_body(content = BatchRequestDoc, content_type = "application/json"),
     params(
         ("x-api-key" = String, Header, description = "Your API key"),
-        ("Content-Encoding" = Option<String>, Header, description = "gzip, deflate or zstd (others: 415); the size limits apply to the decompressed body"),
+        ("Content-Encoding" = Option<crate::body::ContentEncoding>, Header, description = "gzip, deflate or zstd (others: 415); the size limits apply to the decompressed body"),
     ),
     responses(
         (status = 201, description = "Every record accepted", body = BatchResponse),
         (status = 207, description = "Some records refused; see each item", body = BatchResponse),
-        (status = 400, description = "Malformed JSON or no `calls` array", body = ErrorBody),
+        (status = 400, description = "Malformed JSON, no `calls` array, or an Idempotency-Key header (give each record an external_call_id instead)", body = ErrorBody),
         (status = 401, description = "Invalid or missing API key", body = ErrorBody),
         (status = 408, description = "Body not received in time", body = ErrorBody),
-        (status = 413, description = "Too many records or too many bytes", body = ErrorBody),
+        (status = 413, description = "Too many records or too many bytes, or it would take more memory to read than one request may use", body = ErrorBody),
         (status = 415, description = "Content-Type is not application/json, or an unsupported Content-Encoding", body = ErrorBody),
         (status = 429, description = "Rate limit exceeded; see Retry-After", body = ErrorBody),
-        (status = 503, description = "At the in-flight limit, or the gateway is starting; retry after Retry-After", body = ErrorBody),
+        (status = 503, description = "At the in-flight limit, the gateway's memory for request bodies is in use, or the gateway is starting; retry after Retry-After", body = ErrorBody),
     )
 )]
 pub async fn create_batch(
@@ -292,13 +295,27 @@ async fn create_batch_inner(
     body: Body,
 ) -> Result<(StatusCode, BatchResponse, RateInfo), ApiError> {
     let (principal, rate) = admit(state, headers)?;
-    let bytes = read_json_body(state, headers, body, state.serve.max_batch_bytes as usize).await?;
+    if headers.contains_key("idempotency-key") {
+        return Err(ApiError::Validation(ValidationError::field(
+            "Idempotency-Key",
+            "Idempotency-Key applies to one record and is not taken on /v1/calls/batch; give each record an external_call_id so that a resent batch updates instead of duplicating",
+        )));
+    }
+    let body = read_body(
+        state,
+        &principal,
+        headers,
+        body,
+        state.serve.max_batch_bytes,
+    )
+    .await?;
+    let bytes = &body.text;
     let calls: Vec<Result<Incoming, ValidationError>> =
-        match serde_json::from_slice::<BatchBody>(&bytes) {
+        match serde_json::from_slice::<BatchBody>(bytes) {
             Ok(body) => body.calls.into_iter().map(Ok).collect(),
             // Not well-formed, or some item is not an object: read it as a value to say which.
             Err(_) => {
-                let value = parse_json(&bytes)?;
+                let value = parse_json(bytes)?;
                 let Some(Value::Array(calls)) = value.get("calls") else {
                     return Err(ApiError::BadRequest(
                         "body must be an object with a `calls` array".into(),
@@ -460,136 +477,24 @@ fn with_rate_headers(mut resp: Response, rate: RateInfo) -> Response {
     resp
 }
 
-/// The request body's `Content-Encoding`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Encoding {
-    Identity,
-    Gzip,
-    Deflate,
-    Zstd,
-}
-
-/// Reads `Content-Encoding`: none, `identity`, `gzip` (or `x-gzip`), `deflate` (zlib, as
-/// HTTP defines it) or `zstd`; anything else — including a list of several — is 415.
-fn content_encoding(headers: &HeaderMap) -> Result<Encoding, ApiError> {
-    let mut values = headers.get_all(header::CONTENT_ENCODING).iter();
-    let Some(value) = values.next() else {
-        return Ok(Encoding::Identity);
-    };
-    let raw = value.to_str().unwrap_or("(not text)").trim();
-    if values.next().is_some() || raw.contains(',') {
-        return Err(ApiError::UnsupportedEncoding(
-            headers
-                .get_all(header::CONTENT_ENCODING)
-                .iter()
-                .map(|v| v.to_str().unwrap_or("?"))
-                .collect::<Vec<_>>()
-                .join(", ")
-                .chars()
-                .take(64)
-                .collect(),
-        ));
-    }
-    match raw.to_ascii_lowercase().as_str() {
-        "" | "identity" => Ok(Encoding::Identity),
-        "gzip" | "x-gzip" => Ok(Encoding::Gzip),
-        "deflate" => Ok(Encoding::Deflate),
-        "zstd" => Ok(Encoding::Zstd),
-        _ => Err(ApiError::UnsupportedEncoding(
-            raw.chars().take(64).collect(),
-        )),
-    }
-}
-
-/// Checks the content type and encoding and reads the body within the size and time
-/// limits. A compressed body is decompressed as it arrives and the limit applies to the
-/// decompressed bytes, so a decompression bomb is refused (413) after `limit` bytes
-/// without ever being held whole; the bytes on the wire are bounded by `limit` too.
-async fn read_json_body(
+/// Reads the body within the route's byte limit and the memory budget (see [`crate::body`]).
+async fn read_body(
     state: &AppState,
+    principal: &Principal,
     headers: &HeaderMap,
     body: Body,
-    limit: usize,
-) -> Result<Bytes, ApiError> {
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
-    if !is_json {
-        return Err(ApiError::UnsupportedMediaType);
-    }
-    let encoding = content_encoding(headers)?;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
-    let read = async {
-        if encoding == Encoding::Identity {
-            return axum::body::to_bytes(body, limit).await.map_err(|e| {
-                let too_large = std::error::Error::source(&e)
-                    .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-                if too_large {
-                    ApiError::PayloadTooLarge { limit }
-                } else {
-                    ApiError::BadRequest(format!("could not read the request body: {e}"))
-                }
-            });
-        }
-        decompress(body, encoding, limit).await
-    };
-    match tokio::time::timeout(state.serve.body_timeout(), read).await {
-        Err(_) => Err(ApiError::RequestTimeout),
-        Ok(result) => result,
-    }
-}
-
-/// Decompresses `body` up to `limit` decompressed bytes (one more means 413).
-async fn decompress(body: Body, encoding: Encoding, limit: usize) -> Result<Bytes, ApiError> {
-    use async_compression::tokio::bufread::{GzipDecoder, ZlibDecoder, ZstdDecoder};
-    use futures::TryStreamExt as _;
-    use tokio::io::AsyncReadExt as _;
-    // The compressed bytes are bounded by the same limit (a body that does not shrink is
-    // no reason to read more of it).
-    let wire = http_body_util::Limited::new(body, limit);
-    let stream = http_body_util::BodyStream::new(wire)
-        // Trailers (never sent by dialers) become empty chunks.
-        .map_ok(|frame| frame.into_data().unwrap_or_default())
-        .map_err(std::io::Error::other);
-    let reader = tokio_util::io::StreamReader::new(stream);
-    let mut decoded: Box<dyn tokio::io::AsyncRead + Send + Unpin> = match encoding {
-        Encoding::Gzip => Box::new(GzipDecoder::new(reader)),
-        Encoding::Deflate => Box::new(ZlibDecoder::new(reader)),
-        Encoding::Zstd => Box::new(ZstdDecoder::new(reader)),
-        Encoding::Identity => Box::new(reader),
-    };
-    let mut out = Vec::with_capacity(limit.min(64 * 1024));
-    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
-    match (&mut decoded).take(cap).read_to_end(&mut out).await {
-        Ok(_) if out.len() > limit => Err(ApiError::PayloadTooLarge { limit }),
-        Ok(_) => Ok(Bytes::from(out)),
-        Err(e) => {
-            let wire_too_large = e
-                .get_ref()
-                .is_some_and(|inner| inner.is::<http_body_util::LengthLimitError>());
-            if wire_too_large {
-                Err(ApiError::PayloadTooLarge { limit })
-            } else {
-                let name = match encoding {
-                    Encoding::Gzip => "gzip",
-                    Encoding::Deflate => "deflate (zlib)",
-                    Encoding::Zstd => "zstd",
-                    Encoding::Identity => "plain",
-                };
-                Err(ApiError::BadRequest(format!(
-                    "the body is not valid {name} as its Content-Encoding says: {e}"
-                )))
-            }
-        }
-    }
+    limit: u32,
+) -> Result<JsonBody, ApiError> {
+    crate::body::read_json(
+        &state.bodies,
+        &principal.key_id,
+        headers,
+        body,
+        limit as usize,
+        state.serve.body_timeout(),
+        u64::from(state.serve.retry_after_secs),
+    )
+    .await
 }
 
 fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {

@@ -5,12 +5,15 @@
 //!
 //! - [`config`]: command line and environment;
 //! - [`app`]: state, routes, operational endpoints; [`server`]: connections and drain;
-//! - [`ingest`]: the record handlers; [`error`]: every error answer;
+//! - [`ingest`]: the record handlers; [`body`]: reading a request body within its limits;
+//!   [`budget`]: the memory request bodies may hold; [`error`]: every error answer;
 //! - [`auth`]: API keys and the watched cache; [`keys`]: the `keys` admin commands;
 //! - [`publish`]: the JetStream publisher; [`ratelimit`]: per-key token buckets.
 
 pub mod app;
 pub mod auth;
+pub mod body;
+pub mod budget;
 pub mod check;
 pub mod config;
 pub mod error;

@@ -88,9 +88,11 @@ struct Activity {
 }
 
 impl Activity {
-    fn new() -> Self {
+    /// A connection accepted at `started` (before any TLS handshake: the header timeout
+    /// counts from there).
+    fn new(started: Instant) -> Self {
         Activity {
-            started: Instant::now(),
+            started,
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             served_one: AtomicBool::new(false),
@@ -209,13 +211,14 @@ pub async fn run(
                     idle_timeout,
                 };
                 let tls = tls.clone();
+                let accepted_at = Instant::now();
                 tracker.spawn(async move {
                     metrics::gauge!("gateway_connections_open").increment(1.0);
                     match tls {
-                        None => conn.serve(stream).await,
+                        None => conn.serve(stream, accepted_at).await,
                         Some(acceptor) => {
                             match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                                Ok(Ok(tls_stream)) => conn.serve(tls_stream).await,
+                                Ok(Ok(tls_stream)) => conn.serve(tls_stream, accepted_at).await,
                                 Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                                 Err(_) => {
                                     metrics::counter!("gateway_connections_timed_out_total").increment(1);
@@ -253,11 +256,11 @@ struct Conn {
 }
 
 impl Conn {
-    async fn serve<S>(self, stream: S)
+    async fn serve<S>(self, stream: S, accepted_at: Instant)
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::new(accepted_at));
         let router = self.router;
         let tracked = Arc::clone(&activity);
         let service = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -295,6 +298,13 @@ impl Conn {
                         .is_some_and(|d| d <= Instant::now());
                     if still_idle {
                         metrics::counter!("gateway_connections_timed_out_total").increment(1);
+                        if !activity.served_one.load(Ordering::Acquire) {
+                            // No whole request head within HEADER_TIMEOUT_MS of connecting:
+                            // closed now. A graceful shutdown would let hyper go on reading a
+                            // head that arrives a byte at a time, and close only after a
+                            // second timeout (11-16 s with the defaults).
+                            return;
+                        }
                         conn.as_mut().graceful_shutdown();
                         hard_close = Some(tokio::time::Instant::now() + self.header_timeout);
                     }

@@ -121,6 +121,14 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub retry_max_ms: u64,
 
+    /// How often the durable consumer's definition and position are read, in seconds: a
+    /// consumer found deleted, or changed in what governs delivery (filter, acks,
+    /// limits), is recreated as defined from the last position seen while it was right,
+    /// and /readyz says so until then. Also how often the backlog gauges are refreshed.
+    #[arg(long, env = "CONSUMER_CHECK_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub consumer_check_secs: u64,
+
     /// Do not apply migrations on start.
     #[arg(long, env = "NO_MIGRATE")]
     pub no_migrate: bool,
@@ -137,12 +145,17 @@ impl Default for RunArgs {
             max_deliver: 20,
             max_ack_pending: 20_000,
             retry_max_ms: 5_000,
+            consumer_check_secs: 5,
             no_migrate: false,
         }
     }
 }
 
 impl RunArgs {
+    pub fn consumer_check(&self) -> Duration {
+        Duration::from_secs(self.consumer_check_secs)
+    }
+
     pub fn ack_wait(&self) -> Duration {
         Duration::from_secs(self.ack_wait_secs)
     }

@@ -10,7 +10,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer::pull, message::AckKind, stream::Stream};
+use async_nats::jetstream::{self, consumer::pull, message::AckKind};
 use callcap::subjects::CONSUMER_NAME;
 use callcap::Envelope;
 use futures::{FutureExt, StreamExt};
@@ -34,6 +34,8 @@ pub fn consumer_config(args: &RunArgs) -> pull::Config {
         // Redeliveries after a worker died back off: ack_wait, then 2x, 4x, 8x.
         backoff: vec![wait, wait * 2, wait * 4, wait * 8],
         max_ack_pending: args.max_ack_pending,
+        // The server's default, written out so the guard can compare it.
+        max_waiting: 512,
         ..Default::default()
     }
 }
@@ -195,14 +197,12 @@ where
 /// # Errors
 /// When the durable consumer cannot be created or its message stream opened.
 pub async fn run(
-    stream: Stream,
+    consumer: jetstream::consumer::PullConsumer,
+    health: &crate::guard::ConsumerHealth,
     pool: PgPool,
     args: RunArgs,
     cancel: CancellationToken,
 ) -> Result<(), async_nats::Error> {
-    let consumer: jetstream::consumer::Consumer<pull::Config> = stream
-        .get_or_create_consumer(CONSUMER_NAME, consumer_config(&args))
-        .await?;
     tracing::info!(
         consumer = CONSUMER_NAME,
         batch_size = args.batch_size,
@@ -211,6 +211,7 @@ pub async fn run(
     );
     let batch = args.batch_size as usize;
     let mut writing = InFlight::default();
+    let mut reopened = health.reopened();
     loop {
         let mut messages = consumer
             .stream()
@@ -226,6 +227,8 @@ pub async fn run(
                     hand_back_prefetched(&mut messages).await;
                     return Ok(());
                 }
+                // The guard recreated the consumer: pull from the new one.
+                _ = reopened.changed() => None,
                 next = messages.next() => next,
             };
             let Some(first) = first else { break };

@@ -5,12 +5,14 @@
 //!
 //! - [`config`]: command line and environment;
 //! - [`consume`]: the pull/write/ack loop; [`store`]: every SQL statement and migrations;
+//! - [`guard`]: keeps the durable consumer as defined (recreated when deleted or changed);
 //! - [`replay`]: re-applying a window of the stream; [`dlq`]: dead letters;
 //! - [`ops`]: `/metrics`, `/readyz`, `/healthz`.
 
 pub mod config;
 pub mod consume;
 pub mod dlq;
+pub mod guard;
 pub mod ops;
 pub mod replay;
 pub mod store;
@@ -143,10 +145,12 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(cli.run.metrics_addr)
         .await
         .with_context(|| format!("binding METRICS_ADDR {}", cli.run.metrics_addr))?;
+    let health = std::sync::Arc::new(guard::ConsumerHealth::default());
     let ops = ops::router(ops::OpsState {
         pool: pool.clone(),
         nats: client.clone(),
         metrics,
+        consumer: health.clone(),
     });
     let ops_cancel = cancel.clone();
     tokio::spawn(async move {
@@ -177,8 +181,18 @@ pub async fn run(
             }
         }
     };
-    tokio::spawn(report_pending(stream.clone(), cancel.clone()));
-    consume::run(stream, pool.clone(), cli.run.clone(), cancel)
+    let wanted = consume::consumer_config(&cli.run);
+    let consumer = guard::open(&stream, &wanted, &health)
+        .await
+        .map_err(|e| anyhow::anyhow!("opening the durable consumer: {e}"))?;
+    tokio::spawn(guard::watch(
+        stream.clone(),
+        wanted,
+        health.clone(),
+        cli.run.consumer_check(),
+        cancel.clone(),
+    ));
+    consume::run(consumer, &health, pool.clone(), cli.run.clone(), cancel)
         .await
         .map_err(|e| anyhow::anyhow!("consumer failed: {e}"))?;
     pool.close().await;
@@ -216,6 +230,13 @@ fn describe_metrics() {
         metrics::describe_counter!(name, help);
         metrics::counter!(name).absolute(0);
     }
+    metrics::describe_counter!(
+        "worker_consumer_repairs_total",
+        "Times the durable consumer was found missing or changed and recreated as defined, by reason"
+    );
+    for reason in ["missing", "changed"] {
+        metrics::counter!("worker_consumer_repairs_total", "reason" => reason).absolute(0);
+    }
     metrics::describe_gauge!(
         "worker_consumer_pending",
         "Records in the stream not yet delivered to any worker (the backlog KEDA scales on)"
@@ -233,27 +254,6 @@ fn describe_metrics() {
         metrics::Unit::Seconds,
         "Time to write a batch: transaction and acks"
     );
-}
-
-/// Publishes the consumer's backlog (`worker_consumer_pending`) every 5 seconds: the
-/// number ops scale workers on.
-async fn report_pending(stream: jetstream::stream::Stream, cancel: CancellationToken) {
-    loop {
-        if let Ok(mut c) = stream
-            .get_consumer::<jetstream::consumer::pull::Config>(callcap::subjects::CONSUMER_NAME)
-            .await
-        {
-            if let Ok(info) = c.info().await {
-                metrics::gauge!("worker_consumer_pending").set(info.num_pending as f64);
-                metrics::gauge!("worker_consumer_ack_pending").set(info.num_ack_pending as f64);
-                ops::set_consumer_figures(info.num_pending, info.num_ack_pending as u64);
-            }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(5)) => {}
-            () = cancel.cancelled() => return,
-        }
-    }
 }
 
 /// A token cancelled on SIGTERM or SIGINT.

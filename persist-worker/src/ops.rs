@@ -1,7 +1,6 @@
 //! The worker's operational HTTP endpoints on `METRICS_ADDR`: `/` (the status page),
 //! `/metrics`, `/readyz`, `/healthz`. Nothing here touches records.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -22,6 +21,8 @@ pub struct OpsState {
     pub pool: PgPool,
     pub nats: async_nats::Client,
     pub metrics: Option<PrometheusHandle>,
+    /// The durable consumer as the guard last saw it, and its backlog.
+    pub consumer: std::sync::Arc<crate::guard::ConsumerHealth>,
 }
 
 /// The ops router.
@@ -38,15 +39,33 @@ async fn readyz(State(s): State<OpsState>) -> (StatusCode, String) {
     let nats_ok = s.nats.connection_state() == async_nats::connection::State::Connected;
     let db = tokio::time::timeout(Duration::from_secs(2), crate::store::ping(&s.pool)).await;
     let db_ok = matches!(db, Ok(Ok(())));
-    let status = if nats_ok && db_ok {
+    let consumer = consumer_state(&s.consumer.condition());
+    let consumer_ok = consumer == "ok";
+    let status = if nats_ok && db_ok && consumer_ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (
         status,
-        format!("nats: {}\npostgres: {}\n", ok(nats_ok), ok(db_ok)),
+        format!(
+            "nats: {}\npostgres: {}\nconsumer: {consumer}\nconsumer repairs: {}\n",
+            ok(nats_ok),
+            ok(db_ok),
+            s.consumer.repairs()
+        ),
     )
+}
+
+/// The consumer's condition in a word: `ok`, `missing`, `changed`, or `not checked yet`.
+fn consumer_state(c: &crate::guard::Condition) -> &'static str {
+    use crate::guard::Condition;
+    match c {
+        Condition::Right => "ok",
+        Condition::Missing => "missing",
+        Condition::Changed(_) => "changed",
+        Condition::Unknown => "not checked yet",
+    }
 }
 
 fn ok(b: bool) -> &'static str {
@@ -69,9 +88,6 @@ async fn metrics(State(s): State<OpsState>) -> (StatusCode, String) {
 
 /// Records stored (0) and dead-lettered (1), per second over the last minute.
 static STORED: LazyLock<Window<2>> = LazyLock::new(Window::default);
-/// The consumer's figures as last read (every 5 s); `u64::MAX` until the first read.
-static PENDING: AtomicU64 = AtomicU64::new(u64::MAX);
-static ACK_PENDING: AtomicU64 = AtomicU64::new(u64::MAX);
 
 /// Counts a committed batch for the status page.
 pub fn record_batch(stored: u64, dead_letters: u64) {
@@ -79,14 +95,8 @@ pub fn record_batch(stored: u64, dead_letters: u64) {
     STORED.add(1, dead_letters);
 }
 
-/// The consumer's backlog as last read.
-pub fn set_consumer_figures(pending: u64, ack_pending: u64) {
-    PENDING.store(pending, Ordering::Relaxed);
-    ACK_PENDING.store(ack_pending, Ordering::Relaxed);
-}
-
-fn figure(v: u64) -> String {
-    if v == u64::MAX {
+fn figure(health: &crate::guard::ConsumerHealth, v: u64) -> String {
+    if health.condition() == crate::guard::Condition::Unknown {
         "not read yet".into()
     } else {
         v.to_string()
@@ -130,6 +140,7 @@ async fn status_page(State(s): State<OpsState>) -> Response {
 <tbody>
 <tr><td>NATS</td><td>{nats}</td></tr>
 <tr><td>Postgres</td><td>{db}</td></tr>
+<tr><td>Durable consumer (repairs: {repairs})</td><td id="consumer">{consumer}</td></tr>
 </tbody>
 </table>
 <h2>Work</h2>
@@ -152,8 +163,13 @@ async fn status_page(State(s): State<OpsState>) -> Response {
 <p><small><code>persist-worker dlq list</code> shows them all; <code>dlq redrive</code> stores them again once the cause is fixed.</small></p>"#,
         nats = state(nats_ok),
         db = state(db_ok),
-        pending = figure(PENDING.load(Ordering::Relaxed)),
-        ack_pending = figure(ACK_PENDING.load(Ordering::Relaxed)),
+        pending = figure(&s.consumer, s.consumer.backlog().0),
+        ack_pending = figure(&s.consumer, s.consumer.backlog().1),
+        consumer = match consumer_state(&s.consumer.condition()) {
+            "ok" => r#"<span class="ok">OK</span>"#.to_owned(),
+            other => format!(r#"<span class="bad">{other}</span>"#),
+        },
+        repairs = s.consumer.repairs(),
         dead_total = dead_total.map_or_else(
             || "unknown (Postgres unavailable)".into(),
             |n| n.to_string()

@@ -19,7 +19,9 @@ pub struct Envelope {
     /// Envelope version, [`ENVELOPE_VERSION`].
     pub v: u32,
     pub call_history_id: Uuid,
-    /// When the gateway accepted the record; also the default `call_date`.
+    /// When the gateway accepted the record; also the default `call_date`. Read with the
+    /// record's own timestamp rule, so a forged one the worker could not store is refused.
+    #[serde(with = "crate::timestamp::required")]
     pub received_at: DateTime<Utc>,
     /// Id of the API key that wrote the record (never the key itself).
     pub key_id: String,
@@ -241,6 +243,7 @@ struct Head<'a> {
 struct Received {
     v: u64,
     call_history_id: Uuid,
+    #[serde(with = "crate::timestamp::required")]
     received_at: DateTime<Utc>,
     key_id: String,
     #[serde(default)]

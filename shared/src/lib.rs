@@ -6,7 +6,8 @@
 //! - [`envelope`]: the versioned stream message;
 //! - [`subjects`]: stream, subject, consumer and bucket names and definitions;
 //! - [`config`]: settings both binaries read from one environment;
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: logging setup;
+//! - [`timestamp`]: reading and writing timestamps and dates so that both read back.
 
 pub mod config;
 pub mod envelope;
@@ -16,6 +17,7 @@ pub mod recent;
 pub mod record;
 pub mod subjects;
 pub mod telemetry;
+pub mod timestamp;
 pub mod validate;
 
 pub use envelope::Envelope;

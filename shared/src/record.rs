@@ -131,7 +131,11 @@ pub struct CallRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notes: Option<String>,
     /// When the call was made; defaults to the time the gateway received the record.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::timestamp::optional"
+    )]
     pub call_date: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caller_number: Option<String>,
@@ -143,9 +147,17 @@ pub struct CallRecord {
     pub recording_url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call_status: Option<CallStatus>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::timestamp::optional"
+    )]
     pub start_time: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::timestamp::optional"
+    )]
     pub end_time: Option<DateTime<Utc>>,
     /// Your system's id for the call; with `company_id` and `external_system` it makes the
     /// record's identity, so a resend updates instead of duplicating.

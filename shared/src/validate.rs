@@ -347,29 +347,21 @@ impl Fields {
 
     fn timestamp(&mut self, field: &str) -> Option<DateTime<Utc>> {
         let s = self.str_of(field, "an ISO 8601 (RFC 3339) timestamp string")?;
-        // Kept to the microsecond, Postgres' precision, so the stored value is the
-        // validated one (a leap second becomes the next second's start, as in Postgres).
-        match DateTime::parse_from_rfc3339(&s)
-            .ok()
-            .and_then(|t| DateTime::from_timestamp_micros(t.timestamp_micros()))
-            .ok_or(())
-        {
-            Ok(t) => Some(t),
-            Err(_) => {
-                self.fail(
-                    field,
-                    format!("{field} must be an RFC 3339 timestamp such as 2025-11-25T10:30:00Z"),
-                );
-                None
-            }
+        // One rule for both trust boundaries: what is read here is written so that it is
+        // read back to the same instant (see `timestamp`).
+        let parsed = crate::timestamp::parse(&s);
+        if parsed.is_none() {
+            self.fail(
+                field,
+                format!("{field} must be an RFC 3339 timestamp such as 2025-11-25T10:30:00Z, within years 0000-9999"),
+            );
         }
+        parsed
     }
 
     fn date(&mut self, field: &str) -> Option<NaiveDate> {
         let s = self.str_of(field, "a date string (YYYY-MM-DD)")?;
-        let parsed = (s.len() == 10)
-            .then(|| NaiveDate::parse_from_str(&s, "%Y-%m-%d").ok())
-            .flatten();
+        let parsed = crate::timestamp::parse_date(&s);
         if parsed.is_none() {
             self.fail(
                 field,

@@ -71,6 +71,26 @@ fn timestamp() -> impl Strategy<Value = String> {
                     off.abs()
                 )
             }),
+        // The edges of the year range with the widest offsets: instants past 9999 or
+        // before 0000 in UTC (the second probe's 201s that were never stored).
+        (
+            prop_oneof![Just(0u32), Just(9999)],
+            prop_oneof![Just("01-01"), Just("12-31")],
+            prop_oneof![
+                Just("00:00:00"),
+                Just("23:59:59"),
+                Just("23:59:60"),
+                Just("23:59:59.999999")
+            ],
+            prop_oneof![
+                Just("Z"),
+                Just("-23:59"),
+                Just("+23:59"),
+                Just("-05:00"),
+                Just("+00:01")
+            ],
+        )
+            .prop_map(|(y, md, hms, off)| format!("{y:04}-{md}T{hms}{off}")),
         Just("2025-11-25T10:30:00Z".to_owned()),
         hostile_string(),
     ]

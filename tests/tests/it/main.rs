@@ -13,6 +13,7 @@ mod merge;
 mod overload;
 mod pipeline;
 mod power_loss;
+mod probe;
 mod security;
 mod seeds;
 mod status;

@@ -166,7 +166,7 @@ async fn each_nats_identity_can_do_its_job_and_is_refused_the_rest() {
         "STREAM.PURGE.CALLS".to_owned(),
         "STREAM.DELETE.CALLS".to_owned(),
         "CONSUMER.CREATE.CALLS.thief".to_owned(),
-        "CONSUMER.DELETE.CALLS.persist-worker".to_owned(),
+        "CONSUMER.DELETE.CALLS.thief".to_owned(),
     ] {
         let subject = format!("$JS.API.{api}");
         let _ = worker.request(subject.clone(), "{}".into()).await;

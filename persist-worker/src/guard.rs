@@ -1,0 +1,337 @@
+//! The consumer guard: keeps the durable consumer the workers share the one this build
+//! defines, and there.
+//!
+//! Whoever holds the worker's NATS identity can create the consumer (a fresh deployment
+//! comes up in any start order) and so can also change it: a filter naming no company
+//! made every later record silently unstored, with no dead letter and no log line. And a
+//! deleted consumer left a running worker idle for good. So every CONSUMER_CHECK_SECS the
+//! guard reads the consumer's configuration and position; a consumer that is missing or
+//! differs from [`crate::consume::consumer_config`] in anything that governs delivery is
+//! logged at ERROR with the differences, counted (`worker_consumer_repairs_total`), and
+//! recreated from the last position seen while it was right: the records a wrong filter
+//! skipped are delivered again (the upsert makes that harmless), none is lost. The
+//! consume loop is told to reopen its pull. `/readyz` says `consumer: missing` or
+//! `consumer: changed` from the moment it is seen until it is repaired. The same reading
+//! feeds the backlog gauges KEDA scales on.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{self, pull, DeliverPolicy};
+use async_nats::jetstream::stream::Stream;
+use callcap::subjects::CONSUMER_NAME;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// What the guard last saw of the consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    /// Not checked yet.
+    Unknown,
+    /// As defined.
+    Right,
+    /// Not on the server.
+    Missing,
+    /// On the server with another definition: the differences.
+    Changed(Vec<String>),
+}
+
+/// The guard's findings, shared with the ops endpoints and the consume loop.
+#[derive(Debug)]
+pub struct ConsumerHealth {
+    condition: Mutex<Condition>,
+    repairs: AtomicU64,
+    pending: AtomicU64,
+    ack_pending: AtomicU64,
+    /// Counts repairs for the consume loop, which reopens its pull on the new consumer.
+    reopened: watch::Sender<u64>,
+}
+
+impl Default for ConsumerHealth {
+    fn default() -> Self {
+        ConsumerHealth {
+            condition: Mutex::new(Condition::Unknown),
+            repairs: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            ack_pending: AtomicU64::new(0),
+            reopened: watch::Sender::new(0),
+        }
+    }
+}
+
+impl ConsumerHealth {
+    /// The consumer's condition as last seen.
+    pub fn condition(&self) -> Condition {
+        self.condition
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, c: Condition) {
+        *self
+            .condition
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = c;
+    }
+
+    /// Changes after each repair: the consume loop reopens its pull then.
+    pub fn reopened(&self) -> watch::Receiver<u64> {
+        self.reopened.subscribe()
+    }
+
+    /// Times the consumer was recreated by this worker.
+    pub fn repairs(&self) -> u64 {
+        self.repairs.load(Ordering::Relaxed)
+    }
+
+    /// Records not yet delivered, and delivered but not acked, as last read.
+    pub fn backlog(&self) -> (u64, u64) {
+        (
+            self.pending.load(Ordering::Relaxed),
+            self.ack_pending.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// What differs between the consumer on the server and the one wanted, in the settings
+/// that govern what is delivered, how fast and how often. Settings the server fills in
+/// itself, or that only say where a new consumer starts, are not compared.
+pub fn differences(current: &consumer::Config, wanted: &consumer::Config) -> Vec<String> {
+    let mut out = Vec::new();
+    macro_rules! compare {
+        ($($field:ident),*) => {$(
+            if current.$field != wanted.$field {
+                out.push(format!(
+                    "{}: {:?} (wanted {:?})",
+                    stringify!($field),
+                    current.$field,
+                    wanted.$field
+                ));
+            }
+        )*};
+    }
+    compare!(
+        durable_name,
+        filter_subject,
+        filter_subjects,
+        ack_policy,
+        ack_wait,
+        max_deliver,
+        backoff,
+        max_ack_pending,
+        max_waiting,
+        headers_only,
+        rate_limit,
+        max_batch,
+        max_bytes,
+        max_expires,
+        inactive_threshold,
+        deliver_subject
+    );
+    out
+}
+
+/// Reads the consumer, creating it when it is missing; returns it for the consume loop.
+/// A consumer found with another definition is recreated from its own ack floor (before
+/// this start nobody can say what a wrong one skipped: the error says how to replay).
+///
+/// # Errors
+/// When the consumer can neither be read nor created.
+pub async fn open(
+    stream: &Stream,
+    wanted: &pull::Config,
+    health: &ConsumerHealth,
+) -> Result<consumer::PullConsumer, async_nats::Error> {
+    let want = consumer::IntoConsumerConfig::into_consumer_config(wanted.clone());
+    match stream.consumer_info(CONSUMER_NAME).await {
+        Ok(info) => {
+            let diff = differences(&info.config, &want);
+            if diff.is_empty() {
+                health.set(Condition::Right);
+            } else {
+                tracing::error!(
+                    consumer = CONSUMER_NAME,
+                    differences = %diff.join("; "),
+                    ack_floor = info.ack_floor.stream_sequence,
+                    "the durable consumer was changed before this worker started; recreating it \
+                     from its ack floor (records a wrong filter skipped before now: \
+                     `persist-worker replay --since <when it was changed>`)"
+                );
+                recreate(
+                    stream,
+                    wanted,
+                    info.ack_floor.stream_sequence + 1,
+                    health,
+                    "changed",
+                )
+                .await?;
+            }
+        }
+        Err(e) if is_not_found(&e) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let consumer = stream
+        .get_or_create_consumer(CONSUMER_NAME, wanted.clone())
+        .await?;
+    health.set(Condition::Right);
+    Ok(consumer)
+}
+
+/// Checks the consumer every `every` until `cancel`, repairing it as the module says.
+pub async fn watch(
+    stream: Stream,
+    wanted: pull::Config,
+    health: Arc<ConsumerHealth>,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let want = consumer::IntoConsumerConfig::into_consumer_config(wanted.clone());
+    // The next sequence to deliver were the consumer recreated now: one past the ack floor
+    // last seen while it was right.
+    let mut resume_from: Option<u64> = None;
+    loop {
+        match stream.consumer_info(CONSUMER_NAME).await {
+            Ok(info) => {
+                health.pending.store(info.num_pending, Ordering::Relaxed);
+                health
+                    .ack_pending
+                    .store(info.num_ack_pending as u64, Ordering::Relaxed);
+                metrics::gauge!("worker_consumer_pending").set(info.num_pending as f64);
+                metrics::gauge!("worker_consumer_ack_pending").set(info.num_ack_pending as f64);
+                let diff = differences(&info.config, &want);
+                if diff.is_empty() {
+                    health.set(Condition::Right);
+                    resume_from = Some(info.ack_floor.stream_sequence + 1);
+                } else {
+                    health.set(Condition::Changed(diff.clone()));
+                    let from = resume_from.unwrap_or(info.ack_floor.stream_sequence + 1);
+                    tracing::error!(
+                        consumer = CONSUMER_NAME,
+                        differences = %diff.join("; "),
+                        resume_from = from,
+                        "the durable consumer was changed; recreating it as defined from the last \
+                         position seen while it was right"
+                    );
+                    repair(&stream, &wanted, from, &health, "changed").await;
+                }
+            }
+            Err(e) if is_not_found(&e) => {
+                health.set(Condition::Missing);
+                let from = resume_from.unwrap_or(1);
+                tracing::error!(
+                    consumer = CONSUMER_NAME,
+                    resume_from = from,
+                    "the durable consumer is gone; recreating it from the last position seen"
+                );
+                repair(&stream, &wanted, from, &health, "missing").await;
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the durable consumer failed; retrying"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
+async fn repair(
+    stream: &Stream,
+    wanted: &pull::Config,
+    from: u64,
+    health: &ConsumerHealth,
+    reason: &'static str,
+) {
+    match recreate(stream, wanted, from, health, reason).await {
+        Ok(()) => {
+            health.set(Condition::Right);
+            health.reopened.send_modify(|n| *n += 1);
+        }
+        // Another worker may have repaired it first; the next check sees.
+        Err(e) => tracing::warn!(error = %e, "recreating the durable consumer failed; retrying"),
+    }
+}
+
+/// Deletes the consumer (when there) and creates it as defined, delivering from `from`.
+async fn recreate(
+    stream: &Stream,
+    wanted: &pull::Config,
+    from: u64,
+    health: &ConsumerHealth,
+    reason: &'static str,
+) -> Result<(), async_nats::Error> {
+    if let Err(e) = stream.delete_consumer(CONSUMER_NAME).await {
+        tracing::debug!(error = %e, "deleting the durable consumer before recreating it");
+    }
+    let config = pull::Config {
+        deliver_policy: DeliverPolicy::ByStartSequence {
+            start_sequence: from.max(1),
+        },
+        ..wanted.clone()
+    };
+    stream.create_consumer(config).await?;
+    health.repairs.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("worker_consumer_repairs_total", "reason" => reason).increment(1);
+    tracing::warn!(
+        consumer = CONSUMER_NAME,
+        from,
+        reason,
+        "durable consumer recreated"
+    );
+    Ok(())
+}
+
+fn is_not_found(e: &async_nats::jetstream::context::ConsumerInfoError) -> bool {
+    matches!(
+        e.kind(),
+        async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RunArgs;
+
+    fn wanted() -> consumer::Config {
+        consumer::IntoConsumerConfig::into_consumer_config(crate::consume::consumer_config(
+            &RunArgs::default(),
+        ))
+    }
+
+    #[test]
+    fn a_consumer_as_defined_has_no_differences_whatever_it_starts_from() {
+        let mut on_server = wanted();
+        on_server.deliver_policy = DeliverPolicy::ByStartSequence { start_sequence: 42 };
+        on_server.num_replicas = 3;
+        assert!(differences(&on_server, &wanted()).is_empty());
+    }
+
+    #[test]
+    fn every_change_that_stops_or_slows_delivery_is_named() {
+        let changes: [(&str, fn(&mut consumer::Config)); 8] = [
+            ("filter_subject", |c| {
+                c.filter_subject = "calls.ingest.nobody".into()
+            }),
+            ("filter_subjects", |c| {
+                c.filter_subjects = vec!["calls.ingest.x".into()]
+            }),
+            ("max_deliver", |c| c.max_deliver = 1),
+            ("ack_wait", |c| c.ack_wait = Duration::from_millis(1)),
+            ("headers_only", |c| c.headers_only = true),
+            ("max_ack_pending", |c| c.max_ack_pending = 1),
+            ("max_expires", |c| c.max_expires = Duration::from_millis(1)),
+            ("inactive_threshold", |c| {
+                c.inactive_threshold = Duration::from_secs(1)
+            }),
+        ];
+        for (field, change) in changes {
+            let mut on_server = wanted();
+            change(&mut on_server);
+            let diff = differences(&on_server, &wanted());
+            assert_eq!(diff.len(), 1, "{field}: {diff:?}");
+            assert!(diff[0].starts_with(field), "{field}: {diff:?}");
+        }
+    }
+}
