@@ -310,7 +310,8 @@ mod tests {
 
     #[test]
     fn every_change_that_stops_or_slows_delivery_is_named() {
-        let changes: [(&str, fn(&mut consumer::Config)); 8] = [
+        type Change = fn(&mut consumer::Config);
+        let changes: [(&str, Change); 8] = [
             ("filter_subject", |c| {
                 c.filter_subject = "calls.ingest.nobody".into()
             }),
