@@ -53,6 +53,41 @@ const ADVICE = {
   429: 'you are over your rate limit; wait for Retry-After and send again',
   503: 'the service could not confirm the record; send it again after Retry-After (a resend is safe)',
 };
+const REDIRECT_ADVICE = 'use the URL of the service itself: a redirect is not followed, since it would send your API key and the record to another address';
+for (const s of [301, 302, 303, 307, 308]) ADVICE[s] = REDIRECT_ADVICE;
+
+// The most of an answer read; the rest is not downloaded.
+const MAX_ANSWER_BYTES = 64 * 1024;
+
+// Server text made safe to print: control characters (ESC, BEL, CR, C1, ...) escaped, so
+// no terminal escape sequence from the server reaches the screen; at most 500 characters.
+function printable(value) {
+  const text = String(value);
+  const shown = text.slice(0, 500).replace(/[\u0000-\u001f\u007f-\u009f]/g,
+    (c) => `\\u{${c.charCodeAt(0).toString(16)}}`);
+  return text.length > 500 ? `${shown}…` : shown;
+}
+
+// Reads at most MAX_ANSWER_BYTES of the answer and parses it as JSON ({} when it is not).
+async function boundedJson(response) {
+  if (!response.body) return {};
+  const reader = response.body.getReader();
+  const chunks = [];
+  let size = 0;
+  while (size < MAX_ANSWER_BYTES) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    chunks.push(value.subarray(0, MAX_ANSWER_BYTES - size));
+    size += Math.min(value.length, MAX_ANSWER_BYTES - size);
+  }
+  reader.cancel().catch(() => {});
+  try {
+    const body = JSON.parse(Buffer.concat(chunks).toString('utf8'));
+    return body && typeof body === 'object' ? body : {};
+  } catch {
+    return {};
+  }
+}
 
 async function send(opts, name, record) {
   const url = `${opts.url}/functions/v1/webhook-call-capture`;
@@ -62,6 +97,8 @@ async function send(opts, name, record) {
       method: 'POST',
       headers: { 'Content-Type': 'application/json', 'x-api-key': opts.key },
       body: JSON.stringify(record),
+      // Never follow a redirect: it would carry the API key (and the body) elsewhere.
+      redirect: 'manual',
       signal: AbortSignal.timeout(15000),
     });
   } catch (e) {
@@ -70,20 +107,17 @@ async function send(opts, name, record) {
     console.log('  What to do: check the URL and that this machine can reach it.');
     return false;
   }
-  let body = {};
-  try {
-    body = await response.json();
-  } catch {
-    body = {};
-  }
-  if (response.status === 201 && body.success) {
-    console.log(`✓ ${name}: created, call_history_id ${body.data.call_history_id} (accepted at ${body.data.created_at})`);
+  const body = await boundedJson(response);
+  if (response.status === 201 && body.success === true && body.data) {
+    console.log(`✓ ${name}: created, call_history_id ${printable(body.data.call_history_id)} (accepted at ${printable(body.data.created_at)})`);
     return true;
   }
-  console.log(`✗ ${name}: refused with ${response.status} ${body.error || response.statusText}: ${body.message || '(no message)'}`);
-  for (const d of body.details || []) console.log(`  field ${d.field}: ${d.message}`);
+  console.log(`✗ ${name}: refused with ${response.status} ${printable(body.error || response.statusText)}: ${printable(body.message || '(no message)')}`);
+  const location = response.headers.get('location');
+  if (location && response.status >= 300 && response.status < 400) console.log(`  The server redirects to ${printable(location)}`);
+  for (const d of (Array.isArray(body.details) ? body.details : []).slice(0, 20)) console.log(`  field ${printable(d.field)}: ${printable(d.message)}`);
   const retry = response.headers.get('retry-after');
-  if (retry) console.log(`  Retry-After: ${retry} s`);
+  if (retry) console.log(`  Retry-After: ${printable(retry)}`);
   console.log(`  What to do: ${ADVICE[response.status] || 'see the API document for this status'}.`);
   return false;
 }

@@ -32,6 +32,32 @@ ADVICE = {
     429: "you are over your rate limit; wait for Retry-After and send again",
     503: "the service could not confirm the record; send it again after Retry-After (a resend is safe)",
 }
+for _status in (301, 302, 303, 307, 308):
+    ADVICE[_status] = ("use the URL of the service itself: a redirect is not followed, since it would "
+                       "send your API key and the record to another address")
+
+# The most of an answer read; the rest is not downloaded.
+MAX_ANSWER_BYTES = 64 * 1024
+
+
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Never follow a redirect: it would carry the API key (and the body) elsewhere. The
+    3xx answer is reported as it is."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+OPENER = urllib.request.build_opener(NoRedirects)
+
+
+def printable(value):
+    """Server text made safe to print: control characters escaped (no terminal escape
+    sequence from the server reaches the screen), at most 500 characters."""
+    text = str(value)
+    shown = "".join(f"\\u{{{ord(c):x}}}" if (ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F) else c
+                    for c in text[:500])
+    return shown + ("…" if len(text) > 500 else "")
 
 
 def options():
@@ -60,10 +86,10 @@ def send(opts, name, record):
         headers={"Content-Type": "application/json", "x-api-key": opts.key},
     )
     try:
-        with urllib.request.urlopen(req, timeout=15) as resp:
-            status, headers, raw = resp.status, resp.headers, resp.read()
+        with OPENER.open(req, timeout=15) as resp:
+            status, headers, raw = resp.status, resp.headers, resp.read(MAX_ANSWER_BYTES)
     except urllib.error.HTTPError as e:
-        status, headers, raw = e.code, e.headers, e.read()
+        status, headers, raw = e.code, e.headers, e.read(MAX_ANSWER_BYTES)
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         print(f"✗ {name}: could not reach {url}: {reason}")
@@ -73,15 +99,23 @@ def send(opts, name, record):
         body = json.loads(raw)
     except ValueError:
         body = {}
-    if status == 201 and body.get("success"):
-        data = body["data"]
-        print(f"✓ {name}: created, call_history_id {data['call_history_id']} (accepted at {data['created_at']})")
+    if not isinstance(body, dict):
+        body = {}
+    data = body.get("data")
+    if status == 201 and body.get("success") is True and isinstance(data, dict):
+        print(f"✓ {name}: created, call_history_id {printable(data.get('call_history_id'))} "
+              f"(accepted at {printable(data.get('created_at'))})")
         return True
-    print(f"✗ {name}: refused with {status} {body.get('error', '')}: {body.get('message', '(no message)')}")
-    for d in body.get("details") or []:
-        print(f"  field {d['field']}: {d['message']}")
+    print(f"✗ {name}: refused with {status} {printable(body.get('error', ''))}: "
+          f"{printable(body.get('message', '(no message)'))}")
+    if 300 <= status < 400 and headers.get("Location"):
+        print(f"  The server redirects to {printable(headers['Location'])}")
+    details = body.get("details") if isinstance(body.get("details"), list) else []
+    for d in details[:20]:
+        if isinstance(d, dict):
+            print(f"  field {printable(d.get('field'))}: {printable(d.get('message'))}")
     if headers.get("Retry-After"):
-        print(f"  Retry-After: {headers['Retry-After']} s")
+        print(f"  Retry-After: {printable(headers['Retry-After'])}")
     print(f"  What to do: {ADVICE.get(status, 'see the API document for this status')}.")
     return False
 

@@ -1,6 +1,12 @@
 //! `ingest-gateway check`: the integration check of `examples/test-webhook.js`, for
 //! machines without Node or Python. Sends the API document's Example 1 and Example 2 to a
 //! running service with the integrator's key and reports, in plain words, what happened.
+//!
+//! It trusts the server no more than a browser would: redirects are not followed (the key
+//! and the record would go to whoever the redirect names; a 3xx is reported with its
+//! `Location`), only a 201 to the POST itself counts as created, at most
+//! [`MAX_ANSWER_BYTES`] of an answer are read, and server text is printed with control
+//! characters escaped (no terminal escape sequence reaches the screen).
 
 use std::io::Write;
 use std::time::Duration;
@@ -10,6 +16,40 @@ use reqwest::StatusCode;
 use serde_json::Value;
 
 use crate::config::CheckArgs;
+
+/// Most bytes of an answer read; the rest is not downloaded.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
+/// Server text made safe to print: control characters (ESC, BEL, CR, …, and the C1 range)
+/// written as `\u{..}` escapes, and at most 500 characters.
+pub fn printable(text: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == 500 {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Reads at most [`MAX_ANSWER_BYTES`] of the answer's body.
+async fn read_bounded(mut response: reqwest::Response) -> Vec<u8> {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = MAX_ANSWER_BYTES - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= MAX_ANSWER_BYTES {
+            break;
+        }
+    }
+    body
+}
 
 /// What to do about each refusal, in the API's own terms.
 fn advice(status: StatusCode) -> &'static str {
@@ -22,6 +62,7 @@ fn advice(status: StatusCode) -> &'static str {
         415 => "send the header Content-Type: application/json",
         429 => "you are over your rate limit; wait for Retry-After and send again",
         503 => "the service could not confirm the record; send it again after Retry-After (a resend is safe)",
+        301 | 302 | 303 | 307 | 308 => "use the URL of the service itself: a redirect is not followed, since it would send your API key and the record to another address",
         _ => "see the API document for this status",
     }
 }
@@ -33,6 +74,7 @@ fn advice(status: StatusCode) -> &'static str {
 pub async fn run(args: &CheckArgs, out: &mut impl Write) -> anyhow::Result<bool> {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(15))
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .context("building the HTTP client")?;
     let base = args.url.trim_end_matches('/');
@@ -96,13 +138,17 @@ async fn send(
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let answer: Value = response.json().await.unwrap_or(Value::Null);
+    let location = response
+        .headers()
+        .get("location")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let answer: Value = serde_json::from_slice(&read_bounded(response).await).unwrap_or(Value::Null);
     if status == StatusCode::CREATED && answer["success"] == true {
         writeln!(
             out,
             "✓ {name}: created, call_history_id {} (accepted at {})",
-            answer["data"]["call_history_id"].as_str().unwrap_or("?"),
-            answer["data"]["created_at"].as_str().unwrap_or("?")
+            printable(answer["data"]["call_history_id"].as_str().unwrap_or("?")),
+            printable(answer["data"]["created_at"].as_str().unwrap_or("?"))
         )?;
         return Ok(true);
     }
@@ -110,22 +156,41 @@ async fn send(
         out,
         "✗ {name}: refused with {} {}: {}",
         status.as_u16(),
-        answer["error"]
-            .as_str()
-            .unwrap_or_else(|| status.canonical_reason().unwrap_or("")),
-        answer["message"].as_str().unwrap_or("(no message)")
+        printable(
+            answer["error"]
+                .as_str()
+                .unwrap_or_else(|| status.canonical_reason().unwrap_or(""))
+        ),
+        printable(answer["message"].as_str().unwrap_or("(no message)"))
     )?;
-    for d in answer["details"].as_array().into_iter().flatten() {
+    if let Some(to) = location.filter(|_| status.is_redirection()) {
+        writeln!(out, "  The server redirects to {}", printable(&to))?;
+    }
+    for d in answer["details"].as_array().into_iter().flatten().take(20) {
         writeln!(
             out,
             "  field {}: {}",
-            d["field"].as_str().unwrap_or("?"),
-            d["message"].as_str().unwrap_or("")
+            printable(d["field"].as_str().unwrap_or("?")),
+            printable(d["message"].as_str().unwrap_or(""))
         )?;
     }
     if let Some(secs) = retry_after {
-        writeln!(out, "  Retry-After: {secs} s")?;
+        writeln!(out, "  Retry-After: {}", printable(&secs))?;
     }
     writeln!(out, "  What to do: {}.", advice(status))?;
     Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_text_cannot_drive_the_terminal() {
+        let hostile = "ok\u{1b}[2J\u{1b}]0;title\u{7}\u{1b}]52;c;ZXZpbA==\u{7}\r\u{9b}x";
+        let shown = printable(hostile);
+        assert!(!shown.chars().any(char::is_control), "{shown}");
+        assert!(shown.starts_with("ok\\u{1b}[2J"), "{shown}");
+        assert_eq!(printable(&"a".repeat(600)).chars().count(), 501);
+    }
 }

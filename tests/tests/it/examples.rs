@@ -143,3 +143,71 @@ async fn every_checker_sends_both_examples_and_explains_refusals() {
     .await;
     worker.stop().await;
 }
+
+/// A server that answers every request with `answer` and counts what it received.
+async fn canned_server(answer: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let _ = tokio::time::timeout(Duration::from_millis(500), conn.read(&mut buf)).await;
+                let _ = conn.write_all(&answer).await;
+                let _ = conn.shutdown().await;
+            });
+        }
+    });
+    (base, seen)
+}
+
+#[tokio::test]
+async fn no_checker_follows_a_redirect_or_lets_the_server_drive_the_terminal() {
+    use std::sync::atomic::Ordering;
+    // Where a hostile redirect points: it must never see a request (the key would be in it).
+    let (elsewhere, seen_elsewhere) = canned_server(
+        b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: 87\r\nconnection: close\r\n\r\n{\"success\":true,\"data\":{\"call_history_id\":\"stolen\",\"created_at\":\"2026-01-01T00:00:00Z\"}}".to_vec(),
+    )
+    .await;
+    for code in ["307 Temporary Redirect", "302 Found"] {
+        let answer = format!(
+            "HTTP/1.1 {code}\r\nlocation: {elsewhere}/functions/v1/webhook-call-capture\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        );
+        let (base, _) = canned_server(answer.into_bytes()).await;
+        for which in ["node", "python", "binary"] {
+            let out = run_checker(which, &base, "cc_live_secret", Uuid::new_v4()).await;
+            let said = text(&out);
+            assert_eq!(out.status.code(), Some(1), "{which} {code}: {said}");
+            assert!(said.contains(&format!("refused with {}", &code[..3])), "{which} {code}: {said}");
+            assert!(said.contains("The server redirects to"), "{which} {code}: {said}");
+            assert!(!said.contains("Your integration works"), "{which} {code}: {said}");
+        }
+    }
+    assert_eq!(seen_elsewhere.load(Ordering::SeqCst), 0, "a checker followed a redirect");
+
+    // Terminal escapes (clear screen, window title, clipboard write) in a 4 MB answer: read
+    // in part, printed escaped.
+    let hostile = "{\"error\":\"Bad\\u001b[2J\",\"message\":\"\\u001b]0;owned\\u0007\\u001b]52;c;ZXZpbA==\\u0007\\r\"}";
+    let padded = format!("{hostile}{}", " ".repeat(4 << 20));
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{padded}",
+        padded.len()
+    );
+    let (base, _) = canned_server(answer.into_bytes()).await;
+    for which in ["node", "python", "binary"] {
+        let out = run_checker(which, &base, "cc_live_secret", Uuid::new_v4()).await;
+        let said = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{which}: {said}");
+        assert!(said.contains("refused with 400"), "{which}: {said}");
+        assert!(
+            !said.chars().any(|c| c == '\u{1b}' || c == '\u{7}' || c == '\r'),
+            "{which} printed a control character: {said:?}"
+        );
+    }
+}
