@@ -14,6 +14,8 @@
 #   ensure_deploy_tools installs what the checks of deploy/k8s and deploy/prometheus run:
 #                       kubernetes-validate (PyPI; it ships the Kubernetes schemas, so
 #                       validation is offline) and promtool (Debian prometheus).
+#   ensure_schemathesis installs schemathesis (PyPI), which drives the gateway from its
+#                       OpenAPI document in the tests.
 #   ensure_rust         checks that cargo is there.
 #   ensure_chromium     Debian's chromium, headless, for the status pages' browser test.
 #   ensure_node         Node.js 18+ (built-in fetch) for examples/test-webhook.js and its
@@ -125,6 +127,17 @@ ensure_deploy_tools() {
     apt_install prometheus
   fi
   return 0
+}
+
+ensure_schemathesis() {
+  command -v schemathesis >/dev/null && return 0
+  log "installing schemathesis (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check schemathesis >&2 \
+    || python3 -m pip install --quiet --disable-pip-version-check --user schemathesis >&2 \
+    || die "pip install schemathesis failed"
+  hash -r
+  command -v schemathesis >/dev/null || export PATH="$HOME/.local/bin:$PATH"
+  command -v schemathesis >/dev/null || die "installed schemathesis but cannot find it on PATH"
 }
 
 # apt_install PKG: Debian's package, refreshing the package lists only when needed.

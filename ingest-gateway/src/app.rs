@@ -100,9 +100,38 @@ impl AppState {
         ErrorBody, Readiness, PublishStats, crate::body::ContentEncoding
     )),
     tags((name = "calls", description = "Call records"), (name = "ops", description = "Operations")),
-    modifiers(&AcceptsUnknownFields)
+    modifiers(&AcceptsUnknownFields, &OptionalContentEncoding)
 )]
 pub struct ApiDoc;
+
+/// The request headers' rules as the server applies them: `Content-Encoding` is declared
+/// with the values the server takes (not nullable: `null` is no encoding) and is optional
+/// (an uncompressed body sends none); `Idempotency-Key` is 1 to 255 visible ASCII
+/// characters.
+struct OptionalContentEncoding;
+
+impl utoipa::Modify for OptionalContentEncoding {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::Required;
+        for item in openapi.paths.paths.values_mut() {
+            for op in [&mut item.post, &mut item.get].into_iter().flatten() {
+                for param in op.parameters.iter_mut().flatten() {
+                    if param.name == "Content-Encoding" {
+                        param.required = Required::False;
+                    }
+                    if param.name == "Idempotency-Key" {
+                        param.schema = Some(
+                            utoipa::openapi::ObjectBuilder::new()
+                                .schema_type(utoipa::openapi::schema::Type::String)
+                                .pattern(Some(r"^[!-~]{1,255}$"))
+                                .into(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
 
 /// `CallRecord` derives `deny_unknown_fields` for the stream envelope (the worker refuses
 /// what it does not know), which utoipa renders as `additionalProperties: false`. The

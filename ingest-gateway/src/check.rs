@@ -142,7 +142,8 @@ async fn send(
         .headers()
         .get("location")
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let answer: Value = serde_json::from_slice(&read_bounded(response).await).unwrap_or(Value::Null);
+    let answer: Value =
+        serde_json::from_slice(&read_bounded(response).await).unwrap_or(Value::Null);
     if status == StatusCode::CREATED && answer["success"] == true {
         writeln!(
             out,

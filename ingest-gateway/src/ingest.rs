@@ -93,7 +93,7 @@ fn timestamp(t: DateTime<Utc>) -> String {
     params(
         ("x-api-key" = String, Header, description = "Your API key"),
         ("Idempotency-Key" = Option<String>, Header, description = "Makes retries of a record without external_call_id return the same id"),
-        ("Content-Encoding" = Option<crate::body::ContentEncoding>, Header, description = "gzip, deflate or zstd (others: 415); the size limits apply to the decompressed body"),
+        ("Content-Encoding" = crate::body::ContentEncoding, Header, description = "gzip, deflate or zstd (others: 415); the size limits apply to the decompressed body"),
     ),
     responses(
         (status = 201, description = "Accepted and durably queued", body = Created),
@@ -127,7 +127,7 @@ pub async fn create_call(
     request_body(content = CallRecord, content_type = "application/json"),
     params(
         ("x-api-key" = String, Header, description = "Your API key"),
-        ("Content-Encoding" = Option<crate::body::ContentEncoding>, Header, description = "gzip, deflate or zstd (others: 415); the size limits apply to the decompressed body"),
+        ("Content-Encoding" = crate::body::ContentEncoding, Header, description = "gzip, deflate or zstd (others: 415); the size limits apply to the decompressed body"),
     ),
     responses(
         (status = 201, description = "Accepted and durably queued", body = Created),
@@ -210,7 +210,7 @@ async fn create_call_inner(
     request_body(content = BatchRequestDoc, content_type = "application/json"),
     params(
         ("x-api-key" = String, Header, description = "Your API key"),
-        ("Content-Encoding" = Option<crate::body::ContentEncoding>, Header, description = "gzip, deflate or zstd (others: 415); the size limits apply to the decompressed body"),
+        ("Content-Encoding" = crate::body::ContentEncoding, Header, description = "gzip, deflate or zstd (others: 415); the size limits apply to the decompressed body"),
     ),
     responses(
         (status = 201, description = "Every record accepted", body = BatchResponse),

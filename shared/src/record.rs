@@ -112,6 +112,10 @@ impl CallStatus {
 
 /// One validated call record, field for field the API document's payload.
 ///
+/// The OpenAPI schema states the string rules in characters (the server's limits are in
+/// bytes, so the schema's lengths are the byte limits divided by 4, the longest UTF-8
+/// character): whatever the schema allows, the server takes.
+///
 /// Absent optional fields stay `None` all the way to Postgres, where the merge rules rely
 /// on the difference between "not sent" and a value. `call_date` is `None` when the client
 /// did not send it; the worker then stores the gateway's receipt time (the envelope's
@@ -129,6 +133,7 @@ pub struct CallRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<Outcome>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 4096, pattern = r"^[^\u0000]*$")]
     pub notes: Option<String>,
     /// When the call was made; defaults to the time the gateway received the record.
     #[serde(
@@ -138,12 +143,19 @@ pub struct CallRecord {
     )]
     pub call_date: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 16, pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$")]
     pub caller_number: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(max_length = 16, pattern = r"^[^\u0000-\u001F\u007F-\u009F]*$")]
     pub recipient_number: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
     pub duration_seconds: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        max_length = 512,
+        pattern = r"^https?://([A-Za-z0-9-]+\.)*[A-Za-z][A-Za-z0-9-]*(:[0-9]{1,4})?(/[!-~]*)?$"
+    )]
     pub recording_url: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call_status: Option<CallStatus>,
@@ -162,8 +174,16 @@ pub struct CallRecord {
     /// Your system's id for the call; with `company_id` and `external_system` it makes the
     /// record's identity, so a resend updates instead of duplicating.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        max_length = 63,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     pub external_call_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        max_length = 25,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]*[^\s\u0000-\u001F\u007F-\u009F][^\u0000-\u001F\u007F-\u009F]*$"
+    )]
     pub external_system: Option<String>,
     /// Next follow-up date, `YYYY-MM-DD`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -171,7 +191,7 @@ pub struct CallRecord {
     pub next_follow_up: Option<NaiveDate>,
     /// Next follow-up time, `HH:MM:SS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>, example = "14:00:00")]
+    #[schema(value_type = Option<String>, example = "14:00:00", pattern = r"^([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]$")]
     pub next_follow_up_time: Option<NaiveTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_call_followup: Option<bool>,

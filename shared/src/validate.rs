@@ -387,8 +387,15 @@ impl Fields {
 
     fn duration(&mut self, field: &str) -> Option<i32> {
         let value = self.get(field)?;
-        let parsed = value
-            .as_i64()
+        // A whole number written with a fraction (`30.0`, as some languages serialize
+        // numbers) is that integer, as JSON Schema's `integer` says.
+        let whole = value.as_i64().or_else(|| {
+            value
+                .as_f64()
+                .filter(|f| f.fract() == 0.0 && (0.0..=f64::from(i32::MAX)).contains(f))
+                .map(|f| f as i64)
+        });
+        let parsed = whole
             .and_then(|n| i32::try_from(n).ok())
             .filter(|n| *n >= 0);
         if parsed.is_none() {

@@ -145,7 +145,9 @@ async fn every_checker_sends_both_examples_and_explains_refusals() {
 }
 
 /// A server that answers every request with `answer` and counts what it received.
-async fn canned_server(answer: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+async fn canned_server(
+    answer: Vec<u8>,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -184,12 +186,25 @@ async fn no_checker_follows_a_redirect_or_lets_the_server_drive_the_terminal() {
             let out = run_checker(which, &base, "cc_live_secret", Uuid::new_v4()).await;
             let said = text(&out);
             assert_eq!(out.status.code(), Some(1), "{which} {code}: {said}");
-            assert!(said.contains(&format!("refused with {}", &code[..3])), "{which} {code}: {said}");
-            assert!(said.contains("The server redirects to"), "{which} {code}: {said}");
-            assert!(!said.contains("Your integration works"), "{which} {code}: {said}");
+            assert!(
+                said.contains(&format!("refused with {}", &code[..3])),
+                "{which} {code}: {said}"
+            );
+            assert!(
+                said.contains("The server redirects to"),
+                "{which} {code}: {said}"
+            );
+            assert!(
+                !said.contains("Your integration works"),
+                "{which} {code}: {said}"
+            );
         }
     }
-    assert_eq!(seen_elsewhere.load(Ordering::SeqCst), 0, "a checker followed a redirect");
+    assert_eq!(
+        seen_elsewhere.load(Ordering::SeqCst),
+        0,
+        "a checker followed a redirect"
+    );
 
     // Terminal escapes (clear screen, window title, clipboard write) in a 4 MB answer: read
     // in part, printed escaped.
@@ -206,7 +221,9 @@ async fn no_checker_follows_a_redirect_or_lets_the_server_drive_the_terminal() {
         assert_eq!(out.status.code(), Some(1), "{which}: {said}");
         assert!(said.contains("refused with 400"), "{which}: {said}");
         assert!(
-            !said.chars().any(|c| c == '\u{1b}' || c == '\u{7}' || c == '\r'),
+            !said
+                .chars()
+                .any(|c| c == '\u{1b}' || c == '\u{7}' || c == '\r'),
             "{which} printed a control character: {said:?}"
         );
     }

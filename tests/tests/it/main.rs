@@ -14,6 +14,7 @@ mod overload;
 mod pipeline;
 mod power_loss;
 mod probe;
+mod schema;
 mod security;
 mod seeds;
 mod status;
