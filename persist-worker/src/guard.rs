@@ -95,9 +95,14 @@ impl ConsumerHealth {
     }
 }
 
-/// What differs between the consumer on the server and the one wanted, in the settings
-/// that govern what is delivered, how fast and how often. Settings the server fills in
-/// itself, or that only say where a new consumer starts, are not compared.
+/// What differs between the consumer on the server and the one wanted, in what governs
+/// which records are delivered and whether they are delivered at all. Two kinds of
+/// setting: those no worker version changes (filter, push delivery, ack policy,
+/// headers-only, rate and pull limits, inactivity deletion) must be as defined; the
+/// tunables (`ACK_WAIT_SECS`, `MAX_DELIVER`) must lie within what the worker's own flags
+/// allow, so that during a rolling change of them old and new workers do not take turns
+/// recreating the consumer. Settings the server fills in itself, or that only say where a
+/// new consumer starts, are not compared.
 pub fn differences(current: &consumer::Config, wanted: &consumer::Config) -> Vec<String> {
     let mut out = Vec::new();
     macro_rules! compare {
@@ -117,11 +122,6 @@ pub fn differences(current: &consumer::Config, wanted: &consumer::Config) -> Vec
         filter_subject,
         filter_subjects,
         ack_policy,
-        ack_wait,
-        max_deliver,
-        backoff,
-        max_ack_pending,
-        max_waiting,
         headers_only,
         rate_limit,
         max_batch,
@@ -130,6 +130,12 @@ pub fn differences(current: &consumer::Config, wanted: &consumer::Config) -> Vec
         inactive_threshold,
         deliver_subject
     );
+    if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&current.ack_wait) {
+        out.push(format!("ack_wait: {:?} (1 s to 1 h)", current.ack_wait));
+    }
+    if !(4..=1000).contains(&current.max_deliver) {
+        out.push(format!("max_deliver: {} (4 to 1,000)", current.max_deliver));
+    }
     out
 }
 
@@ -306,6 +312,11 @@ mod tests {
         on_server.deliver_policy = DeliverPolicy::ByStartSequence { start_sequence: 42 };
         on_server.num_replicas = 3;
         assert!(differences(&on_server, &wanted()).is_empty());
+        // Another worker's tunables, within its flags' ranges (a rolling change).
+        on_server.ack_wait = Duration::from_secs(60);
+        on_server.max_deliver = 5;
+        on_server.max_ack_pending = 100;
+        assert!(differences(&on_server, &wanted()).is_empty());
     }
 
     #[test]
@@ -321,7 +332,7 @@ mod tests {
             ("max_deliver", |c| c.max_deliver = 1),
             ("ack_wait", |c| c.ack_wait = Duration::from_millis(1)),
             ("headers_only", |c| c.headers_only = true),
-            ("max_ack_pending", |c| c.max_ack_pending = 1),
+            ("rate_limit", |c| c.rate_limit = 8),
             ("max_expires", |c| c.max_expires = Duration::from_millis(1)),
             ("inactive_threshold", |c| {
                 c.inactive_threshold = Duration::from_secs(1)
