@@ -51,3 +51,23 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("binding an ephemeral port on loopback")
 }
+
+/// How long until the peer closes `conn` (a read returns end of file or an error),
+/// reading and dropping whatever it sends meanwhile; `None` when still open after
+/// `patience`.
+pub async fn closed_within(
+    conn: &mut tokio::net::TcpStream,
+    patience: Duration,
+) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = patience.checked_sub(started.elapsed())?;
+        match tokio::time::timeout(left, conn.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}

@@ -286,19 +286,6 @@ async fn compressed_bodies_are_read_whole_or_refused_and_batches_refuse_idempote
     worker.stop().await;
 }
 
-async fn closed_within(conn: &mut TcpStream, patience: Duration) -> Option<Duration> {
-    let started = Instant::now();
-    let mut buf = [0u8; 4096];
-    loop {
-        let left = patience.checked_sub(started.elapsed())?;
-        match tokio::time::timeout(left, conn.read(&mut buf)).await {
-            Err(_) => return None,
-            Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
-            Ok(Ok(_)) => {}
-        }
-    }
-}
-
 /// Sends `GET /healthz` with `count` header fields in all (Host included); the status line.
 async fn get_with_headers(addr: &str, count: usize) -> String {
     let mut head = String::from("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
@@ -344,7 +331,7 @@ async fn a_head_sent_a_byte_at_a_time_is_cut_at_the_header_timeout_and_100_heade
     let closed = match closed {
         Some(t) => t,
         None => {
-            closed_within(&mut slow, Duration::from_secs(3))
+            callcap_tests::closed_within(&mut slow, Duration::from_secs(3))
                 .await
                 .expect("closed")
                 + started.elapsed()

@@ -527,18 +527,6 @@ async fn a_gateway_that_has_not_loaded_its_keys_answers_503_not_401() {
 
 /// Reads from `conn` until the server closes it; how long that took (`None`: still open
 /// after `patience`).
-async fn closed_within(conn: &mut TcpStream, patience: Duration) -> Option<Duration> {
-    let started = Instant::now();
-    let mut buf = [0u8; 4096];
-    loop {
-        let left = patience.checked_sub(started.elapsed())?;
-        match tokio::time::timeout(left, conn.read(&mut buf)).await {
-            Err(_) => return None,
-            Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
-            Ok(Ok(_)) => {}
-        }
-    }
-}
 
 #[tokio::test]
 async fn silent_and_idle_connections_are_closed_and_a_flood_is_capped() {
@@ -560,7 +548,7 @@ async fn silent_and_idle_connections_are_closed_and_a_flood_is_capped() {
         silent.push(TcpStream::connect(&addr).await.unwrap());
     }
     for conn in &mut silent {
-        let t = closed_within(conn, Duration::from_secs(5)).await;
+        let t = callcap_tests::closed_within(conn, Duration::from_secs(5)).await;
         assert!(t.is_some(), "a silent connection stayed open");
     }
 
@@ -569,7 +557,7 @@ async fn silent_and_idle_connections_are_closed_and_a_flood_is_capped() {
     h1.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
         .unwrap();
-    let t = closed_within(&mut h1, Duration::from_secs(6))
+    let t = callcap_tests::closed_within(&mut h1, Duration::from_secs(6))
         .await
         .expect("idle HTTP/1 closed");
     assert!(
@@ -582,7 +570,7 @@ async fn silent_and_idle_connections_are_closed_and_a_flood_is_capped() {
     h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
         .await
         .unwrap();
-    let t = closed_within(&mut h2, Duration::from_secs(8))
+    let t = callcap_tests::closed_within(&mut h2, Duration::from_secs(8))
         .await
         .expect("idle HTTP/2 closed");
     assert!(t < Duration::from_secs(7), "{t:?}");
@@ -595,7 +583,7 @@ async fn silent_and_idle_connections_are_closed_and_a_flood_is_capped() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut extra = TcpStream::connect(&addr).await.unwrap();
-    let t = closed_within(&mut extra, Duration::from_secs(5))
+    let t = callcap_tests::closed_within(&mut extra, Duration::from_secs(5))
         .await
         .expect("the extra connection is closed");
     assert!(
