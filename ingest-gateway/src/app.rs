@@ -1,9 +1,10 @@
-//! The HTTP surface: shared state, routes, middleware, and the operational endpoints
-//! (`/healthz`, `/readyz`, `/metrics`, `/openapi.json`).
+//! The HTTP surface: routes, middleware, the OpenAPI document and the operational
+//! endpoints (`/healthz`, `/readyz`, `/metrics`, `/openapi.json`).
 //!
-//! Record handling is [`crate::ingest`]'s; serving connections is [`crate::server`]'s.
+//! What handlers share is [`crate::state`]'s; record handling is [`crate::ingest`]'s
+//! (with [`crate::extract`] for who is calling and the body); serving connections is
+//! [`crate::server`]'s.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -12,9 +13,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
-use tokio::sync::Semaphore;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::predicate::SizeAbove;
@@ -23,68 +22,10 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::TraceLayer;
 use utoipa::{OpenApi, ToSchema};
 
-use crate::auth::KeyCache;
-use crate::budget::MemoryBudget;
-use crate::config::ServeArgs;
 use crate::error::{ApiError, ErrorBody};
 use crate::ingest;
-use crate::publish::{PublishStats, Publisher};
-use crate::ratelimit::RateLimiter;
-
-/// Everything a request handler needs; cheap to clone.
-#[derive(Clone)]
-pub struct AppState(Arc<Shared>);
-
-/// The contents of [`AppState`].
-pub struct Shared {
-    /// Where accepted records go.
-    pub publisher: Arc<dyn Publisher>,
-    /// API keys, kept current by the KV watch.
-    pub keys: Arc<KeyCache>,
-    /// Limits and timeouts.
-    pub serve: ServeArgs,
-    /// Budget of publishes awaiting an ack; exhausted means 503.
-    pub inflight: Arc<Semaphore>,
-    /// Memory of request bodies being read, parsed and published; exhausted means 503.
-    pub bodies: Arc<MemoryBudget>,
-    /// Per-key rate limit, when configured.
-    pub rate_limiter: Option<RateLimiter>,
-    /// Renders `/metrics`; `None` where no recorder is installed (library tests).
-    pub metrics: Option<PrometheusHandle>,
-    /// The JetStream fsync mode the server reported at start (`always`, …).
-    pub fsync_mode: String,
-}
-
-impl std::ops::Deref for AppState {
-    type Target = Shared;
-    fn deref(&self) -> &Shared {
-        &self.0
-    }
-}
-
-impl AppState {
-    /// Builds the state from its parts and the serve settings.
-    pub fn new(
-        publisher: Arc<dyn Publisher>,
-        keys: Arc<KeyCache>,
-        serve: ServeArgs,
-        metrics: Option<PrometheusHandle>,
-        fsync_mode: String,
-    ) -> Self {
-        let rate_limiter = (serve.rate_limit_per_sec > 0.0)
-            .then(|| RateLimiter::new(serve.rate_limit_per_sec, serve.rate_limit_burst));
-        AppState(Arc::new(Shared {
-            publisher,
-            keys,
-            inflight: Arc::new(Semaphore::new(serve.max_in_flight_publishes as usize)),
-            bodies: MemoryBudget::new(serve.body_memory_bytes(), serve.body_memory_per_key_bytes()),
-            rate_limiter,
-            metrics,
-            serve,
-            fsync_mode,
-        }))
-    }
-}
+use crate::publish::PublishStats;
+pub use crate::state::AppState;
 
 /// The OpenAPI document of every route.
 #[derive(OpenApi)]

@@ -4,7 +4,8 @@
 //! `CALLS` and answers 201 once JetStream has acknowledged it. Never touches Postgres.
 //!
 //! - [`config`]: command line and environment;
-//! - [`app`]: state, routes, operational endpoints; [`server`]: connections and drain;
+//! - [`state`]: what handlers share; [`app`]: routes, middleware, operational endpoints;
+//!   [`server`]: connections and drain;
 //! - [`ingest`]: the record handlers; [`body`]: reading a request body within its limits;
 //!   [`budget`]: the memory request bodies may hold; [`error`]: every error answer;
 //! - [`auth`]: API keys and the watched cache; [`keys`]: the `keys` admin commands;
@@ -23,6 +24,7 @@ pub mod nkey;
 pub mod publish;
 pub mod ratelimit;
 pub mod server;
+pub mod state;
 pub mod status;
 pub mod tls;
 

@@ -1,14 +1,16 @@
 //! `GET /status`: the gateway's status page for an operator without Grafana — requests
 //! per second by status over the last minute, publish latency percentiles, readiness and
 //! why not. No key needed and nothing secret on it (no keys, no companies, no records).
+//! It counts the answers itself (the HTTP layer's figure) and reads what the publisher
+//! exposes; no stage writes here.
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use callcap::recent::{html_escape, page, Latencies, Window};
+use callcap::recent::{html_escape, page, Window};
 use std::sync::LazyLock;
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// The statuses the gateway answers, in the order the page lists them; anything else is
 /// counted as "other".
@@ -17,7 +19,6 @@ const STATUSES: [u16; 18] = [
 ];
 
 static REQUESTS: LazyLock<Window<18>> = LazyLock::new(Window::default);
-static PUBLISH: LazyLock<Latencies> = LazyLock::new(Latencies::default);
 
 /// Counts one answered request for the page.
 pub fn record_request(status: StatusCode) {
@@ -26,11 +27,6 @@ pub fn record_request(status: StatusCode) {
         .position(|s| *s == status.as_u16())
         .unwrap_or(STATUSES.len() - 1);
     REQUESTS.add(i, 1);
-}
-
-/// Records one publish's time to its JetStream ack for the page.
-pub fn record_publish(seconds: f64) {
-    PUBLISH.record(seconds);
 }
 
 fn ms(v: Option<f64>) -> String {
@@ -87,6 +83,7 @@ pub async fn status_page(State(state): State<AppState>) -> Response {
         rows.push_str("<tr><td colspan=\"2\">No requests in the last minute</td></tr>\n");
     }
     let stats = state.publisher.stats();
+    let publish = crate::publish::latencies();
     let body = format!(
         r#"{readiness}
 <p>JetStream fsync: {fsync}. Keys loaded: {keys}.</p>
@@ -111,10 +108,10 @@ pub async fn status_page(State(state): State<AppState>) -> Response {
 </table>"#,
         fsync = html_escape(&state.fsync_mode),
         keys = state.keys.len(),
-        count = PUBLISH.count(),
-        p50 = ms(PUBLISH.quantile_ms(0.50)),
-        p90 = ms(PUBLISH.quantile_ms(0.90)),
-        p99 = ms(PUBLISH.quantile_ms(0.99)),
+        count = publish.count(),
+        p50 = ms(publish.quantile_ms(0.50)),
+        p90 = ms(publish.quantile_ms(0.90)),
+        p99 = ms(publish.quantile_ms(0.99)),
         records = stats.records,
         batches = stats.batches,
     );

@@ -22,6 +22,21 @@ use uuid::Uuid;
 use crate::config::RunArgs;
 use crate::store::{self, DeadLetter, Row, StoreError, WriteStats};
 
+/// Records stored (0) and dead-lettered (1) by this worker, per second over the last
+/// minute: what the status page shows.
+static THROUGHPUT: std::sync::LazyLock<callcap::recent::Window<2>> =
+    std::sync::LazyLock::new(callcap::recent::Window::default);
+
+/// This worker's stored and dead-lettered records per second over the last minute.
+pub fn throughput() -> &'static callcap::recent::Window<2> {
+    &THROUGHPUT
+}
+
+fn record_batch(stored: u64, dead_letters: u64) {
+    THROUGHPUT.add(0, stored);
+    THROUGHPUT.add(1, dead_letters);
+}
+
 /// The durable consumer definition shared by every worker.
 pub fn consumer_config(args: &RunArgs) -> pull::Config {
     let wait = args.ack_wait();
@@ -393,7 +408,7 @@ async fn handle(
                 );
             }
             metrics::counter!("worker_messages_total").increment(msgs.len() as u64);
-            crate::ops::record_batch(decoded.rows.len() as u64, stats.dead_letters);
+            record_batch(decoded.rows.len() as u64, stats.dead_letters);
             metrics::counter!("worker_rows_written_total").increment(stats.rows_changed);
             metrics::counter!("worker_dead_letters_total").increment(stats.dead_letters);
             metrics::histogram!("worker_batch_size").record(msgs.len() as f64);

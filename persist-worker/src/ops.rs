@@ -1,12 +1,11 @@
 //! The worker's operational HTTP endpoints on `METRICS_ADDR`: `/` (the status page),
 //! `/metrics`, `/readyz`, `/healthz`. Nothing here touches records.
 
-use std::sync::LazyLock;
 use std::time::Duration;
 
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use callcap::recent::{html_escape, page, Window};
+use callcap::recent::{html_escape, page};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -86,14 +85,6 @@ async fn metrics(State(s): State<OpsState>) -> (StatusCode, String) {
     }
 }
 
-/// Records stored (0) and dead-lettered (1), per second over the last minute.
-static STORED: LazyLock<Window<2>> = LazyLock::new(Window::default);
-
-/// Counts a committed batch for the status page.
-pub fn record_batch(stored: u64, dead_letters: u64) {
-    STORED.add(0, stored);
-    STORED.add(1, dead_letters);
-}
 
 fn figure(health: &crate::guard::ConsumerHealth, v: u64) -> String {
     if health.condition() == crate::guard::Condition::Unknown {
@@ -122,7 +113,7 @@ async fn status_page(State(s): State<OpsState>) -> Response {
             r#"<span class="bad">Unavailable</span>"#
         }
     };
-    let [stored, dead] = STORED.rates();
+    let [stored, dead] = crate::consume::throughput().rates();
     let mut reasons = String::new();
     for (at, reason) in &recent {
         reasons.push_str(&format!(

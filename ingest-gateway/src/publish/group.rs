@@ -338,7 +338,7 @@ async fn send(
             await_batch(&wire, &batch.messages, pending, ack_timeout, &counters).await;
         let took = started.elapsed().as_secs_f64();
         metrics::histogram!("gateway_publish_duration_seconds").record(took);
-        crate::status::record_publish(took);
+        super::record_latency(took);
         batch.resolve(&per_message);
     }))
 }

@@ -12,7 +12,10 @@
 pub mod group;
 pub mod wire;
 
+use std::sync::LazyLock;
+
 use bytes::Bytes;
+use callcap::recent::Latencies;
 use futures::future::BoxFuture;
 
 pub use group::{GroupCommit, GroupCommitConfig};
@@ -40,6 +43,19 @@ pub fn describe_metrics() {
     // increase to Prometheus, so the first event would go unseen by rate() and alerts.
     metrics::counter!("gateway_publish_retries_total").absolute(0);
     metrics::counter!("gateway_publish_batch_fallbacks_total").absolute(0);
+}
+
+/// Publish times to JetStream's ack over the last minute (for the status page).
+static LATENCIES: LazyLock<Latencies> = LazyLock::new(Latencies::default);
+
+/// The publishes' times to their ack over the last minute, as the status page shows them.
+pub fn latencies() -> &'static Latencies {
+    &LATENCIES
+}
+
+/// Records one publish's time to its ack.
+pub(crate) fn record_latency(seconds: f64) {
+    LATENCIES.record(seconds);
 }
 
 /// One record ready to publish.

@@ -1,0 +1,69 @@
+//! The state every handler shares: where records go, the API keys, the limits and the
+//! budgets. Imports no handler and no route: handlers, extractors and pages import it.
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::sync::Semaphore;
+
+use crate::auth::KeyCache;
+use crate::budget::MemoryBudget;
+use crate::config::ServeArgs;
+use crate::publish::Publisher;
+use crate::ratelimit::RateLimiter;
+
+/// Everything a request handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+/// The contents of [`AppState`].
+pub struct Shared {
+    /// Where accepted records go.
+    pub publisher: Arc<dyn Publisher>,
+    /// API keys, kept current by the KV watch.
+    pub keys: Arc<KeyCache>,
+    /// Limits and timeouts.
+    pub serve: ServeArgs,
+    /// Budget of publishes awaiting an ack; exhausted means 503.
+    pub inflight: Arc<Semaphore>,
+    /// Memory of request bodies being read, parsed and published; exhausted means 503.
+    pub bodies: Arc<MemoryBudget>,
+    /// Per-key rate limit, when configured.
+    pub rate_limiter: Option<RateLimiter>,
+    /// Renders `/metrics`; `None` where no recorder is installed (library tests).
+    pub metrics: Option<PrometheusHandle>,
+    /// The JetStream fsync mode the server reported at start (`always`, …).
+    pub fsync_mode: String,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl AppState {
+    /// Builds the state from its parts and the serve settings.
+    pub fn new(
+        publisher: Arc<dyn Publisher>,
+        keys: Arc<KeyCache>,
+        serve: ServeArgs,
+        metrics: Option<PrometheusHandle>,
+        fsync_mode: String,
+    ) -> Self {
+        let rate_limiter = (serve.rate_limit_per_sec > 0.0)
+            .then(|| RateLimiter::new(serve.rate_limit_per_sec, serve.rate_limit_burst));
+        AppState(Arc::new(Shared {
+            publisher,
+            keys,
+            inflight: Arc::new(Semaphore::new(serve.max_in_flight_publishes as usize)),
+            bodies: MemoryBudget::new(serve.body_memory_bytes(), serve.body_memory_per_key_bytes()),
+            rate_limiter,
+            metrics,
+            serve,
+            fsync_mode,
+        }))
+    }
+}
+
