@@ -37,7 +37,7 @@ pub use crate::state::AppState;
     ),
     components(schemas(
         callcap::CallRecord, callcap::Outcome, callcap::CallStatus, callcap::FieldError,
-        ingest::Created, ingest::CreatedData, ingest::BatchResponse, ingest::BatchItem,
+        crate::answers::Created, crate::answers::CreatedData, crate::answers::BatchResponse, crate::answers::BatchItem,
         ErrorBody, Readiness, PublishStats, crate::body::ContentEncoding
     )),
     tags((name = "calls", description = "Call records"), (name = "ops", description = "Operations")),

@@ -6,9 +6,6 @@
 //! in-flight budget (503), publish and ack (503). Only an acknowledged publish gets 201.
 //! The body's memory reservation is held until the answer is built.
 
-use std::time::Instant;
-
-use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -17,74 +14,20 @@ use bytes::Bytes;
 use callcap::identity::{self, CallId};
 use callcap::subjects::ingest_subject;
 use callcap::validate::Incoming;
-use callcap::{CallRecord, Envelope, FieldError, ValidationError};
-use chrono::{DateTime, SecondsFormat, Utc};
-use serde::Serialize;
+use callcap::{CallRecord, Envelope, ValidationError};
+use chrono::{DateTime, Utc};
 use serde_json::Value;
-use utoipa::ToSchema;
-use uuid::Uuid;
 
-use crate::state::AppState;
+use crate::answers::{
+    item_err, item_ok, timestamp, BatchItem, BatchRefusals, BatchRequestDoc, BatchResponse,
+    Created, CreatedData, RecordRefusals, CREATED_MESSAGE,
+};
 use crate::auth::Principal;
 use crate::body::JsonBody;
-use crate::error::{ApiError, ErrorBody};
+use crate::error::ApiError;
+use crate::extract::{BatchText, Caller, RateHeaders, RecordText};
 use crate::publish::{Outbound, PublishError};
-use crate::ratelimit::Decision;
-
-/// The API document's 201 body.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Created {
-    /// Always `true`.
-    pub success: bool,
-    /// `Call record created successfully`.
-    pub message: String,
-    pub data: CreatedData,
-}
-
-/// The id of the stored record and when it was accepted.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct CreatedData {
-    /// Stable for a given `external_call_id` (or `Idempotency-Key`): a retry gets the same id.
-    pub call_history_id: Uuid,
-    /// When the gateway accepted the record (RFC 3339, milliseconds, UTC).
-    pub created_at: String,
-}
-
-/// The batch body's answer: one result per submitted record, in order.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct BatchResponse {
-    /// True when every record was accepted.
-    pub success: bool,
-    pub message: String,
-    pub accepted: usize,
-    pub rejected: usize,
-    pub results: Vec<BatchItem>,
-}
-
-/// The result of one record of a batch.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct BatchItem {
-    /// Position in the submitted `calls` array.
-    pub index: usize,
-    /// The status this record would have had on its own (201, 400, 403, 503).
-    pub status: u16,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub call_history_id: Option<Uuid>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub created_at: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub details: Option<Vec<FieldError>>,
-}
-
-const CREATED_MESSAGE: &str = "Call record created successfully";
-
-fn timestamp(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
-}
+use crate::state::AppState;
 
 /// Store one call record.
 #[utoipa::path(
@@ -97,27 +40,54 @@ fn timestamp(t: DateTime<Utc>) -> String {
     ),
     responses(
         (status = 201, description = "Accepted and durably queued", body = Created),
-        (status = 400, description = "Malformed JSON or a field breaks a rule", body = ErrorBody),
-        (status = 401, description = "Invalid or missing API key", body = ErrorBody),
-        (status = 403, description = "company_id is not the key's company", body = ErrorBody),
-        (status = 408, description = "Body not received in time", body = ErrorBody),
-        (status = 413, description = "Body too large, or it would take more memory to read than one request may use", body = ErrorBody),
-        (status = 415, description = "Content-Type is not application/json, or an unsupported Content-Encoding", body = ErrorBody),
-        (status = 429, description = "Rate limit exceeded; see Retry-After", body = ErrorBody),
-        (status = 503, description = "Cannot queue right now, the gateway's memory for request bodies is in use, or the gateway is starting; retry after Retry-After", body = ErrorBody),
+        RecordRefusals,
     )
 )]
 pub async fn create_call(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
-    body: Body,
-) -> Response {
-    match create_call_inner(&state, &headers, body).await {
-        Ok((created, rate)) => {
-            with_rate_headers((StatusCode::CREATED, Json(created)).into_response(), rate)
-        }
-        Err(e) => e.into_response(),
-    }
+    RecordText(body): RecordText,
+) -> Result<(StatusCode, RateHeaders, Json<Created>), ApiError> {
+    let principal = &caller.principal;
+    let bytes = &body.text;
+    let record = match serde_json::from_slice::<Incoming>(bytes) {
+        Ok(incoming) => incoming.validate()?,
+        // Not a well-formed object: the parsed value names what is wrong.
+        Err(_) => callcap::validate(&parse_json(bytes)?)?,
+    };
+    check_company(principal, &record)?;
+    let idem = idempotency_key(&headers)?;
+    let permit = state
+        .inflight
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::Overloaded {
+            retry_after_secs: u64::from(state.serve.retry_after_secs),
+        })?;
+    let received_at = Utc::now();
+    let (id, outbound) = prepare(
+        record,
+        principal,
+        idem.as_deref(),
+        request_id(&headers),
+        received_at,
+    );
+    let outcome = state.publisher.publish(vec![outbound]).await.pop();
+    drop(permit);
+    let receipt = outcome
+        .expect("the publisher answers one outcome per record")
+        .map_err(|e| unavailable(&state, e))?;
+    tracing::debug!(call_history_id = %id.id, seq = receipt.seq, duplicate = receipt.duplicate, "record accepted");
+    let created = Created {
+        success: true,
+        message: CREATED_MESSAGE.to_owned(),
+        data: CreatedData {
+            call_history_id: id.id,
+            created_at: timestamp(received_at),
+        },
+    };
+    Ok((StatusCode::CREATED, caller.rate, Json(created)))
 }
 
 /// Same as `POST /v1/calls`: the path of the API document, so existing integrations only
@@ -131,73 +101,16 @@ pub async fn create_call(
     ),
     responses(
         (status = 201, description = "Accepted and durably queued", body = Created),
-        (status = 400, description = "Malformed JSON or a field breaks a rule", body = ErrorBody),
-        (status = 401, description = "Invalid or missing API key", body = ErrorBody),
-        (status = 403, description = "company_id is not the key's company", body = ErrorBody),
-        (status = 408, description = "Body not received in time", body = ErrorBody),
-        (status = 413, description = "Body too large, or it would take more memory to read than one request may use", body = ErrorBody),
-        (status = 415, description = "Content-Type is not application/json, or an unsupported Content-Encoding", body = ErrorBody),
-        (status = 429, description = "Rate limit exceeded; see Retry-After", body = ErrorBody),
-        (status = 503, description = "Cannot queue right now, the gateway's memory for request bodies is in use, or the gateway is starting; retry after Retry-After", body = ErrorBody),
+        RecordRefusals,
     )
 )]
 pub async fn create_call_legacy(
     state: State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
-    body: Body,
-) -> Response {
-    create_call(state, headers, body).await
-}
-
-type RateInfo = Option<(u64, u64)>;
-
-async fn create_call_inner(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<(Created, RateInfo), ApiError> {
-    let (principal, rate) = admit(state, headers)?;
-    let body = read_body(state, &principal, headers, body, state.serve.max_body_bytes).await?;
-    let bytes = &body.text;
-    let record = match serde_json::from_slice::<Incoming>(bytes) {
-        Ok(incoming) => incoming.validate()?,
-        // Not a well-formed object: the parsed value names what is wrong.
-        Err(_) => callcap::validate(&parse_json(bytes)?)?,
-    };
-    check_company(&principal, &record)?;
-    let idem = idempotency_key(headers)?;
-    let permit = state
-        .inflight
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ApiError::Overloaded {
-            retry_after_secs: u64::from(state.serve.retry_after_secs),
-        })?;
-    let received_at = Utc::now();
-    let (id, outbound) = prepare(
-        record,
-        &principal,
-        idem.as_deref(),
-        request_id(headers),
-        received_at,
-    );
-    let outcome = state.publisher.publish(vec![outbound]).await.pop();
-    drop(permit);
-    let receipt = outcome
-        .expect("the publisher answers one outcome per record")
-        .map_err(|e| unavailable(state, e))?;
-    tracing::debug!(call_history_id = %id.id, seq = receipt.seq, duplicate = receipt.duplicate, "record accepted");
-    Ok((
-        Created {
-            success: true,
-            message: CREATED_MESSAGE.to_owned(),
-            data: CreatedData {
-                call_history_id: id.id,
-                created_at: timestamp(received_at),
-            },
-        },
-        rate,
-    ))
+    body: RecordText,
+) -> Result<(StatusCode, RateHeaders, Json<Created>), ApiError> {
+    create_call(state, caller, headers, body).await
 }
 
 /// Store up to the configured number of records (1,000 by default) in one request.
@@ -215,42 +128,25 @@ async fn create_call_inner(
     responses(
         (status = 201, description = "Every record accepted", body = BatchResponse),
         (status = 207, description = "Some records refused; see each item", body = BatchResponse),
-        (status = 400, description = "Malformed JSON, no `calls` array, or an Idempotency-Key header (give each record an external_call_id instead)", body = ErrorBody),
-        (status = 401, description = "Invalid or missing API key", body = ErrorBody),
-        (status = 408, description = "Body not received in time", body = ErrorBody),
-        (status = 413, description = "Too many records or too many bytes, or it would take more memory to read than one request may use", body = ErrorBody),
-        (status = 415, description = "Content-Type is not application/json, or an unsupported Content-Encoding", body = ErrorBody),
-        (status = 429, description = "Rate limit exceeded; see Retry-After", body = ErrorBody),
-        (status = 503, description = "At the in-flight limit, the gateway's memory for request bodies is in use, or the gateway is starting; retry after Retry-After", body = ErrorBody),
+        BatchRefusals,
     )
 )]
 pub async fn create_batch(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
-    body: Body,
-) -> Response {
-    match create_batch_inner(&state, &headers, body).await {
-        Ok((status, response, rate)) => {
-            let retry = response.results.iter().any(|r| r.status == 503);
-            let mut resp = with_rate_headers((status, Json(response)).into_response(), rate);
-            if retry {
-                resp.headers_mut().insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(state.serve.retry_after_secs),
-                );
-            }
-            resp
-        }
-        Err(e) => e.into_response(),
+    BatchText(body): BatchText,
+) -> Result<Response, ApiError> {
+    let (status, response) = batch(&state, &caller.principal, &headers, &body).await?;
+    let retry = response.results.iter().any(|r| r.status == 503);
+    let mut resp = (status, caller.rate, Json(response)).into_response();
+    if retry {
+        resp.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(state.serve.retry_after_secs),
+        );
     }
-}
-
-/// The batch request body.
-#[derive(ToSchema)]
-#[allow(dead_code)] // Documents the body's shape for OpenAPI; the handler reads JSON values.
-pub struct BatchRequestDoc {
-    /// The records, each shaped like a single `POST /v1/calls` body.
-    calls: Vec<CallRecord>,
+    Ok(resp)
 }
 
 /// A batch body as the handler reads it: `calls` (each item read straight into
@@ -289,26 +185,19 @@ impl<'de> serde::Deserialize<'de> for BatchBody {
     }
 }
 
-async fn create_batch_inner(
+/// Validates, scopes and publishes a batch's records; the answer's status and body.
+async fn batch(
     state: &AppState,
+    principal: &Principal,
     headers: &HeaderMap,
-    body: Body,
-) -> Result<(StatusCode, BatchResponse, RateInfo), ApiError> {
-    let (principal, rate) = admit(state, headers)?;
+    body: &JsonBody,
+) -> Result<(StatusCode, BatchResponse), ApiError> {
     if headers.contains_key("idempotency-key") {
         return Err(ApiError::Validation(ValidationError::field(
             "Idempotency-Key",
             "Idempotency-Key applies to one record and is not taken on /v1/calls/batch; give each record an external_call_id so that a resent batch updates instead of duplicating",
         )));
     }
-    let body = read_body(
-        state,
-        &principal,
-        headers,
-        body,
-        state.serve.max_batch_bytes,
-    )
-    .await?;
     let bytes = &body.text;
     let calls: Vec<Result<Incoming, ValidationError>> =
         match serde_json::from_slice::<BatchBody>(bytes) {
@@ -349,10 +238,10 @@ async fn create_batch_inner(
         let checked = call
             .and_then(Incoming::validate)
             .map_err(ApiError::from)
-            .and_then(|r| check_company(&principal, &r).map(|()| r));
+            .and_then(|r| check_company(principal, &r).map(|()| r));
         match checked {
             Ok(record) => {
-                let (id, out) = prepare(record, &principal, None, rid.clone(), received_at);
+                let (id, out) = prepare(record, principal, None, rid.clone(), received_at);
                 valid.push((index, id, out));
                 results.push(None);
             }
@@ -390,7 +279,6 @@ async fn create_batch_inner(
             rejected,
             results,
         },
-        rate,
     ))
 }
 
@@ -413,88 +301,6 @@ async fn publish_all(
             Err(e) => item_err(index, &unavailable(state, e)),
         });
     }
-}
-
-fn item_ok(index: usize, id: Uuid, received_at: DateTime<Utc>) -> BatchItem {
-    BatchItem {
-        index,
-        status: 201,
-        call_history_id: Some(id),
-        created_at: Some(timestamp(received_at)),
-        error: None,
-        message: None,
-        details: None,
-    }
-}
-
-fn item_err(index: usize, e: &ApiError) -> BatchItem {
-    let body = e.body();
-    BatchItem {
-        index,
-        status: e.status().as_u16(),
-        call_history_id: None,
-        created_at: None,
-        error: Some(body.error),
-        message: Some(body.message),
-        details: body.details,
-    }
-}
-
-/// Authenticates and rate-limits; returns the caller and its rate-limit standing.
-fn admit(state: &AppState, headers: &HeaderMap) -> Result<(Principal, RateInfo), ApiError> {
-    // Until the whole key bucket is read, an unknown key may be a valid one not read yet:
-    // 503 + Retry-After (try again), never 401 (which clients treat as final).
-    if !state.keys.is_loaded() {
-        return Err(ApiError::NotReady {
-            retry_after_secs: u64::from(state.serve.retry_after_secs),
-        });
-    }
-    let principal = headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|k| state.keys.authenticate(k.trim(), Utc::now()))
-        .ok_or(ApiError::Unauthorized)?;
-    let rate = match &state.rate_limiter {
-        None => None,
-        Some(rl) => match rl.check(&principal.key_id, Instant::now()) {
-            Decision::Allow { remaining } => Some((rl.limit(), remaining)),
-            Decision::Deny { retry_after } => {
-                return Err(ApiError::RateLimited {
-                    retry_after_secs: retry_after.as_secs_f64().ceil().max(1.0) as u64,
-                })
-            }
-        },
-    };
-    Ok((principal, rate))
-}
-
-fn with_rate_headers(mut resp: Response, rate: RateInfo) -> Response {
-    if let Some((limit, remaining)) = rate {
-        let h = resp.headers_mut();
-        h.insert("ratelimit-limit", HeaderValue::from(limit));
-        h.insert("ratelimit-remaining", HeaderValue::from(remaining));
-    }
-    resp
-}
-
-/// Reads the body within the route's byte limit and the memory budget (see [`crate::body`]).
-async fn read_body(
-    state: &AppState,
-    principal: &Principal,
-    headers: &HeaderMap,
-    body: Body,
-    limit: u32,
-) -> Result<JsonBody, ApiError> {
-    crate::body::read_json(
-        &state.bodies,
-        &principal.key_id,
-        headers,
-        body,
-        limit as usize,
-        state.serve.body_timeout(),
-        u64::from(state.serve.retry_after_secs),
-    )
-    .await
 }
 
 fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
@@ -573,3 +379,7 @@ fn unavailable(state: &AppState, e: PublishError) -> ApiError {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "ingest_tests.rs"]
+mod tests;

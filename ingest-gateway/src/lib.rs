@@ -6,11 +6,13 @@
 //! - [`config`]: command line and environment;
 //! - [`state`]: what handlers share; [`app`]: routes, middleware, operational endpoints;
 //!   [`server`]: connections and drain;
-//! - [`ingest`]: the record handlers; [`body`]: reading a request body within its limits;
+//! - [`ingest`]: the record handlers; [`answers`]: what they answer; [`extract`]: who is
+//!   calling and the body; [`body`]: reading a request body within its limits;
 //!   [`budget`]: the memory request bodies may hold; [`error`]: every error answer;
 //! - [`auth`]: API keys and the watched cache; [`keys`]: the `keys` admin commands;
 //! - [`publish`]: the JetStream publisher; [`ratelimit`]: per-key token buckets.
 
+pub mod answers;
 pub mod app;
 pub mod auth;
 pub mod body;
@@ -18,6 +20,7 @@ pub mod budget;
 pub mod check;
 pub mod config;
 pub mod error;
+pub mod extract;
 pub mod ingest;
 pub mod keys;
 pub mod nkey;

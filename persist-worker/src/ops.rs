@@ -85,7 +85,6 @@ async fn metrics(State(s): State<OpsState>) -> (StatusCode, String) {
     }
 }
 
-
 fn figure(health: &crate::guard::ConsumerHealth, v: u64) -> String {
     if health.condition() == crate::guard::Condition::Unknown {
         "not read yet".into()

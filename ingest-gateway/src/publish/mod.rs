@@ -7,9 +7,11 @@
 //! - [`wire`]: the JetStream publish protocol (single publishes and ADR-50 atomic batches)
 //!   over one NATS connection, with replies routed back to their batch;
 //! - [`group`]: group commit — concurrent records coalesced into atomic batches, so that
-//!   under `sync_interval: always` one fsync covers many records.
+//!   under `sync_interval: always` one fsync covers many records;
+//! - [`scripted`]: a publisher that records and answers as scripted, for handler tests.
 
 pub mod group;
+pub mod scripted;
 pub mod wire;
 
 use std::sync::LazyLock;
