@@ -462,3 +462,99 @@ async fn one_by_one(
     }))
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn record(msg_id: &str) -> Outbound {
+        Outbound {
+            subject: "calls.ingest.x".into(),
+            msg_id: msg_id.into(),
+            payload: Bytes::from_static(b"{}"),
+        }
+    }
+
+    fn job(ids: &[&str]) -> (Job, oneshot::Receiver<Outcomes>) {
+        let (done, rx) = oneshot::channel();
+        let job = Job {
+            records: ids.iter().map(|id| record(id)).collect(),
+            done,
+            queued: Instant::now(),
+        };
+        (job, rx)
+    }
+
+    fn receipt(seq: u64) -> Result<Receipt, PublishError> {
+        Ok(Receipt {
+            seq,
+            duplicate: false,
+        })
+    }
+
+    #[test]
+    fn a_batch_takes_jobs_whole_up_to_its_cap_and_hands_back_the_one_that_does_not_fit() {
+        let mut batch = Batch::default();
+        let (a, _ra) = job(&["a1", "a2"]);
+        let (b, _rb) = job(&["b1", "b2"]);
+        let (c, _rc) = job(&["c1"]);
+        assert!(batch.offer(a, 4).is_none());
+        assert!(batch.offer(b, 4).is_none());
+        let back = batch
+            .offer(c, 4)
+            .expect("a fifth record does not fit a cap of 4");
+        assert_eq!(back.records.len(), 1);
+        assert_eq!(batch.messages.len(), 4);
+        // A job larger than the cap still goes, alone, into an empty batch.
+        let mut empty = Batch::default();
+        let (big, _rbig) = job(&["1", "2", "3", "4", "5"]);
+        assert!(empty.offer(big, 4).is_none());
+        assert_eq!(empty.messages.len(), 5);
+    }
+
+    #[test]
+    fn the_same_record_twice_is_one_message_and_both_waiters_get_its_outcome() {
+        let mut batch = Batch::default();
+        let (a, ra) = job(&["same", "a2"]);
+        let (b, rb) = job(&["same"]);
+        assert!(batch.offer(a, 10).is_none());
+        assert!(batch.offer(b, 10).is_none());
+        assert_eq!(batch.messages.len(), 2, "one message per msg id");
+        batch.resolve(&[receipt(7), receipt(8)]);
+        let a_out = ra.blocking_recv().unwrap();
+        let b_out = rb.blocking_recv().unwrap();
+        assert_eq!(
+            a_out
+                .iter()
+                .map(|r| r.clone().unwrap().seq)
+                .collect::<Vec<_>>(),
+            [7, 8]
+        );
+        assert_eq!(b_out[0].clone().unwrap().seq, 7);
+    }
+
+    #[test]
+    fn a_request_that_is_gone_is_not_published() {
+        let mut batch = Batch::default();
+        let (a, ra) = job(&["gone"]);
+        drop(ra);
+        assert!(batch.offer(a, 10).is_none());
+        assert!(batch.messages.is_empty() && batch.is_empty());
+    }
+
+    #[test]
+    fn a_failed_batch_fails_every_record_of_every_waiter() {
+        let mut batch = Batch::default();
+        let (a, ra) = job(&["a1", "a2"]);
+        let (b, rb) = job(&["b1"]);
+        batch.offer(a, 10);
+        batch.offer(b, 10);
+        batch.fail(&PublishError::Timeout("no ack".into()));
+        for out in [ra.blocking_recv().unwrap(), rb.blocking_recv().unwrap()] {
+            assert!(out
+                .iter()
+                .all(|r| matches!(r, Err(PublishError::Timeout(_)))));
+        }
+    }
+}
