@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, message::AckKind};
 use callcap::subjects::CONSUMER_NAME;
-use callcap::Envelope;
 use futures::{FutureExt, StreamExt};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
@@ -20,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::RunArgs;
-use crate::store::{self, DeadLetter, Row, StoreError, WriteStats};
+use crate::write::{decode, write_reliably, Abandoned, Decoded};
 
 /// Records stored (0) and dead-lettered (1) by this worker, per second over the last
 /// minute: what the status page shows.
@@ -53,148 +52,6 @@ pub fn consumer_config(args: &RunArgs) -> pull::Config {
         max_waiting: 512,
         ..Default::default()
     }
-}
-
-/// Decoded contents of one pulled batch.
-pub struct Decoded {
-    pub rows: Vec<Row>,
-    pub dead: Vec<DeadLetter>,
-}
-
-/// Decodes stream messages; what cannot be decoded becomes a dead letter.
-pub fn decode(msgs: &[jetstream::Message]) -> Decoded {
-    let mut rows = Vec::with_capacity(msgs.len());
-    let mut dead = Vec::new();
-    for m in msgs {
-        let (seq, delivered) = m
-            .info()
-            .map(|i| (i.stream_sequence, i.delivered))
-            .unwrap_or((0, 1));
-        if delivered > 1 {
-            metrics::counter!("worker_redeliveries_total").increment(1);
-        }
-        match Envelope::decode_checked(&m.subject, &m.payload) {
-            Ok(envelope) => rows.push(Row { seq, envelope }),
-            Err(e) => dead.push(DeadLetter {
-                seq,
-                subject: m.subject.to_string(),
-                reason: e.to_string(),
-                payload: m.payload.to_vec(),
-            }),
-        }
-    }
-    Decoded { rows, dead }
-}
-
-/// Why a write gave up without storing.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Abandoned {
-    /// Shutdown was requested while Postgres was unavailable.
-    Shutdown,
-}
-
-/// Runs `op` until it succeeds or is refused for its data (returned as the inner `Err`),
-/// waiting out database outages with capped exponential backoff. `keep_alive` runs before
-/// each pause (progress acks keep held messages from being redelivered).
-///
-/// # Errors
-/// [`Abandoned::Shutdown`] when `cancel` fires while the database is still unavailable.
-async fn until_stored<T, Op, OpFut, K, KFut>(
-    what: &str,
-    retry_max: Duration,
-    cancel: &CancellationToken,
-    keep_alive: &mut K,
-    mut op: Op,
-) -> Result<Result<T, StoreError>, Abandoned>
-where
-    Op: FnMut() -> OpFut,
-    OpFut: std::future::Future<Output = Result<T, StoreError>>,
-    K: FnMut() -> KFut,
-    KFut: std::future::Future<Output = ()>,
-{
-    let mut pause = Duration::from_millis(50);
-    loop {
-        match op().await {
-            Ok(v) => return Ok(Ok(v)),
-            Err(e @ StoreError::Permanent(_)) => return Ok(Err(e)),
-            Err(e @ StoreError::Transient(_)) => {
-                metrics::counter!("worker_db_errors_total").increment(1);
-                tracing::warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "database unavailable while {what}; holding");
-                keep_alive().await;
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    () = cancel.cancelled() => return Err(Abandoned::Shutdown),
-                }
-                pause = (pause * 2).min(retry_max);
-            }
-        }
-    }
-}
-
-/// Writes rows and dead letters, waiting out database outages; a batch refused for its
-/// data is split so that only the guilty rows become dead letters.
-///
-/// # Errors
-/// [`Abandoned::Shutdown`] when `cancel` fires while still unable to write.
-pub async fn write_reliably<K, KFut>(
-    pool: &PgPool,
-    rows: &[Row],
-    dead: &[DeadLetter],
-    retry_max: Duration,
-    cancel: &CancellationToken,
-    mut keep_alive: K,
-) -> Result<WriteStats, Abandoned>
-where
-    K: FnMut() -> KFut,
-    KFut: std::future::Future<Output = ()>,
-{
-    let batch = until_stored(
-        "writing a batch",
-        retry_max,
-        cancel,
-        &mut keep_alive,
-        || store::write_batch(pool, rows, dead),
-    )
-    .await?;
-    let e = match batch {
-        Ok(stats) => return Ok(stats),
-        Err(e) => e,
-    };
-    tracing::warn!(error = %e, rows = rows.len(), "batch refused; isolating the rows at fault");
-    let mut total = WriteStats::default();
-    let mut guilty: Vec<DeadLetter> = dead.to_vec();
-    for row in rows {
-        let one = until_stored("isolating rows", retry_max, cancel, &mut keep_alive, || {
-            store::write_batch(pool, std::slice::from_ref(row), &[])
-        })
-        .await?;
-        match one {
-            Ok(s) => total.rows_changed += s.rows_changed,
-            Err(e) => guilty.push(DeadLetter {
-                seq: row.seq,
-                subject: callcap::subjects::ingest_subject(row.envelope.record.company_id),
-                reason: format!("refused by the database: {e}"),
-                payload: row.envelope.encode(),
-            }),
-        }
-    }
-    let recorded = until_stored(
-        "recording dead letters",
-        retry_max,
-        cancel,
-        &mut keep_alive,
-        || store::record_dead_letters(pool, &guilty),
-    )
-    .await?;
-    match recorded {
-        Ok(n) => total.dead_letters += n,
-        // Dead letters are sanitized to fit; if Postgres still refuses them, holding the
-        // batch forever would stop the consumer, so log loudly and move on.
-        Err(e) => {
-            tracing::error!(error = %e, count = guilty.len(), "dead letters could not be recorded")
-        }
-    }
-    Ok(total)
 }
 
 /// Consumes until `cancel` fires.

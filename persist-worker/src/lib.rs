@@ -4,7 +4,8 @@
 //! to Postgres exactly once. Any number of workers may run side by side.
 //!
 //! - [`config`]: command line and environment;
-//! - [`consume`]: the pull/write/ack loop; [`store`]: every SQL statement and migrations;
+//! - [`consume`]: the pull/write/ack loop; [`write`]: decode and write until stored (the
+//!   policy consume and replay share); [`store`]: every SQL statement and migrations;
 //! - [`guard`]: keeps the durable consumer as defined (recreated when deleted or changed);
 //! - [`replay`]: re-applying a window of the stream; [`dlq`]: dead letters;
 //! - [`ops`]: `/metrics`, `/readyz`, `/healthz`.
@@ -16,6 +17,7 @@ pub mod guard;
 pub mod ops;
 pub mod replay;
 pub mod store;
+pub mod write;
 
 use callcap::config::Role;
 use std::time::Duration;

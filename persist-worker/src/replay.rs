@@ -14,7 +14,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ReplayArgs;
-use crate::consume::{decode, write_reliably};
+use crate::write::{decode, write_reliably};
 
 /// What a replay did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -1,8 +1,7 @@
-//! Postgres: the pool, migrations, and every SQL statement of the worker.
-//!
-//! A batch is written in one transaction with set-based statements (`INSERT … SELECT FROM
-//! UNNEST`), never a statement per row. The merge rules of DESIGN.md live in the upsert's
-//! `ON CONFLICT` clause, so live consumption, replay and dead-letter redrive share them:
+//! The merge upsert: a batch of rows (and its dead letters) in one transaction, with
+//! set-based statements (`INSERT … SELECT FROM UNNEST`), never a statement per row. The
+//! merge rules of DESIGN.md live in the upsert's `ON CONFLICT` clause, so live
+//! consumption, replay and dead-letter redrive share them:
 //! - a newer message (higher stream sequence) wins field by field, but a field it lacks
 //!   keeps the stored value;
 //! - an older message (arriving late) only fills fields still empty;
@@ -13,109 +12,14 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
-use std::time::Duration;
 
-use callcap::{CallRecord, Envelope};
+use callcap::CallRecord;
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-/// The schema migrations, embedded at build time.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
-/// One decoded stream message ready to store.
-#[derive(Debug, Clone)]
-pub struct Row {
-    /// JetStream stream sequence.
-    pub seq: u64,
-    pub envelope: Envelope,
-}
-
-/// A stream message that can never be stored.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    pub seq: u64,
-    pub subject: String,
-    pub reason: String,
-    pub payload: Vec<u8>,
-}
-
-/// A failed database operation, sorted by what to do about it.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// Connection trouble, timeouts, serialization failures, shutdown: retry later.
-    #[error("database temporarily unavailable: {0}")]
-    Transient(#[source] sqlx::Error),
-    /// The data itself is refused (constraint or data exception): retrying cannot help.
-    #[error("database refused the data: {0}")]
-    Permanent(#[source] sqlx::Error),
-}
-
-impl StoreError {
-    /// Whether the same write may succeed later.
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Transient(_))
-    }
-}
-
-impl From<sqlx::Error> for StoreError {
-    fn from(e: sqlx::Error) -> Self {
-        // SQLSTATE class 22 (data exception) and 23 (integrity constraint violation) are
-        // about the row; everything else (08 connection, 40 rollback, 53 resources, 57
-        // operator intervention, pool timeouts, I/O) may pass. Unknown errors count as
-        // transient: holding a message is recoverable, dead-lettering a good one is not.
-        let permanent = match &e {
-            sqlx::Error::Database(db) => db
-                .code()
-                .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
-            _ => false,
-        };
-        if permanent {
-            StoreError::Permanent(e)
-        } else {
-            StoreError::Transient(e)
-        }
-    }
-}
-
-/// Whether an error means Postgres could not be reached (as opposed to refusing a
-/// statement): I/O, TLS, pool timeouts, and SQLSTATE classes 08 and 57P (shutdown,
-/// "cannot connect now").
-pub fn is_connection_error(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed => true,
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
-        _ => false,
-    }
-}
-
-/// Opens a pool. Connections are made lazily, so a worker starts while Postgres is down
-/// and catches up when it returns.
-///
-/// # Errors
-/// When the URL is malformed.
-pub fn pool(database_url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
-    let options: PgConnectOptions = database_url.parse()?;
-    Ok(PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_lazy_with(options.application_name("persist-worker")))
-}
-
-/// What a write did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct WriteStats {
-    /// Rows inserted or changed in `call_history`.
-    pub rows_changed: u64,
-    /// Dead letters recorded.
-    pub dead_letters: u64,
-}
+use super::dead::{insert_dead_letters, DeadLetter};
+use super::{Row, StoreError, WriteStats};
 
 /// Writes a batch — rows and dead letters — in one transaction.
 ///
@@ -471,140 +375,51 @@ async fn upsert_calls(
     Ok(u64::try_from(changed).unwrap_or(0))
 }
 
-async fn insert_dead_letters(
-    tx: &mut Transaction<'_, Postgres>,
-    dead: &[DeadLetter],
-) -> Result<u64, StoreError> {
-    let mut n = 0;
-    for d in dead {
-        n += sqlx::query(
-            "INSERT INTO dead_letters (stream_seq, subject, reason, payload) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (stream_seq) DO UPDATE SET reason = EXCLUDED.reason, failed_at = now(), redriven_at = NULL",
-        )
-        .bind(i64::try_from(d.seq).unwrap_or(i64::MAX))
-        .bind(d.subject.replace('\0', "\u{fffd}"))
-        // Error texts can quote the offending input; Postgres text cannot hold NUL.
-        .bind(d.reason.replace('\0', "\u{fffd}"))
-        .bind(&d.payload)
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use callcap::Envelope;
+
+    fn row(id: u128, seq: u64) -> Row {
+        Row {
+            seq,
+            envelope: Envelope::new(
+                Uuid::from_u128(id),
+                Utc::now(),
+                "k1".into(),
+                None,
+                CallRecord::new(Uuid::from_u128(99)),
+            ),
+        }
     }
-    Ok(n)
-}
 
-/// Records dead letters in their own transaction.
-///
-/// # Errors
-/// [`StoreError::Transient`] when the database is unavailable.
-pub async fn record_dead_letters(pool: &PgPool, dead: &[DeadLetter]) -> Result<u64, StoreError> {
-    let mut tx = pool.begin().await?;
-    let n = insert_dead_letters(&mut tx, dead).await?;
-    tx.commit().await?;
-    Ok(n)
-}
-
-/// A row of `dead_letters`.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct DeadLetterRow {
-    pub id: i64,
-    pub stream_seq: i64,
-    pub subject: String,
-    pub reason: String,
-    pub payload: Vec<u8>,
-    pub failed_at: DateTime<Utc>,
-    pub redriven_at: Option<DateTime<Utc>>,
-}
-
-/// How many dead letters wait for redrive, and the newest `limit` of them (when, why).
-///
-/// # Errors
-/// When the database is unavailable.
-pub async fn recent_dead_letters(
-    pool: &PgPool,
-    limit: i64,
-) -> Result<(i64, Vec<(DateTime<Utc>, String)>), StoreError> {
-    let total: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE redriven_at IS NULL")
-            .fetch_one(pool)
-            .await?;
-    let recent = sqlx::query_as(
-        "SELECT failed_at, reason FROM dead_letters WHERE redriven_at IS NULL ORDER BY id DESC LIMIT $1",
-    )
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
-    Ok((total, recent))
-}
-
-/// Dead letters not yet redriven (all of them with `include_redriven`), oldest first.
-///
-/// # Errors
-/// When the query fails.
-pub async fn dead_letters(
-    pool: &PgPool,
-    include_redriven: bool,
-    limit: i64,
-) -> Result<Vec<DeadLetterRow>, StoreError> {
-    Ok(sqlx::query_as(
-        "SELECT id, stream_seq, subject, reason, payload, failed_at, redriven_at FROM dead_letters \
-         WHERE $1 OR redriven_at IS NULL ORDER BY id LIMIT $2",
-    )
-    .bind(include_redriven)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?)
-}
-
-/// Dead letters by id.
-///
-/// # Errors
-/// When the query fails.
-pub async fn dead_letters_by_id(
-    pool: &PgPool,
-    ids: &[i64],
-) -> Result<Vec<DeadLetterRow>, StoreError> {
-    Ok(sqlx::query_as(
-        "SELECT id, stream_seq, subject, reason, payload, failed_at, redriven_at FROM dead_letters \
-         WHERE id = ANY($1) ORDER BY id",
-    )
-    .bind(ids)
-    .fetch_all(pool)
-    .await?)
-}
-
-/// Marks a dead letter as redriven, or records why the redrive failed.
-///
-/// # Errors
-/// When the update fails.
-pub async fn mark_dead_letter(
-    pool: &PgPool,
-    id: i64,
-    failure: Option<&str>,
-) -> Result<(), StoreError> {
-    match failure {
-        None => {
-            sqlx::query("UPDATE dead_letters SET redriven_at = now() WHERE id = $1")
-                .bind(id)
-                .execute(pool)
-                .await?
-        }
-        Some(reason) => {
-            sqlx::query("UPDATE dead_letters SET reason = $2, failed_at = now() WHERE id = $1")
-                .bind(id)
-                .bind(reason)
-                .execute(pool)
-                .await?
-        }
-    };
-    Ok(())
-}
-
-/// Whether the database answers.
-///
-/// # Errors
-/// When it does not.
-pub async fn ping(pool: &PgPool) -> Result<(), StoreError> {
-    sqlx::query("SELECT 1").execute(pool).await?;
-    Ok(())
+    #[test]
+    fn rounds_apply_each_calls_messages_in_stream_order_and_never_touch_a_row_twice() {
+        let rows = vec![
+            row(2, 10),
+            row(1, 12),
+            row(2, 5),
+            row(3, 7),
+            row(2, 20),
+            row(1, 3),
+        ];
+        let rounds = rounds(&rows);
+        let seen: Vec<Vec<(u128, u64)>> = rounds
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .map(|row| (row.envelope.call_history_id.as_u128(), row.seq))
+                    .collect()
+            })
+            .collect();
+        // Round k holds each id's k-th message by sequence, sorted by id (lock order).
+        assert_eq!(
+            seen,
+            vec![
+                vec![(1, 3), (2, 5), (3, 7)],
+                vec![(1, 12), (2, 10)],
+                vec![(2, 20)],
+            ]
+        );
+    }
 }

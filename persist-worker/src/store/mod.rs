@@ -1,0 +1,118 @@
+//! Postgres: the pool, migrations, errors, and (in the submodules) every SQL statement of
+//! the worker.
+//!
+//! - [`merge`]: a batch written in one transaction with set-based statements, the merge
+//!   rules of DESIGN.md in its `ON CONFLICT` clause;
+//! - [`dead`]: the dead letters, recorded with the batch or on their own, listed and
+//!   marked redriven.
+
+mod dead;
+mod merge;
+
+use std::time::Duration;
+
+use callcap::Envelope;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+pub use dead::{
+    dead_letters, dead_letters_by_id, mark_dead_letter, recent_dead_letters, record_dead_letters,
+    DeadLetter, DeadLetterRow,
+};
+pub use merge::write_batch;
+
+/// The schema migrations, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// One decoded stream message ready to store.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// JetStream stream sequence.
+    pub seq: u64,
+    pub envelope: Envelope,
+}
+
+/// A failed database operation, sorted by what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Connection trouble, timeouts, serialization failures, shutdown: retry later.
+    #[error("database temporarily unavailable: {0}")]
+    Transient(#[source] sqlx::Error),
+    /// The data itself is refused (constraint or data exception): retrying cannot help.
+    #[error("database refused the data: {0}")]
+    Permanent(#[source] sqlx::Error),
+}
+
+impl StoreError {
+    /// Whether the same write may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Transient(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        // SQLSTATE class 22 (data exception) and 23 (integrity constraint violation) are
+        // about the row; everything else (08 connection, 40 rollback, 53 resources, 57
+        // operator intervention, pool timeouts, I/O) may pass. Unknown errors count as
+        // transient: holding a message is recoverable, dead-lettering a good one is not.
+        let permanent = match &e {
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+            _ => false,
+        };
+        if permanent {
+            StoreError::Permanent(e)
+        } else {
+            StoreError::Transient(e)
+        }
+    }
+}
+
+/// Whether an error means Postgres could not be reached (as opposed to refusing a
+/// statement): I/O, TLS, pool timeouts, and SQLSTATE classes 08 and 57P (shutdown,
+/// "cannot connect now").
+pub fn is_connection_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
+    }
+}
+
+/// Opens a pool. Connections are made lazily, so a worker starts while Postgres is down
+/// and catches up when it returns.
+///
+/// # Errors
+/// When the URL is malformed.
+pub fn pool(database_url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = database_url.parse()?;
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options.application_name("persist-worker")))
+}
+
+/// What a write did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Rows inserted or changed in `call_history`.
+    pub rows_changed: u64,
+    /// Dead letters recorded.
+    pub dead_letters: u64,
+}
+
+/// Whether the database answers.
+///
+/// # Errors
+/// When it does not.
+pub async fn ping(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::query("SELECT 1").execute(pool).await?;
+    Ok(())
+}
