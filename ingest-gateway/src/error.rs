@@ -162,7 +162,14 @@ impl ApiError {
             ApiError::RequestTimeout => "body_timeout",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Overloaded { .. } => "overloaded",
-            ApiError::Unavailable { .. } => "unavailable",
+            ApiError::Unavailable { source, .. } => match source {
+                PublishError::Timeout(_) => "publish_timeout",
+                PublishError::NoLeader(_) => "publish_no_leader",
+                PublishError::StreamFull(_) => "publish_stream_full",
+                PublishError::Refused(_) => "publish_refused",
+                // Not retryable: answered 413, never as Unavailable.
+                PublishError::TooLarge => "publish_too_large",
+            },
             ApiError::NotReady { .. } => "not_ready",
             ApiError::UriTooLong { .. } => "uri_too_long",
             ApiError::HeadersTooLarge { .. } => "headers_too_large",
@@ -185,7 +192,7 @@ impl ApiError {
         match self {
             ApiError::Internal(e) => tracing::error!(error = ?e, "internal error"),
             ApiError::Unavailable { source, .. } => {
-                tracing::warn!(error = %source, "publish failed; answered 503")
+                tracing::warn!(kind = source.kind(), error = %source, "publish failed; answered 503")
             }
             ApiError::Overloaded { .. } => {
                 tracing::warn!("in-flight publish limit reached; answered 503")

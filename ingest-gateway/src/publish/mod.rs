@@ -78,14 +78,22 @@ pub struct Receipt {
     pub duplicate: bool,
 }
 
-/// Why a record was not acknowledged.
+/// Why a record was not acknowledged. The variant is the kind (nats.rs' `Error<Kind>`
+/// idea): logs and `gateway_refused_total` tell them apart with [`PublishError::kind`].
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PublishError {
     /// NATS is down, slow, or the ack did not come in time. The record may or may not
     /// have been stored: a retry with the same `Nats-Msg-Id` is deduplicated.
     #[error("JetStream did not acknowledge the publish in time ({0})")]
     Timeout(String),
-    /// JetStream answered but refused (stream full, no stream, batch abandoned…).
+    /// No stream leader took it (an election, a leaderless or missing stream).
+    #[error("no JetStream stream leader took the publish: {0}")]
+    NoLeader(String),
+    /// The stream is at its limits (`discard: new` refuses rather than drops records
+    /// nobody has stored yet) or the server is out of storage.
+    #[error("the stream is full: {0}")]
+    StreamFull(String),
+    /// JetStream answered but refused for another reason (batch abandoned, …).
     #[error("JetStream refused the publish: {0}")]
     Refused(String),
     /// The message is over the server's max payload.
@@ -97,8 +105,22 @@ impl PublishError {
     /// Whether the client should retry the same record later (503 + Retry-After).
     pub fn is_retryable(&self) -> bool {
         match self {
-            PublishError::Timeout(_) | PublishError::Refused(_) => true,
+            PublishError::Timeout(_)
+            | PublishError::NoLeader(_)
+            | PublishError::StreamFull(_)
+            | PublishError::Refused(_) => true,
             PublishError::TooLarge => false,
+        }
+    }
+
+    /// The kind, as a label: `timeout`, `no_leader`, `stream_full`, `refused`, `too_large`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PublishError::Timeout(_) => "timeout",
+            PublishError::NoLeader(_) => "no_leader",
+            PublishError::StreamFull(_) => "stream_full",
+            PublishError::Refused(_) => "refused",
+            PublishError::TooLarge => "too_large",
         }
     }
 }

@@ -86,10 +86,18 @@ impl Reply {
                 code,
                 err_code,
                 description,
-            } => Some(PublishError::Refused(format!(
-                "{description} (status {code}, code {err_code})"
-            ))),
-            Reply::NoResponders => Some(PublishError::Refused(
+            } => {
+                let what = format!("{description} (status {code}, code {err_code})");
+                Some(match err_code {
+                    // Store failed (maximum bytes or messages), storage or account
+                    // resources exceeded, the stream's byte limit.
+                    10077 | 10047 | 10028 | 10002 | 10122 => PublishError::StreamFull(what),
+                    10054 => PublishError::TooLarge,
+                    _ if code == 503 => PublishError::NoLeader(what),
+                    _ => PublishError::Refused(what),
+                })
+            }
+            Reply::NoResponders => Some(PublishError::NoLeader(
                 "no stream is listening on the subject (stream missing or leaderless)".into(),
             )),
             Reply::Garbled(what) => Some(PublishError::Refused(format!(
@@ -325,6 +333,37 @@ fn classify_send(e: async_nats::PublishError) -> PublishError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_has_the_kind_logs_and_metrics_tell_apart() {
+        let error = |code, err_code, d: &str| Reply::Error {
+            code,
+            err_code,
+            description: d.into(),
+        };
+        let kinds: Vec<&str> = [
+            error(503, 10077, "maximum bytes exceeded"),
+            error(400, 10047, "insufficient storage resources available"),
+            error(503, 0, "no responders"),
+            Reply::NoResponders,
+            error(400, 10054, "message size exceeds maximum allowed"),
+            error(400, 10176, "atomic publish batch is incomplete"),
+        ]
+        .into_iter()
+        .map(|r| r.into_error().expect("not an ack").kind())
+        .collect();
+        assert_eq!(
+            kinds,
+            [
+                "stream_full",
+                "stream_full",
+                "no_leader",
+                "no_leader",
+                "too_large",
+                "refused"
+            ]
+        );
+    }
 
     fn msg(payload: &str, status: Option<StatusCode>) -> async_nats::Message {
         async_nats::Message {
