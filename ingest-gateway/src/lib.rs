@@ -174,7 +174,7 @@ pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
     })
     .await?;
     let server = publisher.client().server_info();
-    callcap::subjects::check_server_version(&server.version).map_err(anyhow::Error::msg)?;
+    callcap::subjects::check_server_version(&server.version)?;
     let js = publisher.context().clone();
     with_retry("opening the CALLS stream", || {
         callcap::subjects::open_stream(&js, &cli.stream)

@@ -73,6 +73,7 @@ pub async fn redrive(
                 writeln!(out, "{}: stored", dl.id)?;
             }
             Err(reason) => {
+                let reason = reason.to_string();
                 store::mark_dead_letter(pool, dl.id, Some(&reason)).await?;
                 summary.still_failing += 1;
                 writeln!(out, "{}: still failing: {reason}", dl.id)?;
@@ -87,15 +88,29 @@ pub async fn redrive(
     Ok(summary)
 }
 
-async fn redrive_one(pool: &PgPool, dl: &DeadLetterRow) -> Result<(), String> {
-    let envelope = Envelope::decode_checked(&dl.subject, &dl.payload).map_err(|e| e.to_string())?;
+/// Why a dead letter could not be stored again.
+#[derive(Debug, thiserror::Error)]
+enum RedriveError {
+    /// Still not something the gateway could have published.
+    #[error("{0}")]
+    Undecodable(#[from] callcap::envelope::DecodeError),
+    /// Postgres refuses the data.
+    #[error("{0}")]
+    Refused(StoreError),
+    /// Postgres is unavailable.
+    #[error("{0} (try again later)")]
+    Unavailable(StoreError),
+}
+
+async fn redrive_one(pool: &PgPool, dl: &DeadLetterRow) -> Result<(), RedriveError> {
+    let envelope = Envelope::decode_checked(&dl.subject, &dl.payload)?;
     let row = Row {
         seq: u64::try_from(dl.stream_seq).unwrap_or(0),
         envelope,
     };
     match store::write_batch(pool, &[row], &[]).await {
         Ok(_) => Ok(()),
-        Err(e @ StoreError::Permanent(_)) => Err(e.to_string()),
-        Err(e @ StoreError::Transient(_)) => Err(format!("{e} (try again later)")),
+        Err(e @ StoreError::Permanent(_)) => Err(RedriveError::Refused(e)),
+        Err(e @ StoreError::Transient(_)) => Err(RedriveError::Unavailable(e)),
     }
 }

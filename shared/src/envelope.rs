@@ -141,9 +141,7 @@ impl Envelope {
             received.request_id,
             record,
         );
-        envelope
-            .check_origin(subject)
-            .map_err(DecodeError::Refused)?;
+        envelope.check_origin(subject)?;
         Ok(envelope)
     }
 
@@ -151,20 +149,28 @@ impl Envelope {
     /// the record must re-validate to itself.
     ///
     /// # Errors
-    /// The reason, as a sentence.
-    pub fn check(&self, subject: &str) -> Result<(), String> {
-        let as_sent = serde_json::to_value(&self.record).map_err(|e| e.to_string())?;
+    /// [`DecodeError::Refused`] with the reason.
+    pub fn check(&self, subject: &str) -> Result<(), DecodeError> {
+        let as_sent = serde_json::to_value(&self.record)?;
         match crate::validate::validate(&as_sent) {
             Ok(record) if record == self.record => {}
-            Ok(_) => return Err("record is not in the form the gateway stores".into()),
-            Err(e) => return Err(format!("record breaks a rule: {e}")),
+            Ok(_) => {
+                return Err(DecodeError::Refused(
+                    "record is not in the form the gateway stores".into(),
+                ))
+            }
+            Err(e) => return Err(DecodeError::Refused(format!("record breaks a rule: {e}"))),
         }
         self.check_origin(subject)
     }
 
     /// Everything but the record's fields: the subject is the record's company's, the id is
     /// the one the gateway derives, the key id and request id are bounded.
-    fn check_origin(&self, subject: &str) -> Result<(), String> {
+    fn check_origin(&self, subject: &str) -> Result<(), DecodeError> {
+        self.origin(subject).map_err(DecodeError::Refused)
+    }
+
+    fn origin(&self, subject: &str) -> Result<(), String> {
         let company = self.record.company_id;
         if subject != crate::subjects::ingest_subject(company) {
             return Err(format!(
@@ -338,7 +344,7 @@ mod tests {
         let e = genuine();
         let subject = crate::subjects::ingest_subject(e.record.company_id);
         let refused = |e: &Envelope, subject: &str| match e.check(subject) {
-            Err(reason) => reason,
+            Err(reason) => reason.to_string(),
             Ok(()) => panic!("{e:?} on {subject} passed the check"),
         };
         // Another company's subject, and a subject that is not a company at all.

