@@ -10,7 +10,9 @@
 //!   calling and the body; [`body`]: reading a request body within its limits;
 //!   [`budget`]: the memory request bodies may hold; [`error`]: every error answer;
 //! - [`auth`]: API keys and the watched cache; [`keys`]: the `keys` admin commands;
-//! - [`publish`]: the JetStream publisher; [`ratelimit`]: per-key token buckets.
+//! - [`publish`]: the JetStream publisher; [`ratelimit`]: per-key token buckets;
+//! - [`status`]: the status page; [`check`]: the `check` command; [`tls`]: HTTPS;
+//!   [`nkey`]: the `nkey` commands.
 
 pub mod answers;
 pub mod app;

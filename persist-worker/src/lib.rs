@@ -8,7 +8,8 @@
 //!   policy consume and replay share); [`store`]: every SQL statement and migrations;
 //! - [`guard`]: keeps the durable consumer as defined (recreated when deleted or changed);
 //! - [`replay`]: re-applying a window of the stream; [`dlq`]: dead letters;
-//! - [`ops`]: `/metrics`, `/readyz`, `/healthz`.
+//! - [`ops`]: `/metrics`, `/readyz`, `/healthz` and the status page, reading what the
+//!   stages expose.
 
 pub mod config;
 pub mod consume;

@@ -6,6 +6,8 @@
 //! - [`envelope`]: the versioned stream message;
 //! - [`subjects`]: stream, subject, consumer and bucket names and definitions;
 //! - [`config`]: settings both binaries read from one environment;
+//! - [`examples`]: the API document's example records;
+//! - [`recent`]: figures over the last minute and the status pages' HTML frame;
 //! - [`telemetry`]: logging setup;
 //! - [`timestamp`]: reading and writing timestamps and dates so that both read back.
 

@@ -1,8 +1,9 @@
-//! Names and definitions on the NATS side: the `CALLS` stream, its subjects, the durable
-//! consumer and the API-key bucket.
+//! Names and definitions on the NATS side: the `CALLS` stream and its subjects, the
+//! durable consumer's name and the API-key bucket's, and the minimum nats-server version.
 //!
-//! Both binaries create what they need from here, idempotently, at start; nothing else in
-//! the workspace spells a stream, subject or bucket name.
+//! Both binaries create the stream from here, idempotently, at start; nothing else in the
+//! workspace spells a stream, subject or bucket name. The consumer's definition is the
+//! worker's (`persist_worker::consume::consumer_config`, kept so by its guard).
 
 use std::time::Duration;
 
