@@ -38,7 +38,8 @@ nats_version() {
   "$1" --version 2>/dev/null | sed -n 's/^nats-server: v\([0-9]*\)\.\([0-9]*\).*/\1 \2/p'
 }
 
-# The project's minimum nats-server (keep in step with MIN_SERVER_VERSION).
+# The project's minimum nats-server: MIN_SERVER_VERSION in shared/src/subjects.rs (a test
+# in tests/it/deploy.rs keeps the two equal).
 NATS_MIN_MAJOR=2 NATS_MIN_MINOR=15
 
 nats_ok() {
