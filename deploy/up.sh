@@ -40,9 +40,10 @@ ensure_nats_server
 ensure_postgres
 PIPELINE_DB_URL=$(with_database "$DATABASE_URL" callcap)
 
-log "building (release)"
-cargo build --release --quiet -p ingest-gateway -p persist-worker
-BIN=target/release
+# The `local` profile (Cargo.toml): optimised like release, built in about half the time.
+log "building (profile local)"
+cargo build --profile local --quiet -p ingest-gateway -p persist-worker
+BIN=target/local
 NKEYS="$PWD/$RUN/nkeys"
 ensure_nkeys "$NKEYS" "$BIN/ingest-gateway"
 

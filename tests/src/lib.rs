@@ -9,7 +9,9 @@
 //! - [`pipeline`]: the gateway and the worker, in-process or as spawned binaries;
 //! - [`load`]: concurrent clients posting unique records, counting what they saw;
 //! - [`payloads`]: the API document's examples;
-//! - [`powerfs`]: a FUSE filesystem that loses every write not fsynced on a "power cut".
+//! - [`powerfs`]: a FUSE filesystem that loses every write not fsynced on a "power cut";
+//! - [`stack`]: the usual set-up in one line (nats-server, gateway and key; database and
+//!   worker).
 
 pub mod cluster;
 pub mod db;
@@ -20,6 +22,7 @@ pub mod payloads;
 pub mod pipeline;
 pub mod powerfs;
 pub mod proxy;
+pub mod stack;
 pub mod tls;
 
 use std::future::Future;

@@ -515,7 +515,9 @@ async fn every_metric_the_alerts_and_dashboard_use_is_exported() {
 /// The `key: value` lines of a nats-server config's `batch { … }` block.
 fn batch_limits(conf: &str) -> Vec<String> {
     let text = std::fs::read_to_string(repo().join("deploy/nats").join(conf)).unwrap();
-    let start = text.find("batch {").unwrap_or_else(|| panic!("{conf} has no batch limits"));
+    let start = text
+        .find("batch {")
+        .unwrap_or_else(|| panic!("{conf} has no batch limits"));
     let end = start + text[start..].find('}').unwrap();
     text[start + "batch {".len()..end]
         .lines()
@@ -530,7 +532,11 @@ fn every_shipped_nats_config_has_the_same_batch_limits_and_the_scripts_the_same_
     let single = batch_limits("single.conf");
     assert_eq!(single.len(), 4, "{single:?}");
     for other in ["cluster.conf", "interval-fsync.conf"] {
-        assert_eq!(batch_limits(other), single, "{other} differs from single.conf");
+        assert_eq!(
+            batch_limits(other),
+            single,
+            "{other} differs from single.conf"
+        );
     }
     // deploy/lib.sh installs and accepts the same minimum nats-server as the binaries.
     let lib = std::fs::read_to_string(repo().join("deploy/lib.sh")).unwrap();

@@ -5,6 +5,7 @@
 use callcap_tests::nats::NatsServer;
 use callcap_tests::payloads::{self, compress};
 use callcap_tests::pipeline::TestGateway;
+use callcap_tests::stack::Edge;
 use ingest_gateway::config::ServeArgs;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -33,10 +34,12 @@ async fn post_raw(
 
 #[tokio::test]
 async fn compressed_bodies_are_accepted_bounded_and_refused_when_unknown() {
-    let nats = NatsServer::start().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Edge {
+        nats,
+        gw,
+        company,
+        key,
+    } = Edge::start().await;
 
     let mut sent = 0;
     for encoding in ["gzip", "deflate", "zstd"] {

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use callcap_tests::nats::NatsServer;
 use callcap_tests::payloads;
 use callcap_tests::pipeline::TestGateway;
+use callcap_tests::stack::Edge;
 use ingest_gateway::config::ServeArgs;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -29,10 +30,12 @@ fn assert_created(status: StatusCode, body: &Value) -> Uuid {
 
 #[tokio::test]
 async fn every_example_of_the_api_document_is_accepted_on_both_paths() {
-    let nats = NatsServer::start().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Edge {
+        nats: _nats,
+        gw,
+        company,
+        key,
+    } = Edge::start().await;
     let examples = [
         payloads::quick_start(company),
         payloads::minimal(company),
@@ -51,10 +54,12 @@ async fn every_example_of_the_api_document_is_accepted_on_both_paths() {
 
 #[tokio::test]
 async fn a_retry_gets_the_same_id_and_anonymous_records_do_not() {
-    let nats = NatsServer::start().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Edge {
+        nats: _nats,
+        gw,
+        company,
+        key,
+    } = Edge::start().await;
 
     let body = payloads::complete(company, "CALL-RETRY");
     let (s1, b1) = gw.post_call(&key, &body).await;
@@ -81,10 +86,12 @@ async fn a_retry_gets_the_same_id_and_anonymous_records_do_not() {
 
 #[tokio::test]
 async fn each_validation_rule_answers_400_naming_the_field() {
-    let nats = NatsServer::start().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Edge {
+        nats: _nats,
+        gw,
+        company,
+        key,
+    } = Edge::start().await;
 
     let (status, body) = gw.post_call(&key, &json!({"caller_number": "+1"})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -161,10 +168,12 @@ async fn each_validation_rule_answers_400_naming_the_field() {
 
 #[tokio::test]
 async fn keys_are_checked_scoped_to_their_company_and_revocable() {
-    let nats = NatsServer::start().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Edge {
+        nats,
+        gw,
+        company,
+        key,
+    } = Edge::start().await;
     let unauthorized = json!({"error": "Unauthorized", "message": "Invalid or missing API key"});
 
     let resp = gw
@@ -220,10 +229,12 @@ async fn keys_are_checked_scoped_to_their_company_and_revocable() {
 
 #[tokio::test]
 async fn protocol_errors_keep_the_json_error_shape() {
-    let nats = NatsServer::start().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Edge {
+        nats: _nats,
+        gw,
+        company,
+        key,
+    } = Edge::start().await;
     let url = format!("{}/v1/calls", gw.base());
 
     let send = |body: &'static str, ctype: &'static str| {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use callcap_tests::nats::{stream_envelopes, NatsConfig, NatsServer};
 use callcap_tests::payloads;
 use callcap_tests::pipeline::TestGateway;
+use callcap_tests::stack::Edge;
 use futures::StreamExt;
 use ingest_gateway::config::ServeArgs;
 use reqwest::StatusCode;
@@ -32,10 +33,12 @@ fn id_of(item: &Value) -> String {
 
 #[tokio::test]
 async fn concurrent_posts_are_coalesced_and_each_stored_once() {
-    let nats = NatsServer::start().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Edge {
+        nats,
+        gw,
+        company,
+        key,
+    } = Edge::start().await;
     let before = gw.state.publisher.stats();
     let n = 400;
     let ids: Vec<String> = futures::stream::iter(0..n)
@@ -76,10 +79,12 @@ async fn concurrent_posts_are_coalesced_and_each_stored_once() {
 
 #[tokio::test]
 async fn a_batch_request_is_stored_at_consecutive_sequences_in_order() {
-    let nats = NatsServer::start().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Edge {
+        nats,
+        gw,
+        company,
+        key,
+    } = Edge::start().await;
     let calls: Vec<Value> = (0..250)
         .map(|i| payloads::complete(company, &format!("ORDER-{i:03}")))
         .collect();
@@ -105,10 +110,12 @@ async fn a_batch_request_is_stored_at_consecutive_sequences_in_order() {
 
 #[tokio::test]
 async fn a_retried_record_inside_a_batch_gets_201_and_the_others_are_stored() {
-    let nats = NatsServer::start().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Edge {
+        nats,
+        gw,
+        company,
+        key,
+    } = Edge::start().await;
     let a = payloads::complete(company, "RETRY-A");
     let (status, first) = gw.post_call(&key, &a).await;
     assert_eq!(status, StatusCode::CREATED);
@@ -144,10 +151,12 @@ async fn a_retried_record_inside_a_batch_gets_201_and_the_others_are_stored() {
 
 #[tokio::test]
 async fn the_same_record_twice_in_one_batch_is_one_message() {
-    let nats = NatsServer::start().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Edge {
+        nats,
+        gw,
+        company,
+        key,
+    } = Edge::start().await;
     let d = payloads::complete(company, "TWICE-D");
     let before = gw.state.publisher.stats();
     let (status, _, body) = gw

@@ -3,10 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use callcap_tests::db::TestDb;
 use callcap_tests::nats::NatsServer;
 use callcap_tests::payloads;
-use callcap_tests::pipeline::{TestGateway, TestWorker};
+use callcap_tests::pipeline::TestGateway;
+use callcap_tests::stack::Pipeline;
 use ingest_gateway::config::ServeArgs;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -15,12 +15,14 @@ use uuid::Uuid;
 
 #[tokio::test]
 async fn a_mixed_batch_reports_each_item_and_stores_the_valid_ones() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
-    let worker = TestWorker::start(&nats.url(), &db.url).await;
+    let Pipeline {
+        nats: _nats,
+        db,
+        gw,
+        company,
+        key,
+        worker,
+    } = Pipeline::start().await;
     let calls = json!({"calls": [
         payloads::complete(company, "B-1"),
         {"company_id": company, "outcome": "maybe"},

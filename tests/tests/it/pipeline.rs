@@ -7,6 +7,7 @@ use callcap_tests::db::TestDb;
 use callcap_tests::nats::NatsServer;
 use callcap_tests::payloads;
 use callcap_tests::pipeline::{TestGateway, TestWorker};
+use callcap_tests::stack::Pipeline;
 use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -79,12 +80,14 @@ async fn a_burst_is_stored_exactly_once_by_two_workers() {
 
 #[tokio::test]
 async fn the_quick_start_record_is_visible_a_moment_later() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
-    let worker = TestWorker::start(&nats.url(), &db.url).await;
+    let Pipeline {
+        nats: _nats,
+        db,
+        gw,
+        company,
+        key,
+        worker,
+    } = Pipeline::start().await;
     let (status, body) = gw
         .post_call(&key, &payloads::complete(company, "CALL-12345"))
         .await;
@@ -141,12 +144,14 @@ async fn nats_restart_the_worker_reconnects_and_resumes() {
 
 #[tokio::test]
 async fn truncate_and_replay_from_sequence_one_rebuilds_the_table_identically() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
-    let worker = TestWorker::start(&nats.url(), &db.url).await;
+    let Pipeline {
+        nats,
+        db,
+        gw,
+        company,
+        key,
+        worker,
+    } = Pipeline::start().await;
     // Updates of the same calls, in order, so the merge rules shape the final rows.
     let mut ids = BTreeSet::new();
     for round in 0..3 {

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use callcap_tests::db::TestDb;
 use callcap_tests::nats::NatsServer;
 use callcap_tests::payloads;
-use callcap_tests::pipeline::{Process, TestGateway, TestWorker};
+use callcap_tests::pipeline::{Process, TestGateway};
+use callcap_tests::stack::Pipeline;
 use ingest_gateway::config::ServeArgs;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -31,12 +32,14 @@ const EDGE_TIMESTAMPS: [&str; 7] = [
 
 #[tokio::test]
 async fn whatever_the_gateway_accepts_at_the_edges_of_time_the_worker_stores() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
-    let worker = TestWorker::start(&nats.url(), &db.url).await;
+    let Pipeline {
+        nats: _nats,
+        db,
+        gw,
+        company,
+        key,
+        worker,
+    } = Pipeline::start().await;
 
     let mut accepted: Vec<(Uuid, &str, String)> = Vec::new();
     let mut batch = Vec::new();
@@ -222,12 +225,14 @@ async fn compressed_bodies_that_cost_more_than_their_bytes_are_bounded_per_key_a
 
 #[tokio::test]
 async fn compressed_bodies_are_read_whole_or_refused_and_batches_refuse_idempotency_keys() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
-    let worker = TestWorker::start(&nats.url(), &db.url).await;
+    let Pipeline {
+        nats: _nats,
+        db,
+        gw,
+        company,
+        key,
+        worker,
+    } = Pipeline::start().await;
     let url = format!("{}/v1/calls", gw.base());
     let one = serde_json::to_vec(&payloads::complete(company, "GZ-1")).unwrap();
     let two = serde_json::to_vec(&payloads::complete(company, "GZ-2")).unwrap();

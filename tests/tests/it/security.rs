@@ -14,6 +14,7 @@ use callcap_tests::identities::identities;
 use callcap_tests::nats::NatsServer;
 use callcap_tests::payloads;
 use callcap_tests::pipeline::{Process, TestGateway, TestWorker};
+use callcap_tests::stack::Pipeline;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -294,12 +295,14 @@ fn nested(levels: usize) -> Value {
 
 #[tokio::test]
 async fn what_the_gateway_accepts_the_worker_stores_and_the_probes_holes_are_closed() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
-    let worker = TestWorker::start(&nats.url(), &db.url).await;
+    let Pipeline {
+        nats,
+        db,
+        gw,
+        company,
+        key,
+        worker,
+    } = Pipeline::start().await;
     let post = |body: Value| {
         let gw = &gw;
         let key = key.clone();
