@@ -4,6 +4,9 @@
 //! server, user postgres). Each test gets `callcap_test_<uuid>`, migrated, and dropped when
 //! the [`TestDb`] goes away, so tests run in parallel without seeing each other.
 
+use std::collections::BTreeSet;
+use std::time::Duration;
+
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
@@ -108,4 +111,20 @@ impl Drop for TestDb {
         })
         .join();
     }
+}
+
+/// Waits until `call_history` holds exactly `ids`.
+pub async fn assert_stored_exactly(db: &TestDb, ids: &BTreeSet<Uuid>, within: Duration) {
+    let want = ids.len() as i64;
+    crate::eventually(within, "every accepted record to be stored", || async {
+        (db.count_calls().await >= want).then_some(())
+    })
+    .await;
+    let stored: BTreeSet<Uuid> = db.call_ids().await.into_iter().collect();
+    assert_eq!(
+        db.count_calls().await,
+        want,
+        "row count must equal the accepted ids"
+    );
+    assert_eq!(&stored, ids, "stored ids must be exactly the accepted ids");
 }

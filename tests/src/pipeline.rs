@@ -1,12 +1,14 @@
 //! The services under test: in-process (library `run` functions, for most tests) or as
 //! spawned binaries (for kill -9 and for the Prometheus recorder, which is global).
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use callcap::config::{Role, StreamArgs};
 use callcap::telemetry::LogFormat;
+use futures::StreamExt;
 use ingest_gateway::app::AppState;
 use ingest_gateway::config::ServeArgs;
 use persist_worker::config::{DbArgs, RunArgs};
@@ -353,4 +355,25 @@ impl Drop for Process {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Posts `n` records (`make(i)`) with `concurrency` in flight; returns the ids of the 201s.
+pub async fn post_many(
+    gw: &TestGateway,
+    key: &str,
+    n: usize,
+    concurrency: usize,
+    make: impl Fn(usize) -> Value,
+) -> BTreeSet<Uuid> {
+    let bodies: Vec<Value> = (0..n).map(make).collect();
+    let ids: Vec<Uuid> = futures::stream::iter(bodies)
+        .map(|body| async move {
+            let (status, resp) = gw.post_call(key, &body).await;
+            assert_eq!(status, StatusCode::CREATED, "{resp}");
+            Uuid::parse_str(resp["data"]["call_history_id"].as_str().unwrap()).unwrap()
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    ids.into_iter().collect()
 }

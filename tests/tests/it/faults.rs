@@ -13,7 +13,8 @@ use callcap_tests::proxy::Proxy;
 use reqwest::StatusCode;
 use uuid::Uuid;
 
-use crate::pipeline::{assert_stored_exactly, post_many};
+use callcap_tests::db::assert_stored_exactly;
+use callcap_tests::pipeline::post_many;
 
 #[tokio::test]
 async fn kill_9_mid_batch_then_restart_loses_and_doubles_nothing() {

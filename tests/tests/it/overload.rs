@@ -56,7 +56,7 @@ async fn a_mixed_batch_reports_each_item_and_stores_the_valid_ones() {
         .iter()
         .map(|&i| Uuid::parse_str(results[i]["call_history_id"].as_str().unwrap()).unwrap())
         .collect();
-    crate::pipeline::assert_stored_exactly(&db, &ids, Duration::from_secs(20)).await;
+    callcap_tests::db::assert_stored_exactly(&db, &ids, Duration::from_secs(20)).await;
 
     // An all-valid batch is a plain 201, and a batch's retry gets the same ids.
     let ok =

@@ -3,52 +3,15 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use callcap_tests::db::assert_stored_exactly;
 use callcap_tests::db::TestDb;
 use callcap_tests::nats::NatsServer;
 use callcap_tests::payloads;
-use callcap_tests::pipeline::{TestGateway, TestWorker};
+use callcap_tests::pipeline::{post_many, TestGateway, TestWorker};
 use callcap_tests::stack::Pipeline;
-use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::Value;
 use uuid::Uuid;
-
-/// Posts `n` records (`make(i)`) with `concurrency` in flight; returns the ids of the 201s.
-pub async fn post_many(
-    gw: &TestGateway,
-    key: &str,
-    n: usize,
-    concurrency: usize,
-    make: impl Fn(usize) -> Value,
-) -> BTreeSet<Uuid> {
-    let bodies: Vec<Value> = (0..n).map(make).collect();
-    let ids: Vec<Uuid> = futures::stream::iter(bodies)
-        .map(|body| async move {
-            let (status, resp) = gw.post_call(key, &body).await;
-            assert_eq!(status, StatusCode::CREATED, "{resp}");
-            Uuid::parse_str(resp["data"]["call_history_id"].as_str().unwrap()).unwrap()
-        })
-        .buffer_unordered(concurrency)
-        .collect()
-        .await;
-    ids.into_iter().collect()
-}
-
-/// Waits until `call_history` holds exactly `ids`.
-pub async fn assert_stored_exactly(db: &TestDb, ids: &BTreeSet<Uuid>, within: Duration) {
-    let want = ids.len() as i64;
-    callcap_tests::eventually(within, "every accepted record to be stored", || async {
-        (db.count_calls().await >= want).then_some(())
-    })
-    .await;
-    let stored: BTreeSet<Uuid> = db.call_ids().await.into_iter().collect();
-    assert_eq!(
-        db.count_calls().await,
-        want,
-        "row count must equal the accepted ids"
-    );
-    assert_eq!(&stored, ids, "stored ids must be exactly the accepted ids");
-}
 
 #[tokio::test]
 async fn a_burst_is_stored_exactly_once_by_two_workers() {

@@ -11,7 +11,7 @@ use callcap_tests::pipeline::{create_key, Process};
 use reqwest::StatusCode;
 use uuid::Uuid;
 
-use crate::pipeline::assert_stored_exactly;
+use callcap_tests::db::assert_stored_exactly;
 
 #[tokio::test]
 async fn every_binary_takes_a_seed_list_with_a_dead_server_first() {
