@@ -393,7 +393,7 @@ async fn what_the_gateway_accepts_the_worker_stores_and_the_probes_holes_are_clo
 }
 
 #[tokio::test]
-async fn http_layer_refusals_have_the_json_shape_and_metrics_labels_are_bounded() {
+async fn http_layer_refusals_have_the_json_shape() {
     let nats = NatsServer::start().await;
     let (_gw, base) = gateway_process(&nats, &[]).await;
     let http = reqwest::Client::new();
@@ -429,7 +429,13 @@ async fn http_layer_refusals_have_the_json_shape_and_metrics_labels_are_bounded(
             "{what}: {body}"
         );
     }
+}
 
+#[tokio::test]
+async fn made_up_methods_do_not_grow_the_metrics_and_refusals_are_counted_by_reason() {
+    let nats = NatsServer::start().await;
+    let (_gw, base) = gateway_process(&nats, &[]).await;
+    let http = reqwest::Client::new();
     // Made-up methods (no key needed) do not grow /metrics.
     for i in 0..50 {
         let method = reqwest::Method::from_bytes(format!("PROBE{i}").as_bytes()).unwrap();
@@ -458,8 +464,11 @@ async fn http_layer_refusals_have_the_json_shape_and_metrics_labels_are_bounded(
         text.contains("gateway_refused_total{reason=\"method_not_allowed\"}"),
         "{text}"
     );
+}
 
-    // An out-of-range CLI argument is a usage error, not a panic.
+#[tokio::test]
+async fn an_out_of_range_cli_argument_is_a_usage_error_not_a_panic() {
+    let nats = NatsServer::start().await;
     let out = tokio::process::Command::new(crate::GATEWAY_BIN)
         .args([
             "keys",
@@ -527,9 +536,6 @@ async fn a_gateway_that_has_not_loaded_its_keys_answers_503_not_401() {
     }
     server.abort();
 }
-
-/// Reads from `conn` until the server closes it; how long that took (`None`: still open
-/// after `patience`).
 
 #[tokio::test]
 async fn silent_and_idle_connections_are_closed_and_a_flood_is_capped() {
