@@ -203,3 +203,98 @@ ensure_nkeys() {
   CALLCAP_NKEY_DIR=$dir
   export CALLCAP_GATEWAY_NKEY CALLCAP_WORKER_NKEY CALLCAP_ADMIN_NKEY CALLCAP_ROUTE_PASSWORD CALLCAP_NKEY_DIR
 }
+
+# ---- Process helpers: what a script starts, it waits for by polling and stops on exit ----
+#
+#   start_bg LOG CMD…        CMD in the background, output to LOG; pid in LAST_PID (and
+#                            PROCS, which stop_started kills: `trap stop_started EXIT`).
+#   wait_tcp PORT [SECS]     until 127.0.0.1:PORT accepts a connection (default 5 s).
+#   wait_http URL [SECS]     until URL answers 2xx (default 20 s).
+#   start_nats CONF PORT MONITOR_PORT STORE LOG [BIN]
+#                            nats-server running deploy/nats/CONF on loopback with a fresh
+#                            STORE (MONITOR_PORT 0: none); NATS_PID. BIN: another server
+#                            binary than NATS_SERVER_BIN.
+#   start_gateway BIN_DIR PORT LOG [VAR=VALUE…]
+#                            ingest-gateway as the gateway identity, until /readyz; GATEWAY_PID.
+#   start_worker BIN_DIR METRICS_PORT DATABASE_URL LOG [VAR=VALUE…]
+#                            persist-worker as the worker identity, until /readyz; WORKER_PID.
+#   wait_key KEY GATEWAY_URL until the gateway takes KEY (a POST is no longer 401/503).
+#   create_key BIN_DIR COMPANY NAME GATEWAY_URL
+#                            prints a new API key for COMPANY once the gateway takes it.
+# The identities come from ensure_nkeys (CALLCAP_NKEY_DIR); admin commands use the
+# exported NATS_NKEY_FILE.
+
+PROCS=()
+stop_started() {
+  local p
+  for p in "${PROCS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+
+start_bg() {
+  local log=$1; shift
+  "$@" > "$log" 2>&1 &
+  LAST_PID=$!
+  PROCS+=("$LAST_PID")
+}
+
+wait_tcp() {
+  local port=$1 tries=$(( ${2:-5} * 10 ))
+  for _ in $(seq 1 "$tries"); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+wait_http() {
+  local url=$1 tries=$(( ${2:-20} * 10 ))
+  for _ in $(seq 1 "$tries"); do
+    curl -fsS -o /dev/null "$url" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+start_nats() {
+  local conf=$1 port=$2 mon=$3 store=$4 log=$5 bin=${6:-$NATS_SERVER_BIN}
+  rm -rf "$store"; mkdir -p "$store"
+  start_bg "$log" "$bin" -c "deploy/nats/$conf" -a 127.0.0.1 -p "$port" -m "$mon" -sd "$store"
+  NATS_PID=$LAST_PID
+  wait_tcp "$port" 5 || { tail -n 20 "$log" >&2; die "nats-server did not start on port $port (see $log)"; }
+}
+
+start_gateway() {
+  local bin=$1 port=$2 log=$3; shift 3
+  start_bg "$log" env LISTEN_ADDR="127.0.0.1:$port" NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/gateway.nk" \
+    RUST_LOG="${RUST_LOG:-warn}" "$@" "$bin/ingest-gateway"
+  GATEWAY_PID=$LAST_PID
+  wait_http "http://127.0.0.1:$port/readyz" 20 || { tail -n 20 "$log" >&2; die "the gateway on port $port is not ready (see $log)"; }
+}
+
+start_worker() {
+  local bin=$1 port=$2 db=$3 log=$4; shift 4
+  start_bg "$log" env DATABASE_URL="$db" METRICS_ADDR="127.0.0.1:$port" \
+    NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/worker.nk" RUST_LOG="${RUST_LOG:-warn}" "$@" "$bin/persist-worker"
+  WORKER_PID=$LAST_PID
+  wait_http "http://127.0.0.1:$port/readyz" 30 || { tail -n 20 "$log" >&2; die "the worker (metrics port $port) is not ready (see $log)"; }
+}
+
+wait_key() {
+  local key=$1 url=$2 code
+  for _ in $(seq 1 100); do
+    # {} is refused with 400 (company_id is required) once the key is known: nothing is stored.
+    code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -H "x-api-key: $key" \
+      -H 'content-type: application/json' -d '{}' "$url/v1/calls" || true)
+    [ "$code" != 401 ] && [ "$code" != 503 ] && [ "$code" != 000 ] && return 0
+    sleep 0.1
+  done
+  die "the gateway at $url did not take the new API key within 10 s"
+}
+
+create_key() {
+  local key
+  key=$("$1/ingest-gateway" keys create --company "$2" --name "$3" | tail -n1) || die "keys create failed"
+  wait_key "$key" "$4"
+  echo "$key"
+}

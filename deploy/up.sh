@@ -97,18 +97,15 @@ LISTEN_ADDR=${GATEWAYS[0]}
 METRICS_ADDR="127.0.0.1:$METRICS_PORT"
 
 for gw in "${GATEWAYS[@]}"; do
-  for _ in $(seq 1 120); do
-    curl -fsS "http://$gw/readyz" >/dev/null 2>&1 && break
-    sleep 0.5
-  done
-  curl -fsS "http://$gw/readyz" >/dev/null || die "gateway on $gw not ready; see the logs in $RUN/"
+  wait_http "http://$gw/readyz" 60 || die "gateway on $gw not ready; see the logs in $RUN/"
 done
 
 COMPANY=$(cat "$RUN/demo_company" 2>/dev/null || python3 -c 'import uuid; print(uuid.uuid4())')
 echo "$COMPANY" > "$RUN/demo_company"
 KEY=$(NATS_NKEY_FILE="$NKEYS/admin.nk" "$BIN/ingest-gateway" keys create --company "$COMPANY" --name "demo key" | tail -n1)
 echo "$KEY" > "$RUN/demo_key"
-sleep 1 # the new key reaches the gateway through its KV watch
+# The key reaches every gateway through its KV watch.
+for gw in "${GATEWAYS[@]}"; do wait_key "$KEY" "http://$gw"; done
 
 if [ "$NODES" -eq 1 ]; then
   SHAPE="  gateway   http://$LISTEN_ADDR   (logs: $RUN/gateway.log)

@@ -29,8 +29,8 @@ fi
 
 WORK=$(mktemp -d)
 NATS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-GW_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-WK_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+GATEWAY_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+METRICS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 DB="callcap_container_$$"
 cleanup() {
   "${PODMAN[@]}" rm -f "cc-gw-$$" "cc-wk-$$" >/dev/null 2>&1 || true
@@ -54,20 +54,20 @@ DBURL=$(with_database "$DATABASE_URL" "$DB" | sed 's/127\.0\.0\.1/localhost/')
 run() { "${PODMAN[@]}" run "${ULIMITS[@]}" --network host -v "$WORK/cnk:/nkeys:ro" "$@"; }
 
 log "starting the gateway and the worker containers"
-run -d --name "cc-gw-$$" -e NATS_URL="$NATS" -e NATS_NKEY_FILE=/nkeys/gateway.nk -e LISTEN_ADDR="127.0.0.1:$GW_PORT" "$IMAGE" /ingest-gateway >/dev/null
-run -d --name "cc-wk-$$" -e NATS_URL="$NATS" -e NATS_NKEY_FILE=/nkeys/worker.nk -e DATABASE_URL="$DBURL" -e METRICS_ADDR="127.0.0.1:$WK_PORT" \
+run -d --name "cc-gw-$$" -e NATS_URL="$NATS" -e NATS_NKEY_FILE=/nkeys/gateway.nk -e LISTEN_ADDR="127.0.0.1:$GATEWAY_PORT" "$IMAGE" /ingest-gateway >/dev/null
+run -d --name "cc-wk-$$" -e NATS_URL="$NATS" -e NATS_NKEY_FILE=/nkeys/worker.nk -e DATABASE_URL="$DBURL" -e METRICS_ADDR="127.0.0.1:$METRICS_PORT" \
   "$IMAGE" /persist-worker >/dev/null
 for _ in $(seq 1 60); do
-  curl -fsS "http://127.0.0.1:$GW_PORT/readyz" >/dev/null 2>&1 && curl -fsS "http://127.0.0.1:$WK_PORT/readyz" >/dev/null 2>&1 && break
+  curl -fsS "http://127.0.0.1:$GATEWAY_PORT/readyz" >/dev/null 2>&1 && curl -fsS "http://127.0.0.1:$METRICS_PORT/readyz" >/dev/null 2>&1 && break
   sleep 0.5
 done
-curl -fsS "http://127.0.0.1:$GW_PORT/readyz" >/dev/null || { "${PODMAN[@]}" logs "cc-gw-$$" >&2; die "gateway container not ready"; }
-curl -fsS "http://127.0.0.1:$WK_PORT/readyz" >/dev/null || { "${PODMAN[@]}" logs "cc-wk-$$" >&2; die "worker container not ready"; }
+curl -fsS "http://127.0.0.1:$GATEWAY_PORT/readyz" >/dev/null || { "${PODMAN[@]}" logs "cc-gw-$$" >&2; die "gateway container not ready"; }
+curl -fsS "http://127.0.0.1:$METRICS_PORT/readyz" >/dev/null || { "${PODMAN[@]}" logs "cc-wk-$$" >&2; die "worker container not ready"; }
 
 COMPANY=$(python3 -c 'import uuid; print(uuid.uuid4())')
 KEY=$(run --rm -e NATS_URL="$NATS" -e NATS_NKEY_FILE=/nkeys/admin.nk "$IMAGE" /ingest-gateway keys create --company "$COMPANY" --name container-test | tail -n1)
-sleep 1 # the key reaches the gateway through its KV watch
-STATUS=$(curl -sS -o "$WORK/resp" -w '%{http_code}' -X POST "http://127.0.0.1:$GW_PORT/v1/calls" \
+wait_key "$KEY" "http://127.0.0.1:$GATEWAY_PORT" # the key reaches the gateway through its KV watch
+STATUS=$(curl -sS -o "$WORK/resp" -w '%{http_code}' -X POST "http://127.0.0.1:$GATEWAY_PORT/v1/calls" \
   -H 'Content-Type: application/json' -H "x-api-key: $KEY" \
   -d "{\"company_id\":\"$COMPANY\",\"caller_number\":\"+919876543210\",\"recipient_number\":\"+919123456789\",\"duration_seconds\":180,\"outcome\":\"follow_up\",\"external_call_id\":\"CONTAINER-1\"}")
 [ "$STATUS" = 201 ] || die "POST answered $STATUS: $(cat "$WORK/resp")"

@@ -1,7 +1,7 @@
 //! `callcap-bench`: the load generator and ceiling measurements behind BENCHMARKS.md.
 //!
 //! Each subcommand measures one thing and prints one line of `key=value` results, so
-//! `deploy/bench.sh` can run them side by side in one session and compute ratios:
+//! `deploy/dev/bench.sh` can run them side by side in one session and compute ratios:
 //!
 //! - `http-ceiling`: an axum server whose handler parses the same JSON and answers a fixed
 //!   201 (what HTTP + JSON cost on this machine, without auth or NATS); driven by wrk;

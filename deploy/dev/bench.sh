@@ -5,7 +5,7 @@
 #
 # Settings: BENCH_SECONDS (10) per wrk run; BENCH_ROWS (100000) for the worker figures.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 . deploy/lib.sh
 ulimit -n 65536 2>/dev/null || true
 SECS=${BENCH_SECONDS:-10}
@@ -28,27 +28,18 @@ cargo build --release --quiet -p callcap-tests --bin callcap-bench
 ensure_nkeys "$PWD/.run/nkeys" target/release/ingest-gateway
 export NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/admin.nk"
 B=target/release
-NATS_PORT=24222 NATS_MON_PORT=24223 GW_PORT=18081 CEIL_PORT=18080
+NATS_PORT=24222 NATS_MONITOR_PORT=24223 GATEWAY_PORT=18081 CEILING_PORT=18080
 export NATS_URL="nats://127.0.0.1:$NATS_PORT"
 BENCH_DB_URL=$(with_database "$DATABASE_URL" callcap_bench)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+GW_URL="http://127.0.0.1:$GATEWAY_PORT"
+trap stop_started EXIT
 
-start_nats() { # $1: a config file under deploy/nats/ (single.conf is what the project runs)
-  rm -rf "$OUT/js"; mkdir -p "$OUT/js"
-  "$NATS_SERVER_BIN" -c "deploy/nats/$1" -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON_PORT" \
-    -sd "$PWD/$OUT/js" > "$OUT/nats.log" 2>&1 &
-  NATS_PID=$!; PIDS+=("$NATS_PID")
-  for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && return 0; sleep 0.1; done
-  die "nats-server did not start"
-}
+# $1: a config file under deploy/nats/ (single.conf is what the project runs).
+bench_nats() { start_nats "$1" "$NATS_PORT" "$NATS_MONITOR_PORT" "$PWD/$OUT/js" "$OUT/nats.log"; }
 stop_nats() { kill "$NATS_PID" 2>/dev/null; wait "$NATS_PID" 2>/dev/null || true; }
-
-start_gateway() {
-  LISTEN_ADDR="127.0.0.1:$GW_PORT" NATS_MONITOR_URL="http://127.0.0.1:$NATS_MON_PORT" NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/gateway.nk" RUST_LOG=warn "$B/ingest-gateway" > "$OUT/gateway.log" 2>&1 &
-  GW_PID=$!; PIDS+=("$GW_PID")
-  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$GW_PORT/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+bench_gateway() {
+  start_gateway "$B" "$GATEWAY_PORT" "$OUT/gateway.log" NATS_MONITOR_URL="http://127.0.0.1:$NATS_MONITOR_PORT"
+  GW_PID=$GATEWAY_PID
 }
 stop_gateway() { kill "$GW_PID" 2>/dev/null; wait "$GW_PID" 2>/dev/null || true; }
 peak_rss_mb() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$1/status"; }
@@ -56,7 +47,7 @@ peak_rss_mb() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$1/status"; }
 wrk_run() { # name url connections body-file
   local name=$1 url=$2 conns=$3 body=$4
   RUN="$name-$RANDOM" BENCH_BODY="$body" KEY="$KEY" \
-    wrk -t"$(( conns < 2 ? 1 : 2 ))" -c"$conns" -d"${SECS}s" --latency -s deploy/bench/post.lua "$url" > "$OUT/$name.txt" 2>&1 || true
+    wrk -t"$(( conns < 2 ? 1 : 2 ))" -c"$conns" -d"${SECS}s" --latency -s deploy/dev/post.lua "$url" > "$OUT/$name.txt" 2>&1 || true
   local rps p50 p99 non2xx
   rps=$(awk '/Requests\/sec/ {print $2}' "$OUT/$name.txt")
   p50=$(awk '$1=="50%" {print $2}' "$OUT/$name.txt")
@@ -79,28 +70,27 @@ for CONF in interval-fsync single; do
   case $CONF in single) SYNC=strict ;; *) SYNC=interval ;; esac
   log "JetStream: deploy/nats/$CONF.conf ($SYNC fsync)"
   echo "--- jetstream: deploy/nats/$CONF.conf ($SYNC fsync)" | tee -a "$OUT/summary.txt"
-  start_nats "$CONF.conf"
+  bench_nats "$CONF.conf"
   "$B/callcap-bench" broker --count 50000 --in-flight 512 | sed "s/^/$SYNC one-per-publish /" | tee -a "$OUT/summary.txt"
-  stop_nats; start_nats "$CONF.conf"
+  stop_nats; bench_nats "$CONF.conf"
   "$B/callcap-bench" broker --count 50000 --in-flight 2 --atomic-batch 1000 | sed "s/^/$SYNC atomic-batches /" | tee -a "$OUT/summary.txt"
-  stop_nats; start_nats "$CONF.conf"
+  stop_nats; bench_nats "$CONF.conf"
   # 256 connections can form batches of about 128 with 2 in flight: the broker's rate at
   # that size bounds the single-POST figure below.
   "$B/callcap-bench" broker --count 30000 --in-flight 2 --atomic-batch 128 | sed "s/^/$SYNC atomic-batches-128 /" | tee -a "$OUT/summary.txt"
-  stop_nats; start_nats "$CONF.conf"
-  start_gateway
-  KEY=$("$B/ingest-gateway" keys create --company "$COMPANY" --name bench | tail -n1)
-  sleep 1
+  stop_nats; bench_nats "$CONF.conf"
+  bench_gateway
+  KEY=$(create_key "$B" "$COMPANY" bench "$GW_URL")
   for C in 1 64 256; do
-    wrk_run "gateway-$SYNC-c$C" "http://127.0.0.1:$GW_PORT/v1/calls" "$C" "$OUT/one.json"
+    wrk_run "gateway-$SYNC-c$C" "$GW_URL/v1/calls" "$C" "$OUT/one.json"
   done
   echo "gateway peak RSS after load: $(peak_rss_mb "$GW_PID") MiB" | tee -a "$OUT/summary.txt"
-  wrk_run "batch100-$SYNC" "http://127.0.0.1:$GW_PORT/v1/calls/batch" 32 "$OUT/batch100.json"
+  wrk_run "batch100-$SYNC" "$GW_URL/v1/calls/batch" 32 "$OUT/batch100.json"
   # 4 x 1000 records stay under MAX_IN_FLIGHT_PUBLISHES (8192); more would measure 503s.
-  wrk_run "batch1000-$SYNC" "http://127.0.0.1:$GW_PORT/v1/calls/batch" 4 "$OUT/batch1000.json"
-  curl -fsS "http://127.0.0.1:$GW_PORT/readyz" | sed "s/^/$SYNC readyz: /" | tee -a "$OUT/summary.txt"; echo | tee -a "$OUT/summary.txt"
+  wrk_run "batch1000-$SYNC" "$GW_URL/v1/calls/batch" 4 "$OUT/batch1000.json"
+  curl -fsS "$GW_URL/readyz" | sed "s/^/$SYNC readyz: /" | tee -a "$OUT/summary.txt"; echo | tee -a "$OUT/summary.txt"
   if [ "$SYNC" = strict ]; then
-    wrk_run "gateway-overload-c2560" "http://127.0.0.1:$GW_PORT/v1/calls" 2560 "$OUT/one.json"
+    wrk_run "gateway-overload-c2560" "$GW_URL/v1/calls" 2560 "$OUT/one.json"
     echo "gateway peak RSS after 10x overload: $(peak_rss_mb "$GW_PID") MiB" | tee -a "$OUT/summary.txt"
   fi
   stop_gateway
@@ -115,21 +105,20 @@ echo "--- paired rounds (alternating, fresh server each)" | tee -a "$OUT/summary
 for ROUND in 1 2 3; do
   for CONF in interval-fsync single; do
     case $CONF in single) SYNC=strict ;; *) SYNC=interval ;; esac
-    start_nats "$CONF.conf"; start_gateway
-    KEY=$("$B/ingest-gateway" keys create --company "$COMPANY" --name bench | tail -n1)
-    sleep 1
-    wrk_run "paired$ROUND-$SYNC-c256" "http://127.0.0.1:$GW_PORT/v1/calls" 256 "$OUT/one.json"
+    bench_nats "$CONF.conf"; bench_gateway
+    KEY=$(create_key "$B" "$COMPANY" bench "$GW_URL")
+    wrk_run "paired$ROUND-$SYNC-c256" "$GW_URL/v1/calls" 256 "$OUT/one.json"
     stop_gateway; stop_nats
   done
 done
 
 log "HTTP ceiling"
 echo "--- ceilings" | tee -a "$OUT/summary.txt"
-"$B/callcap-bench" http-ceiling --listen "127.0.0.1:$CEIL_PORT" 2>/dev/null &
-CEIL_PID=$!; PIDS+=("$CEIL_PID")
-sleep 0.5
+start_bg /dev/null "$B/callcap-bench" http-ceiling --listen "127.0.0.1:$CEILING_PORT"
+CEIL_PID=$LAST_PID
+wait_tcp "$CEILING_PORT" 5 || die "the HTTP ceiling did not start"
 for C in 64 256; do
-  KEY=x wrk_run "http-ceiling-c$C" "http://127.0.0.1:$CEIL_PORT/v1/calls" "$C" "$OUT/one.json"
+  KEY=x wrk_run "http-ceiling-c$C" "http://127.0.0.1:$CEILING_PORT/v1/calls" "$C" "$OUT/one.json"
 done
 kill "$CEIL_PID"
 
@@ -137,7 +126,7 @@ log "worker vs database ceiling ($ROWS rows)"
 echo "--- worker" | tee -a "$OUT/summary.txt"
 psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS callcap_bench WITH (FORCE)"
 DATABASE_URL="$BENCH_DB_URL" "$B/persist-worker" migrate >/dev/null
-start_nats single.conf
+bench_nats single.conf
 "$B/callcap-bench" db-ceiling --database-url "$BENCH_DB_URL" --count "$ROWS" | tee -a "$OUT/summary.txt"
 "$B/callcap-bench" db-ceiling --copy --database-url "$BENCH_DB_URL" --count "$ROWS" | tee -a "$OUT/summary.txt"
 "$B/callcap-bench" broker --count "$ROWS" --in-flight 2 --atomic-batch 1000 > /dev/null
@@ -147,19 +136,16 @@ log "end to end"
 echo "--- end to end" | tee -a "$OUT/summary.txt"
 psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS callcap_bench WITH (FORCE)"
 DATABASE_URL="$BENCH_DB_URL" "$B/persist-worker" migrate >/dev/null
-stop_nats; start_nats single.conf
-start_gateway
-KEY=$("$B/ingest-gateway" keys create --company "$COMPANY" --name bench | tail -n1)
-sleep 1
+stop_nats; bench_nats single.conf
+bench_gateway
+KEY=$(create_key "$B" "$COMPANY" bench "$GW_URL")
 # The gateway alone, driven by the same client as the end-to-end figure.
-"$B/callcap-bench" e2e --gateway "http://127.0.0.1:$GW_PORT" --key "$KEY" --company "$COMPANY" \
+"$B/callcap-bench" e2e --gateway "$GW_URL" --key "$KEY" --company "$COMPANY" \
   --database-url "$BENCH_DB_URL" --seconds "$SECS" --concurrency 128 --post-only | tee -a "$OUT/summary.txt"
-stop_gateway; stop_nats; start_nats single.conf; start_gateway
-DATABASE_URL="$BENCH_DB_URL" METRICS_ADDR=127.0.0.1:19091 RUST_LOG=warn NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/worker.nk" "$B/persist-worker" > "$OUT/worker.log" 2>&1 &
-PIDS+=("$!")
-KEY=$("$B/ingest-gateway" keys create --company "$COMPANY" --name bench | tail -n1)
-sleep 1
-"$B/callcap-bench" e2e --gateway "http://127.0.0.1:$GW_PORT" --key "$KEY" --company "$COMPANY" \
+stop_gateway; stop_nats; bench_nats single.conf; bench_gateway
+start_worker "$B" 19091 "$BENCH_DB_URL" "$OUT/worker.log"
+KEY=$(create_key "$B" "$COMPANY" bench "$GW_URL")
+"$B/callcap-bench" e2e --gateway "$GW_URL" --key "$KEY" --company "$COMPANY" \
   --database-url "$BENCH_DB_URL" --seconds "$SECS" --concurrency 128 | tee -a "$OUT/summary.txt"
 psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS callcap_bench WITH (FORCE)"
 

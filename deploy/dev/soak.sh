@@ -10,11 +10,11 @@
 # BENCHMARKS.md: 300), SOAK_RATE (records/s; default: half the measured end-to-end rate),
 # SOAK_BUILD (release; CI uses the debug build its tests already made, at a low rate),
 # SOAK_NAME (soak: the results directory .run/NAME and the database callcap_NAME) and
-# SOAK_PORT_OFFSET (0: added to the ports 25222, 25223, 18091, 19191), so that two soaks
-# can share a machine.
+# SOAK_PORT_OFFSET (0: added to the ports 25222 (NATS), 25223 (its monitor), 18091 (the
+# gateway), 19191 (the worker's metrics)), so that two soaks can share a machine.
 # Results: .run/soak/summary.txt.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 . deploy/lib.sh
 SECONDS_TOTAL=${SOAK_SECONDS:-120}
 RESTART=${SOAK_RESTART_SECONDS:-30}
@@ -34,49 +34,35 @@ B=target/$BUILD
 ensure_nkeys "$PWD/.run/nkeys" "$B/ingest-gateway"
 export NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/admin.nk"
 OFF=${SOAK_PORT_OFFSET:-0}
-NATS_PORT=$((25222 + OFF)) NATS_MON_PORT=$((25223 + OFF)) GW_PORT=$((18091 + OFF)) WORKER_OPS=127.0.0.1:$((19191 + OFF))
+NATS_PORT=$((25222 + OFF)) NATS_MONITOR_PORT=$((25223 + OFF)) GATEWAY_PORT=$((18091 + OFF)) METRICS_PORT=$((19191 + OFF))
 export NATS_URL="nats://127.0.0.1:$NATS_PORT"
 DB_NAME=callcap_${NAME//[^a-z0-9_]/_}
 DB_URL=$(with_database "$DATABASE_URL" "$DB_NAME")
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+trap stop_started EXIT
 rss_mb() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 
 psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS $DB_NAME WITH (FORCE)"
 DATABASE_URL="$DB_URL" "$B/persist-worker" migrate >/dev/null
-rm -rf "$OUT/js"; mkdir -p "$OUT/js"
-"$NATS_SERVER_BIN" -c deploy/nats/single.conf -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON_PORT" \
-  -sd "$PWD/$OUT/js" > "$OUT/nats.log" 2>&1 &
-PIDS+=("$!")
-for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && break; sleep 0.1; done
-kill -0 "${PIDS[-1]}" 2>/dev/null || die "nats-server did not start (port $NATS_PORT taken? see $OUT/nats.log)"
-LISTEN_ADDR="127.0.0.1:$GW_PORT" NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/gateway.nk" RUST_LOG=warn \
-  "$B/ingest-gateway" > "$OUT/gateway.log" 2>&1 &
-GW_PID=$!; PIDS+=("$GW_PID")
-for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$GW_PORT/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
-start_worker() {
-  DATABASE_URL="$DB_URL" METRICS_ADDR="$WORKER_OPS" NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/worker.nk" RUST_LOG=warn \
-    "$B/persist-worker" >> "$OUT/worker.log" 2>&1 &
-  WORKER_PID=$!; PIDS+=("$WORKER_PID")
-  for _ in $(seq 1 100); do curl -fsS "http://$WORKER_OPS/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
-}
-start_worker
+start_nats single.conf "$NATS_PORT" "$NATS_MONITOR_PORT" "$PWD/$OUT/js" "$OUT/nats.log"
+start_gateway "$B" "$GATEWAY_PORT" "$OUT/gateway.log"
+GW_PID=$GATEWAY_PID
+GW_URL="http://127.0.0.1:$GATEWAY_PORT"
+start_worker "$B" "$METRICS_PORT" "$DB_URL" "$OUT/worker-1.log"
 new_company() { python3 -c 'import uuid; print(uuid.uuid4())'; }
-key_for() { "$B/ingest-gateway" keys create --company "$1" --name soak | tail -n1; }
+key_for() { create_key "$B" "$1" soak "$GW_URL"; }
 
 : > "$OUT/summary.txt"
-COMPANY=$(new_company); KEY=$(key_for "$COMPANY"); sleep 1
+COMPANY=$(new_company); KEY=$(key_for "$COMPANY")
 if [ -z "${SOAK_RATE:-}" ]; then
   log "measuring the end-to-end rate (10 s)"
-  "$B/callcap-bench" e2e --gateway "http://127.0.0.1:$GW_PORT" --key "$KEY" --company "$COMPANY" \
+  "$B/callcap-bench" e2e --gateway "$GW_URL" --key "$KEY" --company "$COMPANY" \
     --database-url "$DB_URL" --seconds 10 --concurrency 128 | tee -a "$OUT/summary.txt"
   E2E=$(sed -n 's/.*records_per_sec=\([0-9]*\).*/\1/p' "$OUT/summary.txt" | tail -n1)
   SOAK_RATE=$(( E2E / 2 ))
 fi
 echo "soak: ${SECONDS_TOTAL} s at ${SOAK_RATE} records/s, worker restarted (SIGTERM) every ${RESTART} s" | tee -a "$OUT/summary.txt"
-COMPANY=$(new_company); KEY=$(key_for "$COMPANY"); sleep 1
-"$B/callcap-bench" e2e --gateway "http://127.0.0.1:$GW_PORT" --key "$KEY" --company "$COMPANY" \
+COMPANY=$(new_company); KEY=$(key_for "$COMPANY")
+"$B/callcap-bench" e2e --gateway "$GW_URL" --key "$KEY" --company "$COMPANY" \
   --database-url "$DB_URL" --seconds "$SECONDS_TOTAL" --concurrency 64 --rate "$SOAK_RATE" > "$OUT/e2e.txt" 2>&1 &
 LOAD_PID=$!
 sleep 10
@@ -89,7 +75,8 @@ while [ "$ELAPSED" -lt "$SECONDS_TOTAL" ] && kill -0 "$LOAD_PID" 2>/dev/null; do
   [ "$ELAPSED" -ge "$SECONDS_TOTAL" ] && break
   echo "at ${ELAPSED} s: gateway RSS $(rss_mb "$GW_PID") MiB, worker RSS $(rss_mb "$WORKER_PID") MiB; restarting the worker" | tee -a "$OUT/summary.txt"
   kill -TERM "$WORKER_PID"; wait "$WORKER_PID" 2>/dev/null || true
-  start_worker; RESTARTS=$(( RESTARTS + 1 ))
+  RESTARTS=$(( RESTARTS + 1 ))
+  start_worker "$B" "$METRICS_PORT" "$DB_URL" "$OUT/worker-$((RESTARTS + 1)).log"
 done
 echo "at the end: gateway RSS $(rss_mb "$GW_PID") MiB (start ${GW_START}), worker RSS $(rss_mb "$WORKER_PID") MiB (start ${WORKER_START}), ${RESTARTS} worker restarts" | tee -a "$OUT/summary.txt"
 STATUS=0

@@ -7,14 +7,14 @@
 # refused with 413 before it is parsed) and 24-record bodies (~25 MB each: read within
 # the budget, 503 past it). Results in .run/bench/memory.txt (BENCHMARKS.md, "Memory").
 #
-# Settings: BODY_MEMORY_MB (256), CONC (16), SECONDS (20), BENCH_BIN_DIR (target/release;
-# target/debug measures the same allocations more slowly).
+# Settings: BODY_MEMORY_MB (256), BENCH_CONCURRENCY (16), BENCH_SECONDS (20),
+# BENCH_BIN_DIR (target/release; target/debug measures the same allocations more slowly).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 . deploy/lib.sh
 BUDGET=${BODY_MEMORY_MB:-256}
-CONC=${CONC:-16}
-SECONDS_=${SECONDS:-20}
+CONC=${BENCH_CONCURRENCY:-16}
+SECS=${BENCH_SECONDS:-20}
 B=${BENCH_BIN_DIR:-target/release}
 OUT=.run/bench
 mkdir -p "$OUT"
@@ -26,33 +26,17 @@ if [ "$B" = target/release ]; then
 fi
 ensure_nkeys "$PWD/.run/nkeys" "$B/ingest-gateway"
 export NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/admin.nk"
-NATS_PORT=24432 GW_PORT=18093
+NATS_PORT=24432 GATEWAY_PORT=18093
 export NATS_URL="nats://127.0.0.1:$NATS_PORT"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-rm -rf "$OUT/js-memory"; mkdir -p "$OUT/js-memory"
-"$NATS_SERVER_BIN" -c deploy/nats/single.conf -a 127.0.0.1 -p "$NATS_PORT" -m 0 \
-  -sd "$PWD/$OUT/js-memory" > "$OUT/nats-memory.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && break; sleep 0.1; done
-NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/gateway.nk" LISTEN_ADDR="127.0.0.1:$GW_PORT" RUST_LOG=warn \
-  BODY_MEMORY_MB="$BUDGET" "$B/ingest-gateway" > "$OUT/gateway-memory.log" 2>&1 &
-GW_PID=$!
-PIDS+=($GW_PID)
-for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$GW_PORT/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+trap stop_started EXIT
+start_nats single.conf "$NATS_PORT" 0 "$PWD/$OUT/js-memory" "$OUT/nats-memory.log"
+start_gateway "$B" "$GATEWAY_PORT" "$OUT/gateway-memory.log" BODY_MEMORY_MB="$BUDGET"
+GW_PID=$GATEWAY_PID
+GW_URL="http://127.0.0.1:$GATEWAY_PORT"
 C1=$(python3 -c 'import uuid; print(uuid.uuid4())'); C2=$(python3 -c 'import uuid; print(uuid.uuid4())')
-K1=$("$B/ingest-gateway" keys create --company "$C1" --name bench-memory-1 | tail -n1)
-K2=$("$B/ingest-gateway" keys create --company "$C2" --name bench-memory-2 | tail -n1)
-# Wait until the gateway takes both keys (a record gets 201).
-for K in "$K1:$C1" "$K2:$C2"; do
-  for _ in $(seq 1 100); do
-    code=$(curl -s -o /dev/null -w '%{http_code}' -H "x-api-key: ${K%%:*}" -H 'content-type: application/json' \
-      -d "{\"company_id\":\"${K##*:}\"}" "http://127.0.0.1:$GW_PORT/v1/calls")
-    [ "$code" = 201 ] && break; sleep 0.1
-  done
-done
-python3 - "$GW_PID" "http://127.0.0.1:$GW_PORT/v1/calls/batch" "$K1" "$C1" "$K2" "$C2" "$CONC" "$SECONDS_" "$BUDGET" <<'PY' | tee "$OUT/memory.txt"
+K1=$(create_key "$B" "$C1" bench-memory-1 "$GW_URL")
+K2=$(create_key "$B" "$C2" bench-memory-2 "$GW_URL")
+python3 - "$GW_PID" "$GW_URL/v1/calls/batch" "$K1" "$C1" "$K2" "$C2" "$CONC" "$SECS" "$BUDGET" <<'PY' | tee "$OUT/memory.txt"
 import collections, gzip, sys, threading, time, urllib.request, urllib.error
 pid, url, k1, c1, k2, c2, conc, seconds, budget = sys.argv[1:]
 conc, seconds = int(conc), float(seconds)

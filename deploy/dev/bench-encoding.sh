@@ -10,7 +10,7 @@
 # Settings: BENCH_BATCHES (600 batches per run), BENCH_RECORDS (100 per batch),
 # BENCH_CONCURRENCY (8), ROUNDS (3).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 . deploy/lib.sh
 BATCHES=${BENCH_BATCHES:-600}
 RECORDS=${BENCH_RECORDS:-100}
@@ -27,30 +27,19 @@ cargo build --release --quiet -p callcap-tests --bin callcap-bench
 ensure_nkeys "$PWD/.run/nkeys" target/release/ingest-gateway
 export NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/admin.nk"
 B=target/release
-NATS_PORT=24422 GW_PORT=18091
+NATS_PORT=24422 GATEWAY_PORT=18091
 export NATS_URL="nats://127.0.0.1:$NATS_PORT"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-rm -rf "$OUT/js-encoding"; mkdir -p "$OUT/js-encoding"
-"$NATS_SERVER_BIN" -c deploy/nats/single.conf -a 127.0.0.1 -p "$NATS_PORT" -m 0 \
-  -sd "$PWD/$OUT/js-encoding" > "$OUT/nats-encoding.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && break; sleep 0.1; done
-NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/gateway.nk" LISTEN_ADDR="127.0.0.1:$GW_PORT" RUST_LOG=warn \
-  "$B/ingest-gateway" > "$OUT/gateway-encoding.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$GW_PORT/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+trap stop_started EXIT
+start_nats single.conf "$NATS_PORT" 0 "$PWD/$OUT/js-encoding" "$OUT/nats-encoding.log"
+start_gateway "$B" "$GATEWAY_PORT" "$OUT/gateway-encoding.log"
 COMPANY=$(python3 -c 'import uuid; print(uuid.uuid4())')
-KEY=$("$B/ingest-gateway" keys create --company "$COMPANY" --name bench | tail -n1)
-sleep 1
+KEY=$(create_key "$B" "$COMPANY" bench "http://127.0.0.1:$GATEWAY_PORT")
 
 SUMMARY="$OUT/encoding.txt"
 echo "machine: $(nproc) cores, $(uname -r); nats-server $("$NATS_SERVER_BIN" --version | sed 's/.* //'); batches of $RECORDS records, $CONC connections, $BATCHES batches per run" | tee "$SUMMARY"
 for ROUND in $(seq 1 "$ROUNDS"); do
   for ENC in plain gzip zstd; do
-    line=$("$B/callcap-bench" encoded --gateway "http://127.0.0.1:$GW_PORT" --key "$KEY" --company "$COMPANY" \
+    line=$("$B/callcap-bench" encoded --gateway "http://127.0.0.1:$GATEWAY_PORT" --key "$KEY" --company "$COMPANY" \
       --encoding "$ENC" --records "$RECORDS" --batches "$BATCHES" --concurrency "$CONC")
     echo "round=$ROUND $line" | tee -a "$SUMMARY"
   done

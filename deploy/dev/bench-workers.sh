@@ -7,7 +7,7 @@
 #
 # Settings: BENCH_ROWS (100000) per round; BENCH_WORKERS ("1 2 4").
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 . deploy/lib.sh
 ROWS=${BENCH_ROWS:-100000}
 COUNTS=${BENCH_WORKERS:-1 2 4}
@@ -27,9 +27,7 @@ B=target/release
 NATS_PORT=24222
 export NATS_URL="nats://127.0.0.1:$NATS_PORT"
 BENCH_DB_URL=$(with_database "$DATABASE_URL" callcap_bench)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+trap stop_started EXIT
 
 count_rows() { psql "$BENCH_DB_URL" -tAc "select count(*) from call_history"; }
 
@@ -42,18 +40,13 @@ for N in $COUNTS; do
   log "round: $N worker(s), $ROWS rows"
   psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS callcap_bench WITH (FORCE)"
   DATABASE_URL="$BENCH_DB_URL" "$B/persist-worker" migrate >/dev/null
-  rm -rf "$OUT/js-workers"; mkdir -p "$OUT/js-workers"
-  "$NATS_SERVER_BIN" -c deploy/nats/single.conf -a 127.0.0.1 -p "$NATS_PORT" -m 0 \
-    -sd "$PWD/$OUT/js-workers" > "$OUT/nats-workers.log" 2>&1 &
-  NATS_PID=$!; PIDS+=("$NATS_PID")
-  for _ in $(seq 1 50); do (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && break; sleep 0.1; done
+  start_nats single.conf "$NATS_PORT" 0 "$PWD/$OUT/js-workers" "$OUT/nats-workers.log"
   CEIL=$("$B/callcap-bench" db-ceiling --database-url "$BENCH_DB_URL" --count "$ROWS" | sed -n 's/.*rows_per_sec=\([0-9]*\).*/\1/p')
   "$B/callcap-bench" broker --count "$ROWS" --in-flight 2 --atomic-batch 1000 > /dev/null
   WPIDS=()
   for i in $(seq 1 "$N"); do
-    DATABASE_URL="$BENCH_DB_URL" METRICS_ADDR="127.0.0.1:$((19100 + i))" NO_MIGRATE=true RUST_LOG=warn NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/worker.nk" \
-      "$B/persist-worker" > "$OUT/worker-$N-$i.log" 2>&1 &
-    WPIDS+=($!); PIDS+=($!)
+    start_worker "$B" "$((19100 + i))" "$BENCH_DB_URL" "$OUT/worker-$N-$i.log" NO_MIGRATE=true
+    WPIDS+=("$WORKER_PID")
   done
   for _ in $(seq 1 6000); do [ "$(count_rows)" -ge "$ROWS" ] && break; sleep 0.1; done
   [ "$(count_rows)" -ge "$ROWS" ] || die "workers did not store $ROWS rows"
