@@ -30,7 +30,7 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
-use super::wire::{PendingReply, Reply, Wire, ERR_BATCH_DUPLICATE_MSG_ID};
+use super::wire::{PendingReply, Reply, Transport, Wire, ERR_BATCH_DUPLICATE_MSG_ID};
 use super::{Outbound, Outcomes, PublishError, PublishStats, Publisher, Receipt};
 
 #[derive(Default)]
@@ -92,7 +92,7 @@ impl GroupCommit {
         let counters = Arc::new(Counters::default());
         tokio::spawn(committer(
             rx,
-            wire.clone(),
+            wire.clone() as Arc<dyn Transport>,
             config.clone(),
             counters.clone(),
         ));
@@ -246,7 +246,7 @@ impl Batch {
 
 async fn committer(
     mut rx: mpsc::Receiver<Job>,
-    wire: Arc<Wire>,
+    wire: Arc<dyn Transport>,
     config: GroupCommitConfig,
     counters: Arc<Counters>,
 ) {
@@ -304,7 +304,7 @@ async fn committer(
 /// Hands the batch to the connection, in order, and returns the wait for its ack (which
 /// completes the batch's jobs); `None` when sending failed and the jobs are already done.
 async fn send(
-    wire: &Arc<Wire>,
+    wire: &Arc<dyn Transport>,
     batch: Batch,
     ack_timeout: Duration,
     counters: &Arc<Counters>,
@@ -313,12 +313,13 @@ async fn send(
         return None;
     }
     let started = Instant::now();
-    let sent = match tokio::time::timeout(ack_timeout, send_messages(wire, &batch.messages)).await {
-        Ok(r) => r,
-        Err(_) => Err(PublishError::Timeout(
-            "NATS did not take the batch in time".into(),
-        )),
-    };
+    let sent =
+        match tokio::time::timeout(ack_timeout, send_messages(&**wire, &batch.messages)).await {
+            Ok(r) => r,
+            Err(_) => Err(PublishError::Timeout(
+                "NATS did not take the batch in time".into(),
+            )),
+        };
     let pending = match sent {
         Ok(p) => p,
         Err(e) => {
@@ -335,7 +336,7 @@ async fn send(
     let counters = counters.clone();
     Some(Box::pin(async move {
         let per_message =
-            await_batch(&wire, &batch.messages, pending, ack_timeout, &counters).await;
+            await_batch(&*wire, &batch.messages, pending, ack_timeout, &counters).await;
         let took = started.elapsed().as_secs_f64();
         metrics::histogram!("gateway_publish_duration_seconds").record(took);
         super::record_latency(took);
@@ -344,7 +345,10 @@ async fn send(
 }
 
 /// Hands `messages` to the connection: one plain publish, or one atomic batch.
-async fn send_messages(wire: &Wire, messages: &[Outbound]) -> Result<PendingReply, PublishError> {
+async fn send_messages(
+    wire: &dyn Transport,
+    messages: &[Outbound],
+) -> Result<PendingReply, PublishError> {
     if let [one] = messages {
         wire.send_single(one).await
     } else {
@@ -364,7 +368,7 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 /// answered from the dedup), until the deadline. So a short election costs latency, not
 /// a 503.
 async fn reply_by(
-    wire: &Wire,
+    wire: &dyn Transport,
     messages: &[Outbound],
     mut pending: PendingReply,
     deadline: Instant,
@@ -397,7 +401,7 @@ async fn reply_by(
 
 /// The outcome of each message of a sent batch.
 async fn await_batch(
-    wire: &Wire,
+    wire: &dyn Transport,
     messages: &[Outbound],
     pending: PendingReply,
     ack_timeout: Duration,
@@ -444,7 +448,7 @@ async fn await_batch(
 
 /// Publishes each message on its own (all sent first, then the acks awaited together).
 async fn one_by_one(
-    wire: &Wire,
+    wire: &dyn Transport,
     messages: &[Outbound],
     ack_timeout: Duration,
 ) -> Vec<Result<Receipt, PublishError>> {
@@ -556,5 +560,234 @@ mod tests {
                 .iter()
                 .all(|r| matches!(r, Err(PublishError::Timeout(_)))));
         }
+    }
+
+    // ---- the committer, over a scripted transport ----
+
+    type Sends = Arc<std::sync::Mutex<Vec<(Instant, Vec<String>)>>>;
+    type Answer = Box<dyn Fn(usize, &[String]) -> Option<(Duration, Reply)> + Send + Sync>;
+
+    /// Records each send (its msg ids, when) and answers the n-th as scripted; `None`
+    /// never answers.
+    struct ScriptedTransport {
+        sends: Sends,
+        answer: Answer,
+        unanswered: std::sync::Mutex<Vec<oneshot::Sender<Reply>>>,
+    }
+
+    impl ScriptedTransport {
+        fn pending(&self, ids: Vec<String>) -> PendingReply {
+            let n = {
+                let mut sends = self.sends.lock().unwrap();
+                sends.push((Instant::now(), ids.clone()));
+                sends.len() - 1
+            };
+            let (tx, rx) = oneshot::channel();
+            match (self.answer)(n, &ids) {
+                Some((delay, reply)) => {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = tx.send(reply);
+                    });
+                }
+                None => self.unanswered.lock().unwrap().push(tx),
+            }
+            PendingReply::from_channel(rx)
+        }
+    }
+
+    impl Transport for ScriptedTransport {
+        fn send_single<'a>(
+            &'a self,
+            record: &'a Outbound,
+        ) -> BoxFuture<'a, Result<PendingReply, PublishError>> {
+            let pending = self.pending(vec![record.msg_id.clone()]);
+            Box::pin(async move { Ok(pending) })
+        }
+
+        fn send_atomic<'a>(
+            &'a self,
+            records: &'a [&'a Outbound],
+        ) -> BoxFuture<'a, Result<PendingReply, PublishError>> {
+            let pending = self.pending(records.iter().map(|r| r.msg_id.clone()).collect());
+            Box::pin(async move { Ok(pending) })
+        }
+    }
+
+    /// Acks every send after `delay`, at consecutive sequences.
+    fn acking(delay: Duration) -> Answer {
+        let seq = std::sync::atomic::AtomicU64::new(0);
+        Box::new(move |_, ids| {
+            let n = ids.len() as u64;
+            let last = seq.fetch_add(n, Ordering::Relaxed) + n;
+            Some((
+                delay,
+                Reply::Ack {
+                    seq: last,
+                    count: n,
+                    duplicate: false,
+                },
+            ))
+        })
+    }
+
+    fn config(in_flight: usize, linger_ms: u64, ack_timeout_ms: u64) -> GroupCommitConfig {
+        GroupCommitConfig {
+            max_batch_records: 1000,
+            max_batches_in_flight: in_flight,
+            linger: Duration::from_millis(linger_ms),
+            ack_timeout: Duration::from_millis(ack_timeout_ms),
+        }
+    }
+
+    fn start(
+        answer: Answer,
+        config: GroupCommitConfig,
+    ) -> (mpsc::Sender<Job>, Arc<Counters>, Sends) {
+        let sends: Sends = Arc::default();
+        let transport = ScriptedTransport {
+            sends: sends.clone(),
+            answer,
+            unanswered: std::sync::Mutex::default(),
+        };
+        let (queue, rx) = mpsc::channel(1024);
+        let counters = Arc::new(Counters::default());
+        tokio::spawn(committer(rx, Arc::new(transport), config, counters.clone()));
+        (queue, counters, sends)
+    }
+
+    fn publish(queue: &mpsc::Sender<Job>, ids: &[&str]) -> tokio::task::JoinHandle<Outcomes> {
+        let (job, rx) = job(ids);
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            queue.send(job).await.unwrap();
+            rx.await.unwrap()
+        })
+    }
+
+    fn sent(sends: &Sends) -> Vec<Vec<String>> {
+        sends
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, ids)| ids.clone())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_lone_record_leaves_at_once_and_those_arriving_meanwhile_leave_together_after_its_ack(
+    ) {
+        let (queue, _, sends) = start(acking(Duration::from_millis(80)), config(1, 10, 5_000));
+        let first = publish(&queue, &["r0"]);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let rest: Vec<_> = (1..=5)
+            .map(|i| publish(&queue, &[["r1", "r2", "r3", "r4", "r5"][i - 1]]))
+            .collect();
+        assert!(first.await.unwrap()[0].is_ok());
+        for r in rest {
+            assert!(r.await.unwrap()[0].is_ok());
+        }
+        let log = sends.lock().unwrap().clone();
+        assert_eq!(log.len(), 2, "{:?}", sent(&sends));
+        assert_eq!(log[0].1, ["r0"]);
+        assert_eq!(log[1].1.len(), 5, "the five gathered into one batch");
+        assert!(
+            log[1].0 - log[0].0 >= Duration::from_millis(70),
+            "the batch waited for the ack in flight (one allowed)"
+        );
+    }
+
+    #[tokio::test]
+    async fn with_room_for_another_batch_a_lingering_one_leaves_before_the_ack() {
+        let (queue, _, sends) = start(acking(Duration::from_secs(3)), config(2, 20, 10_000));
+        let first = publish(&queue, &["r0"]);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let (a, b) = (publish(&queue, &["r1"]), publish(&queue, &["r2"]));
+        for r in [first, a, b] {
+            assert!(r.await.unwrap()[0].is_ok());
+        }
+        let log = sends.lock().unwrap().clone();
+        assert_eq!(log.len(), 2, "{:?}", sent(&sends));
+        assert_eq!(log[1].1.len(), 2);
+        let gap = log[1].0 - log[0].0;
+        assert!(
+            gap >= Duration::from_millis(20) && gap < Duration::from_secs(2),
+            "left after lingering, not after the first ack (3 s): {gap:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_batch_refused_for_a_stored_record_is_published_one_by_one() {
+        let seq = std::sync::atomic::AtomicU64::new(0);
+        let answer: Answer = Box::new(move |_, ids| {
+            Some((
+                Duration::ZERO,
+                if ids.len() > 1 {
+                    Reply::Error {
+                        code: 400,
+                        err_code: ERR_BATCH_DUPLICATE_MSG_ID,
+                        description: "duplicate message id".into(),
+                    }
+                } else {
+                    Reply::Ack {
+                        seq: seq.fetch_add(1, Ordering::Relaxed) + 1,
+                        count: 1,
+                        duplicate: ids[0] == "stored",
+                    }
+                },
+            ))
+        });
+        let (queue, counters, sends) = start(answer, config(1, 10, 5_000));
+        let out = publish(&queue, &["a", "stored", "c"]).await.unwrap();
+        assert!(out.iter().all(Result::is_ok), "{out:?}");
+        assert!(out[1].as_ref().unwrap().duplicate);
+        assert_eq!(
+            sent(&sends),
+            vec![
+                vec!["a", "stored", "c"],
+                vec!["a"],
+                vec!["stored"],
+                vec!["c"]
+            ]
+        );
+        assert_eq!(counters.fallbacks.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_transient_refusal_is_resent_until_the_deadline_then_fails_with_its_kind() {
+        let answer: Answer = Box::new(|_, _| {
+            Some((
+                Duration::ZERO,
+                Reply::Error {
+                    code: 503,
+                    err_code: 0,
+                    description: "no responders (election)".into(),
+                },
+            ))
+        });
+        let (queue, counters, sends) = start(answer, config(1, 10, 400));
+        let started = Instant::now();
+        let out = publish(&queue, &["r"]).await.unwrap();
+        let took = started.elapsed();
+        assert!(matches!(out[0], Err(PublishError::NoLeader(_))), "{out:?}");
+        assert!(
+            took >= Duration::from_millis(200) && took < Duration::from_secs(10),
+            "{took:?}"
+        );
+        assert!(counters.retries.load(Ordering::Relaxed) >= 2);
+        assert!(sent(&sends).len() >= 3, "the same record sent again");
+    }
+
+    #[tokio::test]
+    async fn no_reply_at_all_is_a_timeout_at_the_deadline() {
+        let (queue, _, _) = start(Box::new(|_, _| None), config(1, 10, 300));
+        let started = Instant::now();
+        let out = publish(&queue, &["r"]).await.unwrap();
+        assert!(matches!(out[0], Err(PublishError::Timeout(_))), "{out:?}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(10),
+            "{took:?}"
+        );
     }
 }

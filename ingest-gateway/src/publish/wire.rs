@@ -153,6 +153,39 @@ fn parse_reply(msg: &async_nats::Message) -> Reply {
     }
 }
 
+/// What group commit needs of the connection: hand over a single publish or an atomic
+/// batch and get the pending reply. [`Wire`] is the real one; group commit's tests
+/// script one.
+pub trait Transport: Send + Sync + 'static {
+    /// Publishes one record on its own (see [`Wire::send_single`]).
+    fn send_single<'a>(
+        &'a self,
+        record: &'a Outbound,
+    ) -> futures::future::BoxFuture<'a, Result<PendingReply, PublishError>>;
+
+    /// Publishes two or more records as one atomic batch (see [`Wire::send_atomic`]).
+    fn send_atomic<'a>(
+        &'a self,
+        records: &'a [&'a Outbound],
+    ) -> futures::future::BoxFuture<'a, Result<PendingReply, PublishError>>;
+}
+
+impl Transport for Wire {
+    fn send_single<'a>(
+        &'a self,
+        record: &'a Outbound,
+    ) -> futures::future::BoxFuture<'a, Result<PendingReply, PublishError>> {
+        Box::pin(Wire::send_single(self, record))
+    }
+
+    fn send_atomic<'a>(
+        &'a self,
+        records: &'a [&'a Outbound],
+    ) -> futures::future::BoxFuture<'a, Result<PendingReply, PublishError>> {
+        Box::pin(Wire::send_atomic(self, records))
+    }
+}
+
 /// A reply not received yet. Dropping it forgets the waiter (a late reply is discarded).
 pub struct PendingReply {
     token: u64,
@@ -161,6 +194,15 @@ pub struct PendingReply {
 }
 
 impl PendingReply {
+    /// A reply that arrives on `rx`, routed by nobody (a scripted [`Transport`]'s).
+    pub fn from_channel(rx: oneshot::Receiver<Reply>) -> Self {
+        PendingReply {
+            token: 0,
+            rx,
+            waiters: Waiters::default(),
+        }
+    }
+
     /// Waits for the reply up to `timeout`.
     ///
     /// # Errors
