@@ -294,7 +294,7 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
     let ready = nats.is_ok() && keys_loaded;
     let body = Readiness {
         ready,
-        nats: nats.err().unwrap_or_else(|| "ok".into()),
+        nats: nats.err().map_or_else(|| "ok".into(), |e| e.to_string()),
         keys_loaded,
         keys: state.keys.len(),
         fsync: state.fsync_mode.clone(),

@@ -118,6 +118,15 @@ pub enum KeysCommand {
     },
 }
 
+/// A setting the gateway refuses to start with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--rate-limit-per-sec must be a non-negative number")]
+    RateLimit,
+    #[error("--max-batch-bytes must be at least --max-body-bytes")]
+    BatchSmallerThanBody,
+}
+
 /// Settings of the HTTP server.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -304,13 +313,13 @@ impl ServeArgs {
     /// Checks what clap's ranges cannot express.
     ///
     /// # Errors
-    /// A sentence naming the flag at fault.
-    pub fn check(&self) -> Result<(), String> {
+    /// [`ConfigError`], naming the flag at fault.
+    pub fn check(&self) -> Result<(), ConfigError> {
         if !self.rate_limit_per_sec.is_finite() || self.rate_limit_per_sec < 0.0 {
-            return Err("--rate-limit-per-sec must be a non-negative number".into());
+            return Err(ConfigError::RateLimit);
         }
         if self.max_batch_bytes < self.max_body_bytes {
-            return Err("--max-batch-bytes must be at least --max-body-bytes".into());
+            return Err(ConfigError::BatchSmallerThanBody);
         }
         Ok(())
     }

@@ -368,10 +368,41 @@ async fn readiness_follows_the_publisher_and_the_keys() {
         .send(Request::get("/readyz").body(Body::empty()).unwrap())
         .await;
     assert_eq!(a.status, StatusCode::OK);
-    h.publisher.set_ready(Err("no connection".into()));
+    h.publisher
+        .set_ready(Err(crate::publish::NotReady::Other("no connection".into())));
     let a = h
         .send(Request::get("/readyz").body(Body::empty()).unwrap())
         .await;
     assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(a.body["nats"], "no connection");
+}
+
+#[tokio::test]
+async fn oversized_heads_are_414_and_431_in_the_json_shape() {
+    let h = harness();
+    let long = format!("/v1/calls?{}", "q".repeat(9 * 1024));
+    let a = h
+        .send(Request::get(long.as_str()).body(Body::empty()).unwrap())
+        .await;
+    assert_eq!(a.status, StatusCode::URI_TOO_LONG);
+    assert_eq!(a.body["error"], "URI Too Long");
+    let a = h
+        .send(
+            Request::get("/healthz")
+                .header("x-filler", "h".repeat(40 * 1024))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    let mut many = Request::get("/healthz");
+    for i in 0..101 {
+        many = many.header(format!("x-h{i}"), "v");
+    }
+    let a = h.send(many.body(Body::empty()).unwrap()).await;
+    assert_eq!(a.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    assert_eq!(
+        a.body["message"],
+        "request has 101 header fields; at most 100 are allowed"
+    );
 }

@@ -126,7 +126,7 @@ pub async fn serve(
     metrics: Option<PrometheusHandle>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    cli.serve.check().map_err(anyhow::Error::msg)?;
+    cli.serve.check()?;
     let listener = TcpListener::bind(cli.serve.listen_addr)
         .await
         .with_context(|| format!("binding {}", cli.serve.listen_addr))?;

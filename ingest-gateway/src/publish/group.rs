@@ -31,7 +31,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
 use super::wire::{PendingReply, Reply, Transport, Wire, ERR_BATCH_DUPLICATE_MSG_ID};
-use super::{Outbound, Outcomes, PublishError, PublishStats, Publisher, Receipt};
+use super::{NotReady, Outbound, Outcomes, PublishError, PublishStats, Publisher, Receipt};
 
 #[derive(Default)]
 struct Counters {
@@ -160,18 +160,21 @@ impl Publisher for GroupCommit {
         })
     }
 
-    fn check_ready(&self) -> BoxFuture<'_, Result<(), String>> {
+    fn check_ready(&self) -> BoxFuture<'_, Result<(), NotReady>> {
         Box::pin(async move {
             if self.client().connection_state() != async_nats::connection::State::Connected {
-                return Err("NATS is not connected".into());
+                return Err(NotReady::Disconnected);
             }
             tokio::time::timeout(
                 self.config.ack_timeout,
                 self.js.get_stream(callcap::subjects::STREAM_NAME),
             )
             .await
-            .map_err(|_| "JetStream did not answer in time".to_owned())?
-            .map_err(|e| format!("stream {} unreachable: {e}", callcap::subjects::STREAM_NAME))?;
+            .map_err(|_| NotReady::NoAnswer)?
+            .map_err(|e| NotReady::StreamUnreachable {
+                stream: callcap::subjects::STREAM_NAME.to_owned(),
+                reason: e.to_string(),
+            })?;
             Ok(())
         })
     }

@@ -139,6 +139,20 @@ pub struct PublishStats {
     pub retries: u64,
 }
 
+/// Why publishing cannot work right now, in the words `/readyz` and the status page show.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    #[error("NATS is not connected")]
+    Disconnected,
+    #[error("JetStream did not answer in time")]
+    NoAnswer,
+    #[error("stream {stream} unreachable: {reason}")]
+    StreamUnreachable { stream: String, reason: String },
+    /// Another reason (a test double's).
+    #[error("{0}")]
+    Other(String),
+}
+
 /// One outcome per record, in the order the records were given.
 pub type Outcomes = Vec<Result<Receipt, PublishError>>;
 
@@ -150,7 +164,7 @@ pub trait Publisher: Send + Sync + 'static {
     fn publish(&self, records: Vec<Outbound>) -> BoxFuture<'_, Outcomes>;
 
     /// Whether publishing can work right now (connected, stream present).
-    fn check_ready(&self) -> BoxFuture<'_, Result<(), String>>;
+    fn check_ready(&self) -> BoxFuture<'_, Result<(), NotReady>>;
 
     /// Counts of what has been sent.
     fn stats(&self) -> PublishStats;

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
-use super::{Outbound, Outcomes, PublishError, PublishStats, Publisher, Receipt};
+use super::{NotReady, Outbound, Outcomes, PublishError, PublishStats, Publisher, Receipt};
 
 /// How the scripted publisher answers one record.
 pub type Script = Box<dyn Fn(&Outbound) -> Result<Receipt, PublishError> + Send + Sync>;
@@ -19,7 +19,7 @@ pub type Script = Box<dyn Fn(&Outbound) -> Result<Receipt, PublishError> + Send 
 pub struct ScriptedPublisher {
     calls: Mutex<Vec<Vec<Outbound>>>,
     script: Script,
-    ready: Mutex<Result<(), String>>,
+    ready: Mutex<Result<(), NotReady>>,
     seq: AtomicU64,
 }
 
@@ -51,7 +51,7 @@ impl ScriptedPublisher {
     }
 
     /// What `check_ready` answers from now on.
-    pub fn set_ready(&self, ready: Result<(), String>) {
+    pub fn set_ready(&self, ready: Result<(), NotReady>) {
         *self
             .ready
             .lock()
@@ -92,7 +92,7 @@ impl Publisher for ScriptedPublisher {
         async move { outcomes }.boxed()
     }
 
-    fn check_ready(&self) -> BoxFuture<'_, Result<(), String>> {
+    fn check_ready(&self) -> BoxFuture<'_, Result<(), NotReady>> {
         let ready = self
             .ready
             .lock()
