@@ -244,7 +244,7 @@ pub struct ServeArgs {
     /// limit, else the machine's), between 64 and 1,024. What a body costs is counted as
     /// it is decoded and, before it is parsed, what parsing it will allocate (a compressed
     /// body of a few KiB can decode to MiBs of JSON values). Past the budget new bodies
-    /// get 503 with Retry-After; see gateway_body_memory_bytes.
+    /// get 503 with Retry-After (counted in gateway_refused_total{reason="memory_busy"}).
     #[arg(long, env = "BODY_MEMORY_MB", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
     pub body_memory_mb: u32,
@@ -332,9 +332,9 @@ impl ServeArgs {
         }
     }
 
-    /// What one key may hold of [`ServeArgs::body_memory_bytes`].
-    pub fn body_memory_per_key_bytes(&self) -> usize {
-        self.body_memory_bytes() / 100 * usize::from(self.body_memory_per_key_percent)
+    /// What one key may hold of `total` (what [`ServeArgs::body_memory_bytes`] gave).
+    pub fn body_memory_per_key_bytes(&self, total: usize) -> usize {
+        total / 100 * usize::from(self.body_memory_per_key_percent)
     }
 
     pub fn header_timeout(&self) -> Duration {

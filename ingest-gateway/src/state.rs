@@ -54,11 +54,13 @@ impl AppState {
     ) -> Self {
         let rate_limiter = (serve.rate_limit_per_sec > 0.0)
             .then(|| RateLimiter::new(serve.rate_limit_per_sec, serve.rate_limit_burst));
+        // Resolved once: the default reads the cgroup's and the machine's memory.
+        let body_memory = serve.body_memory_bytes();
         AppState(Arc::new(Shared {
             publisher,
             keys,
             inflight: Arc::new(Semaphore::new(serve.max_in_flight_publishes as usize)),
-            bodies: MemoryBudget::new(serve.body_memory_bytes(), serve.body_memory_per_key_bytes()),
+            bodies: MemoryBudget::new(body_memory, serve.body_memory_per_key_bytes(body_memory)),
             rate_limiter,
             metrics,
             serve,
