@@ -12,6 +12,7 @@ mod group_commit;
 mod merge;
 mod overload;
 mod pipeline;
+mod plans;
 mod power_loss;
 mod probe;
 mod schema;
