@@ -309,7 +309,8 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
 }
 
 /// Keeps the `gateway_ready` gauge (1 ready, 0 not: the `/readyz` check) current every
-/// 5 seconds, so an alert can see a gateway that is up but cannot take records.
+/// 5 seconds, so an alert can see a gateway that is up but cannot take records; and
+/// `gateway_overflow_companies` with it.
 pub async fn report_readiness(state: AppState) {
     metrics::describe_gauge!(
         "gateway_ready",
@@ -318,6 +319,7 @@ pub async fn report_readiness(state: AppState) {
     loop {
         let ready = state.keys.is_loaded() && state.publisher.check_ready().await.is_ok();
         metrics::gauge!("gateway_ready").set(if ready { 1.0 } else { 0.0 });
+        state.lanes.report(std::time::Instant::now());
         tokio::time::sleep(std::time::Duration::from_secs(5)).await;
     }
 }

@@ -125,6 +125,8 @@ pub enum ConfigError {
     RateLimit,
     #[error("--max-batch-bytes must be at least --max-body-bytes")]
     BatchSmallerThanBody,
+    #[error("--overflow-rate (OVERFLOW_RATE) must be a non-negative number of records a second")]
+    OverflowRate,
 }
 
 /// Settings of the HTTP server.
@@ -267,6 +269,32 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_burst: u32,
 
+    /// A company's share of the main lane, in records per second (per gateway): a
+    /// company posting faster has its records published on the overflow lane, which
+    /// workers serve side by side with the main one, so its backlog does not delay other
+    /// companies. It still gets 201s. 0 turns detection off (OVERFLOW_COMPANIES still
+    /// applies). Default 1,000: a twentieth of what one worker stores a second on a small
+    /// machine (BENCHMARKS.md, "Lanes").
+    #[arg(long, env = "OVERFLOW_RATE", default_value_t = 1000.0)]
+    pub overflow_rate: f64,
+
+    /// Records a company may post at once above OVERFLOW_RATE before it moves to the
+    /// overflow lane (a dialer's batch or two).
+    #[arg(long, env = "OVERFLOW_BURST", default_value_t = 2000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub overflow_burst: u32,
+
+    /// How long a company stays in the overflow lane after it last exceeded its rate, in
+    /// seconds: it returns to the main lane once it has stayed within its share this long.
+    #[arg(long, env = "OVERFLOW_STICKY_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub overflow_sticky_secs: u64,
+
+    /// Companies whose records always take the overflow lane, comma-separated ids (an
+    /// operator moving a known bulk uploader out of everybody's way).
+    #[arg(long, env = "OVERFLOW_COMPANIES", value_delimiter = ',')]
+    pub overflow_companies: Vec<uuid::Uuid>,
+
     /// Seconds a client is told to wait (Retry-After) when the gateway cannot take its
     /// record right now (503).
     #[arg(long, env = "RETRY_AFTER_SECS", default_value_t = 1,
@@ -298,6 +326,10 @@ impl Default for ServeArgs {
             publish_batch_max_records: 1000,
             publish_batches_in_flight: 2,
             publish_linger_us: 10_000,
+            overflow_rate: 1000.0,
+            overflow_burst: 2000,
+            overflow_sticky_secs: 30,
+            overflow_companies: Vec::new(),
             nats_monitor_url: None,
             body_memory_mb: 0,
             body_memory_per_key_percent: 50,
@@ -317,6 +349,9 @@ impl ServeArgs {
     pub fn check(&self) -> Result<(), ConfigError> {
         if !self.rate_limit_per_sec.is_finite() || self.rate_limit_per_sec < 0.0 {
             return Err(ConfigError::RateLimit);
+        }
+        if !self.overflow_rate.is_finite() || self.overflow_rate < 0.0 {
+            return Err(ConfigError::OverflowRate);
         }
         if self.max_batch_bytes < self.max_body_bytes {
             return Err(ConfigError::BatchSmallerThanBody);

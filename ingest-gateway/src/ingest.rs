@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
 use callcap::identity::{self, CallId};
-use callcap::subjects::ingest_subject;
+use callcap::subjects::Lane;
 use callcap::validate::Incoming;
 use callcap::{CallRecord, Envelope, ValidationError};
 use chrono::{DateTime, Utc};
@@ -66,9 +66,13 @@ pub async fn create_call(
             retry_after_secs: u64::from(state.serve.retry_after_secs),
         })?;
     let received_at = Utc::now();
+    let lane = state
+        .lanes
+        .route(principal.company_id, 1, std::time::Instant::now());
     let (id, outbound) = prepare(
         record,
         principal,
+        lane,
         idem.as_deref(),
         request_id(&headers),
         received_at,
@@ -231,6 +235,11 @@ async fn batch(
     }
     let received_at = Utc::now();
     let rid = request_id(headers);
+    // Every record of a request is its key's company's: one lane for the request, sized
+    // by its records.
+    let lane = state
+        .lanes
+        .route(principal.company_id, calls.len(), std::time::Instant::now());
     // `None` marks a valid record whose publish outcome is not known yet.
     let mut results: Vec<Option<BatchItem>> = Vec::with_capacity(calls.len());
     let mut valid: Vec<(usize, CallId, Outbound)> = Vec::new();
@@ -241,7 +250,7 @@ async fn batch(
             .and_then(|r| check_company(principal, &r).map(|()| r));
         match checked {
             Ok(record) => {
-                let (id, out) = prepare(record, principal, None, rid.clone(), received_at);
+                let (id, out) = prepare(record, principal, lane, None, rid.clone(), received_at);
                 valid.push((index, id, out));
                 results.push(None);
             }
@@ -342,12 +351,13 @@ fn request_id(headers: &HeaderMap) -> Option<String> {
 fn prepare(
     record: CallRecord,
     principal: &Principal,
+    lane: Lane,
     idem: Option<&str>,
     request_id: Option<String>,
     received_at: DateTime<Utc>,
 ) -> (CallId, Outbound) {
     let id = identity::call_history_id(&record, idem);
-    let subject = ingest_subject(record.company_id);
+    let subject = lane.subject(record.company_id);
     let envelope = Envelope::new(
         id.id,
         received_at,

@@ -25,6 +25,7 @@ pub mod error;
 pub mod extract;
 pub mod ingest;
 pub mod keys;
+pub mod lanes;
 pub mod nkey;
 pub mod publish;
 pub mod ratelimit;
@@ -75,6 +76,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             )
             .context("installing the Prometheus recorder")?;
             publish::describe_metrics();
+            lanes::describe_metrics();
             app::describe_metrics();
             server::describe_metrics();
             serve(&cli, Some(metrics), shutdown_signal()).await

@@ -9,6 +9,7 @@ use tokio::sync::Semaphore;
 use crate::auth::KeyCache;
 use crate::budget::MemoryBudget;
 use crate::config::ServeArgs;
+use crate::lanes::Lanes;
 use crate::publish::Publisher;
 use crate::ratelimit::RateLimiter;
 
@@ -28,6 +29,8 @@ pub struct Shared {
     pub inflight: Arc<Semaphore>,
     /// Memory of request bodies being read, parsed and published; exhausted means 503.
     pub bodies: Arc<MemoryBudget>,
+    /// Which lane each company's records take.
+    pub lanes: Lanes,
     /// Per-key rate limit, when configured.
     pub rate_limiter: Option<RateLimiter>,
     /// Renders `/metrics`; `None` where no recorder is installed (library tests).
@@ -61,6 +64,12 @@ impl AppState {
             keys,
             inflight: Arc::new(Semaphore::new(serve.max_in_flight_publishes as usize)),
             bodies: MemoryBudget::new(body_memory, serve.body_memory_per_key_bytes(body_memory)),
+            lanes: Lanes::new(
+                serve.overflow_rate,
+                serve.overflow_burst,
+                std::time::Duration::from_secs(serve.overflow_sticky_secs),
+                serve.overflow_companies.iter().copied().collect(),
+            ),
             rate_limiter,
             metrics,
             serve,

@@ -1,6 +1,8 @@
 //! `GET /status`: the gateway's status page for an operator without Grafana — requests
-//! per second by status over the last minute, publish latency percentiles, readiness and
-//! why not. No key needed and nothing secret on it (no keys, no companies, no records).
+//! per second by status over the last minute, publish latency percentiles, the companies
+//! in the overflow lane, readiness and why not. No key needed and nothing secret on it
+//! (no keys, no records; a company in the overflow lane shows as the first 8 characters
+//! of its id, which the WARN line logged when it entered the lane names in full).
 //! It counts the answers itself (the HTTP layer's figure) and reads what the publisher
 //! exposes; no stage writes here.
 
@@ -82,6 +84,35 @@ pub async fn status_page(State(state): State<AppState>) -> Response {
     if rows.is_empty() {
         rows.push_str("<tr><td colspan=\"2\">No requests in the last minute</td></tr>\n");
     }
+    let now = std::time::Instant::now();
+    let (overflowing, in_lane) = state.lanes.overflowing(now, 20);
+    let mut lane_rows = String::new();
+    for o in &overflowing {
+        let id = o.company_id.simple().to_string();
+        let why = if o.forced {
+            "OVERFLOW_COMPANIES".to_owned()
+        } else {
+            format!(
+                "over OVERFLOW_RATE; back in {:.0} s unless it exceeds it again",
+                o.leaves_in_secs.unwrap_or(0.0)
+            )
+        };
+        lane_rows.push_str(&format!(
+            "<tr><td><code>{}…</code></td><td>{why}</td><td class=\"n\">{}</td></tr>\n",
+            &id[..8],
+            o.records
+        ));
+    }
+    if in_lane > overflowing.len() {
+        lane_rows.push_str(&format!(
+            "<tr><td colspan=\"3\">and {} more</td></tr>\n",
+            in_lane - overflowing.len()
+        ));
+    }
+    if lane_rows.is_empty() {
+        lane_rows
+            .push_str("<tr><td colspan=\"3\">None: every company is in the main lane</td></tr>\n");
+    }
     let stats = state.publisher.stats();
     let publish = crate::publish::latencies();
     let body = format!(
@@ -105,6 +136,12 @@ pub async fn status_page(State(state): State<AppState>) -> Response {
 <tr><td>Records published since start</td><td class="n" id="records-total">{records}</td></tr>
 <tr><td>Atomic batches since start</td><td class="n">{batches}</td></tr>
 </tbody>
+</table>
+<h2>Overflow lane: <span id="overflow-count">{in_lane}</span> companies</h2>
+<table id="overflow">
+<thead><tr><th scope="col">Company</th><th scope="col">Why</th><th scope="col">Records sent there</th></tr></thead>
+<tbody>
+{lane_rows}</tbody>
 </table>"#,
         fsync = html_escape(&state.fsync_mode),
         keys = state.keys.len(),

@@ -66,7 +66,8 @@ pub struct DbArgs {
     )]
     pub database_url: String,
 
-    /// Most Postgres connections this process opens.
+    /// Most Postgres connections of each lane this worker serves (each lane writes on
+    /// its own connections, so a backlog in one never waits for the other's pool).
     #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..=256))]
     pub db_max_connections: u32,
@@ -78,6 +79,13 @@ pub struct RunArgs {
     /// Address of the worker's /metrics, /readyz and /healthz.
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9091")]
     pub metrics_addr: SocketAddr,
+
+    /// Lanes this worker serves, comma-separated: `main`, `overflow`, or both (the
+    /// default: each lane its own durable consumer, pull and connections, side by side).
+    /// Serving them from separate deployments lets each scale on its own lag.
+    #[arg(long, env = "LANES", value_delimiter = ',', default_value = "main,overflow",
+          value_parser = clap::value_parser!(callcap::subjects::Lane))]
+    pub lanes: Vec<callcap::subjects::Lane>,
 
     /// Most messages written per transaction.
     #[arg(long, env = "BATCH_SIZE", default_value_t = 1000,
@@ -138,6 +146,7 @@ impl Default for RunArgs {
     fn default() -> Self {
         RunArgs {
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9091)),
+            lanes: callcap::subjects::Lane::ALL.to_vec(),
             batch_size: 1000,
             batch_linger_ms: 5,
             batches_in_flight: 3,

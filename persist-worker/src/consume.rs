@@ -11,7 +11,7 @@ use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, message::AckKind};
-use callcap::subjects::CONSUMER_NAME;
+use callcap::subjects::Lane;
 use futures::{FutureExt, StreamExt};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
@@ -36,12 +36,13 @@ fn record_batch(stored: u64, dead_letters: u64) {
     THROUGHPUT.add(1, dead_letters);
 }
 
-/// The durable consumer definition shared by every worker.
-pub fn consumer_config(args: &RunArgs) -> pull::Config {
+/// The durable consumer definition of a lane, shared by every worker serving it.
+pub fn consumer_config(args: &RunArgs, lane: Lane) -> pull::Config {
     let wait = args.ack_wait();
     pull::Config {
-        durable_name: Some(CONSUMER_NAME.to_owned()),
-        description: Some("Call Capture persist workers".into()),
+        durable_name: Some(lane.consumer_name().to_owned()),
+        description: Some(format!("Call Capture persist workers, {lane} lane")),
+        filter_subject: lane.filter(),
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
         ack_wait: wait,
         max_deliver: args.max_deliver,
@@ -75,8 +76,9 @@ pub async fn run(
     args: RunArgs,
     cancel: CancellationToken,
 ) -> Result<(), async_nats::Error> {
+    let lane = health.lane();
     tracing::info!(
-        consumer = CONSUMER_NAME,
+        consumer = lane.consumer_name(),
         batch_size = args.batch_size,
         batches_in_flight = args.batches_in_flight,
         "consuming"
@@ -140,10 +142,9 @@ pub async fn run(
                 return Ok(());
             }
             let (pool, args, cancel) = (pool.clone(), args.clone(), cancel.clone());
-            let task =
-                tokio::spawn(
-                    async move { handle(&pool, &args, &cancel, msgs, decoded, started).await },
-                );
+            let task = tokio::spawn(async move {
+                handle(lane, &pool, &args, &cancel, msgs, decoded, started).await
+            });
             writing.batches.push_back((ids, task));
         }
         tracing::warn!("pull stream ended; reopening");
@@ -232,6 +233,7 @@ fn usable(m: Result<jetstream::Message, pull::MessagesError>) -> Option<jetstrea
 
 /// Writes one decoded batch and acks it; on shutdown without a write, hands it back.
 async fn handle(
+    lane: Lane,
     pool: &PgPool,
     args: &RunArgs,
     cancel: &CancellationToken,
@@ -264,12 +266,15 @@ async fn handle(
                     "some acks not sent; those messages will be redelivered"
                 );
             }
-            metrics::counter!("worker_messages_total").increment(msgs.len() as u64);
+            let lane = lane.as_str();
+            metrics::counter!("worker_messages_total", "lane" => lane).increment(msgs.len() as u64);
             record_batch(decoded.rows.len() as u64, stats.dead_letters);
-            metrics::counter!("worker_rows_written_total").increment(stats.rows_changed);
-            metrics::counter!("worker_dead_letters_total").increment(stats.dead_letters);
-            metrics::histogram!("worker_batch_size").record(msgs.len() as f64);
-            metrics::histogram!("worker_batch_duration_seconds")
+            metrics::counter!("worker_rows_written_total", "lane" => lane)
+                .increment(stats.rows_changed);
+            metrics::counter!("worker_dead_letters_total", "lane" => lane)
+                .increment(stats.dead_letters);
+            metrics::histogram!("worker_batch_size", "lane" => lane).record(msgs.len() as f64);
+            metrics::histogram!("worker_batch_duration_seconds", "lane" => lane)
                 .record(started.elapsed().as_secs_f64());
             tracing::debug!(
                 messages = msgs.len(),

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{self, pull, DeliverPolicy};
 use async_nats::jetstream::stream::Stream;
-use callcap::subjects::CONSUMER_NAME;
+use callcap::subjects::Lane;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -37,9 +37,11 @@ pub enum Condition {
     Changed(Vec<String>),
 }
 
-/// The guard's findings, shared with the ops endpoints and the consume loop.
+/// The guard's findings about one lane's consumer, shared with the ops endpoints and
+/// that lane's consume loop.
 #[derive(Debug)]
 pub struct ConsumerHealth {
+    lane: Lane,
     condition: Mutex<Condition>,
     repairs: AtomicU64,
     pending: AtomicU64,
@@ -48,9 +50,11 @@ pub struct ConsumerHealth {
     reopened: watch::Sender<u64>,
 }
 
-impl Default for ConsumerHealth {
-    fn default() -> Self {
+impl ConsumerHealth {
+    /// Nothing seen yet of `lane`'s consumer.
+    pub fn new(lane: Lane) -> Self {
         ConsumerHealth {
+            lane,
             condition: Mutex::new(Condition::Unknown),
             repairs: AtomicU64::new(0),
             pending: AtomicU64::new(0),
@@ -61,6 +65,11 @@ impl Default for ConsumerHealth {
 }
 
 impl ConsumerHealth {
+    /// The lane whose consumer this is.
+    pub fn lane(&self) -> Lane {
+        self.lane
+    }
+
     /// The consumer's condition as last seen.
     pub fn condition(&self) -> Condition {
         self.condition
@@ -151,14 +160,15 @@ pub async fn open(
     health: &ConsumerHealth,
 ) -> Result<consumer::PullConsumer, async_nats::Error> {
     let want = consumer::IntoConsumerConfig::into_consumer_config(wanted.clone());
-    match stream.consumer_info(CONSUMER_NAME).await {
+    let name = health.lane.consumer_name();
+    match stream.consumer_info(name).await {
         Ok(info) => {
             let diff = differences(&info.config, &want);
             if diff.is_empty() {
                 health.set(Condition::Right);
             } else {
                 tracing::error!(
-                    consumer = CONSUMER_NAME,
+                    consumer = name,
                     differences = %diff.join("; "),
                     ack_floor = info.ack_floor.stream_sequence,
                     "the durable consumer was changed before this worker started; recreating it \
@@ -178,9 +188,7 @@ pub async fn open(
         Err(e) if is_not_found(&e) => {}
         Err(e) => return Err(e.into()),
     }
-    let consumer = stream
-        .get_or_create_consumer(CONSUMER_NAME, wanted.clone())
-        .await?;
+    let consumer = stream.get_or_create_consumer(name, wanted.clone()).await?;
     health.set(Condition::Right);
     Ok(consumer)
 }
@@ -197,15 +205,19 @@ pub async fn watch(
     // The next sequence to deliver were the consumer recreated now: one past the ack floor
     // last seen while it was right.
     let mut resume_from: Option<u64> = None;
+    let name = health.lane.consumer_name();
+    let lane = health.lane.as_str();
     loop {
-        match stream.consumer_info(CONSUMER_NAME).await {
+        match stream.consumer_info(name).await {
             Ok(info) => {
                 health.pending.store(info.num_pending, Ordering::Relaxed);
                 health
                     .ack_pending
                     .store(info.num_ack_pending as u64, Ordering::Relaxed);
-                metrics::gauge!("worker_consumer_pending").set(info.num_pending as f64);
-                metrics::gauge!("worker_consumer_ack_pending").set(info.num_ack_pending as f64);
+                metrics::gauge!("worker_consumer_pending", "lane" => lane)
+                    .set(info.num_pending as f64);
+                metrics::gauge!("worker_consumer_ack_pending", "lane" => lane)
+                    .set(info.num_ack_pending as f64);
                 let diff = differences(&info.config, &want);
                 if diff.is_empty() {
                     health.set(Condition::Right);
@@ -214,7 +226,7 @@ pub async fn watch(
                     health.set(Condition::Changed(diff.clone()));
                     let from = resume_from.unwrap_or(info.ack_floor.stream_sequence + 1);
                     tracing::error!(
-                        consumer = CONSUMER_NAME,
+                        consumer = name,
                         differences = %diff.join("; "),
                         resume_from = from,
                         "the durable consumer was changed; recreating it as defined from the last \
@@ -227,7 +239,7 @@ pub async fn watch(
                 health.set(Condition::Missing);
                 let from = resume_from.unwrap_or(1);
                 tracing::error!(
-                    consumer = CONSUMER_NAME,
+                    consumer = name,
                     resume_from = from,
                     "the durable consumer is gone; recreating it from the last position seen"
                 );
@@ -267,7 +279,8 @@ async fn recreate(
     health: &ConsumerHealth,
     reason: &'static str,
 ) -> Result<(), async_nats::Error> {
-    if let Err(e) = stream.delete_consumer(CONSUMER_NAME).await {
+    let name = health.lane.consumer_name();
+    if let Err(e) = stream.delete_consumer(name).await {
         tracing::debug!(error = %e, "deleting the durable consumer before recreating it");
     }
     let config = pull::Config {
@@ -278,13 +291,9 @@ async fn recreate(
     };
     stream.create_consumer(config).await?;
     health.repairs.fetch_add(1, Ordering::Relaxed);
-    metrics::counter!("worker_consumer_repairs_total", "reason" => reason).increment(1);
-    tracing::warn!(
-        consumer = CONSUMER_NAME,
-        from,
-        reason,
-        "durable consumer recreated"
-    );
+    metrics::counter!("worker_consumer_repairs_total", "lane" => health.lane.as_str(), "reason" => reason)
+        .increment(1);
+    tracing::warn!(consumer = name, from, reason, "durable consumer recreated");
     Ok(())
 }
 
@@ -303,6 +312,7 @@ mod tests {
     fn wanted() -> consumer::Config {
         consumer::IntoConsumerConfig::into_consumer_config(crate::consume::consumer_config(
             &RunArgs::default(),
+            Lane::Main,
         ))
     }
 

@@ -1,7 +1,8 @@
 //! Call Capture persist worker.
 //!
-//! Consumes the `CALLS` stream through the shared durable consumer and writes every record
-//! to Postgres exactly once. Any number of workers may run side by side.
+//! Consumes the `CALLS` stream's lanes (main and overflow, each through its own shared
+//! durable consumer) and writes every record to Postgres exactly once. Any number of
+//! workers may run side by side, serving both lanes or one (`LANES`).
 //!
 //! - [`config`]: command line and environment;
 //! - [`consume`]: the pull/write/ack loop; [`write`]: decode and write until stored (the
@@ -138,8 +139,21 @@ pub async fn run(
     metrics: Option<PrometheusHandle>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
-    let pool = store::pool(&cli.db.database_url, cli.db.db_max_connections)
+    let mut lanes = cli.run.lanes.clone();
+    lanes.sort_unstable();
+    lanes.dedup();
+    anyhow::ensure!(
+        !lanes.is_empty(),
+        "LANES names no lane: main, overflow or both"
+    );
+    // Each lane writes on its own connections: a backlog in one never waits for the
+    // other's pool.
+    let pools = lanes
+        .iter()
+        .map(|_| store::pool(&cli.db.database_url, cli.db.db_max_connections))
+        .collect::<Result<Vec<_>, _>>()
         .context("parsing DATABASE_URL")?;
+    let pool = pools[0].clone();
     let client = cli
         .nats
         .connect("persist-worker", Role::Worker)
@@ -148,12 +162,15 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(cli.run.metrics_addr)
         .await
         .with_context(|| format!("binding METRICS_ADDR {}", cli.run.metrics_addr))?;
-    let health = std::sync::Arc::new(guard::ConsumerHealth::default());
+    let healths: Vec<std::sync::Arc<guard::ConsumerHealth>> = lanes
+        .iter()
+        .map(|l| std::sync::Arc::new(guard::ConsumerHealth::new(*l)))
+        .collect();
     let ops = ops::router(ops::OpsState {
         pool: pool.clone(),
         nats: client.clone(),
         metrics,
-        consumer: health.clone(),
+        consumers: healths.clone(),
     });
     let ops_cancel = cancel.clone();
     tokio::spawn(async move {
@@ -184,21 +201,45 @@ pub async fn run(
             }
         }
     };
-    let wanted = consume::consumer_config(&cli.run);
-    let consumer = guard::open(&stream, &wanted, &health)
-        .await
-        .map_err(|e| anyhow::anyhow!("opening the durable consumer: {e}"))?;
-    tokio::spawn(guard::watch(
-        stream.clone(),
-        wanted,
-        health.clone(),
-        cli.run.consumer_check(),
-        cancel.clone(),
-    ));
-    consume::run(consumer, &health, pool.clone(), cli.run.clone(), cancel)
-        .await
-        .map_err(|e| anyhow::anyhow!("consumer failed: {e}"))?;
-    pool.close().await;
+    let mut loops = tokio::task::JoinSet::new();
+    for (health, lane_pool) in healths.iter().zip(&pools) {
+        let lane = health.lane();
+        let wanted = consume::consumer_config(&cli.run, lane);
+        let consumer = guard::open(&stream, &wanted, health)
+            .await
+            .map_err(|e| anyhow::anyhow!("opening the {lane} lane's durable consumer: {e}"))?;
+        tokio::spawn(guard::watch(
+            stream.clone(),
+            wanted,
+            health.clone(),
+            cli.run.consumer_check(),
+            cancel.clone(),
+        ));
+        let (health, lane_pool, args, cancel) = (
+            health.clone(),
+            lane_pool.clone(),
+            cli.run.clone(),
+            cancel.clone(),
+        );
+        loops.spawn(async move {
+            consume::run(consumer, &health, lane_pool, args, cancel)
+                .await
+                .map_err(|e| anyhow::anyhow!("the {lane} lane's consumer failed: {e}"))
+        });
+    }
+    // A lane whose loop fails stops the worker (the orchestrator restarts it), so the
+    // other lane is never served alone without anyone noticing.
+    while let Some(done) = loops.join_next().await {
+        let outcome = done.map_err(|e| anyhow::anyhow!("a lane's consumer panicked: {e}"));
+        if let Err(e) = outcome.and_then(|r| r) {
+            cancel.cancel();
+            while loops.join_next().await.is_some() {}
+            return Err(e);
+        }
+    }
+    for p in &pools {
+        p.close().await;
+    }
     tracing::info!("persist-worker stopped");
     Ok(())
 }
@@ -221,28 +262,35 @@ fn describe_metrics() {
             "Messages moved to the dead-letter table instead of stored",
         ),
         (
-            "worker_db_errors_total",
-            "Failed database transactions (retried with backoff; nothing is acked)",
-        ),
-        (
             "worker_redeliveries_total",
             "Messages delivered more than once (a worker died or was slow before its ack)",
         ),
     ];
     for (name, help) in counters {
         metrics::describe_counter!(name, help);
-        metrics::counter!(name).absolute(0);
+        for lane in callcap::subjects::Lane::ALL {
+            metrics::counter!(name, "lane" => lane.as_str()).absolute(0);
+        }
     }
+    // Not a lane's: the database is shared.
+    metrics::describe_counter!(
+        "worker_db_errors_total",
+        "Failed database transactions (retried with backoff; nothing is acked)"
+    );
+    metrics::counter!("worker_db_errors_total").absolute(0);
     metrics::describe_counter!(
         "worker_consumer_repairs_total",
         "Times the durable consumer was found missing or changed and recreated as defined, by reason"
     );
     for reason in ["missing", "changed"] {
-        metrics::counter!("worker_consumer_repairs_total", "reason" => reason).absolute(0);
+        for lane in callcap::subjects::Lane::ALL {
+            metrics::counter!("worker_consumer_repairs_total", "lane" => lane.as_str(), "reason" => reason)
+                .absolute(0);
+        }
     }
     metrics::describe_gauge!(
         "worker_consumer_pending",
-        "Records in the stream not yet delivered to any worker (the backlog KEDA scales on)"
+        "Records of a lane not yet delivered to any worker (the backlog KEDA scales on), by lane"
     );
     metrics::describe_gauge!(
         "worker_consumer_ack_pending",

@@ -20,8 +20,8 @@ pub struct OpsState {
     pub pool: PgPool,
     pub nats: async_nats::Client,
     pub metrics: Option<PrometheusHandle>,
-    /// The durable consumer as the guard last saw it, and its backlog.
-    pub consumer: std::sync::Arc<crate::guard::ConsumerHealth>,
+    /// Each served lane's durable consumer as the guard last saw it, and its backlog.
+    pub consumers: Vec<std::sync::Arc<crate::guard::ConsumerHealth>>,
 }
 
 /// The ops router.
@@ -38,8 +38,27 @@ async fn readyz(State(s): State<OpsState>) -> (StatusCode, String) {
     let nats_ok = s.nats.connection_state() == async_nats::connection::State::Connected;
     let db = tokio::time::timeout(Duration::from_secs(2), crate::store::ping(&s.pool)).await;
     let db_ok = matches!(db, Ok(Ok(())));
-    let consumer = consumer_state(&s.consumer.condition());
+    // `consumer:` is the worst lane's state; one line per lane follows.
+    let states: Vec<&str> = s
+        .consumers
+        .iter()
+        .map(|h| consumer_state(&h.condition()))
+        .collect();
+    let consumer = states.iter().copied().find(|c| *c != "ok").unwrap_or("ok");
     let consumer_ok = consumer == "ok";
+    let lanes: String = s
+        .consumers
+        .iter()
+        .zip(&states)
+        .map(|(h, c)| {
+            let (pending, ack_pending) = h.backlog();
+            format!(
+                "lane {}: {c} (pending {pending}, ack pending {ack_pending})\n",
+                h.lane()
+            )
+        })
+        .collect();
+    let repairs: u64 = s.consumers.iter().map(|h| h.repairs()).sum();
     let status = if nats_ok && db_ok && consumer_ok {
         StatusCode::OK
     } else {
@@ -48,10 +67,9 @@ async fn readyz(State(s): State<OpsState>) -> (StatusCode, String) {
     (
         status,
         format!(
-            "nats: {}\npostgres: {}\nconsumer: {consumer}\nconsumer repairs: {}\n",
+            "nats: {}\npostgres: {}\nconsumer: {consumer}\nconsumer repairs: {repairs}\n{lanes}",
             ok(nats_ok),
             ok(db_ok),
-            s.consumer.repairs()
         ),
     )
 }
@@ -85,11 +103,22 @@ async fn metrics(State(s): State<OpsState>) -> (StatusCode, String) {
     }
 }
 
-fn figure(health: &crate::guard::ConsumerHealth, v: u64) -> String {
-    if health.condition() == crate::guard::Condition::Unknown {
+/// A backlog figure summed over `healths`, or "not read yet" before every one was read.
+fn figure(
+    healths: &[std::sync::Arc<crate::guard::ConsumerHealth>],
+    pick: fn((u64, u64)) -> u64,
+) -> String {
+    if healths
+        .iter()
+        .any(|h| h.condition() == crate::guard::Condition::Unknown)
+    {
         "not read yet".into()
     } else {
-        v.to_string()
+        healths
+            .iter()
+            .map(|h| pick(h.backlog()))
+            .sum::<u64>()
+            .to_string()
     }
 }
 
@@ -124,13 +153,38 @@ async fn status_page(State(s): State<OpsState>) -> Response {
     if reasons.is_empty() {
         reasons.push_str("<tr><td colspan=\"2\">None waiting</td></tr>\n");
     }
+    let mut lanes = String::new();
+    for h in &s.consumers {
+        let lane = h.lane();
+        let one = std::slice::from_ref(h);
+        lanes.push_str(&format!(
+            "<tr><td>{lane} (<code>{name}</code>)</td><td id=\"consumer-{lane}\">{state}</td>\
+             <td class=\"n\" id=\"pending-{lane}\">{pending}</td>\
+             <td class=\"n\" id=\"ack-pending-{lane}\">{ack_pending}</td>\
+             <td class=\"n\">{repairs}</td></tr>\n",
+            name = lane.consumer_name(),
+            state = match consumer_state(&h.condition()) {
+                "ok" => r#"<span class="ok">OK</span>"#.to_owned(),
+                other => format!(r#"<span class="bad">{other}</span>"#),
+            },
+            pending = figure(one, |b| b.0),
+            ack_pending = figure(one, |b| b.1),
+            repairs = h.repairs(),
+        ));
+    }
+    let worst = s
+        .consumers
+        .iter()
+        .map(|h| consumer_state(&h.condition()))
+        .find(|c| *c != "ok")
+        .unwrap_or("ok");
     let body = format!(
         r#"<table id="health">
 <thead><tr><th scope="col">Dependency</th><th scope="col">State</th></tr></thead>
 <tbody>
 <tr><td>NATS</td><td>{nats}</td></tr>
 <tr><td>Postgres</td><td>{db}</td></tr>
-<tr><td>Durable consumer (repairs: {repairs})</td><td id="consumer">{consumer}</td></tr>
+<tr><td>Durable consumers (repairs: {repairs})</td><td id="consumer">{consumer}</td></tr>
 </tbody>
 </table>
 <h2>Work</h2>
@@ -139,10 +193,16 @@ async fn status_page(State(s): State<OpsState>) -> Response {
 <tbody>
 <tr><td>Records stored per second (this worker)</td><td class="n" id="stored-rate">{stored:.1}</td></tr>
 <tr><td>Dead-lettered per second (this worker)</td><td class="n">{dead:.2}</td></tr>
-<tr><td>Consumer pending (not yet delivered, all workers)</td><td class="n" id="pending">{pending}</td></tr>
+<tr><td>Consumer pending (not yet delivered, all workers, lanes served here)</td><td class="n" id="pending">{pending}</td></tr>
 <tr><td>Consumer ack pending (being stored)</td><td class="n" id="ack-pending">{ack_pending}</td></tr>
 <tr><td>Dead letters waiting for redrive</td><td class="n" id="dead-letters">{dead_total}</td></tr>
 </tbody>
+</table>
+<h2>Lanes served by this worker</h2>
+<table id="lanes">
+<thead><tr><th scope="col">Lane (consumer)</th><th scope="col">Consumer</th><th scope="col">Pending</th><th scope="col">Ack pending</th><th scope="col">Repairs</th></tr></thead>
+<tbody>
+{lanes}</tbody>
 </table>
 <h2>Latest dead letters</h2>
 <table id="reasons">
@@ -153,13 +213,13 @@ async fn status_page(State(s): State<OpsState>) -> Response {
 <p><small><code>persist-worker dlq list</code> shows them all; <code>dlq redrive</code> stores them again once the cause is fixed.</small></p>"#,
         nats = state(nats_ok),
         db = state(db_ok),
-        pending = figure(&s.consumer, s.consumer.backlog().0),
-        ack_pending = figure(&s.consumer, s.consumer.backlog().1),
-        consumer = match consumer_state(&s.consumer.condition()) {
+        pending = figure(&s.consumers, |b| b.0),
+        ack_pending = figure(&s.consumers, |b| b.1),
+        consumer = match worst {
             "ok" => r#"<span class="ok">OK</span>"#.to_owned(),
             other => format!(r#"<span class="bad">{other}</span>"#),
         },
-        repairs = s.consumer.repairs(),
+        repairs = s.consumers.iter().map(|h| h.repairs()).sum::<u64>(),
         dead_total = dead_total.map_or_else(
             || "unknown (Postgres unavailable)".into(),
             |n| n.to_string()

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy};
-use callcap::subjects::{ingest_subject, STREAM_NAME};
+use callcap::subjects::{company_filter, STREAM_NAME};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use sqlx::PgPool;
@@ -84,7 +84,7 @@ pub async fn run(
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
             deliver_policy,
-            filter_subject: args.company.map(ingest_subject).unwrap_or_default(),
+            filter_subject: args.company.map(company_filter).unwrap_or_default(),
             ..Default::default()
         })
         .await?;

@@ -28,7 +28,9 @@ pub fn decode(msgs: &[jetstream::Message]) -> Decoded {
             .map(|i| (i.stream_sequence, i.delivered))
             .unwrap_or((0, 1));
         if delivered > 1 {
-            metrics::counter!("worker_redeliveries_total").increment(1);
+            let lane =
+                callcap::subjects::Lane::of_subject(&m.subject).map_or("main", |(l, _)| l.as_str());
+            metrics::counter!("worker_redeliveries_total", "lane" => lane).increment(1);
         }
         match Envelope::decode_checked(&m.subject, &m.payload) {
             Ok(envelope) => rows.push(Row { seq, envelope }),

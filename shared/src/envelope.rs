@@ -172,10 +172,11 @@ impl Envelope {
 
     fn origin(&self, subject: &str) -> Result<(), String> {
         let company = self.record.company_id;
-        if subject != crate::subjects::ingest_subject(company) {
+        if crate::subjects::Lane::of_subject(subject).map(|(_, c)| c) != Some(company) {
             return Err(format!(
-                "subject {subject:?} is not the record's company's ({})",
-                crate::subjects::ingest_subject(company)
+                "subject {subject:?} is not the record's company's ({} or {})",
+                crate::subjects::Lane::Main.subject(company),
+                crate::subjects::Lane::Overflow.subject(company)
             ));
         }
         let derived = crate::identity::call_history_id(&self.record, None);
@@ -351,6 +352,14 @@ mod tests {
         let other = crate::subjects::ingest_subject(Uuid::from_u128(3));
         assert!(refused(&e, &other).contains("subject"));
         assert!(refused(&e, "calls.ingest.not-a-uuid").contains("subject"));
+        // Either lane carries the company's records; another company's overflow does not.
+        let company = e.record.company_id;
+        assert!(e
+            .check(&crate::subjects::Lane::Overflow.subject(company))
+            .is_ok());
+        let other_overflow = crate::subjects::Lane::Overflow.subject(Uuid::from_u128(3));
+        assert!(refused(&e, &other_overflow).contains("subject"));
+        assert!(refused(&e, &format!("calls.elsewhere.{company}")).contains("subject"));
         // An id that is not the derived one (e.g. another company's row).
         let mut wrong_id = e.clone();
         wrong_id.call_history_id = Uuid::from_u128(9);

@@ -14,12 +14,100 @@ use crate::config::StreamArgs;
 
 /// The stream every accepted record is published to.
 pub const STREAM_NAME: &str = "CALLS";
-/// Subject prefix; the full subject is `calls.ingest.<company_id>`.
+/// Subject prefix of the main lane; the full subject is `calls.ingest.<company_id>`.
 pub const SUBJECT_PREFIX: &str = "calls.ingest";
-/// The stream's subject filter.
+/// The main lane's subject filter.
 pub const SUBJECT_WILDCARD: &str = "calls.ingest.*";
-/// The durable pull consumer all persist workers share.
+/// The durable pull consumer of the main lane.
 pub const CONSUMER_NAME: &str = "persist-worker";
+
+/// One of the stream's two lanes. A company whose rate outruns its share has its records
+/// published on the overflow lane, which workers serve side by side with the main one
+/// (each lane its own durable consumer, its own pull, its own database connections), so
+/// a burst queues behind itself and not in front of everybody else.
+///
+/// Both lanes are subjects of the one `CALLS` stream: their records share one sequence,
+/// so the merge's "later submission wins" (by stream sequence) holds for a call whose
+/// submissions travelled in different lanes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lane {
+    /// Every company within its share.
+    Main,
+    /// Companies over their share, and those an operator put there.
+    Overflow,
+}
+
+impl Lane {
+    /// Both lanes, main first.
+    pub const ALL: [Lane; 2] = [Lane::Main, Lane::Overflow];
+
+    /// `main` or `overflow`: the label in metrics, logs, `LANES` and the status pages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Main => "main",
+            Lane::Overflow => "overflow",
+        }
+    }
+
+    /// The lane's subject token: `calls.<token>.<company_id>`.
+    fn token(self) -> &'static str {
+        match self {
+            Lane::Main => "ingest",
+            Lane::Overflow => "overflow",
+        }
+    }
+
+    /// The subject a company's records take in this lane.
+    pub fn subject(self, company_id: Uuid) -> String {
+        format!("calls.{}.{company_id}", self.token())
+    }
+
+    /// The lane's subject filter.
+    pub fn filter(self) -> String {
+        format!("calls.{}.*", self.token())
+    }
+
+    /// The durable consumer serving this lane.
+    pub fn consumer_name(self) -> &'static str {
+        match self {
+            Lane::Main => CONSUMER_NAME,
+            Lane::Overflow => "persist-worker-overflow",
+        }
+    }
+
+    /// The lane and company a stream subject names, if it is one of ours.
+    pub fn of_subject(subject: &str) -> Option<(Lane, Uuid)> {
+        let rest = subject.strip_prefix("calls.")?;
+        let (token, company) = rest.split_once('.')?;
+        let lane = Lane::ALL.into_iter().find(|l| l.token() == token)?;
+        // Only the hyphenated form the gateway writes: one subject per company.
+        let id = Uuid::try_parse(company).ok()?;
+        (id.hyphenated().to_string() == company).then_some((lane, id))
+    }
+}
+
+impl std::fmt::Display for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Lane {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "main" => Ok(Lane::Main),
+            "overflow" => Ok(Lane::Overflow),
+            other => Err(format!("unknown lane {other:?}: main or overflow")),
+        }
+    }
+}
+
+/// Every subject of a company's records, whatever the lane (for replaying one company).
+pub fn company_filter(company_id: Uuid) -> String {
+    format!("calls.*.{company_id}")
+}
 /// KV bucket holding API keys (hashed), watched by every gateway.
 pub const KEYS_BUCKET: &str = "callcap_api_keys";
 /// The stream JetStream keeps [`KEYS_BUCKET`] in.
@@ -73,9 +161,9 @@ pub enum VersionError {
     TooOld(String),
 }
 
-/// The subject a company's records are published on.
+/// The subject a company's records are published on in the main lane.
 pub fn ingest_subject(company_id: Uuid) -> String {
-    format!("{SUBJECT_PREFIX}.{company_id}")
+    Lane::Main.subject(company_id)
 }
 
 /// The stream definition for the given settings, with `replicas` copies.
@@ -89,7 +177,7 @@ pub fn stream_config(args: &StreamArgs, replicas: usize) -> stream::Config {
         description: Some(
             "Call Capture: accepted call records awaiting and kept for replay".into(),
         ),
-        subjects: vec![SUBJECT_WILDCARD.to_owned()],
+        subjects: Lane::ALL.iter().map(|l| l.filter()).collect(),
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
         discard: stream::DiscardPolicy::New,
@@ -355,6 +443,32 @@ pub fn differences(current: &stream::Config, wanted: &stream::Config) -> Vec<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_subject_names_its_lane_and_company_and_nothing_else_does() {
+        let c = Uuid::from_u128(0xabcd_ef01_2345_6789_abcd_ef01_2345_6789);
+        for lane in Lane::ALL {
+            assert_eq!(Lane::of_subject(&lane.subject(c)), Some((lane, c)));
+            assert_eq!(lane.as_str().parse::<Lane>(), Ok(lane));
+        }
+        assert_eq!(Lane::Main.subject(c), ingest_subject(c));
+        assert_ne!(Lane::Main.consumer_name(), Lane::Overflow.consumer_name());
+        // The stream holds both lanes, the company filter both of a company's subjects.
+        let config = stream_config(&crate::config::StreamArgs::default(), 1);
+        assert_eq!(config.subjects, vec!["calls.ingest.*", "calls.overflow.*"]);
+        assert_eq!(company_filter(c), format!("calls.*.{c}"));
+        for bad in [
+            "calls.ingest".to_owned(),
+            "calls.other.".to_owned() + &c.to_string(),
+            format!("calls.ingest.{}", c.simple()),
+            format!("calls.ingest.{}", c.hyphenated().to_string().to_uppercase()),
+            format!("calls.ingest.{c}.x"),
+            format!("x.ingest.{c}"),
+        ] {
+            assert_eq!(Lane::of_subject(&bad), None, "{bad}");
+        }
+        assert!("fast".parse::<Lane>().is_err());
+    }
 
     #[test]
     fn server_versions_are_compared_numerically() {

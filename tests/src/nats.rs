@@ -42,6 +42,16 @@ impl NatsConfig {
 /// Every message of the `CALLS` stream, in stream order: (stream sequence, envelope).
 /// Empty when the stream does not exist (e.g. it did not survive a power cut).
 pub async fn stream_envelopes(nats_url: &str) -> Vec<(u64, callcap::Envelope)> {
+    stream_messages(nats_url)
+        .await
+        .into_iter()
+        .map(|(seq, _, env)| (seq, env))
+        .collect()
+}
+
+/// Every message of the `CALLS` stream, in stream order: (stream sequence, subject,
+/// envelope).
+pub async fn stream_messages(nats_url: &str) -> Vec<(u64, String, callcap::Envelope)> {
     use async_nats::jetstream::consumer::{pull, DeliverPolicy};
     use futures::StreamExt;
     // A seed list (a cluster) as well as one URL.
@@ -71,7 +81,7 @@ pub async fn stream_envelopes(nats_url: &str) -> Vec<(u64, callcap::Envelope)> {
             .expect("a message");
         let seq = msg.info().expect("a JetStream message").stream_sequence;
         let env = callcap::Envelope::decode(&msg.payload).expect("an envelope");
-        out.push((seq, env));
+        out.push((seq, msg.subject.to_string(), env));
     }
     out
 }

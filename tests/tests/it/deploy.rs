@@ -4,6 +4,8 @@
 //! stream and consumer, metrics — is one the services actually have.
 
 use std::collections::BTreeSet;
+
+use callcap::subjects::Lane;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -43,10 +45,11 @@ fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} {name}"))
 }
 
-const MANIFESTS: [&str; 4] = [
+const MANIFESTS: [&str; 5] = [
     "deploy/k8s/namespace.yaml",
     "deploy/k8s/gateway.yaml",
     "deploy/k8s/worker.yaml",
+    "deploy/k8s/worker-overflow.yaml",
     "deploy/k8s/secrets.example.yaml",
 ];
 
@@ -115,6 +118,12 @@ fn deployments_use_only_settings_probes_and_ports_the_binaries_have() {
             crate::WORKER_BIN,
             "METRICS_ADDR",
         ),
+        (
+            "deploy/k8s/worker-overflow.yaml",
+            "persist-worker-overflow",
+            crate::WORKER_BIN,
+            "METRICS_ADDR",
+        ),
     ] {
         let docs = yaml_docs(file);
         let dep = find(&docs, "Deployment", name);
@@ -170,7 +179,11 @@ fn deployments_use_only_settings_probes_and_ports_the_binaries_have() {
     );
     // Secrets named by the Deployments exist (in the example) with those keys.
     let secrets = yaml_docs("deploy/k8s/secrets.example.yaml");
-    for file in ["deploy/k8s/gateway.yaml", "deploy/k8s/worker.yaml"] {
+    for file in [
+        "deploy/k8s/gateway.yaml",
+        "deploy/k8s/worker.yaml",
+        "deploy/k8s/worker-overflow.yaml",
+    ] {
         let docs = yaml_docs(file);
         let dep = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
         for (var, e) in container_env(dep) {
@@ -221,34 +234,58 @@ fn deployments_use_only_settings_probes_and_ports_the_binaries_have() {
 }
 
 #[test]
-fn keda_scales_the_worker_deployment_on_the_real_stream_and_consumer() {
+fn keda_scales_each_lanes_workers_on_that_lanes_own_consumer() {
     let docs = yaml_docs("deploy/k8s/keda-scaledobject.yaml");
-    let so = find(&docs, "ScaledObject", "persist-worker");
-    assert_eq!(so["apiVersion"], "keda.sh/v1alpha1");
-    let target = &so["spec"]["scaleTargetRef"];
-    assert_eq!(target["kind"], "Deployment");
-    let workers = yaml_docs("deploy/k8s/worker.yaml");
-    let dep = find(&workers, "Deployment", target["name"].as_str().unwrap());
-    assert_eq!(so["metadata"]["namespace"], dep["metadata"]["namespace"]);
-    let trigger = &so["spec"]["triggers"][0];
-    assert_eq!(trigger["type"], "nats-jetstream");
-    let m = &trigger["metadata"];
-    assert_eq!(m["stream"], callcap::subjects::STREAM_NAME);
-    assert_eq!(m["consumer"], callcap::subjects::CONSUMER_NAME);
-    assert_eq!(m["account"], "$G");
-    // KEDA reads metadata values as strings.
-    for k in ["lagThreshold", "activationLagThreshold"] {
+    let kustomized = yaml_docs("deploy/k8s/kustomization.yaml");
+    let resources: Vec<&str> = kustomized[0]["resources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.as_str())
+        .collect();
+    for (lane, file) in [
+        (Lane::Main, "deploy/k8s/worker.yaml"),
+        (Lane::Overflow, "deploy/k8s/worker-overflow.yaml"),
+    ] {
         assert!(
-            m[k].as_str().is_some_and(|v| v.parse::<u64>().is_ok()),
-            "{k} must be a quoted number"
+            resources.contains(&file.trim_start_matches("deploy/k8s/")),
+            "{file} is applied by kustomization.yaml"
         );
+        let so = find(&docs, "ScaledObject", lane.consumer_name());
+        assert_eq!(so["apiVersion"], "keda.sh/v1alpha1");
+        let target = &so["spec"]["scaleTargetRef"];
+        assert_eq!(target["kind"], "Deployment");
+        let workers = yaml_docs(file);
+        let dep = find(&workers, "Deployment", target["name"].as_str().unwrap());
+        assert_eq!(so["metadata"]["namespace"], dep["metadata"]["namespace"]);
+        // The Deployment KEDA scales serves exactly the lane whose consumer it watches.
+        let env = container_env(dep);
+        let lanes = env
+            .iter()
+            .find(|(k, _)| k == "LANES")
+            .and_then(|(_, v)| v["value"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| panic!("{file} sets LANES"));
+        assert_eq!(lanes, lane.as_str(), "{file}");
+        let trigger = &so["spec"]["triggers"][0];
+        assert_eq!(trigger["type"], "nats-jetstream");
+        let m = &trigger["metadata"];
+        assert_eq!(m["stream"], callcap::subjects::STREAM_NAME);
+        assert_eq!(m["consumer"], lane.consumer_name());
+        assert_eq!(m["account"], "$G");
+        // KEDA reads metadata values as strings.
+        for k in ["lagThreshold", "activationLagThreshold"] {
+            assert!(
+                m[k].as_str().is_some_and(|v| v.parse::<u64>().is_ok()),
+                "{k} must be a quoted number"
+            );
+        }
+        let min = so["spec"]["minReplicaCount"].as_u64().unwrap();
+        assert!(
+            min >= 1,
+            "never scale a lane's workers to zero: records would wait with nobody to store them"
+        );
+        assert!(so["spec"]["maxReplicaCount"].as_u64().unwrap() > min);
     }
-    let min = so["spec"]["minReplicaCount"].as_u64().unwrap();
-    assert!(
-        min >= 1,
-        "never scale the workers to zero: records would wait with nobody to store them"
-    );
-    assert!(so["spec"]["maxReplicaCount"].as_u64().unwrap() > min);
 }
 
 #[test]

@@ -9,6 +9,7 @@ mod faults;
 mod fuzz;
 mod gateway;
 mod group_commit;
+mod lanes;
 mod merge;
 mod overload;
 mod pipeline;
