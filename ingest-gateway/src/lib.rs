@@ -180,10 +180,26 @@ pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
     let server = publisher.client().server_info();
     callcap::subjects::check_server_version(&server.version)?;
     let js = publisher.context().clone();
-    with_retry("opening the CALLS stream", || {
+    let stream = with_retry("opening the CALLS stream", || {
         callcap::subjects::open_stream(&js, &cli.stream)
     })
     .await?;
+    // A stream created before lanes existed has no overflow subjects until `setup`
+    // (admin) adds them: until then every record takes the main lane, rather than a
+    // publish nobody would take.
+    let mut serve = cli.serve.clone();
+    if !stream
+        .cached_info()
+        .config
+        .subjects
+        .contains(&callcap::subjects::Lane::Overflow.filter())
+    {
+        tracing::warn!(
+            "the CALLS stream has no overflow lane yet: every record takes the main lane. Run              `ingest-gateway setup` with the admin NATS identity, then restart the gateways              and workers"
+        );
+        serve.overflow_rate = 0.0;
+        serve.overflow_companies.clear();
+    }
     let fsync_mode = report_fsync_mode(&server, cli.serve.nats_monitor_url.as_deref()).await;
     let bucket = with_retry("opening the API key bucket", || {
         auth::open_key_bucket(&js, cli.stream.stream_replicas)
@@ -194,7 +210,7 @@ pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
     Ok(AppState::new(
         Arc::new(publisher),
         keys,
-        cli.serve.clone(),
+        serve,
         metrics,
         fsync_mode,
     ))

@@ -29,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 pub enum Condition {
     /// Not checked yet.
     Unknown,
+    /// The stream has no subjects for this lane (created before lanes): not served.
+    Absent,
     /// As defined.
     Right,
     /// Not on the server.
@@ -65,6 +67,11 @@ impl ConsumerHealth {
 }
 
 impl ConsumerHealth {
+    /// Marks the lane as not in the stream (not served, nothing can arrive in it).
+    pub fn set_absent(&self) {
+        self.set(Condition::Absent);
+    }
+
     /// The lane whose consumer this is.
     pub fn lane(&self) -> Lane {
         self.lane

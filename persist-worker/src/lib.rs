@@ -202,8 +202,19 @@ pub async fn run(
         }
     };
     let mut loops = tokio::task::JoinSet::new();
+    let subjects = stream.cached_info().config.subjects.clone();
     for (health, lane_pool) in healths.iter().zip(&pools) {
         let lane = health.lane();
+        if !subjects.contains(&lane.filter()) {
+            // A stream from before lanes: nothing can arrive in this lane until `setup`
+            // adds its subjects (the gateways route everything to the main lane meanwhile).
+            tracing::warn!(
+                %lane,
+                "the CALLS stream has no subjects for this lane yet; not serving it. Run                  `ingest-gateway setup` with the admin NATS identity, then restart the workers"
+            );
+            health.set_absent();
+            continue;
+        }
         let wanted = consume::consumer_config(&cli.run, lane);
         let consumer = guard::open(&stream, &wanted, health)
             .await

@@ -44,7 +44,11 @@ async fn readyz(State(s): State<OpsState>) -> (StatusCode, String) {
         .iter()
         .map(|h| consumer_state(&h.condition()))
         .collect();
-    let consumer = states.iter().copied().find(|c| *c != "ok").unwrap_or("ok");
+    let consumer = states
+        .iter()
+        .copied()
+        .find(|c| *c != "ok" && *c != ABSENT)
+        .unwrap_or("ok");
     let consumer_ok = consumer == "ok";
     let lanes: String = s
         .consumers
@@ -74,11 +78,16 @@ async fn readyz(State(s): State<OpsState>) -> (StatusCode, String) {
     )
 }
 
+/// A lane the stream does not have yet: nothing can arrive in it, so not a reason to be
+/// unready.
+const ABSENT: &str = "not in the stream (run `ingest-gateway setup`)";
+
 /// The consumer's condition in a word: `ok`, `missing`, `changed`, or `not checked yet`.
 fn consumer_state(c: &crate::guard::Condition) -> &'static str {
     use crate::guard::Condition;
     match c {
         Condition::Right => "ok",
+        Condition::Absent => ABSENT,
         Condition::Missing => "missing",
         Condition::Changed(_) => "changed",
         Condition::Unknown => "not checked yet",
@@ -176,7 +185,7 @@ async fn status_page(State(s): State<OpsState>) -> Response {
         .consumers
         .iter()
         .map(|h| consumer_state(&h.condition()))
-        .find(|c| *c != "ok")
+        .find(|c| *c != "ok" && *c != ABSENT)
         .unwrap_or("ok");
     let body = format!(
         r#"<table id="health">

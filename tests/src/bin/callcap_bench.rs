@@ -128,6 +128,38 @@ enum Cmd {
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
     },
+    /// One company's burst next to another's trickle (issue "no single FIFO"): the quiet
+    /// company posts one record every `quiet_interval_ms` throughout; after
+    /// `warmup_secs` the hot company floods `/v1/calls/batch` (`connections` clients,
+    /// `records` a request) for `burst_secs`. Waits until every accepted record is
+    /// stored, then reports the quiet company's lag (its rows' stored_at − received_at)
+    /// before the burst (baseline) and from the burst's start until the hot backlog was
+    /// stored, and the hot company's accept and drain rates (drain: its rows over the
+    /// span of their stored_at).
+    Isolation {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        gateway: String,
+        #[arg(long)]
+        hot_key: String,
+        #[arg(long)]
+        hot_company: Uuid,
+        #[arg(long)]
+        quiet_key: String,
+        #[arg(long)]
+        quiet_company: Uuid,
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: String,
+        #[arg(long, default_value_t = 8)]
+        warmup_secs: u64,
+        #[arg(long, default_value_t = 20)]
+        burst_secs: u64,
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        #[arg(long, default_value_t = 500)]
+        records: usize,
+        #[arg(long, default_value_t = 100)]
+        quiet_interval_ms: u64,
+    },
     /// POST single records to a running gateway, then measure the lag from 201 to row.
     E2e {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -178,6 +210,32 @@ async fn main() -> anyhow::Result<()> {
             .await
         }
         Cmd::Fsync { dir, count } => fsync_latency(&dir, count),
+        Cmd::Isolation {
+            gateway,
+            hot_key,
+            hot_company,
+            quiet_key,
+            quiet_company,
+            database_url,
+            warmup_secs,
+            burst_secs,
+            connections,
+            records,
+            quiet_interval_ms,
+        } => {
+            isolation(&Isolation {
+                gateway,
+                hot: (hot_key, hot_company),
+                quiet: (quiet_key, quiet_company),
+                database_url,
+                warmup: Duration::from_secs(warmup_secs),
+                burst: Duration::from_secs(burst_secs),
+                connections,
+                records,
+                quiet_interval: Duration::from_millis(quiet_interval_ms),
+            })
+            .await
+        }
         Cmd::Body { company, records } => {
             let body = match records {
                 None => callcap_tests::payloads::complete(company, "__EXT__"),
@@ -1027,4 +1085,183 @@ fn varied(company: Uuid, external_call_id: &str) -> serde_json::Value {
     .into();
     v["call_details"]["agent_name"] = format!("Agent {}", pick(92, 200)).into();
     v
+}
+
+struct Isolation {
+    gateway: String,
+    hot: (String, Uuid),
+    quiet: (String, Uuid),
+    database_url: String,
+    warmup: Duration,
+    burst: Duration,
+    connections: usize,
+    records: usize,
+    quiet_interval: Duration,
+}
+
+/// Milliseconds at quantile `q` of `v` (sorted here).
+fn quantile_ms(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i]
+}
+
+async fn isolation(o: &Isolation) -> anyhow::Result<()> {
+    let pool = sqlx::PgPool::connect(&o.database_url).await?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(o.connections + 4)
+        .build()?;
+    let run = Uuid::new_v4().simple().to_string();
+    let stop_quiet = tokio_util::sync::CancellationToken::new();
+    // The quiet company: open loop, one record per interval, each post its own task so a
+    // slow answer never delays the next record.
+    let quiet = {
+        let (http, stop, run) = (http.clone(), stop_quiet.clone(), run.clone());
+        let url = format!("{}/v1/calls", o.gateway);
+        let (key, company) = o.quiet.clone();
+        let every = o.quiet_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            let mut posts = Vec::new();
+            let mut n = 0u64;
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                n += 1;
+                let body = callcap_tests::payloads::complete(company, &format!("Q-{run}-{n}"));
+                let (http, url, key) = (http.clone(), url.clone(), key.clone());
+                posts.push(tokio::spawn(async move {
+                    http.post(&url)
+                        .header("x-api-key", &key)
+                        .json(&body)
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status() == reqwest::StatusCode::CREATED)
+                }));
+            }
+            let mut accepted = 0u64;
+            for p in posts {
+                accepted += u64::from(p.await.unwrap_or(false));
+            }
+            accepted
+        })
+    };
+    tokio::time::sleep(o.warmup).await;
+    let burst_start = Utc::now();
+    let deadline = Instant::now() + o.burst;
+    let mut hot = Vec::new();
+    for c in 0..o.connections {
+        let (http, run) = (http.clone(), run.clone());
+        let url = format!("{}/v1/calls/batch", o.gateway);
+        let (key, company) = o.hot.clone();
+        let records = o.records;
+        hot.push(tokio::spawn(async move {
+            let mut accepted = 0u64;
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                n += 1;
+                let calls: Vec<serde_json::Value> = (0..records)
+                    .map(|i| {
+                        callcap_tests::payloads::complete(company, &format!("H-{run}-{c}-{n}-{i}"))
+                    })
+                    .collect();
+                let Ok(resp) = http
+                    .post(&url)
+                    .header("x-api-key", &key)
+                    .json(&serde_json::json!({ "calls": calls }))
+                    .send()
+                    .await
+                else {
+                    continue;
+                };
+                let v: serde_json::Value = resp.json().await.unwrap_or_default();
+                accepted += v["accepted"].as_u64().unwrap_or(0);
+            }
+            accepted
+        }));
+    }
+    let mut hot_accepted = 0u64;
+    for t in hot {
+        hot_accepted += t.await?;
+    }
+    let burst_secs = (Utc::now() - burst_start).num_milliseconds() as f64 / 1000.0;
+    let count = |company: Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM call_history WHERE company_id = $1")
+                .bind(company)
+                .fetch_one(&pool)
+                .await
+                .unwrap_or(0)
+        }
+    };
+    let drain_deadline = Instant::now() + Duration::from_secs(1800);
+    while (count(o.hot.1).await as u64) < hot_accepted {
+        anyhow::ensure!(
+            Instant::now() < drain_deadline,
+            "the hot company's {hot_accepted} records were not all stored in 30 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let drained_at = Utc::now();
+    // A few more quiet records after the backlog is gone, then stop and wait for them.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_quiet.cancel();
+    let quiet_accepted = quiet.await?;
+    let quiet_deadline = Instant::now() + Duration::from_secs(120);
+    while (count(o.quiet.1).await as u64) < quiet_accepted {
+        anyhow::ensure!(
+            Instant::now() < quiet_deadline,
+            "quiet records not all stored"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lags: Vec<(chrono::DateTime<Utc>, f64)> = sqlx::query_as(
+        "SELECT received_at, extract(epoch from stored_at - received_at)::float8 * 1000 \
+         FROM call_history WHERE company_id = $1",
+    )
+    .bind(o.quiet.1)
+    .fetch_all(&pool)
+    .await?;
+    let mut baseline: Vec<f64> = lags
+        .iter()
+        .filter(|(at, _)| *at < burst_start)
+        .map(|(_, ms)| *ms)
+        .collect();
+    let mut during: Vec<f64> = lags
+        .iter()
+        .filter(|(at, _)| *at >= burst_start && *at <= drained_at)
+        .map(|(_, ms)| *ms)
+        .collect();
+    let (first, last): (Option<chrono::DateTime<Utc>>, Option<chrono::DateTime<Utc>>) =
+        sqlx::query_as(
+            "SELECT min(stored_at), max(stored_at) FROM call_history WHERE company_id = $1",
+        )
+        .bind(o.hot.1)
+        .fetch_one(&pool)
+        .await?;
+    let span = match (first, last) {
+        (Some(a), Some(b)) => (b - a).num_milliseconds() as f64 / 1000.0,
+        _ => f64::NAN,
+    };
+    let accept_rate = hot_accepted as f64 / burst_secs.max(1e-3);
+    let drain_rate = hot_accepted as f64 / span.max(1e-3);
+    println!(
+        "isolation hot_accepted={hot_accepted} accept_rate={accept_rate:.0} drain_rate={drain_rate:.0} \
+         outrun={:.2} quiet_baseline_n={} quiet_baseline_p99_ms={:.0} quiet_n={} quiet_p50_ms={:.0} \
+         quiet_p99_ms={:.0} quiet_max_ms={:.0}",
+        accept_rate / drain_rate,
+        baseline.len(),
+        quantile_ms(&mut baseline, 0.99),
+        during.len(),
+        quantile_ms(&mut during, 0.50),
+        quantile_ms(&mut during, 0.99),
+        quantile_ms(&mut during, 1.0),
+    );
+    Ok(())
 }

@@ -526,11 +526,11 @@ async fn every_metric_the_alerts_and_dashboard_use_is_exported() {
     }
     let worker_text = &texts[1];
     assert!(
-        worker_text.contains("worker_batch_size_bucket{le=\"1000\"}"),
+        worker_text.contains("worker_batch_size_bucket{lane=\"main\",le=\"1000\"}"),
         "{worker_text}"
     );
     assert!(
-        !worker_text.contains("worker_batch_size_bucket{le=\"0.001\"}"),
+        !worker_text.contains("worker_batch_size_bucket{lane=\"main\",le=\"0.001\"}"),
         "{worker_text}"
     );
     let mut used = 0;

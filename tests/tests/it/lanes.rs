@@ -270,3 +270,103 @@ async fn a_worker_serving_both_lanes_reports_each_and_an_operator_can_force_a_co
     assert!(!page.contains(&other.simple().to_string()[..8]), "{page}");
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn a_stream_from_before_lanes_keeps_taking_every_record_in_the_main_lane_until_setup() {
+    let nats = NatsServer::start().await;
+    // The stream as an earlier release created it: the main lane's subjects only.
+    let admin = async_nats::jetstream::new(callcap_tests::identities::connect(&nats.url()).await);
+    let mut old = callcap::subjects::stream_config(&Default::default(), 1);
+    old.subjects = vec![callcap::subjects::SUBJECT_WILDCARD.to_owned()];
+    admin.create_stream(old).await.unwrap();
+    let forced = Uuid::new_v4();
+    let gw = TestGateway::start_with(
+        &nats.url(),
+        ServeArgs {
+            overflow_companies: vec![forced],
+            ..ServeArgs::default()
+        },
+    )
+    .await;
+    let key = gw.create_key(forced).await;
+    let db = TestDb::create().await;
+    let port = callcap_tests::free_port();
+    let worker = TestWorker::start_with(
+        &nats.url(),
+        &db.url,
+        RunArgs {
+            metrics_addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            ..test_run_args()
+        },
+    )
+    .await;
+    for i in 0..3 {
+        let (s, body) = gw
+            .post_call(&key, &call(forced, &format!("F{i}"), "completed", "f"))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+    }
+    let subjects: Vec<String> = stream_messages(&nats.url())
+        .await
+        .into_iter()
+        .map(|(_, subject, _)| subject)
+        .collect();
+    assert_eq!(subjects, vec![Lane::Main.subject(forced); 3]);
+    eventually(Duration::from_secs(20), "stored", || async {
+        (db.count_calls().await == 3).then_some(())
+    })
+    .await;
+    // The worker is ready and says why it does not serve the overflow lane.
+    let readyz = eventually(Duration::from_secs(20), "ready", || async {
+        let r = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .ok()?;
+        let ok = r.status() == StatusCode::OK;
+        let text = r.text().await.ok()?;
+        ok.then_some(text)
+    })
+    .await;
+    assert!(
+        readyz.contains("lane overflow: not in the stream (run `ingest-gateway setup`)"),
+        "{readyz}"
+    );
+    worker.stop().await;
+    gw.stop().await;
+
+    // `setup` adds the lane; restarted, the gateway routes the forced company there and
+    // the worker serves it.
+    let out = std::process::Command::new(crate::GATEWAY_BIN)
+        .arg("setup")
+        .env("NATS_URL", nats.url())
+        .env(
+            "NATS_NKEY_FILE",
+            callcap_tests::pipeline::seed_path(callcap::config::Role::Admin),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gw = TestGateway::start_with(
+        &nats.url(),
+        ServeArgs {
+            overflow_companies: vec![forced],
+            ..ServeArgs::default()
+        },
+    )
+    .await;
+    let worker = TestWorker::start(&nats.url(), &db.url).await;
+    let (s, _) = gw
+        .post_call(&key, &call(forced, "F3", "completed", "f"))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let last = stream_messages(&nats.url()).await.pop().unwrap();
+    assert_eq!(last.1, Lane::Overflow.subject(forced));
+    eventually(Duration::from_secs(20), "stored", || async {
+        (db.count_calls().await == 4).then_some(())
+    })
+    .await;
+    worker.stop().await;
+}

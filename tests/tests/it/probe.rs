@@ -476,7 +476,8 @@ async fn a_worker_repairs_its_consumer_when_its_own_identity_changes_or_deletes_
         .unwrap()
         .config;
     assert_eq!(
-        repaired.filter_subject, "",
+        repaired.filter_subject,
+        callcap::subjects::Lane::Main.filter(),
         "the filter is the defined one again"
     );
 
