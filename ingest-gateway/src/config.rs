@@ -48,6 +48,10 @@ pub enum Command {
     /// the admin NATS identity: a serving gateway creates what is missing but never
     /// changes what exists.
     Setup,
+    /// Show or change the partition layout: how many streams (each with its own leader
+    /// on a cluster) the records are spread over, a company always in the same one.
+    #[command(subcommand)]
+    Partitions(PartitionsCommand),
     /// Check an integration end to end, as `examples/test-webhook.js` does: send the API
     /// document's Example 1 and Example 2 to a running service with your key, and say
     /// what happened. Exits 0 when both were created, 1 otherwise.
@@ -55,6 +59,28 @@ pub enum Command {
     /// NATS identities (nkeys) for the broker's configuration.
     #[command(subcommand)]
     Nkey(NkeyCommand),
+}
+
+/// `ingest-gateway partitions`.
+#[derive(Debug, Subcommand)]
+pub enum PartitionsCommand {
+    /// List the partition streams: layout, sealed or not, records, records the workers
+    /// have not stored yet per lane, leader.
+    Show,
+    /// Change the number of partitions: seals the current streams, creates the new
+    /// ones (numbered past every old record, so nothing is reordered), and waits until
+    /// the workers have stored everything the sealed ones hold. Gateways and workers
+    /// follow by themselves; nothing is lost (a refused publish is sent again to the new
+    /// layout). Run again after a failure to complete it. Run with the admin identity.
+    Set {
+        /// Partitions of the new layout (1 to 64). On a cluster, at least the node count
+        /// spreads the stream leaders over every node.
+        #[arg(value_parser = clap::value_parser!(u32).range(1..=64))]
+        count: u32,
+        /// Return once the new layout exists, without waiting for the drain.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 /// `ingest-gateway check`.

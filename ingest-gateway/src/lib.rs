@@ -26,6 +26,7 @@ pub mod extract;
 pub mod ingest;
 pub mod keys;
 pub mod lanes;
+pub mod layout;
 pub mod nkey;
 pub mod publish;
 pub mod ratelimit;
@@ -47,8 +48,8 @@ use tokio::net::TcpListener;
 
 use crate::app::AppState;
 use crate::auth::KeyCache;
-use crate::config::{Cli, Command, KeysCommand, NkeyCommand};
-use crate::publish::GroupCommit;
+use crate::config::{Cli, Command, KeysCommand, NkeyCommand, PartitionsCommand};
+use crate::publish::Partitioned;
 
 /// Runs what the command line asks: serve (with the Prometheus recorder installed and
 /// SIGTERM/SIGINT as the shutdown signal) or a `keys` command printing to stdout.
@@ -100,6 +101,21 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             let summary = setup(&cli).await?;
             println!("{summary}");
             Ok(())
+        }
+        Some(Command::Partitions(cmd)) => {
+            let client = cli
+                .nats
+                .connect_once("ingest-gateway partitions", Role::Admin)
+                .await
+                .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
+            let js = jetstream::new(client);
+            let mut out = std::io::stdout().lock();
+            match cmd {
+                PartitionsCommand::Show => layout::show(&js, &mut out).await,
+                PartitionsCommand::Set { count, no_wait } => {
+                    layout::set(&js, &cli.stream, *count, !*no_wait, &mut out).await
+                }
+            }
         }
         Some(Command::Check(args)) => {
             let mut out = std::io::stdout().lock();
@@ -166,40 +182,66 @@ pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
         .connect("ingest-gateway", Role::Gateway)
         .await
         .context("connecting to NATS")?;
-    let publisher = GroupCommit::start(client, cli.serve.group_commit())
-        .await
-        .context("subscribing the publish reply inbox")?;
     // A flush round trip means the connection is up and its INFO is the server's.
     with_retry("reaching NATS", || async {
-        match tokio::time::timeout(Duration::from_secs(2), publisher.client().flush()).await {
+        match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
             Ok(flushed) => flushed.map_err(|e| SetupError::Nats(e.into())),
             Err(_) => Err(SetupError::Nats("no answer from NATS within 2 s".into())),
         }
     })
     .await?;
-    let server = publisher.client().server_info();
+    let server = client.server_info();
     callcap::subjects::check_server_version(&server.version)?;
-    let js = publisher.context().clone();
-    let stream = with_retry("opening the CALLS stream", || {
-        callcap::subjects::open_stream(&js, &cli.stream)
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(cli.serve.publish_timeout())
+        .build(client.clone());
+    // The layout on the server (`ingest-gateway partitions`); none yet means a fresh
+    // deployment: the CALLS stream, created here.
+    let found = with_retry("reading the partition layout", || async {
+        callcap::partitions::list(&js)
+            .await
+            .map_err(SetupError::Nats)
     })
     .await?;
-    // A stream created before lanes existed has no overflow subjects until `setup`
-    // (admin) adds them: until then every record takes the main lane, rather than a
-    // publish nobody would take.
+    let layout = callcap::partitions::current_of(&found)
+        .map_err(|why| anyhow::anyhow!("reading the partition layout: {why}"))?;
     let mut serve = cli.serve.clone();
-    if !stream
-        .cached_info()
-        .config
-        .subjects
-        .contains(&callcap::subjects::Lane::Overflow.filter())
-    {
-        tracing::warn!(
-            "the CALLS stream has no overflow lane yet: every record takes the main lane. Run              `ingest-gateway setup` with the admin NATS identity, then restart the gateways              and workers"
-        );
-        serve.overflow_rate = 0.0;
-        serve.overflow_companies.clear();
-    }
+    let layout = match layout {
+        Some(l) if l != callcap::partitions::Layout::default() => l,
+        _ => {
+            let stream = with_retry("opening the CALLS stream", || {
+                callcap::subjects::open_stream(&js, &cli.stream)
+            })
+            .await?;
+            // A stream created before lanes existed has no overflow subjects until
+            // `setup` (admin) adds them: until then every record takes the main lane,
+            // rather than a publish nobody would take.
+            if !stream
+                .cached_info()
+                .config
+                .subjects
+                .contains(&callcap::subjects::Lane::Overflow.filter())
+            {
+                tracing::warn!(
+                    "the CALLS stream has no overflow lane yet: every record takes the main lane. Run \
+                     `ingest-gateway setup` with the admin NATS identity, then restart the gateways \
+                     and workers"
+                );
+                serve.overflow_rate = 0.0;
+                serve.overflow_companies.clear();
+            }
+            callcap::partitions::Layout::default()
+        }
+    };
+    tracing::info!(
+        epoch = layout.epoch,
+        partitions = layout.count,
+        "publishing by the partition layout"
+    );
+    metrics::gauge!("gateway_partitions").set(f64::from(layout.count));
+    let publisher = Partitioned::start(client, js.clone(), cli.serve.group_commit(), layout)
+        .await
+        .context("subscribing the publish reply inbox")?;
     let fsync_mode = report_fsync_mode(&server, cli.serve.nats_monitor_url.as_deref()).await;
     let bucket = with_retry("opening the API key bucket", || {
         auth::open_key_bucket(&js, cli.stream.stream_replicas)
@@ -207,13 +249,7 @@ pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
     .await?;
     let keys = Arc::new(KeyCache::default());
     tokio::spawn(auth::watch_keys(bucket, keys.clone()));
-    Ok(AppState::new(
-        Arc::new(publisher),
-        keys,
-        serve,
-        metrics,
-        fsync_mode,
-    ))
+    Ok(AppState::new(publisher, keys, serve, metrics, fsync_mode))
 }
 
 /// Logs the fsync mode of the server: whether a JetStream ack means "on disk" (a 201

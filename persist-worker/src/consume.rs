@@ -11,6 +11,7 @@ use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, message::AckKind};
+use callcap::partitions::Partition;
 use callcap::subjects::Lane;
 use futures::{FutureExt, StreamExt};
 use sqlx::PgPool;
@@ -36,13 +37,14 @@ fn record_batch(stored: u64, dead_letters: u64) {
     THROUGHPUT.add(1, dead_letters);
 }
 
-/// The durable consumer definition of a lane, shared by every worker serving it.
-pub fn consumer_config(args: &RunArgs, lane: Lane) -> pull::Config {
+/// The durable consumer definition of a lane on a partition stream, shared by every
+/// worker serving it.
+pub fn consumer_config(args: &RunArgs, lane: Lane, partition: Partition) -> pull::Config {
     let wait = args.ack_wait();
     pull::Config {
         durable_name: Some(lane.consumer_name().to_owned()),
         description: Some(format!("Call Capture persist workers, {lane} lane")),
-        filter_subject: lane.filter(),
+        filter_subject: partition.filter(lane),
         ack_policy: jetstream::consumer::AckPolicy::Explicit,
         ack_wait: wait,
         max_deliver: args.max_deliver,

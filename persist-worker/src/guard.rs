@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{self, pull, DeliverPolicy};
 use async_nats::jetstream::stream::Stream;
+use callcap::partitions::Partition;
 use callcap::subjects::Lane;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +45,7 @@ pub enum Condition {
 #[derive(Debug)]
 pub struct ConsumerHealth {
     lane: Lane,
+    partition: Partition,
     condition: Mutex<Condition>,
     repairs: AtomicU64,
     pending: AtomicU64,
@@ -53,10 +55,11 @@ pub struct ConsumerHealth {
 }
 
 impl ConsumerHealth {
-    /// Nothing seen yet of `lane`'s consumer.
-    pub fn new(lane: Lane) -> Self {
+    /// Nothing seen yet of `lane`'s consumer on `partition`'s stream.
+    pub fn new(lane: Lane, partition: Partition) -> Self {
         ConsumerHealth {
             lane,
+            partition,
             condition: Mutex::new(Condition::Unknown),
             repairs: AtomicU64::new(0),
             pending: AtomicU64::new(0),
@@ -75,6 +78,11 @@ impl ConsumerHealth {
     /// The lane whose consumer this is.
     pub fn lane(&self) -> Lane {
         self.lane
+    }
+
+    /// The partition stream the consumer is on.
+    pub fn partition(&self) -> Partition {
+        self.partition
     }
 
     /// The consumer's condition as last seen.
@@ -214,6 +222,7 @@ pub async fn watch(
     let mut resume_from: Option<u64> = None;
     let name = health.lane.consumer_name();
     let lane = health.lane.as_str();
+    let stream_label = health.partition.label();
     loop {
         match stream.consumer_info(name).await {
             Ok(info) => {
@@ -221,9 +230,9 @@ pub async fn watch(
                 health
                     .ack_pending
                     .store(info.num_ack_pending as u64, Ordering::Relaxed);
-                metrics::gauge!("worker_consumer_pending", "lane" => lane)
+                metrics::gauge!("worker_consumer_pending", "lane" => lane, "stream" => stream_label.clone())
                     .set(info.num_pending as f64);
-                metrics::gauge!("worker_consumer_ack_pending", "lane" => lane)
+                metrics::gauge!("worker_consumer_ack_pending", "lane" => lane, "stream" => stream_label.clone())
                     .set(info.num_ack_pending as f64);
                 let diff = differences(&info.config, &want);
                 if diff.is_empty() {
@@ -320,6 +329,7 @@ mod tests {
         consumer::IntoConsumerConfig::into_consumer_config(crate::consume::consumer_config(
             &RunArgs::default(),
             Lane::Main,
+            Partition::LEGACY,
         ))
     }
 

@@ -162,15 +162,12 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(cli.run.metrics_addr)
         .await
         .with_context(|| format!("binding METRICS_ADDR {}", cli.run.metrics_addr))?;
-    let healths: Vec<std::sync::Arc<guard::ConsumerHealth>> = lanes
-        .iter()
-        .map(|l| std::sync::Arc::new(guard::ConsumerHealth::new(*l)))
-        .collect();
+    let served: ops::Served = Default::default();
     let ops = ops::router(ops::OpsState {
         pool: pool.clone(),
         nats: client.clone(),
         metrics,
-        consumers: healths.clone(),
+        consumers: served.clone(),
     });
     let ops_cancel = cancel.clone();
     tokio::spawn(async move {
@@ -186,66 +183,126 @@ pub async fn run(
     let js = jetstream::ContextBuilder::new()
         .timeout(Duration::from_millis(cli.nats.nats_request_timeout_ms))
         .build(client);
-    let stream = loop {
-        match callcap::subjects::open_stream(&js, &cli.stream).await {
-            Ok(s) => break s,
+    // A fresh deployment may start its workers before any gateway: the CALLS stream is
+    // created then (a partitioned layout is only ever made by `ingest-gateway partitions`).
+    loop {
+        let found: Result<(), callcap::subjects::SetupError> = async {
+            let found = callcap::partitions::list(&js)
+                .await
+                .map_err(callcap::subjects::SetupError::Nats)?;
+            if found.is_empty() {
+                callcap::subjects::open_stream(&js, &cli.stream).await?;
+            }
+            Ok(())
+        }
+        .await;
+        match found {
+            Ok(()) => break,
             Err(callcap::subjects::SetupError::Refused(why)) => {
                 anyhow::bail!("setting up the CALLS stream: {why}")
             }
             Err(e) => {
-                tracing::warn!(error = %e, "stream not reachable yet; retrying");
+                tracing::warn!(error = %e, "streams not reachable yet; retrying");
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     () = cancel.cancelled() => return Ok(()),
                 }
             }
         }
-    };
-    let mut loops = tokio::task::JoinSet::new();
-    let subjects = stream.cached_info().config.subjects.clone();
-    for (health, lane_pool) in healths.iter().zip(&pools) {
-        let lane = health.lane();
-        if !subjects.contains(&lane.filter()) {
-            // A stream from before lanes: nothing can arrive in this lane until `setup`
-            // adds its subjects (the gateways route everything to the main lane meanwhile).
-            tracing::warn!(
-                %lane,
-                "the CALLS stream has no subjects for this lane yet; not serving it. Run                  `ingest-gateway setup` with the admin NATS identity, then restart the workers"
-            );
-            health.set_absent();
-            continue;
-        }
-        let wanted = consume::consumer_config(&cli.run, lane);
-        let consumer = guard::open(&stream, &wanted, health)
-            .await
-            .map_err(|e| anyhow::anyhow!("opening the {lane} lane's durable consumer: {e}"))?;
-        tokio::spawn(guard::watch(
-            stream.clone(),
-            wanted,
-            health.clone(),
-            cli.run.consumer_check(),
-            cancel.clone(),
-        ));
-        let (health, lane_pool, args, cancel) = (
-            health.clone(),
-            lane_pool.clone(),
-            cli.run.clone(),
-            cancel.clone(),
-        );
-        loops.spawn(async move {
-            consume::run(consumer, &health, lane_pool, args, cancel)
-                .await
-                .map_err(|e| anyhow::anyhow!("the {lane} lane's consumer failed: {e}"))
-        });
     }
-    // A lane whose loop fails stops the worker (the orchestrator restarts it), so the
-    // other lane is never served alone without anyone noticing.
+    // Every partition stream (sealed ones too, until they are drained: a layout change
+    // leaves them to the workers), each lane on its own consumer. New streams are found at
+    // each consumer check.
+    let mut loops = tokio::task::JoinSet::new();
+    let mut serving = std::collections::HashSet::new();
+    let lane_pools: std::collections::HashMap<_, _> =
+        lanes.iter().copied().zip(pools.iter().cloned()).collect();
+    loop {
+        match callcap::partitions::list(&js).await {
+            Ok(found) => {
+                for f in found {
+                    for lane in &lanes {
+                        if serving.contains(&(f.partition, *lane)) {
+                            continue;
+                        }
+                        let health =
+                            std::sync::Arc::new(guard::ConsumerHealth::new(*lane, f.partition));
+                        if !f.subjects.contains(&f.partition.filter(*lane)) {
+                            // A stream from before lanes: nothing can arrive in this lane
+                            // until `setup` adds its subjects (the gateways route
+                            // everything to the main lane meanwhile).
+                            tracing::warn!(
+                                %lane,
+                                stream = %f.partition.stream_name(),
+                                "the stream has no subjects for this lane yet; not serving it. Run \
+                                 `ingest-gateway setup` with the admin NATS identity, then restart the workers"
+                            );
+                            health.set_absent();
+                            served.add(health);
+                            serving.insert((f.partition, *lane));
+                            continue;
+                        }
+                        let stream = match js.get_stream(f.partition.stream_name()).await {
+                            Ok(s) => s,
+                            Err(e) => {
+                                tracing::warn!(error = %e, stream = %f.partition.stream_name(), "opening a partition stream; retrying");
+                                continue;
+                            }
+                        };
+                        let wanted = consume::consumer_config(&cli.run, *lane, f.partition);
+                        let consumer = match guard::open(&stream, &wanted, &health).await {
+                            Ok(c) => c,
+                            Err(e) => {
+                                tracing::warn!(error = %e, %lane, stream = %f.partition.stream_name(), "opening the durable consumer; retrying");
+                                continue;
+                            }
+                        };
+                        tracing::info!(%lane, partition = %f.partition, "serving");
+                        serving.insert((f.partition, *lane));
+                        served.add(health.clone());
+                        tokio::spawn(guard::watch(
+                            stream,
+                            wanted,
+                            health.clone(),
+                            cli.run.consumer_check(),
+                            cancel.clone(),
+                        ));
+                        let (lane_pool, args, cancel, lane) = (
+                            lane_pools[lane].clone(),
+                            cli.run.clone(),
+                            cancel.clone(),
+                            *lane,
+                        );
+                        loops.spawn(async move {
+                            consume::run(consumer, &health, lane_pool, args, cancel)
+                                .await
+                                .map_err(|e| {
+                                    anyhow::anyhow!("the {lane} lane's consumer failed: {e}")
+                                })
+                        });
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "listing the partition streams; retrying"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(cli.run.consumer_check()) => {}
+            () = cancel.cancelled() => break,
+            // A lane's loop that fails stops the worker (the orchestrator restarts it), so
+            // nothing is served partly without anyone noticing.
+            Some(done) = loops.join_next() => {
+                let outcome = done.map_err(|e| anyhow::anyhow!("a lane's consumer panicked: {e}"));
+                if let Err(e) = outcome.and_then(|r| r) {
+                    cancel.cancel();
+                    while loops.join_next().await.is_some() {}
+                    return Err(e);
+                }
+            }
+        }
+    }
     while let Some(done) = loops.join_next().await {
-        let outcome = done.map_err(|e| anyhow::anyhow!("a lane's consumer panicked: {e}"));
-        if let Err(e) = outcome.and_then(|r| r) {
-            cancel.cancel();
-            while loops.join_next().await.is_some() {}
-            return Err(e);
+        if let Ok(Err(e)) = done {
+            tracing::warn!(error = %e, "a lane's consumer stopped with an error");
         }
     }
     for p in &pools {

@@ -20,8 +20,45 @@ pub struct OpsState {
     pub pool: PgPool,
     pub nats: async_nats::Client,
     pub metrics: Option<PrometheusHandle>,
-    /// Each served lane's durable consumer as the guard last saw it, and its backlog.
-    pub consumers: Vec<std::sync::Arc<crate::guard::ConsumerHealth>>,
+    /// Each served (stream, lane)'s durable consumer as the guard last saw it, and its
+    /// backlog.
+    pub consumers: Served,
+}
+
+/// The consumers this worker serves; grows as partition streams appear.
+#[derive(Clone, Default)]
+pub struct Served(
+    std::sync::Arc<std::sync::RwLock<Vec<std::sync::Arc<crate::guard::ConsumerHealth>>>>,
+);
+
+impl Served {
+    /// Adds a consumer being served.
+    pub fn add(&self, h: std::sync::Arc<crate::guard::ConsumerHealth>) {
+        let mut all = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.push(h);
+        all.sort_by_key(|h| (h.partition(), h.lane()));
+    }
+
+    /// The consumers as now.
+    pub fn all(&self) -> Vec<std::sync::Arc<crate::guard::ConsumerHealth>> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// How a consumer is named on the pages: `main` on the CALLS stream, `main CALLS_E1_P0`
+/// on a partition stream.
+fn name_of(h: &crate::guard::ConsumerHealth) -> String {
+    if h.partition() == callcap::partitions::Partition::LEGACY {
+        h.lane().to_string()
+    } else {
+        format!("{} {}", h.lane(), h.partition().stream_name())
+    }
 }
 
 /// The ops router.
@@ -39,8 +76,8 @@ async fn readyz(State(s): State<OpsState>) -> (StatusCode, String) {
     let db = tokio::time::timeout(Duration::from_secs(2), crate::store::ping(&s.pool)).await;
     let db_ok = matches!(db, Ok(Ok(())));
     // `consumer:` is the worst lane's state; one line per lane follows.
-    let states: Vec<&str> = s
-        .consumers
+    let consumers = s.consumers.all();
+    let states: Vec<&str> = consumers
         .iter()
         .map(|h| consumer_state(&h.condition()))
         .collect();
@@ -49,20 +86,25 @@ async fn readyz(State(s): State<OpsState>) -> (StatusCode, String) {
         .copied()
         .find(|c| *c != "ok" && *c != ABSENT)
         .unwrap_or("ok");
-    let consumer_ok = consumer == "ok";
-    let lanes: String = s
-        .consumers
+    let lanes: String = consumers
         .iter()
         .zip(&states)
         .map(|(h, c)| {
             let (pending, ack_pending) = h.backlog();
             format!(
                 "lane {}: {c} (pending {pending}, ack pending {ack_pending})\n",
-                h.lane()
+                name_of(h)
             )
         })
         .collect();
-    let repairs: u64 = s.consumers.iter().map(|h| h.repairs()).sum();
+    let repairs: u64 = consumers.iter().map(|h| h.repairs()).sum();
+    // Not one consumer yet (no stream found): not ready.
+    let consumer = if consumers.is_empty() {
+        "not checked yet"
+    } else {
+        consumer
+    };
+    let consumer_ok = consumer == "ok";
     let status = if nats_ok && db_ok && consumer_ok {
         StatusCode::OK
     } else {
@@ -162,16 +204,19 @@ async fn status_page(State(s): State<OpsState>) -> Response {
     if reasons.is_empty() {
         reasons.push_str("<tr><td colspan=\"2\">None waiting</td></tr>\n");
     }
+    let consumers = s.consumers.all();
     let mut lanes = String::new();
-    for h in &s.consumers {
+    for h in &consumers {
         let lane = h.lane();
+        let id = name_of(h).replace(' ', "-");
         let one = std::slice::from_ref(h);
         lanes.push_str(&format!(
-            "<tr><td>{lane} (<code>{name}</code>)</td><td id=\"consumer-{lane}\">{state}</td>\
-             <td class=\"n\" id=\"pending-{lane}\">{pending}</td>\
-             <td class=\"n\" id=\"ack-pending-{lane}\">{ack_pending}</td>\
+            "<tr><td>{lane} (<code>{name}</code> on <code>{stream}</code>)</td><td id=\"consumer-{id}\">{state}</td>\
+             <td class=\"n\" id=\"pending-{id}\">{pending}</td>\
+             <td class=\"n\" id=\"ack-pending-{id}\">{ack_pending}</td>\
              <td class=\"n\">{repairs}</td></tr>\n",
             name = lane.consumer_name(),
+            stream = h.partition().stream_name(),
             state = match consumer_state(&h.condition()) {
                 "ok" => r#"<span class="ok">OK</span>"#.to_owned(),
                 other => format!(r#"<span class="bad">{other}</span>"#),
@@ -181,8 +226,7 @@ async fn status_page(State(s): State<OpsState>) -> Response {
             repairs = h.repairs(),
         ));
     }
-    let worst = s
-        .consumers
+    let worst = consumers
         .iter()
         .map(|h| consumer_state(&h.condition()))
         .find(|c| *c != "ok" && *c != ABSENT)
@@ -222,13 +266,13 @@ async fn status_page(State(s): State<OpsState>) -> Response {
 <p><small><code>persist-worker dlq list</code> shows them all; <code>dlq redrive</code> stores them again once the cause is fixed.</small></p>"#,
         nats = state(nats_ok),
         db = state(db_ok),
-        pending = figure(&s.consumers, |b| b.0),
-        ack_pending = figure(&s.consumers, |b| b.1),
+        pending = figure(&consumers, |b| b.0),
+        ack_pending = figure(&consumers, |b| b.1),
         consumer = match worst {
             "ok" => r#"<span class="ok">OK</span>"#.to_owned(),
             other => format!(r#"<span class="bad">{other}</span>"#),
         },
-        repairs = s.consumers.iter().map(|h| h.repairs()).sum::<u64>(),
+        repairs = consumers.iter().map(|h| h.repairs()).sum::<u64>(),
         dead_total = dead_total.map_or_else(
             || "unknown (Postgres unavailable)".into(),
             |n| n.to_string()

@@ -7,7 +7,6 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy};
-use callcap::subjects::{company_filter, STREAM_NAME};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use sqlx::PgPool;
@@ -64,7 +63,52 @@ pub async fn run(
     retry_max: Duration,
     cancel: &CancellationToken,
 ) -> Result<ReplaySummary, async_nats::Error> {
-    let mut stream = js.get_stream(STREAM_NAME).await?;
+    // Every partition stream, oldest layout first (sealed ones too: they hold the
+    // records from before a layout change). With --company, only the stream its records
+    // went to in each layout.
+    let mut summary = ReplaySummary {
+        completed: true,
+        ..ReplaySummary::default()
+    };
+    for f in callcap::partitions::list(js).await? {
+        let p = f.partition;
+        if let Some(c) = args.company {
+            let layout = callcap::partitions::Layout {
+                epoch: p.epoch,
+                count: p.count,
+            };
+            if layout.partition_of(c) != p {
+                continue;
+            }
+        }
+        let one = replay_stream(js, p, pool, args, retry_max, cancel).await?;
+        summary.completed &= one.completed;
+        summary.messages += one.messages;
+        summary.rows_changed += one.rows_changed;
+        summary.dead_letters += one.dead_letters;
+        summary.first_seq = match (summary.first_seq, one.first_seq) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        summary.last_seq = summary.last_seq.max(one.last_seq);
+        if cancel.is_cancelled() {
+            summary.completed = false;
+            break;
+        }
+    }
+    Ok(summary)
+}
+
+/// Replays the window of one partition stream.
+async fn replay_stream(
+    js: &jetstream::Context,
+    partition: callcap::partitions::Partition,
+    pool: &PgPool,
+    args: &ReplayArgs,
+    retry_max: Duration,
+    cancel: &CancellationToken,
+) -> Result<ReplaySummary, async_nats::Error> {
+    let mut stream = js.get_stream(partition.stream_name()).await?;
     let state = stream.info().await?.state.clone();
     let mut summary = ReplaySummary::default();
     // The end is fixed when the replay starts: records arriving meanwhile are the live
@@ -84,7 +128,10 @@ pub async fn run(
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
             deliver_policy,
-            filter_subject: args.company.map(company_filter).unwrap_or_default(),
+            filter_subject: args
+                .company
+                .map(|c| partition.company_filter(c))
+                .unwrap_or_default(),
             ..Default::default()
         })
         .await?;

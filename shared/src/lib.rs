@@ -15,6 +15,7 @@ pub mod config;
 pub mod envelope;
 pub mod examples;
 pub mod identity;
+pub mod partitions;
 pub mod recent;
 pub mod record;
 pub mod subjects;

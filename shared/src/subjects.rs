@@ -51,7 +51,7 @@ impl Lane {
     }
 
     /// The lane's subject token: `calls.<token>.<company_id>`.
-    fn token(self) -> &'static str {
+    pub(crate) fn token(self) -> &'static str {
         match self {
             Lane::Main => "ingest",
             Lane::Overflow => "overflow",
@@ -76,14 +76,10 @@ impl Lane {
         }
     }
 
-    /// The lane and company a stream subject names, if it is one of ours.
+    /// The lane and company a stream subject names (of any partition), if it is one of
+    /// ours. Only the hyphenated form the gateway writes: one subject per company.
     pub fn of_subject(subject: &str) -> Option<(Lane, Uuid)> {
-        let rest = subject.strip_prefix("calls.")?;
-        let (token, company) = rest.split_once('.')?;
-        let lane = Lane::ALL.into_iter().find(|l| l.token() == token)?;
-        // Only the hyphenated form the gateway writes: one subject per company.
-        let id = Uuid::try_parse(company).ok()?;
-        (id.hyphenated().to_string() == company).then_some((lane, id))
+        crate::partitions::parse_subject(subject)
     }
 }
 

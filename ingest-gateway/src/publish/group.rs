@@ -66,6 +66,8 @@ struct Job {
 /// The group-commit publisher: handlers hand records to the committer task through a
 /// bounded queue and wait for their outcomes.
 pub struct GroupCommit {
+    /// The stream every record goes to.
+    stream: String,
     queue: mpsc::Sender<Job>,
     wire: Arc<Wire>,
     js: jetstream::Context,
@@ -81,6 +83,16 @@ impl GroupCommit {
     pub async fn start(
         client: async_nats::Client,
         config: GroupCommitConfig,
+    ) -> Result<Self, async_nats::SubscribeError> {
+        Self::start_for(client, config, callcap::subjects::STREAM_NAME).await
+    }
+
+    /// A publisher for the stream `stream` (a partition's): every record handed to it
+    /// must be one of that stream's subjects (an atomic batch is one stream's).
+    pub async fn start_for(
+        client: async_nats::Client,
+        config: GroupCommitConfig,
+        stream: &str,
     ) -> Result<Self, async_nats::SubscribeError> {
         let wire = Arc::new(Wire::new(client.clone()).await?);
         let js = jetstream::ContextBuilder::new()
@@ -102,6 +114,7 @@ impl GroupCommit {
             js,
             config,
             counters,
+            stream: stream.to_owned(),
         })
     }
 
@@ -165,16 +178,13 @@ impl Publisher for GroupCommit {
             if self.client().connection_state() != async_nats::connection::State::Connected {
                 return Err(NotReady::Disconnected);
             }
-            tokio::time::timeout(
-                self.config.ack_timeout,
-                self.js.get_stream(callcap::subjects::STREAM_NAME),
-            )
-            .await
-            .map_err(|_| NotReady::NoAnswer)?
-            .map_err(|e| NotReady::StreamUnreachable {
-                stream: callcap::subjects::STREAM_NAME.to_owned(),
-                reason: e.to_string(),
-            })?;
+            tokio::time::timeout(self.config.ack_timeout, self.js.get_stream(&self.stream))
+                .await
+                .map_err(|_| NotReady::NoAnswer)?
+                .map_err(|e| NotReady::StreamUnreachable {
+                    stream: self.stream.clone(),
+                    reason: e.to_string(),
+                })?;
             Ok(())
         })
     }

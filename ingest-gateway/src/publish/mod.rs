@@ -8,9 +8,12 @@
 //!   over one NATS connection, with replies routed back to their batch;
 //! - [`group`]: group commit — concurrent records coalesced into atomic batches, so that
 //!   under `sync_interval: always` one fsync covers many records;
+//! - [`partitioned`]: one group commit per partition stream of the current layout, each
+//!   record to its company's partition, the layout followed as it changes;
 //! - [`scripted`]: a publisher that records and answers as scripted, for handler tests.
 
 pub mod group;
+pub mod partitioned;
 pub mod scripted;
 pub mod wire;
 
@@ -21,6 +24,7 @@ use callcap::recent::Latencies;
 use futures::future::BoxFuture;
 
 pub use group::{GroupCommit, GroupCommitConfig};
+pub use partitioned::Partitioned;
 
 /// Registers the `# HELP` text of the publish metrics (call once the recorder is in).
 pub fn describe_metrics() {
@@ -43,6 +47,10 @@ pub fn describe_metrics() {
     );
     // Counters exist from the start at 0: a series that first appears at 1 shows no
     // increase to Prometheus, so the first event would go unseen by rate() and alerts.
+    metrics::describe_gauge!(
+        "gateway_partitions",
+        "Partition streams of the layout this gateway publishes by (ingest-gateway partitions)"
+    );
     metrics::counter!("gateway_publish_retries_total").absolute(0);
     metrics::counter!("gateway_publish_batch_fallbacks_total").absolute(0);
 }

@@ -23,7 +23,7 @@ pub(super) async fn insert_dead_letters(
     for d in dead {
         n += sqlx::query(
             "INSERT INTO dead_letters (stream_seq, subject, reason, payload) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (stream_seq) DO UPDATE SET reason = EXCLUDED.reason, failed_at = now(), redriven_at = NULL",
+             ON CONFLICT (stream_seq, subject) DO UPDATE SET reason = EXCLUDED.reason, failed_at = now(), redriven_at = NULL",
         )
         .bind(i64::try_from(d.seq).unwrap_or(i64::MAX))
         .bind(d.subject.replace('\0', "\u{fffd}"))

@@ -334,10 +334,12 @@ fn the_helm_values_run_the_server_as_the_tests_do() {
         .unwrap();
     for (i, name) in ["GATEWAY", "WORKER"].iter().enumerate() {
         let perms = &users[i]["permissions"];
+        let none = Vec::new();
         let mut helm: Vec<String> = perms["publish"]["allow"]
             .as_sequence()
             .unwrap()
             .iter()
+            .chain(perms["publish"]["deny"].as_sequence().unwrap_or(&none))
             .chain(perms["subscribe"]["allow"].as_sequence().unwrap())
             .map(|v| v.as_str().unwrap().to_owned())
             .collect();

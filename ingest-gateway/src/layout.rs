@@ -1,0 +1,250 @@
+//! `ingest-gateway partitions show | set <N>`: the partition layout (`callcap::partitions`),
+//! read and changed with the admin NATS identity.
+//!
+//! `set` is the one command that changes the number of partitions, a drain-and-switch:
+//! 1. the current layout's streams are sealed: from then on they refuse every publish, so
+//!    no record enters the old layout after the switch (the gateways send a refused
+//!    record again to the new layout, within its request);
+//! 2. the new layout's streams are created, numbered from one past the last sequence of
+//!    every older stream, so a call's later submission has the higher sequence on either
+//!    side of the switch (the merge orders by it);
+//! 3. gateways follow within [`crate::publish::partitioned::REFRESH`] (at once on a
+//!    refused publish); workers find the new streams at their next consumer check and
+//!    drain the sealed ones, which stay readable for `persist-worker replay`;
+//! 4. unless `--no-wait`, it waits (with progress) until the workers have stored every
+//!    record of the sealed streams.
+//!
+//! Run again after a failure, it completes what is missing. Sealed streams are kept (a
+//! sealed stream deletes nothing, not even by age): delete them with the NATS CLI once
+//! their records are past the replay window you need.
+
+use std::io::Write;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use callcap::config::StreamArgs;
+use callcap::partitions::{self, Found, Layout, Partition, MAX_PARTITIONS};
+use callcap::subjects::Lane;
+
+/// Prints every partition stream: layout, state, records, leader, lanes' backlog.
+///
+/// # Errors
+/// When JetStream does not answer.
+pub async fn show(js: &jetstream::Context, out: &mut impl Write) -> anyhow::Result<()> {
+    let found = partitions::list(js)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    match partitions::current_of(&found) {
+        Ok(Some(l)) => writeln!(out, "layout {}: {} partition(s)", l.epoch, l.count)?,
+        Ok(None) => writeln!(out, "no CALLS stream yet (a gateway creates it at start)")?,
+        Err(why) => writeln!(out, "{why}")?,
+    }
+    writeln!(
+        out,
+        "{:<14} {:>6} {:>9} {:>7} {:>12} {:>12} {:>12}  leader",
+        "stream", "layout", "partition", "sealed", "records", "main left", "overflow left"
+    )?;
+    for f in &found {
+        let mut stream = js.get_stream(f.partition.stream_name()).await?;
+        let info = stream.info().await?.clone();
+        let leader = info
+            .cluster
+            .as_ref()
+            .and_then(|c| c.leader.clone())
+            .unwrap_or_else(|| "-".into());
+        let left = |lane: Lane| {
+            let stream = &stream;
+            async move {
+                match stream.consumer_info(lane.consumer_name()).await {
+                    Ok(c) => (c.num_pending + c.num_ack_pending as u64).to_string(),
+                    Err(_) => "-".into(),
+                }
+            }
+        };
+        writeln!(
+            out,
+            "{:<14} {:>6} {:>9} {:>7} {:>12} {:>12} {:>12}  {leader}",
+            f.partition.stream_name(),
+            f.partition.epoch,
+            format!("{}/{}", f.partition.index + 1, f.partition.count),
+            if f.sealed { "yes" } else { "no" },
+            info.state.messages,
+            left(Lane::Main).await,
+            left(Lane::Overflow).await,
+        )?;
+    }
+    Ok(())
+}
+
+/// Changes the layout to `count` partitions (see the module).
+///
+/// # Errors
+/// A count out of range, or JetStream refusing a step (run it again).
+pub async fn set(
+    js: &jetstream::Context,
+    args: &StreamArgs,
+    count: u32,
+    wait: bool,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=MAX_PARTITIONS).contains(&count),
+        "the number of partitions must be 1 to {MAX_PARTITIONS}"
+    );
+    let found = partitions::list(js)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let newest = found.iter().map(|f| f.partition.epoch).max();
+    let current = partitions::current_of(&found);
+    // The layout to end with: the current one when it already has `count` partitions and
+    // is complete, else the newest epoch if an earlier `set` to `count` did not finish,
+    // else a new epoch.
+    let target = match (&current, newest) {
+        (Ok(Some(l)), _) if l.count == count => {
+            writeln!(out, "layout {} already has {count} partition(s)", l.epoch)?;
+            return Ok(());
+        }
+        (Ok(None), _) => Layout { epoch: 0, count },
+        (Err(_), Some(e))
+            if found
+                .iter()
+                .any(|f| f.partition.epoch == e && f.partition.count == count) =>
+        {
+            Layout { epoch: e, count }
+        }
+        (_, Some(e)) => Layout {
+            epoch: e + 1,
+            count,
+        },
+        // A current layout or an error always comes with streams.
+        (Ok(Some(_)) | Err(_), None) => Layout { epoch: 0, count },
+    };
+    // 1. Seal every older stream not sealed yet.
+    for f in found
+        .iter()
+        .filter(|f| f.partition.epoch < target.epoch && !f.sealed)
+    {
+        seal(js, f.partition).await?;
+        writeln!(out, "sealed {}", f.partition.stream_name())?;
+    }
+    // 2. The new streams, numbered past every older one.
+    let found = partitions::list(js)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let first = found
+        .iter()
+        .filter(|f| f.partition.epoch < target.epoch)
+        .map(|f| f.last_sequence)
+        .max()
+        .map_or(1, |last| last + 1);
+    let replicas = match args.stream_replicas {
+        Some(n) => usize::from(n),
+        None => replicas_of(js, &found).await?,
+    };
+    for p in target.partitions() {
+        if found.iter().any(|f| f.partition == p) {
+            continue;
+        }
+        let mut config = partitions::stream_config(args, replicas, p);
+        if p != Partition::LEGACY {
+            config.first_sequence = Some(first);
+        }
+        js.create_stream(config)
+            .await
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", p.stream_name()))?;
+        writeln!(
+            out,
+            "created {} ({replicas} replica(s), first sequence {first})",
+            p.stream_name()
+        )?;
+    }
+    writeln!(
+        out,
+        "layout {} with {count} partition(s) is current: gateways follow within seconds, \
+         workers at their next consumer check",
+        target.epoch
+    )?;
+    if wait {
+        drain(js, target.epoch, out).await?;
+    }
+    Ok(())
+}
+
+/// Replicas of the existing streams (the most any has), or 1 on a fresh server.
+async fn replicas_of(js: &jetstream::Context, found: &[Found]) -> anyhow::Result<usize> {
+    let mut most = 0;
+    for f in found {
+        let s = js.get_stream(f.partition.stream_name()).await?;
+        most = most.max(s.cached_info().config.num_replicas);
+    }
+    Ok(if most == 0 {
+        if callcap::subjects::clustered(js) {
+            3
+        } else {
+            1
+        }
+    } else {
+        most
+    })
+}
+
+async fn seal(js: &jetstream::Context, p: Partition) -> anyhow::Result<()> {
+    let mut config = js
+        .get_stream(p.stream_name())
+        .await?
+        .cached_info()
+        .config
+        .clone();
+    config.sealed = true;
+    js.update_stream(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("sealing {}: {e}", p.stream_name()))?;
+    Ok(())
+}
+
+/// Records of the streams older than `epoch` not yet stored (both lanes' consumers'
+/// pending and unacked); `None` while a lane's consumer does not exist yet.
+async fn left_in_older(js: &jetstream::Context, epoch: u32) -> anyhow::Result<Option<u64>> {
+    let found = partitions::list(js)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut left = 0;
+    for f in found.iter().filter(|f| f.partition.epoch < epoch) {
+        let stream = js.get_stream(f.partition.stream_name()).await?;
+        for lane in Lane::ALL {
+            if !f.subjects.contains(&f.partition.filter(lane)) {
+                continue;
+            }
+            match stream.consumer_info(lane.consumer_name()).await {
+                Ok(c) => left += c.num_pending + c.num_ack_pending as u64,
+                Err(_) if f.last_sequence == 0 => {}
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+    Ok(Some(left))
+}
+
+/// Waits, showing progress, until the workers have stored every record of the sealed
+/// streams.
+async fn drain(js: &jetstream::Context, epoch: u32, out: &mut impl Write) -> anyhow::Result<()> {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    loop {
+        match left_in_older(js, epoch).await? {
+            Some(0) => break,
+            Some(n) => bar.set_message(format!(
+                "workers draining the sealed streams: {n} records not yet stored"
+            )),
+            None => bar.set_message("waiting for the workers' consumers on the sealed streams"),
+        }
+        bar.tick();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bar.finish_and_clear();
+    writeln!(
+        out,
+        "the sealed streams are drained: every record they hold is stored"
+    )?;
+    Ok(())
+}
