@@ -164,6 +164,9 @@ pub async fn set(
          workers at their next consumer check",
         target.epoch
     )?;
+    if replicas > 1 {
+        spread_leaders(js, &target, out).await?;
+    }
     if wait {
         drain(js, target.epoch, out).await?;
     }
@@ -189,13 +192,14 @@ async fn replicas_of(js: &jetstream::Context, found: &[Found]) -> anyhow::Result
 }
 
 async fn seal(js: &jetstream::Context, p: Partition) -> anyhow::Result<()> {
-    let mut config = js
-        .get_stream(p.stream_name())
-        .await?
-        .cached_info()
-        .config
-        .clone();
+    let mut stream = js.get_stream(p.stream_name()).await?;
+    let info = stream.info().await?;
+    let mut config = info.config.clone();
     config.sealed = true;
+    // A sealed stream takes no more records: it gives back the storage it had reserved
+    // (JetStream reserves max_bytes per stream), keeping room for what it holds.
+    let held = i64::try_from(info.state.bytes).unwrap_or(i64::MAX);
+    config.max_bytes = config.max_bytes.min(held.saturating_add(1024 * 1024));
     js.update_stream(config)
         .await
         .map_err(|e| anyhow::anyhow!("sealing {}: {e}", p.stream_name()))?;
@@ -246,5 +250,71 @@ async fn drain(js: &jetstream::Context, epoch: u32, out: &mut impl Write) -> any
         out,
         "the sealed streams are drained: every record they hold is stored"
     )?;
+    Ok(())
+}
+
+/// The node leading `name`, once one is elected (within 10 s).
+async fn leader_of(js: &jetstream::Context, name: &str) -> anyhow::Result<(String, Vec<String>)> {
+    for _ in 0..100 {
+        let mut stream = js.get_stream(name).await?;
+        let info = stream.info().await?;
+        if let Some(c) = info.cluster.as_ref() {
+            if let Some(leader) = c.leader.clone() {
+                let mut peers: Vec<String> = c.replicas.iter().map(|r| r.name.clone()).collect();
+                peers.push(leader.clone());
+                peers.sort();
+                return Ok((leader, peers));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("{name} has no leader after 10 s")
+}
+
+/// On a cluster, moves the leaders of the layout's streams so they are spread over the
+/// nodes (partition i led by the i-th node, round robin): one node's loss then stops only
+/// the companies of the partitions it led. A leader that will not move is reported, not
+/// fatal: the layout works either way.
+async fn spread_leaders(
+    js: &jetstream::Context,
+    layout: &Layout,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let streams: Vec<String> = layout
+        .partitions()
+        .iter()
+        .map(|p| p.stream_name())
+        .collect();
+    let (_, nodes) = leader_of(js, &streams[0]).await?;
+    for (i, name) in streams.iter().enumerate() {
+        let wanted = &nodes[i % nodes.len()];
+        let mut moved = false;
+        for _ in 0..10 {
+            let (leader, _) = leader_of(js, name).await?;
+            if &leader == wanted {
+                moved = true;
+                break;
+            }
+            let body = serde_json::json!({ "placement": { "preferred": wanted } });
+            let reply = js
+                .client()
+                .request(
+                    format!("$JS.API.STREAM.LEADER.STEPDOWN.{name}"),
+                    serde_json::to_vec(&body)?.into(),
+                )
+                .await?;
+            tracing::debug!(stream = %name, reply = %String::from_utf8_lossy(&reply.payload), "leader step-down");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let (leader, _) = leader_of(js, name).await?;
+        if moved || &leader == wanted {
+            writeln!(out, "{name} led by {leader}")?;
+        } else {
+            writeln!(
+                out,
+                "{name} led by {leader} (could not move it to {wanted})"
+            )?;
+        }
+    }
     Ok(())
 }

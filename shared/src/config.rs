@@ -95,8 +95,10 @@ pub struct StreamArgs {
           value_parser = clap::value_parser!(u64).range(60..))]
     pub stream_max_age_secs: u64,
 
-    /// Largest size of the stream, in bytes. When full, new publishes are refused (the
-    /// gateway answers 503) rather than deleting records not yet stored. Default 10 GiB.
+    /// Largest size of the stream, in bytes; with several partitions (`ingest-gateway
+    /// partitions`), of the layout's streams together, each holding an equal share. When
+    /// full, new publishes are refused (the gateway answers 503) rather than deleting
+    /// records not yet stored. Default 10 GiB.
     #[arg(long, env = "STREAM_MAX_BYTES", default_value_t = 10 * 1024 * 1024 * 1024,
           value_parser = clap::value_parser!(i64).range(1024 * 1024..))]
     pub stream_max_bytes: i64,

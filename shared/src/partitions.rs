@@ -284,6 +284,10 @@ pub fn stream_config(
     partition: Partition,
 ) -> stream::Config {
     let mut config = crate::subjects::stream_config(args, replicas);
+    // STREAM_MAX_BYTES is the layout's: each of its partitions holds a share (a
+    // company's records are all in one partition, so a company may fill its share).
+    config.max_bytes = (args.stream_max_bytes / i64::from(partition.count.max(1)))
+        .max(i64::from(crate::subjects::MAX_MESSAGE_BYTES) * 16);
     if partition != Partition::LEGACY {
         config.name = partition.stream_name();
         config.subjects = Lane::ALL.iter().map(|l| partition.filter(*l)).collect();

@@ -52,12 +52,21 @@ pub async fn stream_envelopes(nats_url: &str) -> Vec<(u64, callcap::Envelope)> {
 /// Every message of the `CALLS` stream, in stream order: (stream sequence, subject,
 /// envelope).
 pub async fn stream_messages(nats_url: &str) -> Vec<(u64, String, callcap::Envelope)> {
+    stream_messages_of(nats_url, callcap::subjects::STREAM_NAME).await
+}
+
+/// Every message of the stream `name`, in stream order: (stream sequence, subject,
+/// envelope).
+pub async fn stream_messages_of(
+    nats_url: &str,
+    name: &str,
+) -> Vec<(u64, String, callcap::Envelope)> {
     use async_nats::jetstream::consumer::{pull, DeliverPolicy};
     use futures::StreamExt;
     // A seed list (a cluster) as well as one URL.
     let client = crate::identities::connect(nats_url).await;
     let js = async_nats::jetstream::new(client);
-    let Ok(mut stream) = js.get_stream(callcap::subjects::STREAM_NAME).await else {
+    let Ok(mut stream) = js.get_stream(name).await else {
         return Vec::new();
     };
     let total = stream.info().await.expect("stream info").state.messages;

@@ -12,6 +12,7 @@ mod group_commit;
 mod lanes;
 mod merge;
 mod overload;
+mod partitions;
 mod pipeline;
 mod plans;
 mod power_loss;

@@ -1,0 +1,413 @@
+//! Partitions: changing the number of partition streams while dialers post, with one
+//! command (`ingest-gateway partitions set`), loses nothing, stores nothing twice and
+//! reorders nothing; afterwards each company's records go to its one partition, and
+//! replay reads every stream, sealed ones included.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use callcap::partitions::{self, Layout, Partition};
+use callcap::subjects::Lane;
+use callcap_tests::db::TestDb;
+use callcap_tests::eventually;
+use callcap_tests::nats::NatsServer;
+use callcap_tests::pipeline::{test_run_args, TestGateway, TestWorker};
+use persist_worker::config::RunArgs;
+use reqwest::StatusCode;
+use serde_json::json;
+use uuid::Uuid;
+
+/// `ingest-gateway partitions <args>` with the admin identity; its output. Awaited, not
+/// blocking: the gateway and worker under test run on this test's runtime.
+pub async fn partitions_command(nats_url: &str, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(crate::GATEWAY_BIN)
+        .arg("partitions")
+        .args(args)
+        .env("NATS_URL", nats_url)
+        .env(
+            "NATS_NKEY_FILE",
+            callcap_tests::pipeline::seed_path(callcap::config::Role::Admin),
+        )
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "partitions {args:?}: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// What the dialers got: per call, the last status answered 201.
+type Acked = Arc<Mutex<BTreeMap<(Uuid, String), &'static str>>>;
+
+/// Each company's dialer: calls one after another, each `ringing` then `completed`,
+/// each submission sent again on a 503 until it is taken (as a dialer does).
+fn dialers(
+    gw: &TestGateway,
+    companies: &[(Uuid, String)],
+    stop: tokio_util::sync::CancellationToken,
+    acked: Acked,
+) -> Vec<tokio::task::JoinHandle<u64>> {
+    companies
+        .iter()
+        .cloned()
+        .map(|(company, key)| {
+            let (url, stop, acked) = (gw.base(), stop.clone(), acked.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let mut retries = 0u64;
+                let mut k = 0;
+                while !stop.is_cancelled() {
+                    k += 1;
+                    let ext = format!("CALL-{k}");
+                    for status in ["ringing", "completed"] {
+                        loop {
+                            let r = http
+                                .post(format!("{url}/v1/calls"))
+                                .header("x-api-key", &key)
+                                .json(&json!({
+                                    "company_id": company,
+                                    "external_call_id": ext,
+                                    "external_system": "Dialer",
+                                    "call_status": status,
+                                    "notes": status,
+                                }))
+                                .send()
+                                .await
+                                .unwrap();
+                            if r.status() == StatusCode::CREATED {
+                                acked.lock().unwrap().insert((company, ext.clone()), status);
+                                break;
+                            }
+                            assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+                            retries += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                retries
+            })
+        })
+        .collect()
+}
+
+/// Per stored call, its notes: the status of the submission that won the merge (the
+/// status itself could not show a reordering: a terminal status is never replaced).
+async fn stored(db: &TestDb) -> BTreeMap<(Uuid, String), String> {
+    let rows: Vec<(Uuid, String, String)> =
+        sqlx::query_as("SELECT company_id, external_call_id, notes FROM call_history")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    rows.into_iter().map(|(c, e, s)| ((c, e), s)).collect()
+}
+
+/// Every call answered 201 is stored once, with its last acknowledged status.
+async fn assert_exactly_what_was_acked(db: &TestDb, acked: &Acked) {
+    let want: BTreeMap<(Uuid, String), String> = acked
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), (*v).to_owned()))
+        .collect();
+    eventually(Duration::from_secs(60), "every 201 stored", || async {
+        (stored(db).await == want).then_some(())
+    })
+    .await;
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(dead, 0);
+}
+
+#[tokio::test]
+async fn changing_the_number_of_partitions_while_dialers_post_loses_doubles_and_reorders_nothing() {
+    let nats = NatsServer::start().await;
+    let gw = TestGateway::start(&nats.url()).await;
+    let db = TestDb::create().await;
+    let worker = TestWorker::start_with(
+        &nats.url(),
+        &db.url,
+        RunArgs {
+            consumer_check_secs: 1,
+            ..test_run_args()
+        },
+    )
+    .await;
+    let mut companies = Vec::new();
+    for _ in 0..6 {
+        let c = Uuid::new_v4();
+        companies.push((c, gw.create_key(c).await));
+    }
+    let acked: Acked = Arc::default();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let posting = dialers(&gw, &companies, stop.clone(), acked.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // 1 → 3 while they post; the command returns once the sealed stream is drained.
+    let out = partitions_command(&nats.url(), &["set", "3"]).await;
+    assert!(out.contains("sealed CALLS"), "{out}");
+    assert!(out.contains("every record they hold is stored"), "{out}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // 3 → 1 (a new single stream, not CALLS again).
+    let out = partitions_command(&nats.url(), &["set", "1"]).await;
+    assert!(out.contains("created CALLS_E2_P0"), "{out}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let mut retries = 0;
+    for p in posting {
+        retries += p.await.unwrap();
+    }
+    let calls = acked.lock().unwrap().len();
+    assert!(
+        calls > 60,
+        "the dialers kept posting through both changes ({calls} calls)"
+    );
+    println!(
+        "{calls} calls, {retries} submissions answered 503 during the switches and sent again"
+    );
+    assert_exactly_what_was_acked(&db, &acked).await;
+
+    // The streams as left: older layouts sealed, each numbered past the one before.
+    let admin = async_nats::jetstream::new(callcap_tests::identities::connect(&nats.url()).await);
+    let found = partitions::list(&admin).await.unwrap();
+    let names: Vec<String> = found.iter().map(|f| f.partition.stream_name()).collect();
+    assert_eq!(
+        names,
+        [
+            "CALLS",
+            "CALLS_E1_P0",
+            "CALLS_E1_P1",
+            "CALLS_E1_P2",
+            "CALLS_E2_P0"
+        ]
+    );
+    assert_eq!(
+        partitions::current_of(&found),
+        Ok(Some(Layout { epoch: 2, count: 1 }))
+    );
+    assert!(found[..4].iter().all(|f| f.sealed));
+    let first_of = |name: &str| {
+        let admin = admin.clone();
+        let name = name.to_owned();
+        async move {
+            let mut s = admin.get_stream(name).await.unwrap();
+            s.info().await.unwrap().state.first_sequence
+        }
+    };
+    let last_of = |epoch: u32| {
+        found
+            .iter()
+            .filter(|f| f.partition.epoch == epoch)
+            .map(|f| f.last_sequence)
+            .max()
+            .unwrap()
+    };
+    for name in ["CALLS_E1_P0", "CALLS_E1_P1", "CALLS_E1_P2"] {
+        assert!(first_of(name).await > last_of(0), "{name}");
+    }
+    assert!(first_of("CALLS_E2_P0").await > last_of(1));
+
+    // In the 3-partition layout each company's records are in its one partition.
+    let three = Layout { epoch: 1, count: 3 };
+    let mut seen: BTreeMap<Uuid, BTreeSet<u32>> = BTreeMap::new();
+    for p in three.partitions() {
+        for (_, subject, env) in
+            callcap_tests::nats::stream_messages_of(&nats.url(), &p.stream_name()).await
+        {
+            let (lane, company) = Lane::of_subject(&subject).unwrap();
+            assert_eq!(subject, p.subject(lane, company));
+            assert_eq!(env.record.company_id, company);
+            seen.entry(company).or_default().insert(p.index);
+        }
+    }
+    for (company, parts) in &seen {
+        assert_eq!(
+            parts,
+            &BTreeSet::from([three.partition_of(*company).index]),
+            "{company}"
+        );
+    }
+    assert!(
+        seen.len() >= 5,
+        "the companies were spread over the partitions"
+    );
+
+    // `partitions show` tells the operator the same.
+    let show = partitions_command(&nats.url(), &["show"]).await;
+    assert!(show.starts_with("layout 2: 1 partition(s)"), "{show}");
+    assert!(show.contains("CALLS_E1_P2"), "{show}");
+
+    // Replay reads every stream, sealed ones included, and changes nothing.
+    let total: u64 = {
+        let mut n = 0;
+        for f in &found {
+            let mut s = admin.get_stream(f.partition.stream_name()).await.unwrap();
+            n += s.info().await.unwrap().state.messages;
+        }
+        n
+    };
+    let summary = persist_worker::replay::run(
+        &admin,
+        &db.pool,
+        &persist_worker::config::ReplayArgs {
+            from_seq: None,
+            since: None,
+            until: None,
+            company: None,
+            batch_size: 500,
+            quiet: true,
+        },
+        Duration::from_millis(500),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert!(summary.completed);
+    assert_eq!(summary.messages, total);
+    assert_eq!(
+        summary.rows_changed, 0,
+        "replaying what is stored changes nothing"
+    );
+    // One company's replay reads only its partition in each layout.
+    let one = companies[0].0;
+    let summary = persist_worker::replay::run(
+        &admin,
+        &db.pool,
+        &persist_worker::config::ReplayArgs {
+            from_seq: None,
+            since: None,
+            until: None,
+            company: Some(one),
+            batch_size: 500,
+            quiet: true,
+        },
+        Duration::from_millis(500),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let of_one = acked
+        .lock()
+        .unwrap()
+        .keys()
+        .filter(|(c, _)| *c == one)
+        .count() as u64;
+    assert!(
+        summary.messages >= 2 * of_one - 1 && summary.messages <= 2 * of_one + 2 * 3,
+        "{summary:?} for {of_one} calls"
+    );
+    let _ = Partition::LEGACY;
+    worker.stop().await;
+}
+
+/// On the three-node cluster with three partitions: the leaders are spread over the
+/// nodes, and `kill -9` of one leader's node stops 201s only for the companies of its
+/// partition; everyone else keeps posting. Every 201 is stored exactly once.
+#[tokio::test]
+async fn on_a_cluster_a_killed_leader_stops_only_its_partitions_companies() {
+    use callcap_tests::cluster::NatsCluster;
+    use callcap_tests::load::Load;
+    let mut cluster = NatsCluster::start().await;
+    let out = partitions_command(&cluster.seeds(), &["set", "3", "--no-wait"]).await;
+    println!("{out}");
+    let layout = Layout { epoch: 0, count: 3 };
+    let mut leaders = Vec::new();
+    for p in layout.partitions() {
+        leaders.push(cluster.stream_leader(&p.stream_name()).await);
+    }
+    assert_eq!(
+        leaders.iter().collect::<BTreeSet<_>>().len(),
+        3,
+        "one leader per node: {leaders:?}"
+    );
+    // The node to kill leads partition 0; the gateway talks to the two others (a
+    // gateway's own reconnect is another test's subject).
+    let killed = leaders[0];
+    let others: Vec<String> = (0..3)
+        .filter(|i| *i != killed)
+        .map(|i| cluster.nodes[i].url())
+        .collect();
+    let mut cli = callcap_tests::pipeline::gateway_cli(&others.join(","), Default::default());
+    cli.stream.stream_replicas = Some(3);
+    let gw = Arc::new(TestGateway::start_cli(cli).await);
+    let db = TestDb::create().await;
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            callcap_tests::pipeline::Process::worker(
+                crate::WORKER_BIN,
+                &cluster.seeds(),
+                &db.url,
+                callcap_tests::free_port(),
+                &[],
+            )
+        })
+        .collect();
+    // Two companies in each partition.
+    let mut companies: Vec<(Uuid, u32)> = Vec::new();
+    while (0..3).any(|i| companies.iter().filter(|(_, p)| *p == i).count() < 2) {
+        let c = Uuid::new_v4();
+        let p = partitions::partition_index(c, 3);
+        if companies.iter().filter(|(_, q)| *q == p).count() < 2 {
+            companies.push((c, p));
+        }
+    }
+    let mut loads = Vec::new();
+    for (c, p) in &companies {
+        let key = gw.create_key(*c).await;
+        loads.push((*p, Load::start(gw.clone(), &key, *c, 4, &format!("P{p}"))));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.nodes[killed].kill();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    cluster.nodes[killed].start_again().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut victims = Duration::ZERO;
+    let mut spared = Duration::ZERO;
+    let mut accepted = BTreeSet::new();
+    let mut attempted = BTreeSet::new();
+    for (p, load) in loads {
+        let seen = load.finish().await;
+        println!(
+            "partition {p}: {} accepted, longest gap between 201s {:.2} s",
+            seen.accepted.len(),
+            seen.longest_gap.as_secs_f64()
+        );
+        assert!(
+            seen.accepted.len() > 20,
+            "partition {p} kept too little load"
+        );
+        if p == 0 {
+            victims = victims.max(seen.longest_gap);
+        } else {
+            spared = spared.max(seen.longest_gap);
+        }
+        accepted.extend(seen.accepted);
+        attempted.extend(seen.attempted);
+    }
+    println!(
+        "| kill -9 of partition 0's leader | partition 0's companies: longest gap {:.2} s | the others': {:.2} s |",
+        victims.as_secs_f64(),
+        spared.as_secs_f64()
+    );
+    assert!(
+        spared < victims && spared < Duration::from_secs(2),
+        "the other partitions' companies kept getting 201s ({spared:?}) while partition 0's waited for an election ({victims:?})"
+    );
+    // Every 201 stored, once; anything else stored was at least attempted (a publish
+    // that timed out may still have been taken).
+    eventually(Duration::from_secs(90), "every 201 stored", || async {
+        let ids: BTreeSet<Uuid> = db.call_ids().await.into_iter().collect();
+        accepted.is_subset(&ids).then_some(())
+    })
+    .await;
+    let ids: BTreeSet<Uuid> = db.call_ids().await.into_iter().collect();
+    assert_eq!(db.count_calls().await as usize, ids.len());
+    assert!(ids.is_subset(&attempted), "rows nobody posted");
+    drop(workers);
+}
