@@ -305,8 +305,11 @@ pub struct ServeArgs {
     pub overflow_rate: f64,
 
     /// Records a company may post at once above OVERFLOW_RATE before it moves to the
-    /// overflow lane (a dialer's batch or two).
-    #[arg(long, env = "OVERFLOW_BURST", default_value_t = 2000,
+    /// overflow lane. Small on purpose: what a burst's start puts in the main lane is
+    /// what other companies wait behind (2,000 cost them a p99 of 0.3-0.4 s, 500 about
+    /// 0.2 s: BENCHMARKS.md, "Lanes"); a company moved early loses nothing, its records
+    /// are stored as fast in the overflow lane while that lane is not busy.
+    #[arg(long, env = "OVERFLOW_BURST", default_value_t = 500,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub overflow_burst: u32,
 
@@ -353,7 +356,7 @@ impl Default for ServeArgs {
             publish_batches_in_flight: 2,
             publish_linger_us: 10_000,
             overflow_rate: 1000.0,
-            overflow_burst: 2000,
+            overflow_burst: 500,
             overflow_sticky_secs: 30,
             overflow_companies: Vec::new(),
             nats_monitor_url: None,

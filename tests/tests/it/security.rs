@@ -168,6 +168,12 @@ async fn each_nats_identity_can_do_its_job_and_is_refused_the_rest() {
         "STREAM.DELETE.CALLS".to_owned(),
         "CONSUMER.CREATE.CALLS.thief".to_owned(),
         "CONSUMER.DELETE.CALLS.thief".to_owned(),
+        // Its own consumers' names are allowed on any stream (partition streams are named
+        // at run time), but never on the key bucket.
+        format!("CONSUMER.CREATE.KV_{KEYS_BUCKET}.persist-worker"),
+        format!("CONSUMER.DURABLE.CREATE.KV_{KEYS_BUCKET}.persist-worker-overflow"),
+        format!("CONSUMER.MSG.NEXT.KV_{KEYS_BUCKET}.persist-worker"),
+        format!("CONSUMER.INFO.KV_{KEYS_BUCKET}.persist-worker"),
     ] {
         let subject = format!("$JS.API.{api}");
         let _ = worker.request(subject.clone(), "{}".into()).await;
