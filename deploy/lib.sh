@@ -204,6 +204,23 @@ ensure_nkeys() {
   export CALLCAP_GATEWAY_NKEY CALLCAP_WORKER_NKEY CALLCAP_ADMIN_NKEY CALLCAP_ROUTE_PASSWORD CALLCAP_NKEY_DIR
 }
 
+# The benchmark scripts' common start (deploy/dev/bench-*.sh): the tools, a release build
+# of the services and the load generator (two commands: `--bin` would filter the
+# services' binaries out of a combined build), the NATS identities. The broker admits only
+# the pipeline's identities (SECURITY.md): the tools and admin commands run as admin
+# (NATS_NKEY_FILE), each service as itself. B is where the binaries are.
+bench_prepare() {
+  ensure_rust
+  ensure_nats_server
+  ensure_postgres
+  log "building (release)"
+  cargo build --release --quiet -p ingest-gateway -p persist-worker
+  cargo build --release --quiet -p callcap-tests --bin callcap-bench
+  ensure_nkeys "$PWD/.run/nkeys" target/release/ingest-gateway
+  export NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/admin.nk"
+  B=target/release
+}
+
 # ---- Process helpers: what a script starts, it waits for by polling and stops on exit ----
 #
 #   start_bg LOG CMD…        CMD in the background, output to LOG; pid in LAST_PID (and

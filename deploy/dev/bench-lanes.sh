@@ -21,15 +21,7 @@ DBS=${BENCH_DBS:-warm fresh}
 MODES=${BENCH_MODES:-one-lane lanes}
 OUT=.run/bench
 mkdir -p "$OUT"
-ensure_rust
-ensure_nats_server
-ensure_postgres
-log "building (release)"
-cargo build --release --quiet -p ingest-gateway -p persist-worker
-cargo build --release --quiet -p callcap-tests --bin callcap-bench
-ensure_nkeys "$PWD/.run/nkeys" target/release/ingest-gateway
-export NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/admin.nk"
-B=target/release
+bench_prepare
 NATS_PORT=24322 NATS_MONITOR_PORT=24323 GATEWAY_PORT=18181
 export NATS_URL="nats://127.0.0.1:$NATS_PORT"
 BENCH_DB_URL=$(with_database "$DATABASE_URL" callcap_bench_lanes)

@@ -16,15 +16,7 @@ SECS=${BENCH_SECS:-15}
 COUNTS=${BENCH_PARTITIONS:-1 3}
 OUT=.run/bench
 mkdir -p "$OUT"
-ensure_rust
-ensure_nats_server
-ensure_postgres
-log "building (release)"
-cargo build --release --quiet -p ingest-gateway -p persist-worker
-cargo build --release --quiet -p callcap-tests --bin callcap-bench
-ensure_nkeys "$PWD/.run/nkeys" target/release/ingest-gateway
-export NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/admin.nk"
-B=target/release
+bench_prepare
 NATS_PORT=24422 MON=24432 ROUTE=24442 GATEWAY_PORT=18281
 export NATS_URL="nats://127.0.0.1:$NATS_PORT,nats://127.0.0.1:$((NATS_PORT + 1)),nats://127.0.0.1:$((NATS_PORT + 2))"
 export STREAM_REPLICAS=3

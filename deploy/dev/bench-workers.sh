@@ -13,17 +13,7 @@ ROWS=${BENCH_ROWS:-100000}
 COUNTS=${BENCH_WORKERS:-1 2 4}
 OUT=.run/bench
 mkdir -p "$OUT"
-ensure_rust
-ensure_nats_server
-ensure_postgres
-log "building (release)"
-cargo build --release --quiet -p ingest-gateway -p persist-worker
-cargo build --release --quiet -p callcap-tests --bin callcap-bench
-# The broker admits only the pipeline's NATS identities (SECURITY.md); the tools and
-# admin commands run as admin, each service as itself.
-ensure_nkeys "$PWD/.run/nkeys" target/release/ingest-gateway
-export NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/admin.nk"
-B=target/release
+bench_prepare
 NATS_PORT=24222
 export NATS_URL="nats://127.0.0.1:$NATS_PORT"
 BENCH_DB_URL=$(with_database "$DATABASE_URL" callcap_bench)

@@ -103,12 +103,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Partitions(cmd)) => {
-            let client = cli
-                .nats
-                .connect_once("ingest-gateway partitions", Role::Admin)
-                .await
-                .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
-            let js = jetstream::new(client);
+            let js = admin_context(&cli, "ingest-gateway partitions").await?;
             let mut out = std::io::stdout().lock();
             match cmd {
                 PartitionsCommand::Show => layout::show(&js, &mut out).await,
@@ -336,12 +331,7 @@ async fn fetch_fsync_mode(monitor_url: &str) -> anyhow::Result<FsyncMode> {
 /// # Errors
 /// When NATS is unreachable, refuses the definition, or the identity may not change it.
 pub async fn setup(cli: &Cli) -> anyhow::Result<String> {
-    let client = cli
-        .nats
-        .connect_once("ingest-gateway setup", Role::Admin)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
-    let js = jetstream::new(client);
+    let js = admin_context(cli, "ingest-gateway setup").await?;
     let mut stream = with_retry("creating or updating the CALLS stream", || {
         callcap::subjects::ensure_stream(&js, &cli.stream)
     })
@@ -361,17 +351,26 @@ pub async fn setup(cli: &Cli) -> anyhow::Result<String> {
     ))
 }
 
+/// A JetStream context as the admin identity, for the operator's commands (`name` is the
+/// connection's name in the server's monitoring).
+///
+/// # Errors
+/// When NATS is unreachable.
+async fn admin_context(cli: &Cli, name: &str) -> anyhow::Result<jetstream::Context> {
+    let client = cli
+        .nats
+        .connect_once(name, Role::Admin)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
+    Ok(jetstream::new(client))
+}
+
 /// Opens the key bucket for the `keys` commands.
 ///
 /// # Errors
 /// When NATS is unreachable.
 pub async fn key_store(cli: &Cli) -> anyhow::Result<jetstream::kv::Store> {
-    let client = cli
-        .nats
-        .connect_once("ingest-gateway keys", Role::Admin)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
-    let js = jetstream::new(client);
+    let js = admin_context(cli, "ingest-gateway keys").await?;
     auth::key_bucket(&js, cli.stream.stream_replicas)
         .await
         .map_err(|e| anyhow::anyhow!("opening the API key bucket: {e}"))

@@ -134,26 +134,6 @@ impl std::fmt::Display for Partition {
     }
 }
 
-/// The lane, company and (for a partition stream) partition prefix a subject names.
-/// `calls.<lane>.<company>` or `calls.e<E>.p<I>.<lane>.<company>`.
-pub(crate) fn parse_subject(subject: &str) -> Option<(Lane, Uuid)> {
-    let rest = subject.strip_prefix("calls.")?;
-    let tokens: Vec<&str> = rest.split('.').collect();
-    let (lane, company) = match tokens.as_slice() {
-        [lane, company] => (*lane, *company),
-        [e, p, lane, company] => {
-            let num = |t: &str, c: char| t.strip_prefix(c).and_then(|n| n.parse::<u32>().ok());
-            num(e, 'e')?;
-            num(p, 'p')?;
-            (*lane, *company)
-        }
-        _ => return None,
-    };
-    let lane = Lane::ALL.into_iter().find(|l| l.token() == lane)?;
-    let id = Uuid::try_parse(company).ok()?;
-    (id.hyphenated().to_string() == company).then_some((lane, id))
-}
-
 /// FNV-1a, 32 bits.
 fn fnv1a_32(bytes: &[u8]) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
@@ -347,9 +327,9 @@ mod tests {
         assert_eq!(Partition::of_stream("CALLS_E1_P2", &HashMap::new()), None);
         assert_eq!(Partition::of_stream("KV_x", &p.metadata()), None);
         for lane in Lane::ALL {
-            assert_eq!(parse_subject(&p.subject(lane, c)), Some((lane, c)));
+            assert_eq!(Lane::of_subject(&p.subject(lane, c)), Some((lane, c)));
             assert_eq!(
-                parse_subject(&Partition::LEGACY.subject(lane, c)),
+                Lane::of_subject(&Partition::LEGACY.subject(lane, c)),
                 Some((lane, c))
             );
         }
@@ -357,8 +337,8 @@ mod tests {
             Partition::LEGACY.subject(Lane::Main, c),
             Lane::Main.subject(c)
         );
-        assert_eq!(parse_subject(&format!("calls.x1.p2.ingest.{c}")), None);
-        assert_eq!(parse_subject(&format!("calls.e1.ingest.{c}")), None);
+        assert_eq!(Lane::of_subject(&format!("calls.x1.p2.ingest.{c}")), None);
+        assert_eq!(Lane::of_subject(&format!("calls.e1.ingest.{c}")), None);
         let config = stream_config(&Default::default(), 1, p);
         assert_eq!(
             config.subjects,

@@ -76,10 +76,26 @@ impl Lane {
         }
     }
 
-    /// The lane and company a stream subject names (of any partition), if it is one of
-    /// ours. Only the hyphenated form the gateway writes: one subject per company.
+    /// The lane and company a stream subject names, if it is one of ours:
+    /// `calls.<lane>.<company>`, or a partition stream's `calls.e<E>.p<I>.<lane>.<company>`
+    /// (`crate::partitions`). Only the hyphenated form the gateway writes: one subject per
+    /// company.
     pub fn of_subject(subject: &str) -> Option<(Lane, Uuid)> {
-        crate::partitions::parse_subject(subject)
+        let rest = subject.strip_prefix("calls.")?;
+        let tokens: Vec<&str> = rest.split('.').collect();
+        let (lane, company) = match tokens.as_slice() {
+            [lane, company] => (*lane, *company),
+            [e, p, lane, company] => {
+                let num = |t: &str, c: char| t.strip_prefix(c).and_then(|n| n.parse::<u32>().ok());
+                num(e, 'e')?;
+                num(p, 'p')?;
+                (*lane, *company)
+            }
+            _ => return None,
+        };
+        let lane = Lane::ALL.into_iter().find(|l| l.token() == lane)?;
+        let id = Uuid::try_parse(company).ok()?;
+        (id.hyphenated().to_string() == company).then_some((lane, id))
     }
 }
 

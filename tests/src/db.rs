@@ -68,6 +68,14 @@ impl TestDb {
             .expect("counting call_history")
     }
 
+    /// Rows in `dead_letters`.
+    pub async fn count_dead_letters(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+            .fetch_one(&self.pool)
+            .await
+            .expect("counting dead_letters")
+    }
+
     /// Every id in `call_history`.
     pub async fn call_ids(&self) -> Vec<Uuid> {
         sqlx::query_scalar("SELECT id FROM call_history ORDER BY id")

@@ -39,6 +39,43 @@ async fn stored(db: &TestDb, company: Uuid, ext: &str) -> Option<(String, String
     .unwrap()
 }
 
+/// The gateway's `/status` page.
+async fn status_page(gw: &TestGateway) -> String {
+    reqwest::get(format!("{}/status", gw.base()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// A gateway that puts `company` in the overflow lane for good (OVERFLOW_COMPANIES).
+async fn forcing(nats: &NatsServer, company: Uuid) -> TestGateway {
+    TestGateway::start_with(
+        &nats.url(),
+        ServeArgs {
+            overflow_companies: vec![company],
+            ..ServeArgs::default()
+        },
+    )
+    .await
+}
+
+/// A worker serving both lanes, and the port of its `/readyz`.
+async fn worker_with_ops_port(nats: &NatsServer, db: &TestDb) -> (TestWorker, u16) {
+    let port = callcap_tests::free_port();
+    let worker = TestWorker::start_with(
+        &nats.url(),
+        &db.url,
+        RunArgs {
+            metrics_addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            ..test_run_args()
+        },
+    )
+    .await;
+    (worker, port)
+}
+
 fn only(lane: Lane) -> RunArgs {
     RunArgs {
         lanes: vec![lane],
@@ -87,12 +124,7 @@ async fn a_calls_later_submission_wins_across_lanes_and_a_hot_companys_backlog_h
         .await;
     assert_eq!(s, StatusCode::CREATED, "{body}");
     // The gateway's status page lists the company (by the start of its id).
-    let page = reqwest::get(format!("{}/status", gw.base()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = status_page(&gw).await;
     assert!(
         page.contains(&hot.simple().to_string()[..8]) && page.contains("id=\"overflow-count\">1<"),
         "{page}"
@@ -199,27 +231,11 @@ async fn a_worker_serving_both_lanes_reports_each_and_an_operator_can_force_a_co
     let nats = NatsServer::start().await;
     let forced = Uuid::new_v4();
     let other = Uuid::new_v4();
-    let gw = TestGateway::start_with(
-        &nats.url(),
-        ServeArgs {
-            overflow_companies: vec![forced],
-            ..ServeArgs::default()
-        },
-    )
-    .await;
+    let gw = forcing(&nats, forced).await;
     let forced_key = gw.create_key(forced).await;
     let other_key = gw.create_key(other).await;
     let db = TestDb::create().await;
-    let port = callcap_tests::free_port();
-    let worker = TestWorker::start_with(
-        &nats.url(),
-        &db.url,
-        RunArgs {
-            metrics_addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-            ..test_run_args()
-        },
-    )
-    .await;
+    let (worker, port) = worker_with_ops_port(&nats, &db).await;
     for i in 0..5 {
         let (s, _) = gw
             .post_call(
@@ -257,12 +273,7 @@ async fn a_worker_serving_both_lanes_reports_each_and_an_operator_can_force_a_co
     })
     .await;
     assert!(readyz.contains("consumer: ok"), "{readyz}");
-    let page = reqwest::get(format!("{}/status", gw.base()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = status_page(&gw).await;
     assert!(
         page.contains(&forced.simple().to_string()[..8]) && page.contains("OVERFLOW_COMPANIES"),
         "{page}"
@@ -280,26 +291,10 @@ async fn a_stream_from_before_lanes_keeps_taking_every_record_in_the_main_lane_u
     old.subjects = vec![callcap::subjects::SUBJECT_WILDCARD.to_owned()];
     admin.create_stream(old).await.unwrap();
     let forced = Uuid::new_v4();
-    let gw = TestGateway::start_with(
-        &nats.url(),
-        ServeArgs {
-            overflow_companies: vec![forced],
-            ..ServeArgs::default()
-        },
-    )
-    .await;
+    let gw = forcing(&nats, forced).await;
     let key = gw.create_key(forced).await;
     let db = TestDb::create().await;
-    let port = callcap_tests::free_port();
-    let worker = TestWorker::start_with(
-        &nats.url(),
-        &db.url,
-        RunArgs {
-            metrics_addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-            ..test_run_args()
-        },
-    )
-    .await;
+    let (worker, port) = worker_with_ops_port(&nats, &db).await;
     for i in 0..3 {
         let (s, body) = gw
             .post_call(&key, &call(forced, &format!("F{i}"), "completed", "f"))
@@ -335,28 +330,14 @@ async fn a_stream_from_before_lanes_keeps_taking_every_record_in_the_main_lane_u
 
     // `setup` adds the lane; restarted, the gateway routes the forced company there and
     // the worker serves it.
-    let out = std::process::Command::new(crate::GATEWAY_BIN)
-        .arg("setup")
-        .env("NATS_URL", nats.url())
-        .env(
-            "NATS_NKEY_FILE",
-            callcap_tests::pipeline::seed_path(callcap::config::Role::Admin),
-        )
-        .output()
-        .unwrap();
+    let out =
+        callcap_tests::pipeline::admin_command(crate::GATEWAY_BIN, &nats.url(), &["setup"]).await;
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let gw = TestGateway::start_with(
-        &nats.url(),
-        ServeArgs {
-            overflow_companies: vec![forced],
-            ..ServeArgs::default()
-        },
-    )
-    .await;
+    let gw = forcing(&nats, forced).await;
     let worker = TestWorker::start(&nats.url(), &db.url).await;
     let (s, _) = gw
         .post_call(&key, &call(forced, "F3", "completed", "f"))

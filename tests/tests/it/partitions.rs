@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use callcap::partitions::{self, Layout, Partition};
+use callcap::partitions::{self, Layout};
 use callcap::subjects::Lane;
 use callcap_tests::db::TestDb;
 use callcap_tests::eventually;
@@ -21,17 +21,8 @@ use uuid::Uuid;
 /// `ingest-gateway partitions <args>` with the admin identity; its output. Awaited, not
 /// blocking: the gateway and worker under test run on this test's runtime.
 pub async fn partitions_command(nats_url: &str, args: &[&str]) -> String {
-    let out = tokio::process::Command::new(crate::GATEWAY_BIN)
-        .arg("partitions")
-        .args(args)
-        .env("NATS_URL", nats_url)
-        .env(
-            "NATS_NKEY_FILE",
-            callcap_tests::pipeline::seed_path(callcap::config::Role::Admin),
-        )
-        .output()
-        .await
-        .unwrap();
+    let full = [&["partitions"][..], args].concat();
+    let out = callcap_tests::pipeline::admin_command(crate::GATEWAY_BIN, nats_url, &full).await;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -97,6 +88,30 @@ fn dialers(
 
 /// Per stored call, its notes: the status of the submission that won the merge (the
 /// status itself could not show a reordering: a terminal status is never replaced).
+/// `persist-worker replay` of the whole retention (of one company's records).
+async fn replay(
+    js: &async_nats::jetstream::Context,
+    db: &TestDb,
+    company: Option<Uuid>,
+) -> persist_worker::replay::ReplaySummary {
+    persist_worker::replay::run(
+        js,
+        &db.pool,
+        &persist_worker::config::ReplayArgs {
+            from_seq: None,
+            since: None,
+            until: None,
+            company,
+            batch_size: 500,
+            quiet: true,
+        },
+        Duration::from_millis(500),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap()
+}
+
 async fn stored(db: &TestDb) -> BTreeMap<(Uuid, String), String> {
     let rows: Vec<(Uuid, String, String)> =
         sqlx::query_as("SELECT company_id, external_call_id, notes FROM call_history")
@@ -118,11 +133,7 @@ async fn assert_exactly_what_was_acked(db: &TestDb, acked: &Acked) {
         (stored(db).await == want).then_some(())
     })
     .await;
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-    assert_eq!(dead, 0);
+    assert_eq!(db.count_dead_letters().await, 0);
 }
 
 #[tokio::test]
@@ -252,22 +263,7 @@ async fn changing_the_number_of_partitions_while_dialers_post_loses_doubles_and_
         }
         n
     };
-    let summary = persist_worker::replay::run(
-        &admin,
-        &db.pool,
-        &persist_worker::config::ReplayArgs {
-            from_seq: None,
-            since: None,
-            until: None,
-            company: None,
-            batch_size: 500,
-            quiet: true,
-        },
-        Duration::from_millis(500),
-        &tokio_util::sync::CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let summary = replay(&admin, &db, None).await;
     assert!(summary.completed);
     assert_eq!(summary.messages, total);
     assert_eq!(
@@ -276,22 +272,7 @@ async fn changing_the_number_of_partitions_while_dialers_post_loses_doubles_and_
     );
     // One company's replay reads only its partition in each layout.
     let one = companies[0].0;
-    let summary = persist_worker::replay::run(
-        &admin,
-        &db.pool,
-        &persist_worker::config::ReplayArgs {
-            from_seq: None,
-            since: None,
-            until: None,
-            company: Some(one),
-            batch_size: 500,
-            quiet: true,
-        },
-        Duration::from_millis(500),
-        &tokio_util::sync::CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let summary = replay(&admin, &db, Some(one)).await;
     let of_one = acked
         .lock()
         .unwrap()
@@ -302,7 +283,6 @@ async fn changing_the_number_of_partitions_while_dialers_post_loses_doubles_and_
         summary.messages >= 2 * of_one - 1 && summary.messages <= 2 * of_one + 2 * 3,
         "{summary:?} for {of_one} calls"
     );
-    let _ = Partition::LEGACY;
     worker.stop().await;
 }
 
