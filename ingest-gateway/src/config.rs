@@ -43,10 +43,10 @@ pub enum Command {
     /// gateways watch; changes reach running gateways within a second).
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// Create the stream CALLS and the API key bucket, or bring existing ones to the
-    /// STREAM_* settings (e.g. a new STREAM_REPLICAS or STREAM_MAX_AGE_SECS). Run with
-    /// the admin NATS identity: a serving gateway creates what is missing but never
-    /// changes what exists.
+    /// Create the stream CALLS and the API key bucket, or bring existing ones (the
+    /// current partition layout's streams) to the STREAM_* settings (e.g. a new
+    /// STREAM_REPLICAS or STREAM_MAX_AGE_SECS). Run with the admin NATS identity: a
+    /// serving gateway creates what is missing but never changes what exists.
     Setup,
     /// Show or change the partition layout: how many streams (each with its own leader
     /// on a cluster) the records are spread over, a company always in the same one.

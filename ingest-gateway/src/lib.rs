@@ -326,29 +326,82 @@ async fn fetch_fsync_mode(monitor_url: &str) -> anyhow::Result<FsyncMode> {
 }
 
 /// Creates the stream and the key bucket, or brings existing ones to the STREAM_*
-/// settings (`ingest-gateway setup`, admin identity). Returns a one-line summary.
+/// settings (`ingest-gateway setup`, admin identity): the current partition layout's
+/// streams (sealed ones from older layouts are left as they are). Returns a line per
+/// stream.
 ///
 /// # Errors
 /// When NATS is unreachable, refuses the definition, or the identity may not change it.
 pub async fn setup(cli: &Cli) -> anyhow::Result<String> {
     let js = admin_context(cli, "ingest-gateway setup").await?;
-    let mut stream = with_retry("creating or updating the CALLS stream", || {
-        callcap::subjects::ensure_stream(&js, &cli.stream)
+    let found = with_retry("reading the partition layout", || async {
+        callcap::partitions::list(&js)
+            .await
+            .map_err(SetupError::Nats)
     })
     .await?;
+    let layout = callcap::partitions::current_of(&found)
+        .map_err(|why| anyhow::anyhow!("reading the partition layout: {why}"))?;
+    // The current layout's streams get the settings; sealed ones (older layouts) keep
+    // what they hold as it is.
+    let streams = match layout {
+        Some(l) if l != callcap::partitions::Layout::default() => {
+            for p in l.partitions() {
+                with_retry("updating a partition stream", || async {
+                    let name = p.stream_name();
+                    let existing = js
+                        .get_stream(&name)
+                        .await
+                        .map_err(|e| SetupError::Nats(e.into()))?
+                        .cached_info()
+                        .config
+                        .clone();
+                    let replicas = callcap::subjects::target_replicas(
+                        &name,
+                        cli.stream.stream_replicas,
+                        Some(existing.num_replicas),
+                        callcap::subjects::clustered(&js),
+                    )?;
+                    let mut config = callcap::partitions::stream_config(&cli.stream, replicas, p);
+                    config.first_sequence = existing.first_sequence;
+                    js.update_stream(config)
+                        .await
+                        .map_err(|e| SetupError::Nats(e.into()))?;
+                    Ok(())
+                })
+                .await?;
+            }
+            l.partitions().iter().map(|p| p.stream_name()).collect()
+        }
+        _ => {
+            with_retry("creating or updating the CALLS stream", || {
+                callcap::subjects::ensure_stream(&js, &cli.stream)
+            })
+            .await?;
+            vec![callcap::subjects::STREAM_NAME.to_owned()]
+        }
+    };
     with_retry("creating or updating the API key bucket", || {
         auth::key_bucket(&js, cli.stream.stream_replicas)
     })
     .await?;
-    let info = stream.info().await.context("reading the stream back")?;
-    Ok(format!(
-        "stream {} ready: {} replica(s), max age {} s, max {} bytes, {} records held",
-        info.config.name,
-        info.config.num_replicas,
-        info.config.max_age.as_secs(),
-        info.config.max_bytes,
-        info.state.messages
-    ))
+    let mut lines = Vec::new();
+    for name in streams {
+        let mut stream = js
+            .get_stream(&name)
+            .await
+            .context("reading the stream back")?;
+        let info = stream.info().await.context("reading the stream back")?;
+        lines.push(format!(
+            "stream {} ready: {} replica(s), max age {} s, max {} bytes, {} records held",
+            info.config.name,
+            info.config.num_replicas,
+            info.config.max_age.as_secs(),
+            info.config.max_bytes,
+            info.state.messages
+        ));
+    }
+    Ok(lines.join("\n"))
 }
 
 /// A JetStream context as the admin identity, for the operator's commands (`name` is the

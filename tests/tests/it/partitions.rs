@@ -249,6 +249,19 @@ async fn changing_the_number_of_partitions_while_dialers_post_loses_doubles_and_
         "the companies were spread over the partitions"
     );
 
+    // `setup` applies the settings to the current layout's stream, and leaves the
+    // sealed ones alone.
+    let out =
+        callcap_tests::pipeline::admin_command(crate::GATEWAY_BIN, &nats.url(), &["setup"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("stream CALLS_E2_P0 ready"), "{text}");
+    assert!(!text.contains("stream CALLS ready"), "{text}");
+
     // `partitions show` tells the operator the same.
     let show = partitions_command(&nats.url(), &["show"]).await;
     assert!(show.starts_with("layout 2: 1 partition(s)"), "{show}");
