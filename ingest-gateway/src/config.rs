@@ -72,6 +72,18 @@ pub enum PartitionsCommand {
     /// the workers have stored everything the sealed ones hold. Gateways and workers
     /// follow by themselves; nothing is lost (a refused publish is sent again to the new
     /// layout). Run again after a failure to complete it. Run with the admin identity.
+    /// Print KEDA ScaledObjects for the streams on the server: one per lane (scaling
+    /// `persist-worker` and `persist-worker-overflow`), with one `nats-jetstream` trigger
+    /// per partition stream (sealed ones too, while they hold a backlog), to apply in
+    /// place of deploy/k8s/keda-scaledobject.yaml after `partitions set`.
+    Keda {
+        /// Namespace of the worker Deployments.
+        #[arg(long, default_value = "callcap")]
+        namespace: String,
+        /// The NATS monitoring endpoint KEDA reads (/jsz), host:port.
+        #[arg(long, default_value = "nats.nats.svc:8222")]
+        monitoring: String,
+    },
     Set {
         /// Partitions of the new layout (1 to 64). On a cluster, at least the node count
         /// spreads the stream leaders over every node.

@@ -76,6 +76,71 @@ pub async fn show(js: &jetstream::Context, out: &mut impl Write) -> anyhow::Resu
     Ok(())
 }
 
+/// Prints one KEDA ScaledObject per lane with a trigger per partition stream on the
+/// server (KEDA scales on the largest trigger). The replica bounds are the shipped
+/// ones (deploy/k8s/keda-scaledobject.yaml).
+///
+/// # Errors
+/// When JetStream does not answer.
+pub async fn keda(
+    js: &jetstream::Context,
+    namespace: &str,
+    monitoring: &str,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let found = partitions::list(js)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    anyhow::ensure!(
+        !found.is_empty(),
+        "no CALLS stream yet (a gateway creates it at start)"
+    );
+    for (i, lane) in Lane::ALL.into_iter().enumerate() {
+        let (min, deployment) = match lane {
+            Lane::Main => (2, "persist-worker"),
+            Lane::Overflow => (1, "persist-worker-overflow"),
+        };
+        if i > 0 {
+            writeln!(out, "---")?;
+        }
+        writeln!(
+            out,
+            "# The {lane} lane's workers, on every partition stream's backlog."
+        )?;
+        writeln!(
+            out,
+            "apiVersion: keda.sh/v1alpha1\nkind: ScaledObject\nmetadata:"
+        )?;
+        writeln!(out, "  name: {deployment}\n  namespace: {namespace}\nspec:")?;
+        writeln!(
+            out,
+            "  scaleTargetRef:\n    apiVersion: apps/v1\n    kind: Deployment"
+        )?;
+        writeln!(
+            out,
+            "    name: {deployment}\n  minReplicaCount: {min}\n  maxReplicaCount: 8"
+        )?;
+        writeln!(
+            out,
+            "  pollingInterval: 15\n  cooldownPeriod: 300\n  triggers:"
+        )?;
+        for f in found
+            .iter()
+            .filter(|f| f.subjects.contains(&f.partition.filter(lane)))
+        {
+            writeln!(out, "    - type: nats-jetstream\n      metadata:")?;
+            writeln!(out, "        natsServerMonitoringEndpoint: {monitoring}")?;
+            writeln!(out, "        account: $G")?;
+            writeln!(out, "        stream: {}", f.partition.stream_name())?;
+            writeln!(out, "        consumer: {}", lane.consumer_name())?;
+            writeln!(out, "        lagThreshold: \"50000\"")?;
+            writeln!(out, "        activationLagThreshold: \"1000\"")?;
+            writeln!(out, "        useHttps: \"false\"")?;
+        }
+    }
+    Ok(())
+}
+
 /// Changes the layout to `count` partitions (see the module).
 ///
 /// # Errors

@@ -107,6 +107,10 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             let mut out = std::io::stdout().lock();
             match cmd {
                 PartitionsCommand::Show => layout::show(&js, &mut out).await,
+                PartitionsCommand::Keda {
+                    namespace,
+                    monitoring,
+                } => layout::keda(&js, namespace, monitoring, &mut out).await,
                 PartitionsCommand::Set { count, no_wait } => {
                     layout::set(&js, &cli.stream, *count, !*no_wait, &mut out).await
                 }

@@ -262,6 +262,27 @@ async fn changing_the_number_of_partitions_while_dialers_post_loses_doubles_and_
     assert!(text.contains("stream CALLS_E2_P0 ready"), "{text}");
     assert!(!text.contains("stream CALLS ready"), "{text}");
 
+    // KEDA for what is on the server: per lane, a trigger on every stream, the shipped
+    // ScaledObjects' shape otherwise.
+    let keda = partitions_command(&nats.url(), &["keda"]).await;
+    let objects: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&keda)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    assert_eq!(objects.len(), 2, "{keda}");
+    for (so, lane) in objects.iter().zip(Lane::ALL) {
+        assert_eq!(so["kind"], "ScaledObject");
+        assert_eq!(so["metadata"]["name"], lane.consumer_name());
+        let triggers = so["spec"]["triggers"].as_sequence().unwrap();
+        let streams: Vec<&str> = triggers
+            .iter()
+            .map(|t| t["metadata"]["stream"].as_str().unwrap())
+            .collect();
+        assert_eq!(streams, names, "{keda}");
+        assert!(triggers
+            .iter()
+            .all(|t| t["metadata"]["consumer"] == lane.consumer_name()));
+    }
+
     // `partitions show` tells the operator the same.
     let show = partitions_command(&nats.url(), &["show"]).await;
     assert!(show.starts_with("layout 2: 1 partition(s)"), "{show}");
