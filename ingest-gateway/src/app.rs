@@ -33,6 +33,7 @@ pub use crate::state::AppState;
     info(title = "Call Capture API", description = "Submit call records from dialers and telephony systems."),
     paths(
         ingest::create_call, ingest::create_call_legacy, ingest::create_batch,
+        crate::callbacks::signed, crate::callbacks::tokened,
         healthz, readyz, metrics_text, openapi_json, crate::status::status_page
     ),
     components(schemas(
@@ -40,7 +41,7 @@ pub use crate::state::AppState;
         crate::answers::Created, crate::answers::CreatedData, crate::answers::BatchResponse, crate::answers::BatchItem,
         ErrorBody, Readiness, PublishStats, crate::body::ContentEncoding
     )),
-    tags((name = "calls", description = "Call records"), (name = "ops", description = "Operations")),
+    tags((name = "calls", description = "Call records"), (name = "callbacks", description = "Telephony providers' call status callbacks"), (name = "ops", description = "Operations")),
     modifiers(&AcceptsUnknownFields, &OptionalContentEncoding)
 )]
 pub struct ApiDoc;
@@ -100,6 +101,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/calls", post(ingest::create_call))
         .route("/functions/v1/webhook-call-capture", post(ingest::create_call_legacy))
         .route("/v1/calls/batch", post(ingest::create_batch))
+        .route("/v1/callbacks/{connector}", post(crate::callbacks::signed))
+        .route("/v1/callbacks/{connector}/{token}", post(crate::callbacks::tokened))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -121,7 +124,7 @@ pub fn app(state: AppState) -> Router {
                                 .get("x-request-id")
                                 .and_then(|v| v.to_str().ok())
                                 .unwrap_or("");
-                            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %rid)
+                            tracing::info_span!("request", method = %req.method(), path = %loggable_path(req.uri().path()), request_id = %rid)
                         })
                         // Failures are logged once, with their cause, by ApiError.
                         .on_failure(()),
@@ -141,6 +144,17 @@ pub fn app(state: AppState) -> Router {
                 })),
         )
         .with_state(state)
+}
+
+/// The request path as logged: an Exotel connector URL's token (its last segment) is
+/// replaced, so the logs never hold a credential.
+fn loggable_path(path: &str) -> std::borrow::Cow<'_, str> {
+    let segments: Vec<&str> = path.split('/').collect();
+    if segments.len() == 5 && path.starts_with("/v1/callbacks/") {
+        std::borrow::Cow::Owned(format!("/v1/callbacks/{}/<token>", segments[3]))
+    } else {
+        std::borrow::Cow::Borrowed(path)
+    }
 }
 
 /// Longest request URI answered by the router; longer gets 414 with the JSON error body.

@@ -2,19 +2,17 @@
 //! authenticates against.
 //!
 //! A key is `cc_live_` plus 40 random alphanumerics (~238 bits). Only its SHA-256 is
-//! stored, in the NATS KV bucket [`KEYS_BUCKET`], keyed by a separate key id. Each gateway
+//! stored, in the NATS KV bucket `callcap_api_keys`, keyed by a separate key id. Each gateway
 //! watches the bucket, so a create or revoke reaches it within a second, and a request
 //! costs one hash and one map lookup. Admin commands (`keys …`) live in [`crate::keys`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
-use callcap::subjects::{self, SetupError, KEYS_BUCKET, KEYS_BUCKET_STREAM};
+use callcap::subjects::SetupError;
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use rand::distr::{Alphanumeric, SampleString};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -170,9 +168,8 @@ impl KeyCache {
     }
 }
 
-/// Opens the key bucket, creating it on first use with as many replicas as the stream
-/// (`STREAM_REPLICAS`, see [`callcap::subjects::target_replicas`]), and applying a
-/// changed `STREAM_REPLICAS` to an existing one.
+/// Opens the key bucket (admin commands: creates it, or applies a changed
+/// `STREAM_REPLICAS`).
 ///
 /// # Errors
 /// When JetStream is unreachable or cannot have the replica count.
@@ -180,30 +177,10 @@ pub async fn key_bucket(
     js: &jetstream::Context,
     requested_replicas: Option<u8>,
 ) -> Result<kv::Store, SetupError> {
-    if let Ok(store) = js.get_key_value(KEYS_BUCKET).await {
-        subjects::apply_replicas(js, KEYS_BUCKET_STREAM, requested_replicas).await?;
-        return Ok(store);
-    }
-    let replicas = subjects::target_replicas(
-        KEYS_BUCKET,
-        requested_replicas,
-        None,
-        subjects::clustered(js),
-    )?;
-    js.create_key_value(kv::Config {
-        bucket: KEYS_BUCKET.to_owned(),
-        description: "Call Capture API keys (SHA-256 only)".into(),
-        history: 1,
-        storage: jetstream::stream::StorageType::File,
-        num_replicas: replicas,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| SetupError::Nats(e.into()))
+    crate::kv::bucket(js, crate::kv::KEYS, requested_replicas).await
 }
 
-/// Opens the key bucket for a serving gateway: creates it when missing, otherwise uses
-/// it as it is (changing its replicas is `ingest-gateway setup`'s job, admin identity).
+/// Opens the key bucket for a serving gateway (creates it when missing).
 ///
 /// # Errors
 /// As [`key_bucket`].
@@ -211,45 +188,31 @@ pub async fn open_key_bucket(
     js: &jetstream::Context,
     requested_replicas: Option<u8>,
 ) -> Result<kv::Store, SetupError> {
-    match js.get_key_value(KEYS_BUCKET).await {
-        Ok(store) => Ok(store),
-        Err(_) => key_bucket(js, requested_replicas).await,
+    crate::kv::open_bucket(js, crate::kv::KEYS, requested_replicas).await
+}
+
+impl crate::kv::Mirror for KeyCache {
+    const WHAT: &'static str = "API key";
+
+    fn put(&self, key: &str, value: &[u8]) {
+        match serde_json::from_slice::<KeyRecord>(value) {
+            Ok(record) if record.key_id == key => self.upsert(record),
+            Ok(_) | Err(_) => tracing::warn!(key = %key, "unreadable API key record ignored"),
+        }
+    }
+
+    fn delete(&self, key: &str) {
+        self.remove(key);
+    }
+
+    fn mark_loaded(&self) {
+        KeyCache::mark_loaded(self);
     }
 }
 
-/// Keeps `cache` in step with the bucket until the process ends: reads every key, marks
-/// the cache loaded, then applies puts and deletes as they happen. Rewatches after errors.
+/// Keeps `cache` in step with the key bucket until the process ends.
 pub async fn watch_keys(store: kv::Store, cache: Arc<KeyCache>) {
-    loop {
-        if let Err(e) = watch_once(&store, &cache).await {
-            tracing::warn!(error = %e, "API key watch interrupted; rewatching");
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
-async fn watch_once(store: &kv::Store, cache: &KeyCache) -> Result<(), async_nats::Error> {
-    let last = store.status().await?.info.state.last_sequence;
-    let mut watch = store.watch_all_from_revision(1).await?;
-    if last == 0 {
-        cache.mark_loaded();
-    }
-    while let Some(entry) = watch.next().await {
-        let entry = entry?;
-        match entry.operation {
-            kv::Operation::Put => match serde_json::from_slice::<KeyRecord>(&entry.value) {
-                Ok(record) if record.key_id == entry.key => cache.upsert(record),
-                Ok(_) | Err(_) => {
-                    tracing::warn!(key = %entry.key, "unreadable API key record ignored")
-                }
-            },
-            kv::Operation::Delete | kv::Operation::Purge => cache.remove(&entry.key),
-        }
-        if entry.revision >= last {
-            cache.mark_loaded();
-        }
-    }
-    Ok(())
+    crate::kv::watch(store, cache).await;
 }
 
 #[cfg(test)]

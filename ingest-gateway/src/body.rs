@@ -127,6 +127,43 @@ pub async fn read_json(
     if !is_json {
         return Err(ApiError::UnsupportedMediaType);
     }
+    let JsonBody {
+        text,
+        mut reservation,
+    } = read_bytes(
+        budget,
+        key_id,
+        headers,
+        body,
+        limit,
+        timeout,
+        retry_after_secs,
+    )
+    .await?;
+    let cost = budget::parse_cost(&text)
+        .map_err(|e| ApiError::BadRequest(format!("Malformed JSON: {e}")))?;
+    // Parsed values, and the stream messages built from them (about the text again).
+    reservation
+        .grow(cost.saturating_add(text.len()))
+        .map_err(|e| exhausted(e, retry_after_secs))?;
+    Ok(JsonBody { text, reservation })
+}
+
+/// Reads a body of any content type within the size and time limits and the memory
+/// budget of `key_id` (decoding a `Content-Encoding`), without parsing it: the provider
+/// callbacks' form and JSON bodies. The returned [`JsonBody`] holds the raw bytes.
+///
+/// # Errors
+/// 415 (encoding), 413, 408, or 503 when the memory budget is in use.
+pub async fn read_bytes(
+    budget: &std::sync::Arc<MemoryBudget>,
+    key_id: &str,
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    timeout: std::time::Duration,
+    retry_after_secs: u64,
+) -> Result<JsonBody, ApiError> {
     let encoding = content_encoding(headers)?;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -141,12 +178,6 @@ pub async fn read_json(
         Err(_) => return Err(ApiError::RequestTimeout),
         Ok(result) => result?,
     };
-    let cost = budget::parse_cost(&text)
-        .map_err(|e| ApiError::BadRequest(format!("Malformed JSON: {e}")))?;
-    // Parsed values, and the stream messages built from them (about the text again).
-    reservation
-        .grow(cost.saturating_add(text.len()))
-        .map_err(|e| exhausted(e, retry_after_secs))?;
     Ok(JsonBody { text, reservation })
 }
 

@@ -43,7 +43,13 @@ pub enum Command {
     /// gateways watch; changes reach running gateways within a second).
     #[command(subcommand)]
     Keys(KeysCommand),
-    /// Create the stream CALLS and the API key bucket, or bring existing ones (the
+    /// Provider connectors: let Twilio, Exotel, Plivo or Vonage post their call status
+    /// and recording callbacks straight to the gateway for one company, checked with the
+    /// provider's signature (secrets sealed with CONNECTOR_SECRETS_KEY_FILE; changes
+    /// reach running gateways within a second). Admin NATS identity.
+    #[command(subcommand)]
+    Connectors(ConnectorsCommand),
+    /// Create the stream CALLS and the API key and connector buckets, or bring existing ones (the
     /// current partition layout's streams) to the STREAM_* settings (e.g. a new
     /// STREAM_REPLICAS or STREAM_MAX_AGE_SECS). Run with the admin NATS identity: a
     /// serving gateway creates what is missing but never changes what exists.
@@ -153,6 +159,74 @@ pub enum KeysCommand {
     Revoke {
         /// The key id shown by `keys create` and `keys list`.
         key_id: String,
+    },
+}
+
+/// `ingest-gateway connectors`.
+#[derive(Debug, Subcommand)]
+pub enum ConnectorsCommand {
+    /// Create a connector for a company and provider. Prints its id and, as the last line
+    /// of stdout, the callback URL to paste into the provider's console.
+    Create {
+        /// The company whose calls the provider's callbacks are.
+        #[arg(long)]
+        company: Uuid,
+        /// The telephony provider.
+        #[arg(long, value_enum)]
+        provider: crate::connectors::Provider,
+        /// The https base URL the provider calls (e.g. https://calls.example.com), as the
+        /// provider reaches the gateways through your load balancer: the signature covers
+        /// it, so it must be exactly what the provider requests.
+        #[arg(long)]
+        public_url: String,
+        /// A file holding the provider's signing secret: Twilio Auth Token, Plivo Auth
+        /// Token, Vonage Signature secret. Not for Exotel (its URL carries a token made
+        /// here).
+        #[arg(long)]
+        secret_file: Option<std::path::PathBuf>,
+        /// ISO country code of the domestic numbers the provider sends (Exotel's
+        /// `0…`), to store them in E.164, e.g. IN.
+        #[arg(long)]
+        country: Option<String>,
+        /// Exotel only: a source network (CIDR) callbacks may come from, repeatable;
+        /// without it any source with the URL's token is taken. Matched against the
+        /// connecting address, so a load balancer in front must keep the client's
+        /// address (e.g. proxy protocol off, direct routing).
+        #[arg(long)]
+        allow_network: Vec<String>,
+    },
+    /// List connectors (never a secret or token): id, company, provider, valid secrets,
+    /// created, public URL.
+    List {
+        /// Only this company's connectors.
+        #[arg(long)]
+        company: Option<Uuid>,
+    },
+    /// Make a new signing secret current, keeping the previous one valid for
+    /// --overlap-hours (the time the provider may still sign with it). For Exotel, a new
+    /// URL token, printed as the last line.
+    RotateSecret {
+        /// The connector id shown by `connectors create` and `connectors list`.
+        connector_id: String,
+        /// A file holding the new secret (not for Exotel).
+        #[arg(long)]
+        secret_file: Option<std::path::PathBuf>,
+        /// Hours the previous secret stays valid (0 to 720).
+        #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(0..=720))]
+        overlap_hours: u32,
+    },
+    /// Revoke a connector; running gateways refuse its callbacks within a second.
+    Revoke {
+        /// The connector id.
+        connector_id: String,
+    },
+    /// Write a new secrets key (32 random bytes, base64) to --out, readable only by its
+    /// owner: give the same file to every gateway and to whoever runs `connectors create`
+    /// as CONNECTOR_SECRETS_KEY_FILE. Never overwrites a file.
+    NewSecretsKey {
+        /// Where to write the key.
+        #[arg(long)]
+        out: std::path::PathBuf,
     },
 }
 
@@ -342,6 +416,12 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..=3600))]
     pub retry_after_secs: u32,
 
+    /// A file holding the key that seals the provider connectors' secrets (`connectors
+    /// new-secrets-key` makes one). Every gateway serving callbacks needs the same key;
+    /// without it, connectors' callbacks are answered 503.
+    #[arg(long, env = "CONNECTOR_SECRETS_KEY_FILE", global = true)]
+    pub connector_secrets_key_file: Option<std::path::PathBuf>,
+
     /// On SIGTERM/SIGINT, how long in-flight requests may take to finish, in seconds.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 20,
           value_parser = clap::value_parser!(u64).range(0..=3600))]
@@ -377,6 +457,7 @@ impl Default for ServeArgs {
             rate_limit_per_sec: 0.0,
             rate_limit_burst: 100,
             retry_after_secs: 1,
+            connector_secrets_key_file: None,
             shutdown_grace_secs: 20,
         }
     }

@@ -61,6 +61,12 @@ pub enum ApiError {
     HeadersTooLarge { limit: usize },
     #[error("request has {count} header fields; at most {limit} are allowed")]
     TooManyHeaders { count: usize, limit: usize },
+    #[error("callback refused: {0}")]
+    CallbackUnauthorized(String),
+    #[error("callback refused: {0}")]
+    CallbackForbidden(String),
+    #[error("this connector cannot check callbacks on this gateway right now; retry shortly")]
+    ConnectorUnusable { retry_after_secs: u64 },
     #[error("no such route")]
     NotFound,
     #[error("method not allowed on this route")]
@@ -85,8 +91,8 @@ impl ApiError {
     /// The status code of this error.
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized | ApiError::CallbackUnauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden | ApiError::CallbackForbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Validation(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::UnsupportedMediaType | ApiError::UnsupportedEncoding(_) => {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE
@@ -99,6 +105,7 @@ impl ApiError {
             ApiError::Overloaded { .. }
             | ApiError::MemoryBusy { .. }
             | ApiError::Unavailable { .. }
+            | ApiError::ConnectorUnusable { .. }
             | ApiError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             ApiError::HeadersTooLarge { .. } | ApiError::TooManyHeaders { .. } => {
@@ -120,6 +127,7 @@ impl ApiError {
                 retry_after_secs, ..
             }
             | ApiError::NotReady { retry_after_secs }
+            | ApiError::ConnectorUnusable { retry_after_secs }
             | ApiError::Unavailable {
                 retry_after_secs, ..
             } => Some(*retry_after_secs),
@@ -174,6 +182,9 @@ impl ApiError {
             ApiError::UriTooLong { .. } => "uri_too_long",
             ApiError::HeadersTooLarge { .. } => "headers_too_large",
             ApiError::TooManyHeaders { .. } => "too_many_headers",
+            ApiError::CallbackUnauthorized(_) => "callback_unauthorized",
+            ApiError::CallbackForbidden(_) => "callback_forbidden",
+            ApiError::ConnectorUnusable { .. } => "connector_unusable",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Internal(_) => "internal",

@@ -348,7 +348,7 @@ fn request_id(headers: &HeaderMap) -> Option<String> {
 }
 
 /// Derives the record's id and builds its stream message.
-fn prepare(
+pub(crate) fn prepare(
     record: CallRecord,
     principal: &Principal,
     lane: Lane,
@@ -377,7 +377,7 @@ fn prepare(
     )
 }
 
-fn unavailable(state: &AppState, e: PublishError) -> ApiError {
+pub(crate) fn unavailable(state: &AppState, e: PublishError) -> ApiError {
     if e.is_retryable() {
         ApiError::Unavailable {
             retry_after_secs: u64::from(state.serve.retry_after_secs),

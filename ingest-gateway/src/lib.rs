@@ -19,12 +19,15 @@ pub mod app;
 pub mod auth;
 pub mod body;
 pub mod budget;
+pub mod callbacks;
 pub mod check;
 pub mod config;
+pub mod connectors;
 pub mod error;
 pub mod extract;
 pub mod ingest;
 pub mod keys;
+pub mod kv;
 pub mod lanes;
 pub mod layout;
 pub mod nkey;
@@ -48,7 +51,7 @@ use tokio::net::TcpListener;
 
 use crate::app::AppState;
 use crate::auth::KeyCache;
-use crate::config::{Cli, Command, KeysCommand, NkeyCommand, PartitionsCommand};
+use crate::config::{Cli, Command, ConnectorsCommand, KeysCommand, NkeyCommand, PartitionsCommand};
 use crate::publish::Partitioned;
 
 /// Runs what the command line asks: serve (with the Prometheus recorder installed and
@@ -79,6 +82,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             publish::describe_metrics();
             lanes::describe_metrics();
             app::describe_metrics();
+            callbacks::describe_metrics();
             server::describe_metrics();
             serve(&cli, Some(metrics), shutdown_signal()).await
         }
@@ -97,6 +101,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                 KeysCommand::Revoke { key_id } => keys::revoke(&store, key_id, &mut out).await,
             }
         }
+        Some(Command::Connectors(cmd)) => run_connectors(&cli, cmd).await,
         Some(Command::Setup) => {
             let summary = setup(&cli).await?;
             println!("{summary}");
@@ -130,6 +135,60 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                 NkeyCommand::Create { out: path } => nkey::create(path, &mut out),
                 NkeyCommand::Public { seed_file } => nkey::public(seed_file, &mut out),
             }
+        }
+    }
+}
+
+/// `ingest-gateway connectors …`, printing to stdout.
+async fn run_connectors(cli: &Cli, cmd: &ConnectorsCommand) -> anyhow::Result<()> {
+    use connectors::admin;
+    let mut out = std::io::stdout().lock();
+    match cmd {
+        ConnectorsCommand::NewSecretsKey { out: path } => admin::new_secrets_key(path, &mut out),
+        ConnectorsCommand::Create {
+            company,
+            provider,
+            public_url,
+            secret_file,
+            country,
+            allow_network,
+        } => {
+            let key = secrets_key(cli)?;
+            let store = connector_store(cli).await?;
+            let new = admin::NewConnector {
+                company: *company,
+                provider: *provider,
+                public_url,
+                secret_file: secret_file.as_deref(),
+                country: country.as_deref(),
+                allow_networks: allow_network,
+            };
+            admin::create(&store, &key, &new, &mut out)
+                .await
+                .map(|_| ())
+        }
+        ConnectorsCommand::List { company } => {
+            admin::list(&connector_store(cli).await?, *company, &mut out).await
+        }
+        ConnectorsCommand::RotateSecret {
+            connector_id,
+            secret_file,
+            overlap_hours,
+        } => {
+            let key = secrets_key(cli)?;
+            let store = connector_store(cli).await?;
+            admin::rotate_secret(
+                &store,
+                &key,
+                connector_id,
+                secret_file.as_deref(),
+                chrono::Duration::hours(i64::from(*overlap_hours)),
+                &mut out,
+            )
+            .await
+        }
+        ConnectorsCommand::Revoke { connector_id } => {
+            admin::revoke(&connector_store(cli).await?, connector_id, &mut out).await
         }
     }
 }
@@ -248,7 +307,26 @@ pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
     .await?;
     let keys = Arc::new(KeyCache::default());
     tokio::spawn(auth::watch_keys(bucket, keys.clone()));
-    Ok(AppState::new(publisher, keys, serve, metrics, fsync_mode))
+    let secrets_key = match &cli.serve.connector_secrets_key_file {
+        Some(path) => {
+            let key = connectors::seal::SecretsKey::from_file(path)?;
+            tracing::info!(
+                fingerprint = key.fingerprint(),
+                "provider connector secrets key loaded"
+            );
+            Some(key)
+        }
+        None => None,
+    };
+    let connector_bucket = with_retry("opening the connector bucket", || {
+        kv::open_bucket(&js, kv::CONNECTORS, cli.stream.stream_replicas)
+    })
+    .await?;
+    let connectors = Arc::new(connectors::ConnectorCache::new(secrets_key));
+    tokio::spawn(kv::watch(connector_bucket, connectors.clone()));
+    Ok(AppState::with_connectors(
+        publisher, keys, connectors, serve, metrics, fsync_mode,
+    ))
 }
 
 /// Logs the fsync mode of the server: whether a JetStream ack means "on disk" (a 201
@@ -389,6 +467,10 @@ pub async fn setup(cli: &Cli) -> anyhow::Result<String> {
         auth::key_bucket(&js, cli.stream.stream_replicas)
     })
     .await?;
+    with_retry("creating or updating the connector bucket", || {
+        kv::bucket(&js, kv::CONNECTORS, cli.stream.stream_replicas)
+    })
+    .await?;
     let mut lines = Vec::new();
     for name in streams {
         let mut stream = js
@@ -420,6 +502,31 @@ async fn admin_context(cli: &Cli, name: &str) -> anyhow::Result<jetstream::Conte
         .await
         .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
     Ok(jetstream::new(client))
+}
+
+/// Opens the connector bucket as the admin identity (`connectors` commands).
+///
+/// # Errors
+/// When NATS is unreachable or the bucket cannot be created.
+pub async fn connector_store(cli: &Cli) -> anyhow::Result<jetstream::kv::Store> {
+    let js = admin_context(cli, "ingest-gateway connectors").await?;
+    kv::bucket(&js, kv::CONNECTORS, cli.stream.stream_replicas)
+        .await
+        .map_err(|e| anyhow::anyhow!("opening the connector bucket: {e}"))
+}
+
+/// The secrets key of the `connectors` commands that seal a secret.
+///
+/// # Errors
+/// When `CONNECTOR_SECRETS_KEY_FILE` is not set or does not hold a key.
+pub fn secrets_key(cli: &Cli) -> anyhow::Result<connectors::seal::SecretsKey> {
+    let path = cli.serve.connector_secrets_key_file.as_deref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "CONNECTOR_SECRETS_KEY_FILE (--connector-secrets-key-file) must name the gateways' secrets key file; \
+             make one with `ingest-gateway connectors new-secrets-key --out FILE`"
+        )
+    })?;
+    connectors::seal::SecretsKey::from_file(path)
 }
 
 /// Opens the key bucket for the `keys` commands.

@@ -189,7 +189,7 @@ pub async fn run(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(conn) => conn,
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
@@ -209,6 +209,7 @@ pub async fn run(
                     closing: closing.clone(),
                     header_timeout,
                     idle_timeout,
+                    peer,
                 };
                 let tls = tls.clone();
                 let accepted_at = Instant::now();
@@ -253,6 +254,9 @@ struct Conn {
     closing: CancellationToken,
     header_timeout: Duration,
     idle_timeout: Duration,
+    /// The connecting peer, given to handlers as axum's `ConnectInfo` (the provider
+    /// callbacks' source-network allow-list).
+    peer: std::net::SocketAddr,
 }
 
 impl Conn {
@@ -263,8 +267,10 @@ impl Conn {
         let activity = Arc::new(Activity::new(accepted_at));
         let router = self.router;
         let tracked = Arc::clone(&activity);
-        let service = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let peer = axum::extract::ConnectInfo(self.peer);
+        let service = tower::service_fn(move |mut req: Request<hyper::body::Incoming>| {
             let guard = InFlight::begin(&tracked);
+            req.extensions_mut().insert(peer);
             let call = router.clone().oneshot(req.map(axum::body::Body::new));
             async move {
                 let response = call.await;

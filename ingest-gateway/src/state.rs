@@ -9,6 +9,7 @@ use tokio::sync::Semaphore;
 use crate::auth::KeyCache;
 use crate::budget::MemoryBudget;
 use crate::config::ServeArgs;
+use crate::connectors::ConnectorCache;
 use crate::lanes::Lanes;
 use crate::publish::Publisher;
 use crate::ratelimit::RateLimiter;
@@ -23,6 +24,8 @@ pub struct Shared {
     pub publisher: Arc<dyn Publisher>,
     /// API keys, kept current by the KV watch.
     pub keys: Arc<KeyCache>,
+    /// Provider connectors, kept current by the KV watch.
+    pub connectors: Arc<ConnectorCache>,
     /// Limits and timeouts.
     pub serve: ServeArgs,
     /// Budget of publishes awaiting an ack; exhausted means 503.
@@ -47,10 +50,25 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    /// Builds the state from its parts and the serve settings.
+    /// Builds the state from its parts and the serve settings, with no provider
+    /// connectors (handler tests).
     pub fn new(
         publisher: Arc<dyn Publisher>,
         keys: Arc<KeyCache>,
+        serve: ServeArgs,
+        metrics: Option<PrometheusHandle>,
+        fsync_mode: String,
+    ) -> Self {
+        let connectors = Arc::new(ConnectorCache::new(None));
+        crate::kv::Mirror::mark_loaded(connectors.as_ref());
+        Self::with_connectors(publisher, keys, connectors, serve, metrics, fsync_mode)
+    }
+
+    /// Builds the state from its parts, provider connectors included.
+    pub fn with_connectors(
+        publisher: Arc<dyn Publisher>,
+        keys: Arc<KeyCache>,
+        connectors: Arc<ConnectorCache>,
         serve: ServeArgs,
         metrics: Option<PrometheusHandle>,
         fsync_mode: String,
@@ -62,6 +80,7 @@ impl AppState {
         AppState(Arc::new(Shared {
             publisher,
             keys,
+            connectors,
             inflight: Arc::new(Semaphore::new(serve.max_in_flight_publishes as usize)),
             bodies: MemoryBudget::new(body_memory, serve.body_memory_per_key_bytes(body_memory)),
             lanes: Lanes::new(

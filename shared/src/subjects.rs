@@ -124,6 +124,11 @@ pub fn company_filter(company_id: Uuid) -> String {
 pub const KEYS_BUCKET: &str = "callcap_api_keys";
 /// The stream JetStream keeps [`KEYS_BUCKET`] in.
 pub const KEYS_BUCKET_STREAM: &str = "KV_callcap_api_keys";
+/// KV bucket holding the provider connectors (their secrets sealed with a key only the
+/// gateways hold), watched by every gateway.
+pub const CONNECTORS_BUCKET: &str = "callcap_connectors";
+/// The stream JetStream keeps [`CONNECTORS_BUCKET`] in.
+pub const CONNECTORS_BUCKET_STREAM: &str = "KV_callcap_connectors";
 /// Largest stream message; a record is bounded well below this by validation.
 pub const MAX_MESSAGE_BYTES: i32 = 1024 * 1024;
 
