@@ -14,6 +14,8 @@
 #   ensure_deploy_tools installs what the checks of deploy/k8s and deploy/prometheus run:
 #                       kubernetes-validate (PyPI; it ships the Kubernetes schemas, so
 #                       validation is offline) and promtool (Debian prometheus).
+#   ensure_provider_sdks installs the providers' SDKs (PyPI twilio, plivo, vonage, PyJWT),
+#                       which sign the provider callbacks in the tests as the providers do.
 #   ensure_schemathesis installs schemathesis (PyPI), which drives the gateway from its
 #                       OpenAPI document in the tests.
 #   ensure_rust         checks that cargo is there.
@@ -128,6 +130,14 @@ ensure_deploy_tools() {
     apt_install prometheus
   fi
   return 0
+}
+
+ensure_provider_sdks() {
+  python3 -c 'import twilio.request_validator, plivo.utils.signature_v3, vonage_jwt, jwt' 2>/dev/null && return 0
+  log "installing the telephony providers' SDKs (PyPI twilio, plivo, vonage, PyJWT) for the callback tests"
+  python3 -m pip install --quiet --disable-pip-version-check twilio plivo vonage PyJWT >&2 \
+    || python3 -m pip install --quiet --disable-pip-version-check --user twilio plivo vonage PyJWT >&2 \
+    || die "pip install twilio plivo vonage PyJWT failed"
 }
 
 ensure_schemathesis() {

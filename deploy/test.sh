@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: installs what is missing (nats-server 2.15+, PostgreSQL, FUSE, the
 # deploy checks' kubernetes-validate and promtool, Node.js for examples/, chromium for the
-# status pages, schemathesis for the OpenAPI run), then
+# status pages, schemathesis for the OpenAPI run, the telephony providers' SDKs that sign
+# the callback tests' requests), then
 # `cargo test --workspace`. Tests start their own nats-server on free ports and create a
 # fresh database per test on the server at DATABASE_URL.
 set -euo pipefail
@@ -13,6 +14,7 @@ ensure_postgres
 ensure_fuse
 ensure_deploy_tools
 ensure_schemathesis
+ensure_provider_sdks
 ensure_node
 ensure_chromium
 log "nats-server: $NATS_SERVER_BIN ($("$NATS_SERVER_BIN" --version))"

@@ -218,6 +218,19 @@ async fn accept(
             })
             .collect()
     };
+    // Parameters of the URL's query the body does not carry: what the customer put in
+    // the URL (a campaign, or the call's `uuid` in a Vonage record action's eventUrl).
+    // Twilio and Plivo sign the query; `bodySHA256` is Twilio's, not the call's.
+    let mut params = params;
+    if let Some((_, query)) = path_and_query.split_once('?') {
+        for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+            if k != "bodySHA256" {
+                params
+                    .entry(k.into_owned())
+                    .or_insert_with(|| Value::String(v.into_owned()));
+            }
+        }
+    }
     let object = map::record(&connector.record, &params).map_err(|e| ApiError::BadRequest(e.0))?;
     let record = callcap::validate(&Value::Object(object))?;
     let principal = Principal {

@@ -21,6 +21,7 @@ pub mod nats;
 pub mod payloads;
 pub mod pipeline;
 pub mod powerfs;
+pub mod providers;
 pub mod proxy;
 pub mod stack;
 pub mod tls;

@@ -233,7 +233,6 @@ impl TestWorker {
     }
 }
 
-/// The seed file of `role`'s NATS identity, for `NATS_NKEY_FILE`.
 /// Runs `bin` (a service binary) with `args` as the admin identity against `nats_url`,
 /// awaited (the services under test may run on the caller's runtime); its output.
 pub async fn admin_command(bin: &str, nats_url: &str, args: &[&str]) -> std::process::Output {
@@ -246,6 +245,24 @@ pub async fn admin_command(bin: &str, nats_url: &str, args: &[&str]) -> std::pro
         .unwrap_or_else(|e| panic!("running {bin} {args:?}: {e}"))
 }
 
+/// As [`admin_command`], with more environment variables (e.g. `CONNECTOR_SECRETS_KEY_FILE`).
+pub async fn admin_command_env(
+    bin: &str,
+    nats_url: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    tokio::process::Command::new(bin)
+        .args(args)
+        .env("NATS_URL", nats_url)
+        .env("NATS_NKEY_FILE", seed_path(Role::Admin))
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running {bin} {args:?}: {e}"))
+}
+
+/// The seed file of `role`'s NATS identity, for `NATS_NKEY_FILE`.
 pub fn seed_path(role: Role) -> String {
     crate::identities::identities()
         .of(role)

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use callcap::config::Role;
-use callcap::subjects::{ingest_subject, KEYS_BUCKET, STREAM_NAME};
+use callcap::subjects::{ingest_subject, CONNECTORS_BUCKET, KEYS_BUCKET, STREAM_NAME};
 use callcap::{CallRecord, Envelope};
 use callcap_tests::db::TestDb;
 use callcap_tests::identities::identities;
@@ -119,6 +119,16 @@ async fn each_nats_identity_can_do_its_job_and_is_refused_the_rest() {
         "gateway writing a key",
     )
     .await;
+    gateway
+        .publish(format!("$KV.{CONNECTORS_BUCKET}.cforged"), "{}".into())
+        .await
+        .unwrap();
+    assert_refused(
+        &refused,
+        &format!("$KV.{CONNECTORS_BUCKET}.cforged"),
+        "gateway writing a connector",
+    )
+    .await;
     let _ = gateway.subscribe("calls.>").await;
     assert_refused(&refused, "calls.>", "gateway reading records").await;
     let _ = gateway.subscribe("_INBOX.admin.>").await;
@@ -174,6 +184,11 @@ async fn each_nats_identity_can_do_its_job_and_is_refused_the_rest() {
         format!("CONSUMER.DURABLE.CREATE.KV_{KEYS_BUCKET}.persist-worker-overflow"),
         format!("CONSUMER.MSG.NEXT.KV_{KEYS_BUCKET}.persist-worker"),
         format!("CONSUMER.INFO.KV_{KEYS_BUCKET}.persist-worker"),
+        // Nor on the connector bucket (sealed provider secrets).
+        format!("STREAM.INFO.KV_{CONNECTORS_BUCKET}"),
+        format!("DIRECT.GET.KV_{CONNECTORS_BUCKET}"),
+        format!("CONSUMER.CREATE.KV_{CONNECTORS_BUCKET}.persist-worker"),
+        format!("CONSUMER.MSG.NEXT.KV_{CONNECTORS_BUCKET}.persist-worker"),
     ] {
         let subject = format!("$JS.API.{api}");
         let _ = worker.request(subject.clone(), "{}".into()).await;

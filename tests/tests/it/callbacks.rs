@@ -1,0 +1,991 @@
+//! Provider callbacks end to end: a connector made with `ingest-gateway connectors`, a
+//! provider's callbacks signed by the provider's own SDK, a real gateway, NATS, worker
+//! and Postgres. Per provider: a valid callback is stored with the mapped fields; an
+//! altered or unsigned one is refused and never reaches the stream; the same callback
+//! twice is one row; the lifecycle in shuffled order keeps the final status; a recording
+//! callback adds its URL to the call; a revoked connector is refused. Another company
+//! posts records through its API key all along, and every one of them is stored.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use callcap::subjects::Lane;
+use callcap_tests::db::TestDb;
+use callcap_tests::eventually;
+use callcap_tests::nats::{stream_messages, NatsServer};
+use callcap_tests::pipeline::{admin_command_env, TestGateway, TestWorker};
+use callcap_tests::providers::{send, sign, Signed};
+use chrono::{DateTime, Utc};
+use ingest_gateway::config::ServeArgs;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// The URL the providers call, as given to `connectors create`: not the gateway's own
+/// address, which the test sends to (as a load balancer would forward).
+const PUBLIC: &str = "https://calls.example.test";
+
+struct Fixture {
+    nats: NatsServer,
+    db: TestDb,
+    gw: TestGateway,
+    worker: Option<TestWorker>,
+    dir: tempfile::TempDir,
+    key_file: PathBuf,
+    company: Uuid,
+    /// Another company, posting through its API key meanwhile.
+    other: Uuid,
+    other_key: String,
+    other_sent: Vec<String>,
+}
+
+/// A stored call as the tests read it.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+struct Stored {
+    call_status: Option<String>,
+    caller_number: Option<String>,
+    recipient_number: Option<String>,
+    duration_seconds: Option<i32>,
+    recording_url: Option<String>,
+    external_system: Option<String>,
+    start_time: Option<DateTime<Utc>>,
+    end_time: Option<DateTime<Utc>>,
+    call_details: Option<Value>,
+    key_id: Option<String>,
+}
+
+impl Fixture {
+    async fn start() -> Self {
+        let nats = NatsServer::start().await;
+        let db = TestDb::create().await;
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("connector-secrets.key");
+        std::fs::write(
+            &key_file,
+            ingest_gateway::connectors::seal::SecretsKey::generate().unwrap(),
+        )
+        .unwrap();
+        let serve = ServeArgs {
+            connector_secrets_key_file: Some(key_file.clone()),
+            ..ServeArgs::default()
+        };
+        let gw = TestGateway::start_with(&nats.url(), serve).await;
+        let worker = TestWorker::start(&nats.url(), &db.url).await;
+        let other = Uuid::new_v4();
+        let other_key = gw.create_key(other).await;
+        Fixture {
+            nats,
+            db,
+            gw,
+            worker: Some(worker),
+            dir,
+            key_file,
+            company: Uuid::new_v4(),
+            other,
+            other_key,
+            other_sent: Vec::new(),
+        }
+    }
+
+    /// `ingest-gateway connectors <args>` as the operator runs it; its stdout.
+    async fn connectors(&self, args: &[&str]) -> String {
+        let full = [&["connectors"][..], args].concat();
+        let key = self.key_file.display().to_string();
+        let out = admin_command_env(
+            crate::GATEWAY_BIN,
+            &self.nats.url(),
+            &full,
+            &[("CONNECTOR_SECRETS_KEY_FILE", key.as_str())],
+        )
+        .await;
+        assert!(
+            out.status.success(),
+            "connectors {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Creates a connector; (id, callback URL), once the gateway has it.
+    async fn create(
+        &self,
+        provider: &str,
+        secret: Option<&str>,
+        extra: &[&str],
+    ) -> (String, String) {
+        let company = self.company.to_string();
+        let secret_path = self
+            .dir
+            .path()
+            .join(format!("{provider}-{}.secret", Uuid::new_v4()));
+        let mut args = vec![
+            "create",
+            "--company",
+            &company,
+            "--provider",
+            provider,
+            "--public-url",
+            PUBLIC,
+        ];
+        let secret_arg = secret_path.display().to_string();
+        if let Some(s) = secret {
+            std::fs::write(&secret_path, format!("{s}\n")).unwrap();
+            args.extend(["--secret-file", secret_arg.as_str()]);
+        }
+        args.extend(extra);
+        let out = self.connectors(&args).await;
+        let url = out.lines().last().unwrap().to_owned();
+        let id = out
+            .lines()
+            .find_map(|l| l.strip_prefix("connector_id:"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        assert!(
+            url.starts_with(&format!("{PUBLIC}/v1/callbacks/{id}")),
+            "{out}"
+        );
+        let cache = self.gw.state.connectors.clone();
+        let wanted = id.clone();
+        eventually(
+            Duration::from_secs(5),
+            "the connector to reach the gateway",
+            || {
+                let cache = cache.clone();
+                let wanted = wanted.clone();
+                async move { cache.get(&wanted).map(|_| ()) }
+            },
+        )
+        .await;
+        (id, url)
+    }
+
+    async fn post(&self, signed: &Signed) -> (StatusCode, String) {
+        self.post_with(signed, &[]).await
+    }
+
+    async fn post_with(&self, signed: &Signed, extra: &[(&str, &str)]) -> (StatusCode, String) {
+        send(&self.gw.http, &self.gw.base(), PUBLIC, signed, extra).await
+    }
+
+    /// The other company's traffic: a record per call, through its API key.
+    async fn other_posts(&mut self, n: usize) {
+        for _ in 0..n {
+            let ext = format!("OTHER-{}", Uuid::new_v4());
+            let (status, body) = self
+                .gw
+                .post_call(
+                    &self.other_key,
+                    &json!({"company_id": self.other, "external_call_id": ext, "external_system": "Dialer", "call_status": "completed"}),
+                )
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+            self.other_sent.push(ext);
+        }
+    }
+
+    async fn row(&self, ext: &str) -> Option<Stored> {
+        sqlx::query_as(
+            "SELECT call_status, caller_number, recipient_number, duration_seconds, recording_url, \
+             external_system, start_time, end_time, call_details, key_id \
+             FROM call_history WHERE company_id = $1 AND external_call_id = $2",
+        )
+        .bind(self.company)
+        .bind(ext)
+        .fetch_optional(&self.db.pool)
+        .await
+        .unwrap()
+    }
+
+    async fn rows_of(&self, ext: &str) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM call_history WHERE company_id = $1 AND external_call_id = $2",
+        )
+        .bind(self.company)
+        .bind(ext)
+        .fetch_one(&self.db.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Waits until the worker has stored everything published so far.
+    async fn drained(&self) {
+        let url = self.nats.url();
+        eventually(
+            Duration::from_secs(20),
+            "the worker to drain the stream",
+            || {
+                let url = url.clone();
+                async move {
+                    let client = callcap_tests::identities::connect(&url).await;
+                    let js = async_nats::jetstream::new(client);
+                    let stream = js.get_stream(callcap::subjects::STREAM_NAME).await.ok()?;
+                    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
+                        stream.get_consumer(Lane::Main.consumer_name()).await.ok()?;
+                    let info = consumer.info().await.ok()?;
+                    (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
+    async fn stored(&self, ext: &str) -> Stored {
+        self.drained().await;
+        self.row(ext)
+            .await
+            .unwrap_or_else(|| panic!("call {ext} is not stored"))
+    }
+
+    /// Every record of the other company was stored, and nothing of this company's
+    /// connectors landed on it; the stream holds no record with `forged` anywhere.
+    async fn finish(mut self, forged: &[&str]) {
+        self.drained().await;
+        for ext in &self.other_sent {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM call_history WHERE company_id = $1 AND external_call_id = $2",
+            )
+            .bind(self.other)
+            .bind(ext)
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap();
+            assert_eq!(n, 1, "the other company's call {ext}");
+        }
+        for (_, _, envelope) in stream_messages(&self.nats.url()).await {
+            let text = serde_json::to_string(&envelope.record).unwrap();
+            for f in forged {
+                assert!(
+                    !text.contains(f),
+                    "an altered callback reached the stream: {text}"
+                );
+            }
+            if envelope.record.company_id == self.other {
+                assert_eq!(envelope.record.external_system.as_deref(), Some("Dialer"));
+            }
+        }
+        self.worker.take().unwrap().stop().await;
+        self.gw.stop().await;
+    }
+}
+
+fn call_id(prefix: &str) -> String {
+    format!("{prefix}{}", Uuid::new_v4().simple())
+}
+
+// ---------------------------------------------------------------------------- Twilio
+
+const TWILIO_TOKEN: &str = "9f86d081884c7d659a2feaa0c55ad015";
+
+fn twilio_event(url: &str, sid: &str, status: &str) -> Value {
+    let mut form = json!({
+        "CallSid": sid,
+        "AccountSid": "AC0123456789abcdef0123456789abcdef",
+        "From": "+14155550100",
+        "To": "+919876543210",
+        "CallStatus": status,
+        "ApiVersion": "2010-04-01",
+        "Direction": "outbound-api",
+        "CallbackSource": "call-progress-events",
+        "SequenceNumber": match status { "ringing" => "1", "in-progress" => "2", _ => "3" },
+        "Timestamp": match status {
+            "ringing" => "Tue, 01 Dec 2026 10:00:00 +0000",
+            "in-progress" => "Tue, 01 Dec 2026 10:00:05 +0000",
+            _ => "Tue, 01 Dec 2026 10:00:47 +0000",
+        },
+    });
+    if status == "completed" {
+        form["CallDuration"] = json!("42");
+        form["Duration"] = json!("1");
+    }
+    json!({"provider": "twilio", "secret": TWILIO_TOKEN, "url": url, "form": form})
+}
+
+#[tokio::test]
+async fn twilio_callbacks_are_checked_and_stored() {
+    let mut fx = Fixture::start().await;
+    let (id, url) = fx.create("twilio", Some(TWILIO_TOKEN), &[]).await;
+    fx.other_posts(5).await;
+
+    // A completed call's status callback: stored, mapped.
+    let sid = call_id("CA");
+    let signed = sign(&twilio_event(&url, &sid, "completed")).await;
+    let (status, body) = fx.post(&signed).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let row = fx.stored(&sid).await;
+    assert_eq!(row.call_status.as_deref(), Some("completed"));
+    assert_eq!(row.external_system.as_deref(), Some("twilio"));
+    assert_eq!(row.caller_number.as_deref(), Some("+14155550100"));
+    assert_eq!(row.recipient_number.as_deref(), Some("+919876543210"));
+    assert_eq!(row.duration_seconds, Some(42));
+    assert_eq!(
+        row.end_time.unwrap().to_rfc3339(),
+        "2026-12-01T10:00:47+00:00"
+    );
+    assert_eq!(
+        row.start_time.unwrap().to_rfc3339(),
+        "2026-12-01T10:00:05+00:00"
+    );
+    assert_eq!(row.key_id.as_deref(), Some(id.as_str()));
+    let details = row.call_details.unwrap();
+    assert_eq!(details["AccountSid"], "AC0123456789abcdef0123456789abcdef");
+    assert!(details.get("CallSid").is_none(), "{details}");
+
+    // The same callback again (Twilio retries): one row.
+    let (status, _) = fx.post(&signed).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    fx.drained().await;
+    assert_eq!(fx.rows_of(&sid).await, 1);
+
+    // One parameter changed after signing: refused (403), never published.
+    let forged_sid = call_id("CA");
+    let mut altered = sign(&twilio_event(&url, &forged_sid, "completed")).await;
+    altered.body = altered.body.replace("CallDuration=42", "CallDuration=4242");
+    let (status, body) = fx.post(&altered).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let err: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["error"], "Forbidden");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("X-Twilio-Signature"),
+        "{err}"
+    );
+    // No signature at all: 401.
+    let mut unsigned = sign(&twilio_event(&url, &forged_sid, "completed")).await;
+    unsigned.headers.clear();
+    assert_eq!(fx.post(&unsigned).await.0, StatusCode::UNAUTHORIZED);
+    // Signed for the gateway's own address (what Host says), not the public URL: refused;
+    // the public URL's signature verifies whatever Host and X-Forwarded-* claim.
+    let local = format!("{}/v1/callbacks/{id}", fx.gw.base());
+    let mut for_host = sign(&twilio_event(&local, &forged_sid, "completed")).await;
+    for_host.url = for_host.url.replace(&fx.gw.base(), PUBLIC);
+    assert_eq!(fx.post(&for_host).await.0, StatusCode::FORBIDDEN);
+    let spoofed = sign(&twilio_event(&url, &call_id("CA"), "ringing")).await;
+    let (status, _) = fx
+        .post_with(
+            &spoofed,
+            &[
+                ("x-forwarded-host", "evil.example"),
+                ("x-forwarded-proto", "http"),
+            ],
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+
+    // The JSON variant (bodySHA256 in the URL), signed with the default port in the URL,
+    // and the SharedKey algorithm HMAC-SHA256.
+    let json_sid = call_id("CA");
+    let mut req = twilio_event(&url, &json_sid, "in-progress");
+    req["json"] = req["form"].take();
+    req.as_object_mut().unwrap().remove("form");
+    req["port_in_signed_url"] = json!(true);
+    let signed = sign(&req).await;
+    assert!(signed.url.contains("bodySHA256="));
+    assert_eq!(fx.post(&signed).await.0, StatusCode::NO_CONTENT);
+    let mut tampered = signed.clone();
+    tampered.body = tampered.body.replace("+14155550100", "+14155550199");
+    assert_eq!(fx.post(&tampered).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        fx.stored(&json_sid).await.call_status.as_deref(),
+        Some("in-progress")
+    );
+    let sha_sid = call_id("CA");
+    let mut sha256 = twilio_event(&url, &sha_sid, "ringing");
+    sha256["algorithm"] = json!("HMAC_SHA256");
+    assert_eq!(
+        fx.post(&sign(&sha256).await).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        fx.stored(&sha_sid).await.call_status.as_deref(),
+        Some("ringing")
+    );
+
+    // Lifecycle callbacks in shuffled orders: the final status stays.
+    for order in [
+        ["completed", "ringing", "in-progress"],
+        ["ringing", "completed", "in-progress"],
+    ] {
+        let sid = call_id("CA");
+        for s in order {
+            let (status, body) = fx.post(&sign(&twilio_event(&url, &sid, s)).await).await;
+            assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+        }
+        assert_eq!(
+            fx.stored(&sid).await.call_status.as_deref(),
+            Some("completed"),
+            "{order:?}"
+        );
+    }
+
+    // The recording callback adds its URL to the same call.
+    let recording = json!({"provider": "twilio", "secret": TWILIO_TOKEN, "url": url, "form": {
+        "AccountSid": "AC0123456789abcdef0123456789abcdef",
+        "CallSid": sid,
+        "RecordingSid": "RE0123456789abcdef0123456789abcdef",
+        "RecordingUrl": "https://api.twilio.com/2010-04-01/Accounts/AC0123456789abcdef0123456789abcdef/Recordings/RE0123456789abcdef0123456789abcdef",
+        "RecordingStatus": "completed",
+        "RecordingDuration": "41",
+        "RecordingChannels": "1",
+        "RecordingSource": "StartCallRecordingAPI",
+        "RecordingStartTime": "Tue, 01 Dec 2026 10:00:06 +0000",
+    }});
+    assert_eq!(
+        fx.post(&sign(&recording).await).await.0,
+        StatusCode::NO_CONTENT
+    );
+    let row = fx.stored(&sid).await;
+    assert!(row
+        .recording_url
+        .unwrap()
+        .ends_with("/Recordings/RE0123456789abcdef0123456789abcdef"));
+    assert_eq!(row.call_status.as_deref(), Some("completed"));
+    assert_eq!(row.duration_seconds, Some(42));
+
+    // Rotation: the new token signs from now on, the old one during the overlap.
+    const NEW_TOKEN: &str = "0b14d501a594442a01c6859541bcb3e8";
+    let new_file = fx.dir.path().join("twilio-new.secret");
+    std::fs::write(&new_file, NEW_TOKEN).unwrap();
+    fx.connectors(&[
+        "rotate-secret",
+        &id,
+        "--secret-file",
+        &new_file.display().to_string(),
+    ])
+    .await;
+    let cache = fx.gw.state.connectors.clone();
+    eventually(
+        Duration::from_secs(5),
+        "the rotation to reach the gateway",
+        || {
+            let cache = cache.clone();
+            let id = id.clone();
+            async move { (cache.get(&id)?.valid_secrets(Utc::now()).count() == 2).then_some(()) }
+        },
+    )
+    .await;
+    let mut with_new = twilio_event(&url, &call_id("CA"), "ringing");
+    with_new["secret"] = json!(NEW_TOKEN);
+    assert_eq!(
+        fx.post(&sign(&with_new).await).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        fx.post(&sign(&twilio_event(&url, &call_id("CA"), "ringing")).await)
+            .await
+            .0,
+        StatusCode::NO_CONTENT,
+        "the old token is accepted during the overlap"
+    );
+
+    fx.other_posts(5).await;
+    // Revoked: refused within a second.
+    let listed = fx.connectors(&["list"]).await;
+    assert!(
+        listed.contains(&id) && !listed.contains(TWILIO_TOKEN) && !listed.contains(NEW_TOKEN),
+        "{listed}"
+    );
+    fx.connectors(&["revoke", &id]).await;
+    let late = sign(&with_new).await;
+    eventually(
+        Duration::from_secs(2),
+        "the revocation to reach the gateway",
+        || {
+            let fx = &fx;
+            let late = late.clone();
+            async move { (fx.post(&late).await.0 == StatusCode::UNAUTHORIZED).then_some(()) }
+        },
+    )
+    .await;
+    assert!(fx.row(&forged_sid).await.is_none());
+    fx.finish(&["4242", "+14155550199", &forged_sid]).await;
+}
+
+// ---------------------------------------------------------------------------- Plivo
+
+const PLIVO_TOKEN: &str = "ZWRhYzE4NzY4ZjY0YTZlNzVmYmI5ZDY3";
+
+fn plivo_event(url: &str, uuid: &str, status: &str) -> Value {
+    let mut form = json!({
+        "CallUUID": uuid,
+        "RequestUUID": "7a1f2e9c-0000-4000-8000-000000000001",
+        "From": "14155550100",
+        "To": "919876543210",
+        "CallStatus": status,
+        "Direction": "outbound",
+        "Event": match status { "ringing" => "Ring", "in-progress" => "StartApp", _ => "Hangup" },
+        "StartTime": "2026-12-01 10:00:00",
+    });
+    if status != "ringing" {
+        form["AnswerTime"] = json!("2026-12-01 10:00:05");
+    }
+    if status == "completed" {
+        form["EndTime"] = json!("2026-12-01 10:00:47");
+        form["Duration"] = json!("42");
+        form["BillDuration"] = json!("60");
+        form["HangupCause"] = json!("NORMAL_CLEARING");
+        form["HangupCauseCode"] = json!("4000");
+        form["HangupSource"] = json!("Callee");
+    }
+    json!({"provider": "plivo", "secret": PLIVO_TOKEN, "url": url, "form": form})
+}
+
+#[tokio::test]
+async fn plivo_callbacks_are_checked_and_stored() {
+    let mut fx = Fixture::start().await;
+    let (id, url) = fx.create("plivo", Some(PLIVO_TOKEN), &[]).await;
+    fx.other_posts(5).await;
+
+    let uuid = Uuid::new_v4().to_string();
+    let signed = sign(&plivo_event(&url, &uuid, "completed")).await;
+    let (status, body) = fx.post(&signed).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.is_empty());
+    let row = fx.stored(&uuid).await;
+    assert_eq!(row.call_status.as_deref(), Some("completed"));
+    assert_eq!(row.external_system.as_deref(), Some("plivo"));
+    assert_eq!(row.caller_number.as_deref(), Some("+14155550100"));
+    assert_eq!(row.recipient_number.as_deref(), Some("+919876543210"));
+    assert_eq!(row.duration_seconds, Some(42));
+    assert_eq!(
+        row.start_time.unwrap().to_rfc3339(),
+        "2026-12-01T10:00:05+00:00"
+    );
+    assert_eq!(
+        row.end_time.unwrap().to_rfc3339(),
+        "2026-12-01T10:00:47+00:00"
+    );
+    assert_eq!(row.call_details.unwrap()["HangupCause"], "NORMAL_CLEARING");
+    assert_eq!(fx.post(&signed).await.0, StatusCode::OK);
+    fx.drained().await;
+    assert_eq!(fx.rows_of(&uuid).await, 1);
+
+    // Altered after signing, or without the nonce: refused.
+    let forged = Uuid::new_v4().to_string();
+    let mut altered = sign(&plivo_event(&url, &forged, "completed")).await;
+    altered.body = altered.body.replace("Duration=42", "Duration=4242");
+    assert_eq!(fx.post(&altered).await.0, StatusCode::FORBIDDEN);
+    let mut no_nonce = sign(&plivo_event(&url, &forged, "completed")).await;
+    no_nonce.headers.remove("X-Plivo-Signature-V3-Nonce");
+    assert_eq!(fx.post(&no_nonce).await.0, StatusCode::UNAUTHORIZED);
+    // Several signatures in the header (an old token's first): any may match.
+    let mut several = plivo_event(&url, &Uuid::new_v4().to_string(), "ringing");
+    several["also_sign_with"] = json!(["an-old-auth-token-no-longer-ours"]);
+    let several = sign(&several).await;
+    assert!(several.headers["X-Plivo-Signature-V3"].contains(','));
+    assert_eq!(fx.post(&several).await.0, StatusCode::OK);
+    // Signed only with a token that is not the connector's: refused.
+    let mut other = plivo_event(&url, &forged, "ringing");
+    other["secret"] = json!("an-old-auth-token-no-longer-ours");
+    assert_eq!(fx.post(&sign(&other).await).await.0, StatusCode::FORBIDDEN);
+
+    // Shuffled lifecycle (Plivo's cancel and timeout map too, below).
+    for order in [
+        ["completed", "in-progress", "ringing"],
+        ["in-progress", "completed", "ringing"],
+    ] {
+        let uuid = Uuid::new_v4().to_string();
+        for s in order {
+            assert_eq!(
+                fx.post(&sign(&plivo_event(&url, &uuid, s)).await).await.0,
+                StatusCode::OK
+            );
+        }
+        assert_eq!(
+            fx.stored(&uuid).await.call_status.as_deref(),
+            Some("completed"),
+            "{order:?}"
+        );
+    }
+    for (plivo, ours) in [("cancel", "canceled"), ("timeout", "no-answer")] {
+        let uuid = Uuid::new_v4().to_string();
+        assert_eq!(
+            fx.post(&sign(&plivo_event(&url, &uuid, plivo)).await)
+                .await
+                .0,
+            StatusCode::OK
+        );
+        assert_eq!(fx.stored(&uuid).await.call_status.as_deref(), Some(ours));
+    }
+
+    // The Record XML's callback adds the recording to the call.
+    let recording = json!({"provider": "plivo", "secret": PLIVO_TOKEN, "url": url, "form": {
+        "CallUUID": uuid,
+        "RecordUrl": "https://media.plivo.com/v1/Account/MAXXXXXXXXXXXXXXXXXX/Recording/2a1c5d6e-0000-4000-8000-000000000002.mp3",
+        "RecordingID": "2a1c5d6e-0000-4000-8000-000000000002",
+        "RecordingDuration": "41",
+        "RecordingDurationMs": "41000",
+        "RecordingStartMs": "1796119205000",
+        "RecordingEndMs": "1796119246000",
+    }});
+    assert_eq!(fx.post(&sign(&recording).await).await.0, StatusCode::OK);
+    let row = fx.stored(&uuid).await;
+    assert!(row.recording_url.unwrap().ends_with(".mp3"));
+    assert_eq!(row.call_status.as_deref(), Some("completed"));
+
+    // Rotation with no overlap: the old token is refused at once.
+    let new_file = fx.dir.path().join("plivo-new.secret");
+    std::fs::write(&new_file, "bmV3LXBsaXZvLWF1dGgtdG9rZW4tMTIz").unwrap();
+    fx.connectors(&[
+        "rotate-secret",
+        &id,
+        "--secret-file",
+        &new_file.display().to_string(),
+        "--overlap-hours",
+        "0",
+    ])
+    .await;
+    let old = sign(&plivo_event(&url, &Uuid::new_v4().to_string(), "ringing")).await;
+    eventually(
+        Duration::from_secs(2),
+        "the rotation to reach the gateway",
+        || {
+            let fx = &fx;
+            let old = old.clone();
+            async move { (fx.post(&old).await.0 == StatusCode::FORBIDDEN).then_some(()) }
+        },
+    )
+    .await;
+    let mut new = plivo_event(&url, &Uuid::new_v4().to_string(), "ringing");
+    new["secret"] = json!("bmV3LXBsaXZvLWF1dGgtdG9rZW4tMTIz");
+    assert_eq!(fx.post(&sign(&new).await).await.0, StatusCode::OK);
+
+    fx.connectors(&["revoke", &id]).await;
+    let late = sign(&new).await;
+    eventually(
+        Duration::from_secs(2),
+        "the revocation to reach the gateway",
+        || {
+            let fx = &fx;
+            let late = late.clone();
+            async move { (fx.post(&late).await.0 == StatusCode::UNAUTHORIZED).then_some(()) }
+        },
+    )
+    .await;
+    fx.other_posts(5).await;
+    assert!(fx.row(&forged).await.is_none());
+    fx.finish(&["4242", &forged]).await;
+}
+
+// ---------------------------------------------------------------------------- Vonage
+
+const VONAGE_SECRET: &str = "vonage-signature-secret-0123456789abcdef";
+
+fn vonage_event(url: &str, uuid: &str, status: &str) -> Value {
+    let mut body = json!({
+        "uuid": uuid,
+        "conversation_uuid": format!("CON-{uuid}"),
+        "from": "14155550100",
+        "to": "919876543210",
+        "status": status,
+        "direction": "outbound",
+        "timestamp": "2026-12-01T10:00:47.000Z",
+    });
+    if status == "completed" {
+        body["duration"] = json!("42");
+        body["start_time"] = json!("2026-12-01T10:00:05.000Z");
+        body["end_time"] = json!("2026-12-01T10:00:47.000Z");
+        body["rate"] = json!("0.00450000");
+        body["price"] = json!("0.00315000");
+        body["network"] = json!("40410");
+    }
+    json!({"provider": "vonage", "secret": VONAGE_SECRET, "url": url, "json": body})
+}
+
+#[tokio::test]
+async fn vonage_callbacks_are_checked_and_stored() {
+    let mut fx = Fixture::start().await;
+    let (id, url) = fx.create("vonage", Some(VONAGE_SECRET), &[]).await;
+    fx.other_posts(5).await;
+
+    let uuid = Uuid::new_v4().to_string();
+    let signed = sign(&vonage_event(&url, &uuid, "completed")).await;
+    let (status, body) = fx.post(&signed).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+    let row = fx.stored(&uuid).await;
+    assert_eq!(row.call_status.as_deref(), Some("completed"));
+    assert_eq!(row.external_system.as_deref(), Some("vonage"));
+    assert_eq!(row.caller_number.as_deref(), Some("+14155550100"));
+    assert_eq!(row.recipient_number.as_deref(), Some("+919876543210"));
+    assert_eq!(row.duration_seconds, Some(42));
+    assert_eq!(
+        row.start_time.unwrap().to_rfc3339(),
+        "2026-12-01T10:00:05+00:00"
+    );
+    assert_eq!(row.call_details.unwrap()["network"], "40410");
+    assert_eq!(fx.post(&signed).await.0, StatusCode::NO_CONTENT);
+    fx.drained().await;
+    assert_eq!(fx.rows_of(&uuid).await, 1);
+
+    // The body altered after signing: its hash no longer matches.
+    let forged = Uuid::new_v4().to_string();
+    let mut altered = sign(&vonage_event(&url, &forged, "completed")).await;
+    altered.body = altered.body.replace("\"42\"", "\"4242\"");
+    assert_eq!(fx.post(&altered).await.0, StatusCode::FORBIDDEN);
+    // No token; a token signed with another secret; an expired one; an old one without exp.
+    let mut none = sign(&vonage_event(&url, &forged, "completed")).await;
+    none.headers.clear();
+    assert_eq!(fx.post(&none).await.0, StatusCode::UNAUTHORIZED);
+    let mut other = vonage_event(&url, &forged, "completed");
+    other["secret"] = json!("not-the-signature-secret-of-this-account");
+    assert_eq!(fx.post(&sign(&other).await).await.0, StatusCode::FORBIDDEN);
+    let now = Utc::now().timestamp();
+    let mut expired = vonage_event(&url, &forged, "completed");
+    expired["claims"] = json!({"iat": now - 600, "exp": now - 300});
+    let (status, body) = fx.post(&sign(&expired).await).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(body.contains("expired"), "{body}");
+    let mut stale = vonage_event(&url, &forged, "completed");
+    stale["claims"] = json!({"iat": now - 3600});
+    assert_eq!(fx.post(&sign(&stale).await).await.0, StatusCode::FORBIDDEN);
+
+    // Vonage's words for the lifecycle, shuffled: started, ringing, answered, completed.
+    for order in [
+        ["completed", "answered", "ringing", "started"],
+        ["ringing", "completed", "started", "answered"],
+    ] {
+        let uuid = Uuid::new_v4().to_string();
+        for s in order {
+            assert_eq!(
+                fx.post(&sign(&vonage_event(&url, &uuid, s)).await).await.0,
+                StatusCode::NO_CONTENT
+            );
+        }
+        assert_eq!(
+            fx.stored(&uuid).await.call_status.as_deref(),
+            Some("completed"),
+            "{order:?}"
+        );
+    }
+    for (vonage, ours) in [
+        ("unanswered", "no-answer"),
+        ("rejected", "failed"),
+        ("timeout", "no-answer"),
+    ] {
+        let uuid = Uuid::new_v4().to_string();
+        assert_eq!(
+            fx.post(&sign(&vonage_event(&url, &uuid, vonage)).await)
+                .await
+                .0,
+            StatusCode::NO_CONTENT
+        );
+        assert_eq!(fx.stored(&uuid).await.call_status.as_deref(), Some(ours));
+    }
+
+    // A record action's event: Vonage sends the conversation, not the leg; the eventUrl
+    // names the leg (`?uuid=`), so the recording lands on the call.
+    let recording = json!({"provider": "vonage", "secret": VONAGE_SECRET, "url": format!("{url}?uuid={uuid}"), "json": {
+        "start_time": "2026-12-01T10:00:05.000Z",
+        "recording_url": "https://api.nexmo.com/v1/files/aaaaaaaa-bbbb-cccc-dddd-0123456789ab",
+        "size": 12222,
+        "recording_uuid": "aaaaaaaa-bbbb-cccc-dddd-0123456789ab",
+        "end_time": "2026-12-01T10:00:47.000Z",
+        "conversation_uuid": format!("CON-{uuid}"),
+        "timestamp": "2026-12-01T10:00:48.000Z",
+    }});
+    assert_eq!(
+        fx.post(&sign(&recording).await).await.0,
+        StatusCode::NO_CONTENT
+    );
+    let row = fx.stored(&uuid).await;
+    assert_eq!(
+        row.recording_url.as_deref(),
+        Some("https://api.nexmo.com/v1/files/aaaaaaaa-bbbb-cccc-dddd-0123456789ab")
+    );
+    assert_eq!(row.call_status.as_deref(), Some("completed"));
+
+    fx.connectors(&["revoke", &id]).await;
+    let late = sign(&vonage_event(&url, &Uuid::new_v4().to_string(), "ringing")).await;
+    eventually(
+        Duration::from_secs(2),
+        "the revocation to reach the gateway",
+        || {
+            let fx = &fx;
+            let late = late.clone();
+            async move { (fx.post(&late).await.0 == StatusCode::UNAUTHORIZED).then_some(()) }
+        },
+    )
+    .await;
+    fx.other_posts(5).await;
+    assert!(fx.row(&forged).await.is_none());
+    fx.finish(&["4242", &forged]).await;
+}
+
+// ---------------------------------------------------------------------------- Exotel
+
+fn exotel_event(url: &str, sid: &str, status: &str) -> Value {
+    let mut form = json!({
+        "CallSid": sid,
+        "Status": status,
+        "DateUpdated": "2026-12-01 15:30:47",
+        "EventType": if status == "in-progress" { "answered" } else { "terminal" },
+        "DateCreated": "2026-12-01 15:29:58",
+        "From": "08012345678",
+        "To": "09876543210",
+        "PhoneNumberSid": "08047112233",
+        "StartTime": "2026-12-01 15:30:00",
+        "Direction": "outbound-api",
+        "CustomField": "campaign-7",
+        "Legs[0][Status]": status,
+        "Legs[0][AnsweredBy]": "HUMAN",
+    });
+    if status == "completed" {
+        form["EndTime"] = json!("2026-12-01 15:30:47");
+        form["ConversationDuration"] = json!("42");
+        form["Legs[0][OnCallDuration]"] = json!("45");
+        form["RecordingUrl"] =
+            json!("https://s3-ap-southeast-1.amazonaws.com/exotelrecordings/acme/b6cfaf0ca3c8.mp3");
+    }
+    json!({"provider": "exotel", "secret": "", "url": url, "form": form})
+}
+
+#[tokio::test]
+async fn exotel_callbacks_are_checked_by_token_and_network() {
+    let mut fx = Fixture::start().await;
+    let (id, url) = fx.create("exotel", None, &["--country", "IN"]).await;
+    fx.other_posts(5).await;
+    let token = url.rsplit('/').next().unwrap().to_owned();
+    assert!(token.len() >= 32, "{url}");
+
+    let sid = call_id("");
+    let event = sign(&exotel_event(&url, &sid, "completed")).await;
+    let (status, body) = fx.post(&event).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let row = fx.stored(&sid).await;
+    assert_eq!(row.call_status.as_deref(), Some("completed"));
+    assert_eq!(row.external_system.as_deref(), Some("exotel"));
+    assert_eq!(row.caller_number.as_deref(), Some("+918012345678"));
+    assert_eq!(row.recipient_number.as_deref(), Some("+919876543210"));
+    assert_eq!(row.duration_seconds, Some(42));
+    // Exotel's times are IST.
+    assert_eq!(
+        row.start_time.unwrap().to_rfc3339(),
+        "2026-12-01T10:00:00+00:00"
+    );
+    assert!(row.recording_url.unwrap().ends_with("b6cfaf0ca3c8.mp3"));
+    let details = row.call_details.unwrap();
+    assert_eq!(details["CustomField"], "campaign-7");
+    assert_eq!(details["Legs[0][AnsweredBy]"], "HUMAN");
+    assert_eq!(fx.post(&event).await.0, StatusCode::OK);
+    fx.drained().await;
+    assert_eq!(fx.rows_of(&sid).await, 1);
+
+    // Exotel signs nothing: the token is the credential. A wrong one, or none: refused.
+    let forged = call_id("");
+    let wrong = sign(&exotel_event(
+        &url.replace(&token, &"x".repeat(token.len())),
+        &forged,
+        "completed",
+    ))
+    .await;
+    assert_eq!(fx.post(&wrong).await.0, StatusCode::FORBIDDEN);
+    let bare = sign(&exotel_event(
+        &format!("{PUBLIC}/v1/callbacks/{id}"),
+        &forged,
+        "completed",
+    ))
+    .await;
+    assert_eq!(fx.post(&bare).await.0, StatusCode::UNAUTHORIZED);
+
+    // Answered, then terminal, arriving the other way round: completed stays.
+    let sid2 = call_id("");
+    for s in ["completed", "in-progress"] {
+        assert_eq!(
+            fx.post(&sign(&exotel_event(&url, &sid2, s)).await).await.0,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        fx.stored(&sid2).await.call_status.as_deref(),
+        Some("completed")
+    );
+
+    // A connector limited to a network the test's loopback is not in: refused; one
+    // limited to loopback: taken.
+    let (_, far) = fx
+        .create("exotel", None, &["--allow-network", "203.0.113.0/24"])
+        .await;
+    assert_eq!(
+        fx.post(&sign(&exotel_event(&far, &forged, "busy")).await)
+            .await
+            .0,
+        StatusCode::FORBIDDEN
+    );
+    let (_, near) = fx
+        .create("exotel", None, &["--allow-network", "127.0.0.0/8"])
+        .await;
+    let sid3 = call_id("");
+    assert_eq!(
+        fx.post(&sign(&exotel_event(&near, &sid3, "busy")).await)
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(fx.stored(&sid3).await.call_status.as_deref(), Some("busy"));
+
+    // Rotating the token: the new URL works at once, the old during the overlap.
+    let out = fx.connectors(&["rotate-secret", &id]).await;
+    let new_url = out.lines().last().unwrap().to_owned();
+    assert_ne!(new_url, url);
+    let sid4 = call_id("");
+    let via_new = sign(&exotel_event(&new_url, &sid4, "no-answer")).await;
+    eventually(
+        Duration::from_secs(2),
+        "the rotation to reach the gateway",
+        || {
+            let fx = &fx;
+            let via_new = via_new.clone();
+            async move { (fx.post(&via_new).await.0 == StatusCode::OK).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(
+        fx.post(&sign(&exotel_event(&url, &call_id(""), "busy")).await)
+            .await
+            .0,
+        StatusCode::OK
+    );
+
+    fx.connectors(&["revoke", &id]).await;
+    eventually(
+        Duration::from_secs(2),
+        "the revocation to reach the gateway",
+        || {
+            let fx = &fx;
+            let via_new = via_new.clone();
+            async move { (fx.post(&via_new).await.0 == StatusCode::UNAUTHORIZED).then_some(()) }
+        },
+    )
+    .await;
+    fx.other_posts(5).await;
+    assert!(fx.row(&forged).await.is_none());
+    fx.finish(&[&forged]).await;
+}
+
+/// A gateway without the secrets key cannot check a connector's callbacks: 503 (the
+/// provider retries), not a 2xx for a callback it could not verify; and the key file's
+/// fingerprint mismatch is what the log says.
+#[tokio::test]
+async fn a_gateway_without_the_secrets_key_answers_503() {
+    let fx = Fixture::start().await;
+    let (id, url) = fx.create("twilio", Some(TWILIO_TOKEN), &[]).await;
+    let keyless = TestGateway::start(&fx.nats.url()).await;
+    let cache = keyless.state.connectors.clone();
+    eventually(
+        Duration::from_secs(5),
+        "the connector to reach the keyless gateway",
+        || {
+            let cache = cache.clone();
+            let id = id.clone();
+            async move { cache.get(&id).map(|_| ()) }
+        },
+    )
+    .await;
+    let signed = sign(&twilio_event(&url, &call_id("CA"), "completed")).await;
+    let (status, body) = send(&keyless.http, &keyless.base(), PUBLIC, &signed, &[]).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    keyless.stop().await;
+    fx.finish(&[]).await;
+}
