@@ -46,6 +46,10 @@ cargo build --profile local --quiet -p ingest-gateway -p persist-worker
 BIN=target/local
 NKEYS="$PWD/$RUN/nkeys"
 ensure_nkeys "$NKEYS" "$BIN/ingest-gateway"
+# The key that seals provider connectors' secrets (README, "Provider callbacks"): made
+# once, given to every gateway and to the `connectors` commands.
+export CONNECTOR_SECRETS_KEY_FILE="$PWD/$RUN/connector-secrets.key"
+[ -s "$CONNECTOR_SECRETS_KEY_FILE" ] || "$BIN/ingest-gateway" connectors new-secrets-key --out "$CONNECTOR_SECRETS_KEY_FILE" >&2
 
 NATS_VERSION=$("$NATS_SERVER_BIN" --version | sed 's/.* //')
 SEEDS=()
@@ -125,6 +129,7 @@ $SHAPE
   Postgres  $DATABASE_URL
   demo company $COMPANY, key in $RUN/demo_key
   NATS identities  $NKEYS/{gateway,worker,admin}.nk (admin commands: NATS_NKEY_FILE=$NKEYS/admin.nk)
+  connector secrets key  $CONNECTOR_SECRETS_KEY_FILE (provider callbacks: README, "Provider callbacks")
 
 Send a call record:
 
