@@ -119,12 +119,7 @@ pub async fn read_json(
     timeout: std::time::Duration,
     retry_after_secs: u64,
 ) -> Result<JsonBody, ApiError> {
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
-    if !is_json {
+    if !is_json(headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
     let JsonBody {
@@ -147,6 +142,16 @@ pub async fn read_json(
         .grow(cost.saturating_add(text.len()))
         .map_err(|e| exhausted(e, retry_after_secs))?;
     Ok(JsonBody { text, reservation })
+}
+
+/// Whether the request says its body is JSON (`Content-Type: application/json`, any
+/// parameters).
+pub fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// Reads a body of any content type within the size and time limits and the memory

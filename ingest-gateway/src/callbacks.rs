@@ -170,12 +170,7 @@ async fn accept(
         retry_after_secs,
     )
     .await?;
-    let is_json = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+    let is_json = crate::body::is_json(&parts.headers);
     let mut form: BTreeMap<String, Vec<String>> = BTreeMap::new();
     if !is_json {
         for (k, v) in form_urlencoded::parse(&body.text) {

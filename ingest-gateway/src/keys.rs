@@ -8,7 +8,6 @@ use std::io::Write;
 use anyhow::{bail, Context as _};
 use async_nats::jetstream::kv;
 use chrono::Utc;
-use futures::TryStreamExt;
 use uuid::Uuid;
 
 use crate::auth::{mint, KeyRecord};
@@ -53,23 +52,8 @@ pub async fn create(
 /// # Errors
 /// When the bucket cannot be read.
 pub async fn records(store: &kv::Store, company: Option<Uuid>) -> anyhow::Result<Vec<KeyRecord>> {
-    let ids: Vec<String> = store
-        .keys()
-        .await
-        .context("listing keys")?
-        .try_collect()
-        .await?;
-    let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        let Some(bytes) = store.get(&id).await.context("reading a key record")? else {
-            continue;
-        };
-        let record: KeyRecord = serde_json::from_slice(&bytes)
-            .with_context(|| format!("key record {id} is unreadable"))?;
-        if company.is_none_or(|c| c == record.company_id) {
-            out.push(record);
-        }
-    }
+    let mut out: Vec<KeyRecord> = crate::kv::read_all(store, "key record").await?;
+    out.retain(|r| company.is_none_or(|c| c == r.company_id));
     out.sort_by_key(|r| r.created_at);
     Ok(out)
 }

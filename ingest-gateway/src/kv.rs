@@ -79,6 +79,38 @@ pub async fn open_bucket(
     }
 }
 
+/// Reads every record of a bucket (admin listings), decoded as `T`.
+///
+/// # Errors
+/// When the bucket cannot be read or a record is unreadable.
+pub async fn read_all<T: serde::de::DeserializeOwned>(
+    store: &kv::Store,
+    what: &str,
+) -> anyhow::Result<Vec<T>> {
+    use anyhow::Context as _;
+    use futures::TryStreamExt as _;
+    let ids: Vec<String> = store
+        .keys()
+        .await
+        .with_context(|| format!("listing {what}s"))?
+        .try_collect()
+        .await?;
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let Some(bytes) = store
+            .get(&id)
+            .await
+            .with_context(|| format!("reading {what} {id}"))?
+        else {
+            continue;
+        };
+        out.push(
+            serde_json::from_slice(&bytes).with_context(|| format!("{what} {id} is unreadable"))?,
+        );
+    }
+    Ok(out)
+}
+
 /// An in-memory copy of a bucket, kept current by [`watch`].
 pub trait Mirror: Send + Sync + 'static {
     /// What the bucket holds, for logs ("API key", "connector").

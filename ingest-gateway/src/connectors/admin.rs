@@ -11,7 +11,6 @@ use std::path::Path;
 use anyhow::{bail, Context as _};
 use async_nats::jetstream::kv;
 use chrono::{Duration, Utc};
-use futures::TryStreamExt;
 use rand::distr::{Alphanumeric, SampleString};
 use uuid::Uuid;
 
@@ -165,23 +164,8 @@ pub async fn records(
     store: &kv::Store,
     company: Option<Uuid>,
 ) -> anyhow::Result<Vec<ConnectorRecord>> {
-    let ids: Vec<String> = store
-        .keys()
-        .await
-        .context("listing connectors")?
-        .try_collect()
-        .await?;
-    let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        let Some(bytes) = store.get(&id).await.context("reading a connector")? else {
-            continue;
-        };
-        let record: ConnectorRecord = serde_json::from_slice(&bytes)
-            .with_context(|| format!("connector {id} is unreadable"))?;
-        if company.is_none_or(|c| c == record.company_id) {
-            out.push(record);
-        }
-    }
+    let mut out: Vec<ConnectorRecord> = crate::kv::read_all(store, "connector").await?;
+    out.retain(|r| company.is_none_or(|c| c == r.company_id));
     out.sort_by_key(|r| r.created_at);
     Ok(out)
 }

@@ -168,6 +168,15 @@ impl Fixture {
         send(&self.gw.http, &self.gw.base(), PUBLIC, signed, extra).await
     }
 
+    /// Posts `signed` until the gateway answers `status` (a change made by a `connectors`
+    /// command reaches it within a second).
+    async fn until_answered(&self, signed: &Signed, status: StatusCode, what: &str) {
+        eventually(Duration::from_secs(2), what, || async {
+            (self.post(signed).await.0 == status).then_some(())
+        })
+        .await;
+    }
+
     /// The other company's traffic: a record per call, through its API key.
     async fn other_posts(&mut self, n: usize) {
         for _ in 0..n {
@@ -489,14 +498,10 @@ async fn twilio_callbacks_are_checked_and_stored() {
     );
     fx.connectors(&["revoke", &id]).await;
     let late = sign(&with_new).await;
-    eventually(
-        Duration::from_secs(2),
+    fx.until_answered(
+        &late,
+        StatusCode::UNAUTHORIZED,
         "the revocation to reach the gateway",
-        || {
-            let fx = &fx;
-            let late = late.clone();
-            async move { (fx.post(&late).await.0 == StatusCode::UNAUTHORIZED).then_some(()) }
-        },
     )
     .await;
     assert!(fx.row(&forged_sid).await.is_none());
@@ -638,14 +643,10 @@ async fn plivo_callbacks_are_checked_and_stored() {
     ])
     .await;
     let old = sign(&plivo_event(&url, &Uuid::new_v4().to_string(), "ringing")).await;
-    eventually(
-        Duration::from_secs(2),
+    fx.until_answered(
+        &old,
+        StatusCode::FORBIDDEN,
         "the rotation to reach the gateway",
-        || {
-            let fx = &fx;
-            let old = old.clone();
-            async move { (fx.post(&old).await.0 == StatusCode::FORBIDDEN).then_some(()) }
-        },
     )
     .await;
     let mut new = plivo_event(&url, &Uuid::new_v4().to_string(), "ringing");
@@ -654,14 +655,10 @@ async fn plivo_callbacks_are_checked_and_stored() {
 
     fx.connectors(&["revoke", &id]).await;
     let late = sign(&new).await;
-    eventually(
-        Duration::from_secs(2),
+    fx.until_answered(
+        &late,
+        StatusCode::UNAUTHORIZED,
         "the revocation to reach the gateway",
-        || {
-            let fx = &fx;
-            let late = late.clone();
-            async move { (fx.post(&late).await.0 == StatusCode::UNAUTHORIZED).then_some(()) }
-        },
     )
     .await;
     fx.other_posts(5).await;
@@ -798,14 +795,10 @@ async fn vonage_callbacks_are_checked_and_stored() {
 
     fx.connectors(&["revoke", &id]).await;
     let late = sign(&vonage_event(&url, &Uuid::new_v4().to_string(), "ringing")).await;
-    eventually(
-        Duration::from_secs(2),
+    fx.until_answered(
+        &late,
+        StatusCode::UNAUTHORIZED,
         "the revocation to reach the gateway",
-        || {
-            let fx = &fx;
-            let late = late.clone();
-            async move { (fx.post(&late).await.0 == StatusCode::UNAUTHORIZED).then_some(()) }
-        },
     )
     .await;
     fx.other_posts(5).await;
@@ -931,14 +924,10 @@ async fn exotel_callbacks_are_checked_by_token_and_network() {
     assert_ne!(new_url, url);
     let sid4 = call_id("");
     let via_new = sign(&exotel_event(&new_url, &sid4, "no-answer")).await;
-    eventually(
-        Duration::from_secs(2),
+    fx.until_answered(
+        &via_new,
+        StatusCode::OK,
         "the rotation to reach the gateway",
-        || {
-            let fx = &fx;
-            let via_new = via_new.clone();
-            async move { (fx.post(&via_new).await.0 == StatusCode::OK).then_some(()) }
-        },
     )
     .await;
     assert_eq!(
@@ -949,14 +938,10 @@ async fn exotel_callbacks_are_checked_by_token_and_network() {
     );
 
     fx.connectors(&["revoke", &id]).await;
-    eventually(
-        Duration::from_secs(2),
+    fx.until_answered(
+        &via_new,
+        StatusCode::UNAUTHORIZED,
         "the revocation to reach the gateway",
-        || {
-            let fx = &fx;
-            let via_new = via_new.clone();
-            async move { (fx.post(&via_new).await.0 == StatusCode::UNAUTHORIZED).then_some(()) }
-        },
     )
     .await;
     fx.other_posts(5).await;
