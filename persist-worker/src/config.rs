@@ -33,6 +33,9 @@ pub struct Cli {
     #[command(flatten)]
     pub run: RunArgs,
 
+    #[command(flatten)]
+    pub privacy: PrivacyArgs,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -51,6 +54,66 @@ pub enum Command {
     /// Inspect and re-drive dead letters (messages that could not be stored).
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Erase a caller's data everywhere: the matching rows (calls, follow-ups, leads),
+    /// dead letters and stream messages (deleted with their payload overwritten), and
+    /// keep a keyed hash of the identifier so that no replay, redrive, in-flight message
+    /// or resent record stores it again. Safe while gateways and workers run; run it
+    /// again, or with --resume, to complete one that was interrupted. Needs
+    /// ERASURE_KEY_FILE and the admin NATS identity.
+    Erase(EraseArgs),
+}
+
+/// Erasure and retention settings, for every command that writes records.
+#[derive(Debug, Clone, Default, Args)]
+pub struct PrivacyArgs {
+    /// A file holding the key erased identifiers are hashed with (at least 32 random
+    /// bytes, base64: `head -c 32 /dev/urandom | base64`). The same file for every
+    /// worker and for `erase`; required once anything was erased (a worker without it
+    /// holds the records of companies with erasures rather than risk storing erased data).
+    #[arg(long, env = "ERASURE_KEY_FILE", global = true)]
+    pub erasure_key_file: Option<std::path::PathBuf>,
+
+    /// Keep stored calls this many days (by call date), deleting older ones in small
+    /// batches; records older than that are not stored again by a replay. Unset: keep
+    /// everything. Independent of the stream's replay window (STREAM_MAX_AGE_SECS).
+    #[arg(long, env = "RETENTION_DAYS", global = true,
+          value_parser = clap::value_parser!(u32).range(1..=36_500))]
+    pub retention_days: Option<u32>,
+}
+
+/// `persist-worker erase`: whose data, and one of what identifies it.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("subject").required(true)
+    .args(["phone", "lead", "external_call_id", "call", "all", "resume"])))]
+pub struct EraseArgs {
+    /// The company whose data it is.
+    #[arg(long, required_unless_present = "resume")]
+    pub company: Option<Uuid>,
+    /// Every call with this number as caller or recipient (spaces, dashes, dots and
+    /// brackets ignored; 00 read as +).
+    #[arg(long)]
+    pub phone: Option<String>,
+    /// Every call of this lead, and the lead.
+    #[arg(long)]
+    pub lead: Option<Uuid>,
+    /// The call with this external id (under any system, or --external-system's).
+    #[arg(long)]
+    pub external_call_id: Option<String>,
+    /// The external system of --external-call-id.
+    #[arg(long, requires = "external_call_id")]
+    pub external_system: Option<String>,
+    /// One call, by its call_history_id.
+    #[arg(long)]
+    pub call: Option<Uuid>,
+    /// The whole company: every call, lead, employee and the company itself.
+    #[arg(long)]
+    pub all: bool,
+    /// Complete every erasure that was interrupted (identified by their hashes alone).
+    #[arg(long)]
+    pub resume: bool,
+    /// No progress bar (for logs and scripts).
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 /// Postgres connection.

@@ -75,6 +75,7 @@ pub async fn run(
     consumer: jetstream::consumer::PullConsumer,
     health: &crate::guard::ConsumerHealth,
     pool: PgPool,
+    policy: crate::privacy::Policy,
     args: RunArgs,
     cancel: CancellationToken,
 ) -> Result<(), async_nats::Error> {
@@ -143,9 +144,15 @@ pub async fn run(
                 hand_back_prefetched(&mut messages).await;
                 return Ok(());
             }
-            let (pool, args, cancel) = (pool.clone(), args.clone(), cancel.clone());
+            let (pool, policy, args, cancel) =
+                (pool.clone(), policy.clone(), args.clone(), cancel.clone());
             let task = tokio::spawn(async move {
-                handle(lane, &pool, &args, &cancel, msgs, decoded, started).await
+                let batch = Batch {
+                    msgs,
+                    decoded,
+                    started,
+                };
+                handle(lane, &pool, &policy, &args, &cancel, batch).await
             });
             writing.batches.push_back((ids, task));
         }
@@ -233,16 +240,29 @@ fn usable(m: Result<jetstream::Message, pull::MessagesError>) -> Option<jetstrea
         .ok()
 }
 
-/// Writes one decoded batch and acks it; on shutdown without a write, hands it back.
-async fn handle(
-    lane: Lane,
-    pool: &PgPool,
-    args: &RunArgs,
-    cancel: &CancellationToken,
+/// One pulled batch: its messages, decoded, and when it was pulled.
+struct Batch {
     msgs: Vec<jetstream::Message>,
     decoded: Decoded,
     started: Instant,
+}
+
+/// Writes one decoded batch and acks it; on shutdown without a write, hands it back.
+/// Messages dropped as erased are deleted from the stream (a dialer resending an erased
+/// record, or one in flight when the erasure was made).
+async fn handle(
+    lane: Lane,
+    pool: &PgPool,
+    policy: &crate::privacy::Policy,
+    args: &RunArgs,
+    cancel: &CancellationToken,
+    batch: Batch,
 ) -> Result<(), Abandoned> {
+    let Batch {
+        msgs,
+        decoded,
+        started,
+    } = batch;
     let keep_alive = || async {
         for m in &msgs {
             let _ = m.ack_with(AckKind::Progress).await;
@@ -250,6 +270,7 @@ async fn handle(
     };
     let written = write_reliably(
         pool,
+        policy,
         &decoded.rows,
         &decoded.dead,
         args.retry_max(),
@@ -268,7 +289,14 @@ async fn handle(
                     "some acks not sent; those messages will be redelivered"
                 );
             }
+            if !stats.erased.is_empty() {
+                delete_erased(&msgs, &stats.erased).await;
+            }
             let lane = lane.as_str();
+            metrics::counter!("worker_records_dropped_total", "lane" => lane, "reason" => "erased")
+                .increment(stats.erased.len() as u64);
+            metrics::counter!("worker_records_dropped_total", "lane" => lane, "reason" => "expired")
+                .increment(stats.expired);
             metrics::counter!("worker_messages_total", "lane" => lane).increment(msgs.len() as u64);
             record_batch(decoded.rows.len() as u64, stats.dead_letters);
             metrics::counter!("worker_rows_written_total", "lane" => lane)
@@ -289,6 +317,28 @@ async fn handle(
         Err(Abandoned::Shutdown) => {
             nak_all(&msgs).await;
             Err(Abandoned::Shutdown)
+        }
+    }
+}
+
+/// Deletes the messages with these stream sequences from their stream.
+async fn delete_erased(msgs: &[jetstream::Message], erased: &[u64]) {
+    let mut by_stream: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    let mut context = None;
+    for m in msgs {
+        if let Ok(info) = m.info() {
+            if erased.contains(&info.stream_sequence) {
+                by_stream
+                    .entry(info.stream.to_owned())
+                    .or_default()
+                    .push(info.stream_sequence);
+                context.get_or_insert_with(|| m.context.clone());
+            }
+        }
+    }
+    if let Some(js) = context {
+        for (stream, seqs) in by_stream {
+            crate::erase::delete_messages(&js, &stream, &seqs).await;
         }
     }
 }

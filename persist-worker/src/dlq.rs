@@ -57,6 +57,7 @@ pub struct RedriveSummary {
 /// When the database is unavailable.
 pub async fn redrive(
     pool: &PgPool,
+    policy: &crate::privacy::Policy,
     ids: Option<&[i64]>,
     out: &mut impl Write,
 ) -> anyhow::Result<RedriveSummary> {
@@ -66,7 +67,7 @@ pub async fn redrive(
     };
     let mut summary = RedriveSummary::default();
     for dl in rows {
-        match redrive_one(pool, &dl).await {
+        match redrive_one(pool, policy, &dl).await {
             Ok(()) => {
                 store::mark_dead_letter(pool, dl.id, None).await?;
                 summary.stored += 1;
@@ -102,13 +103,17 @@ enum RedriveError {
     Unavailable(StoreError),
 }
 
-async fn redrive_one(pool: &PgPool, dl: &DeadLetterRow) -> Result<(), RedriveError> {
+async fn redrive_one(
+    pool: &PgPool,
+    policy: &crate::privacy::Policy,
+    dl: &DeadLetterRow,
+) -> Result<(), RedriveError> {
     let envelope = Envelope::decode_checked(&dl.subject, &dl.payload)?;
     let row = Row {
         seq: u64::try_from(dl.stream_seq).unwrap_or(0),
         envelope,
     };
-    match store::write_batch(pool, &[row], &[]).await {
+    match store::write_batch(pool, policy, &[row], &[]).await {
         Ok(_) => Ok(()),
         Err(e @ StoreError::Permanent(_)) => Err(RedriveError::Refused(e)),
         Err(e @ StoreError::Transient(_)) => Err(RedriveError::Unavailable(e)),

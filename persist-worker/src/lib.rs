@@ -9,15 +9,20 @@
 //!   policy consume and replay share); [`store`]: every SQL statement and migrations;
 //! - [`guard`]: keeps the durable consumer as defined (recreated when deleted or changed);
 //! - [`replay`]: re-applying a window of the stream; [`dlq`]: dead letters;
+//! - [`privacy`] and [`erase`]: erasure (keyed hashes, `persist-worker erase`) and
+//!   retention (`RETENTION_DAYS`), applied by every write;
 //! - [`ops`]: `/metrics`, `/readyz`, `/healthz` and the status page, reading what the
 //!   stages expose.
 
 pub mod config;
 pub mod consume;
 pub mod dlq;
+pub mod erase;
 pub mod guard;
 pub mod ops;
+pub mod privacy;
 pub mod replay;
+pub mod retention;
 pub mod store;
 pub mod write;
 
@@ -78,11 +83,27 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
             let js = jetstream::new(client);
-            let summary = replay::run(&js, &pool()?, args, cli.run.retry_max(), &cancel)
+            let policy = privacy::Policy::from_args(&cli.privacy)?;
+            let summary = replay::run(&js, &pool()?, &policy, args, cli.run.retry_max(), &cancel)
                 .await
                 .map_err(|e| anyhow::anyhow!("replay failed: {e}"))?;
             println!("{summary}");
             Ok(())
+        }
+        Some(Command::Erase(args)) => {
+            let policy = privacy::Policy::from_args(&cli.privacy)?;
+            let client = cli
+                .nats
+                .connect_once("persist-worker erase", Role::Admin)
+                .await
+                .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
+            let js = jetstream::new(client);
+            let pool = pool()?;
+            migrate(&cli.db.database_url, &pool, Duration::from_secs(30)).await?;
+            let mut out = std::io::stdout().lock();
+            erase::run(&js, &pool, &policy, args, &mut out)
+                .await
+                .map(|_| ())
         }
         Some(Command::Dlq(cmd)) => {
             let mut out = std::io::stdout().lock();
@@ -92,7 +113,10 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                 }
                 DlqCommand::Redrive { ids, all } => {
                     let ids = (!*all).then_some(ids.as_slice());
-                    dlq::redrive(&pool()?, ids, &mut out).await.map(|_| ())
+                    let policy = privacy::Policy::from_args(&cli.privacy)?;
+                    dlq::redrive(&pool()?, &policy, ids, &mut out)
+                        .await
+                        .map(|_| ())
                 }
             }
         }
@@ -139,6 +163,7 @@ pub async fn run(
     metrics: Option<PrometheusHandle>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    let policy = privacy::Policy::from_args(&cli.privacy)?;
     let mut lanes = cli.run.lanes.clone();
     lanes.sort_unstable();
     lanes.dedup();
@@ -179,6 +204,9 @@ pub async fn run(
     });
     if !cli.run.no_migrate {
         migrate(&cli.db.database_url, &pool, Duration::from_secs(3600)).await?;
+    }
+    if let Some(days) = policy.retention_days {
+        tokio::spawn(retention::run(pool.clone(), days, cancel.clone()));
     }
     let js = jetstream::ContextBuilder::new()
         .timeout(Duration::from_millis(cli.nats.nats_request_timeout_ms))
@@ -267,14 +295,15 @@ pub async fn run(
                             cli.run.consumer_check(),
                             cancel.clone(),
                         ));
-                        let (lane_pool, args, cancel, lane) = (
+                        let (lane_pool, policy, args, cancel, lane) = (
                             lane_pools[lane].clone(),
+                            policy.clone(),
                             cli.run.clone(),
                             cancel.clone(),
                             *lane,
                         );
                         loops.spawn(async move {
-                            consume::run(consumer, &health, lane_pool, args, cancel)
+                            consume::run(consumer, &health, lane_pool, policy, args, cancel)
                                 .await
                                 .map_err(|e| {
                                     anyhow::anyhow!("the {lane} lane's consumer failed: {e}")

@@ -59,6 +59,7 @@ impl std::fmt::Display for ReplaySummary {
 pub async fn run(
     js: &jetstream::Context,
     pool: &PgPool,
+    policy: &crate::privacy::Policy,
     args: &ReplayArgs,
     retry_max: Duration,
     cancel: &CancellationToken,
@@ -81,7 +82,7 @@ pub async fn run(
                 continue;
             }
         }
-        let one = replay_stream(js, p, pool, args, retry_max, cancel).await?;
+        let one = replay_stream(js, p, (pool, policy), args, retry_max, cancel).await?;
         summary.completed &= one.completed;
         summary.messages += one.messages;
         summary.rows_changed += one.rows_changed;
@@ -103,7 +104,7 @@ pub async fn run(
 async fn replay_stream(
     js: &jetstream::Context,
     partition: callcap::partitions::Partition,
-    pool: &PgPool,
+    (pool, policy): (&PgPool, &crate::privacy::Policy),
     args: &ReplayArgs,
     retry_max: Duration,
     cancel: &CancellationToken,
@@ -165,7 +166,15 @@ async fn replay_stream(
         pending.push(msg);
         let last = remaining == 0 || seq == end_seq;
         if pending.len() >= batch || last {
-            apply(pool, &mut pending, &mut summary, retry_max, cancel, &bar).await?;
+            apply(
+                js,
+                (pool, policy),
+                &mut pending,
+                &mut summary,
+                (retry_max, cancel),
+                &bar,
+            )
+            .await?;
         }
         if last {
             summary.completed = true;
@@ -173,7 +182,15 @@ async fn replay_stream(
         }
     }
     if !pending.is_empty() && !cancel.is_cancelled() {
-        apply(pool, &mut pending, &mut summary, retry_max, cancel, &bar).await?;
+        apply(
+            js,
+            (pool, policy),
+            &mut pending,
+            &mut summary,
+            (retry_max, cancel),
+            &bar,
+        )
+        .await?;
     }
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64().max(1e-3);
@@ -187,16 +204,17 @@ async fn replay_stream(
 }
 
 async fn apply(
-    pool: &PgPool,
+    js: &jetstream::Context,
+    (pool, policy): (&PgPool, &crate::privacy::Policy),
     pending: &mut Vec<jetstream::Message>,
     summary: &mut ReplaySummary,
-    retry_max: Duration,
-    cancel: &CancellationToken,
+    (retry_max, cancel): (Duration, &CancellationToken),
     bar: &ProgressBar,
 ) -> Result<(), async_nats::Error> {
     let decoded = decode(pending);
     let stats = write_reliably(
         pool,
+        policy,
         &decoded.rows,
         &decoded.dead,
         retry_max,
@@ -211,6 +229,15 @@ async fn apply(
     for s in seqs {
         summary.first_seq = Some(summary.first_seq.map_or(s, |f| f.min(s)));
         summary.last_seq = Some(summary.last_seq.map_or(s, |l| l.max(s)));
+    }
+    if !stats.erased.is_empty() {
+        if let Some(stream) = pending
+            .first()
+            .and_then(|m| m.info().ok())
+            .map(|i| i.stream.to_owned())
+        {
+            crate::erase::delete_messages(js, &stream, &stats.erased).await;
+        }
     }
     summary.messages += pending.len() as u64;
     summary.rows_changed += stats.rows_changed;

@@ -97,6 +97,7 @@ where
 /// [`Abandoned::Shutdown`] when `cancel` fires while still unable to write.
 pub async fn write_reliably<K, KFut>(
     pool: &PgPool,
+    policy: &crate::privacy::Policy,
     rows: &[Row],
     dead: &[DeadLetter],
     retry_max: Duration,
@@ -112,7 +113,7 @@ where
         retry_max,
         cancel,
         &mut keep_alive,
-        || store::write_batch(pool, rows, dead),
+        || store::write_batch(pool, policy, rows, dead),
     )
     .await?;
     let e = match batch {
@@ -124,11 +125,15 @@ where
     let mut guilty: Vec<DeadLetter> = dead.to_vec();
     for row in rows {
         let one = until_stored("isolating rows", retry_max, cancel, &mut keep_alive, || {
-            store::write_batch(pool, std::slice::from_ref(row), &[])
+            store::write_batch(pool, policy, std::slice::from_ref(row), &[])
         })
         .await?;
         match one {
-            Ok(s) => total.rows_changed += s.rows_changed,
+            Ok(s) => {
+                total.rows_changed += s.rows_changed;
+                total.erased.extend(s.erased);
+                total.expired += s.expired;
+            }
             Err(e) => guilty.push(DeadLetter {
                 seq: row.seq,
                 subject: callcap::subjects::ingest_subject(row.envelope.record.company_id),

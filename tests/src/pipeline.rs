@@ -186,6 +186,7 @@ pub fn worker_cli(nats_url: &str, db_url: &str, run: RunArgs) -> persist_worker:
         nats: crate::identities::nats_args(nats_url, Role::Worker),
         stream: StreamArgs::default(),
         run,
+        privacy: persist_worker::config::PrivacyArgs::default(),
         log_format: LogFormat::Text,
     }
 }

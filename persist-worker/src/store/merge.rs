@@ -21,19 +21,25 @@ use uuid::Uuid;
 use super::dead::{insert_dead_letters, DeadLetter};
 use super::{Row, StoreError, WriteStats};
 
-/// Writes a batch — rows and dead letters — in one transaction.
+/// Writes a batch — rows and dead letters — in one transaction, less the records that
+/// are erased or past retention ([`super::privacy::filter`]).
 ///
 /// # Errors
 /// [`StoreError::Permanent`] when some row is refused (the caller then isolates it),
 /// [`StoreError::Transient`] when the database is unavailable.
 pub async fn write_batch(
     pool: &PgPool,
+    policy: &crate::privacy::Policy,
     rows: &[Row],
     dead: &[DeadLetter],
 ) -> Result<WriteStats, StoreError> {
     let mut tx = pool.begin().await?;
     let mut stats = WriteStats::default();
-    let (rows, foreign) = split_foreign(&mut tx, rows).await?;
+    // Erased and expired records go no further: not stored, not dead-lettered.
+    let filtered = super::privacy::filter(&mut tx, policy, rows).await?;
+    stats.erased = filtered.erased;
+    stats.expired = filtered.expired;
+    let (rows, foreign) = split_foreign(&mut tx, &filtered.rows).await?;
     if !rows.is_empty() {
         upsert_parents(&mut tx, &rows).await?;
         for round in rounds(&rows) {

@@ -4,10 +4,12 @@
 //! - [`merge`]: a batch written in one transaction with set-based statements, the merge
 //!   rules of DESIGN.md in its `ON CONFLICT` clause;
 //! - [`dead`]: the dead letters, recorded with the batch or on their own, listed and
-//!   marked redriven.
+//!   marked redriven;
+//! - [`privacy`]: erasure entries, what erasure and retention delete, their counters.
 
 mod dead;
 mod merge;
+pub mod privacy;
 
 use std::time::Duration;
 
@@ -119,12 +121,16 @@ pub fn pool(database_url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
 }
 
 /// What a write did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct WriteStats {
     /// Rows inserted or changed in `call_history`.
     pub rows_changed: u64,
     /// Dead letters recorded.
     pub dead_letters: u64,
+    /// Stream sequences of records dropped as erased (to delete from the stream).
+    pub erased: Vec<u64>,
+    /// Records dropped as older than the retention period.
+    pub expired: u64,
 }
 
 /// Whether the database answers.

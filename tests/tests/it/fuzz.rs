@@ -283,7 +283,7 @@ async fn accepted_records_are_storable_and_read_back_as_validated() {
             })
             .cloned()
             .collect();
-        store::write_batch(&db.pool, &chunk, &[])
+        store::write_batch(&db.pool, &Default::default(), &chunk, &[])
             .await
             .unwrap_or_else(|e| panic!("an accepted record was refused by the database: {e}"));
     }

@@ -97,6 +97,7 @@ async fn replay(
     persist_worker::replay::run(
         js,
         &db.pool,
+        &Default::default(),
         &persist_worker::config::ReplayArgs {
             from_seq: None,
             since: None,

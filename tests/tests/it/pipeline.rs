@@ -166,6 +166,7 @@ async fn truncate_and_replay_from_sequence_one_rebuilds_the_table_identically() 
     let summary = persist_worker::replay::run(
         &js,
         &db.pool,
+        &Default::default(),
         &args,
         Duration::from_millis(500),
         &tokio_util::sync::CancellationToken::new(),
@@ -182,6 +183,7 @@ async fn truncate_and_replay_from_sequence_one_rebuilds_the_table_identically() 
     let again = persist_worker::replay::run(
         &js,
         &db.pool,
+        &Default::default(),
         &args,
         Duration::from_millis(500),
         &tokio_util::sync::CancellationToken::new(),
@@ -213,7 +215,7 @@ async fn replay_of_one_company_touches_only_its_records() {
     };
     let cancel = tokio_util::sync::CancellationToken::new();
     let summary =
-        persist_worker::replay::run(&js, &db.pool, &args, Duration::from_millis(500), &cancel)
+        persist_worker::replay::run(&js, &db.pool, &Default::default(), &args, Duration::from_millis(500), &cancel)
             .await
             .unwrap();
     assert_eq!(summary.messages, 20);
@@ -284,7 +286,7 @@ async fn a_poison_message_is_dead_lettered_and_its_neighbours_stored() {
     let listing = String::from_utf8(out).unwrap();
     assert!(listing.contains("2 dead letter(s)"), "{listing}");
     let mut out = Vec::new();
-    let summary = persist_worker::dlq::redrive(&db.pool, None, &mut out)
+    let summary = persist_worker::dlq::redrive(&db.pool, &Default::default(), None, &mut out)
         .await
         .unwrap();
     assert_eq!((summary.stored, summary.still_failing), (0, 2));
@@ -308,7 +310,7 @@ async fn a_poison_message_is_dead_lettered_and_its_neighbours_stored() {
     )
     .await
     .unwrap();
-    let summary = persist_worker::dlq::redrive(&db.pool, None, &mut Vec::new())
+    let summary = persist_worker::dlq::redrive(&db.pool, &Default::default(), None, &mut Vec::new())
         .await
         .unwrap();
     assert_eq!((summary.stored, summary.still_failing), (1, 2));

@@ -130,7 +130,7 @@ async fn a_worker_whose_statements_were_planned_on_an_empty_table_writes_a_grown
             rows.push(row(seq, first[0], other, false));
         }
         seq += 1;
-        store::write_batch(&worker, &rows, &[dead(seq)])
+        store::write_batch(&worker, &Default::default(), &rows, &[dead(seq)])
             .await
             .unwrap();
     }
@@ -199,7 +199,7 @@ async fn a_worker_whose_statements_were_planned_on_an_empty_table_writes_a_grown
     }
     seq += 1;
     rows.push(row(seq, existing[0], other, false));
-    let stats = store::write_batch(&worker, &rows, &[dead(seq + 1)])
+    let stats = store::write_batch(&worker, &Default::default(), &rows, &[dead(seq + 1)])
         .await
         .unwrap();
     assert_eq!(stats.rows_changed, 500);
