@@ -253,30 +253,24 @@ async fn complete(
         }
     }
 
-    // The stream: the company's messages in every partition stream, matched and deleted.
+    // The stream: every partition stream read whole (a record can sit on another
+    // company's subject: forged or misrouted), matched and deleted.
     for found in callcap::partitions::list(js)
         .await
         .map_err(|e| anyhow::anyhow!("listing the streams: {e}"))?
     {
-        let p = found.partition;
-        let layout = callcap::partitions::Layout {
-            epoch: p.epoch,
-            count: p.count,
-        };
-        if layout.partition_of(company) != p {
-            continue;
-        }
-        removed.messages += erase_in_stream(js, p, key, entry, quiet).await?;
+        removed.messages +=
+            erase_in_stream(js, found.partition, key, (entry, needle), quiet).await?;
     }
     Ok(removed)
 }
 
-/// Deletes the messages of `entry`'s company that match it from one partition stream.
+/// Deletes the messages that match `entry` from one partition stream.
 async fn erase_in_stream(
     js: &jetstream::Context,
     partition: callcap::partitions::Partition,
     key: &ErasureKey,
-    entry: &Erasure,
+    (entry, needle): (&Erasure, Option<&str>),
     quiet: bool,
 ) -> anyhow::Result<u64> {
     let name = partition.stream_name();
@@ -292,7 +286,6 @@ async fn erase_in_stream(
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
             deliver_policy: DeliverPolicy::All,
-            filter_subject: partition.company_filter(entry.company_id),
             ..Default::default()
         })
         .await?;
@@ -332,8 +325,15 @@ async fn erase_in_stream(
                 e.record.company_id,
                 Identifiers::of_record(e.call_history_id, &e.record),
             ),
-            // Not an envelope: on the company's subject, so erased with the company.
-            Err(_) => entry.kind == "company",
+            // Not an envelope: erased when on the company's subject with the company, or
+            // when it holds the identifier as typed.
+            Err(_) => {
+                let company = entry.company_id.to_string();
+                msg.subject.ends_with(company.as_str())
+                    && (entry.kind == "company"
+                        || needle
+                            .is_some_and(|n| String::from_utf8_lossy(&msg.payload).contains(n)))
+            }
         };
         if hit {
             doomed.push(seq);

@@ -369,6 +369,21 @@ fn describe_metrics() {
             metrics::counter!(name, "lane" => lane.as_str()).absolute(0);
         }
     }
+    metrics::describe_counter!(
+        "worker_records_dropped_total",
+        "Records not stored by reason: erased (a matching erasure; deleted from the stream) or expired (older than RETENTION_DAYS)"
+    );
+    for lane in callcap::subjects::Lane::ALL {
+        for reason in ["erased", "expired"] {
+            metrics::counter!("worker_records_dropped_total", "lane" => lane.as_str(), "reason" => reason)
+                .absolute(0);
+        }
+    }
+    metrics::describe_counter!(
+        "worker_messages_erased_total",
+        "Stream messages deleted (payload overwritten) because they held erased data"
+    );
+    metrics::counter!("worker_messages_erased_total").absolute(0);
     // Not a lane's: the database is shared.
     metrics::describe_counter!(
         "worker_db_errors_total",

@@ -185,6 +185,46 @@ async fn status_page(State(s): State<OpsState>) -> Response {
         Ok(Ok((total, recent))) => (true, Some(total), recent),
         _ => (false, None, Vec::new()),
     };
+    // Erasure and retention, all workers and `erase` runs together (counts only).
+    let counters = tokio::time::timeout(
+        Duration::from_secs(2),
+        crate::store::privacy::counters(&s.pool),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok);
+    let mut privacy = String::new();
+    for (name, label) in [
+        ("erasures", "Erasures completed"),
+        ("rows_erased", "Calls erased"),
+        ("dead_letters_erased", "Dead letters erased"),
+        ("messages_erased", "Stream messages erased"),
+        (
+            "records_dropped_erased",
+            "Records dropped since as erased (replay, redrive, resends)",
+        ),
+        (
+            "rows_expired",
+            "Calls deleted by retention (RETENTION_DAYS)",
+        ),
+        (
+            "records_dropped_expired",
+            "Records dropped as older than the retention",
+        ),
+    ] {
+        let value = counters.as_ref().map_or_else(
+            || "unknown (Postgres unavailable)".to_owned(),
+            |c| {
+                c.iter()
+                    .find(|(n, _)| n == name)
+                    .map_or(0, |(_, v)| *v)
+                    .to_string()
+            },
+        );
+        privacy.push_str(&format!(
+            "<tr><td>{label}</td><td class=\"n\" id=\"privacy-{name}\">{value}</td></tr>\n"
+        ));
+    }
     let state = |ok: bool| {
         if ok {
             r#"<span class="ok">OK</span>"#
@@ -256,6 +296,12 @@ async fn status_page(State(s): State<OpsState>) -> Response {
 <thead><tr><th scope="col">Lane (consumer)</th><th scope="col">Consumer</th><th scope="col">Pending</th><th scope="col">Ack pending</th><th scope="col">Repairs</th></tr></thead>
 <tbody>
 {lanes}</tbody>
+</table>
+<h2>Erasure and retention</h2>
+<table id="privacy">
+<thead><tr><th scope="col">Figure</th><th scope="col">Count</th></tr></thead>
+<tbody>
+{privacy}</tbody>
 </table>
 <h2>Latest dead letters</h2>
 <table id="reasons">

@@ -147,11 +147,15 @@ where
         retry_max,
         cancel,
         &mut keep_alive,
-        || store::record_dead_letters(pool, &guilty),
+        // Through the write path: erased records never become dead letters.
+        || store::write_batch(pool, policy, &[], &guilty),
     )
     .await?;
     match recorded {
-        Ok(n) => total.dead_letters += n,
+        Ok(s) => {
+            total.dead_letters += s.dead_letters;
+            total.erased.extend(s.erased);
+        }
         // Dead letters are sanitized to fit; if Postgres still refuses them, holding the
         // batch forever would stop the consumer, so log loudly and move on.
         Err(e) => {

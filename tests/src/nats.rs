@@ -61,6 +61,19 @@ pub async fn stream_messages_of(
     nats_url: &str,
     name: &str,
 ) -> Vec<(u64, String, callcap::Envelope)> {
+    stream_payloads_of(nats_url, name)
+        .await
+        .into_iter()
+        .map(|(seq, subject, payload)| {
+            let env = callcap::Envelope::decode(&payload).expect("an envelope");
+            (seq, subject, env)
+        })
+        .collect()
+}
+
+/// Every message of the stream `name` as stored, envelope or not: (stream sequence,
+/// subject, payload).
+pub async fn stream_payloads_of(nats_url: &str, name: &str) -> Vec<(u64, String, Vec<u8>)> {
     use async_nats::jetstream::consumer::{pull, DeliverPolicy};
     use futures::StreamExt;
     // A seed list (a cluster) as well as one URL.
@@ -89,8 +102,7 @@ pub async fn stream_messages_of(
             .expect("the consumer is open")
             .expect("a message");
         let seq = msg.info().expect("a JetStream message").stream_sequence;
-        let env = callcap::Envelope::decode(&msg.payload).expect("an envelope");
-        out.push((seq, msg.subject.to_string(), env));
+        out.push((seq, msg.subject.to_string(), msg.payload.to_vec()));
     }
     out
 }

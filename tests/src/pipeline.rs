@@ -216,8 +216,12 @@ impl TestWorker {
 
     /// Starts a worker with the given settings.
     pub async fn start_with(nats_url: &str, db_url: &str, run: RunArgs) -> Self {
+        Self::start_cli(worker_cli(nats_url, db_url, run)).await
+    }
+
+    /// Starts a worker from a full command line (e.g. with erasure and retention settings).
+    pub async fn start_cli(cli: persist_worker::config::Cli) -> Self {
         callcap::telemetry::init_for_tests();
-        let cli = worker_cli(nats_url, db_url, run);
         let cancel = CancellationToken::new();
         let c = cancel.clone();
         let task = tokio::spawn(async move { persist_worker::run(&cli, None, c).await });
@@ -278,6 +282,37 @@ pub struct Process {
 }
 
 impl Process {
+    /// As [`Process::worker`], its stdout and stderr (the log, at the default level)
+    /// written to `log`.
+    pub fn worker_logged(
+        bin: &str,
+        nats_url: &str,
+        db_url: &str,
+        metrics_port: u16,
+        extra: &[(&str, String)],
+        log: &std::path::Path,
+    ) -> Self {
+        let file = std::fs::File::create(log).expect("creating the worker's log file");
+        let mut cmd = Command::new(bin);
+        cmd.env_remove("RUST_LOG")
+            .env("NATS_URL", nats_url)
+            .env("NATS_NKEY_FILE", seed_path(Role::Worker))
+            .env("DATABASE_URL", db_url)
+            .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+            .env("ACK_WAIT_SECS", "2")
+            .env("RETRY_MAX_MS", "500")
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("the log file"))
+            .stderr(file);
+        Process {
+            child: Some(
+                cmd.spawn()
+                    .unwrap_or_else(|e| panic!("spawning {bin}: {e}")),
+            ),
+        }
+    }
+
     fn spawn(bin: &str, args: &[&str], env: &[(&str, String)]) -> Self {
         let mut cmd = Command::new(bin);
         cmd.args(args)

@@ -36,7 +36,7 @@ pub async fn write_batch(
     let mut tx = pool.begin().await?;
     let mut stats = WriteStats::default();
     // Erased and expired records go no further: not stored, not dead-lettered.
-    let filtered = super::privacy::filter(&mut tx, policy, rows).await?;
+    let filtered = super::privacy::filter(&mut tx, policy, rows, dead).await?;
     stats.erased = filtered.erased;
     stats.expired = filtered.expired;
     let (rows, foreign) = split_foreign(&mut tx, &filtered.rows).await?;
@@ -46,7 +46,7 @@ pub async fn write_batch(
             stats.rows_changed += upsert_calls(&mut tx, &round).await?;
         }
     }
-    stats.dead_letters = insert_dead_letters(&mut tx, dead).await?;
+    stats.dead_letters = insert_dead_letters(&mut tx, &filtered.dead).await?;
     stats.dead_letters += insert_dead_letters(&mut tx, &foreign).await?;
     tx.commit().await?;
     Ok(stats)

@@ -14,15 +14,18 @@ use chrono::Utc;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use super::{Row, StoreError};
+use super::{DeadLetter, Row, StoreError};
 use crate::privacy::{record_hashes, Policy, Subject};
 
 /// The advisory lock key ordering writes and erasures ("callcap erase").
 pub const ERASE_LOCK: i64 = 0x6361_6c6c_6572_6173;
 
-/// A batch's rows after erasure and retention.
+/// A batch's rows and dead letters after erasure and retention.
 pub struct Filtered<'a> {
     pub rows: Cow<'a, [Row]>,
+    /// The dead letters less those holding an erased record (a forged or misrouted
+    /// envelope is dead-lettered with its payload: it must not keep erased data).
+    pub dead: Cow<'a, [DeadLetter]>,
     /// Stream sequences of the messages dropped as erased (to delete from the stream).
     pub erased: Vec<u64>,
     /// Records dropped as older than the retention period.
@@ -40,14 +43,21 @@ pub async fn filter<'a>(
     tx: &mut Transaction<'_, Postgres>,
     policy: &Policy,
     rows: &'a [Row],
+    dead: &'a [DeadLetter],
 ) -> Result<Filtered<'a>, StoreError> {
     sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
         .bind(ERASE_LOCK)
         .execute(&mut **tx)
         .await?;
+    // A dead letter that still decodes (wrong subject, broken rule) names its company.
+    let dead_envelopes: Vec<Option<callcap::Envelope>> = dead
+        .iter()
+        .map(|d| callcap::Envelope::decode(&d.payload).ok())
+        .collect();
     let companies: Vec<Uuid> = rows
         .iter()
         .map(|r| r.envelope.record.company_id)
+        .chain(dead_envelopes.iter().flatten().map(|e| e.record.company_id))
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
@@ -63,6 +73,7 @@ pub async fn filter<'a>(
     if hashes.is_empty() && keep_since.is_none() {
         return Ok(Filtered {
             rows: Cow::Borrowed(rows),
+            dead: Cow::Borrowed(dead),
             erased: Vec::new(),
             expired: 0,
         });
@@ -101,10 +112,24 @@ pub async fn filter<'a>(
         }
         kept.push(row.clone());
     }
+    let mut kept_dead = Vec::with_capacity(dead.len());
+    for (d, envelope) in dead.iter().zip(&dead_envelopes) {
+        if let (Some(key), Some(e)) = (&key, envelope) {
+            if record_hashes(key, e.call_history_id, &e.record)
+                .iter()
+                .any(|h| erased_set.contains(h))
+            {
+                erased.push(d.seq);
+                continue;
+            }
+        }
+        kept_dead.push(d.clone());
+    }
     count(tx, "records_dropped_erased", erased.len() as u64).await?;
     count(tx, "records_dropped_expired", expired).await?;
     Ok(Filtered {
         rows: Cow::Owned(kept),
+        dead: Cow::Owned(kept_dead),
         erased,
         expired,
     })

@@ -5,6 +5,7 @@ mod callbacks;
 mod cluster;
 mod deploy;
 mod encoding;
+mod erasure;
 mod examples;
 mod faults;
 mod fuzz;

@@ -57,8 +57,12 @@ async fn a_later_message_wins_and_an_absent_field_keeps_its_value() {
     let mut v2 = record(c);
     v2.notes = Some("second".into());
     let id = row(1, v1.clone()).envelope.call_history_id;
-    write_batch(&db.pool, &Default::default(), &[row(1, v1)], &[]).await.unwrap();
-    write_batch(&db.pool, &Default::default(), &[row(2, v2)], &[]).await.unwrap();
+    write_batch(&db.pool, &Default::default(), &[row(1, v1)], &[])
+        .await
+        .unwrap();
+    write_batch(&db.pool, &Default::default(), &[row(2, v2)], &[])
+        .await
+        .unwrap();
     let r = stored(&db, id).await;
     assert_eq!(col::<String>(&r, "notes"), "second");
     assert_eq!(
@@ -80,8 +84,12 @@ async fn an_older_message_never_overwrites_a_newer_one_but_fills_gaps() {
     let mut new = record(c);
     new.notes = Some("new".into());
     let id = row(5, new.clone()).envelope.call_history_id;
-    write_batch(&db.pool, &Default::default(), &[row(5, new)], &[]).await.unwrap();
-    write_batch(&db.pool, &Default::default(), &[row(3, old)], &[]).await.unwrap();
+    write_batch(&db.pool, &Default::default(), &[row(5, new)], &[])
+        .await
+        .unwrap();
+    write_batch(&db.pool, &Default::default(), &[row(3, old)], &[])
+        .await
+        .unwrap();
     let r = stored(&db, id).await;
     assert_eq!(col::<String>(&r, "notes"), "new");
     assert_eq!(
@@ -102,23 +110,43 @@ async fn a_terminal_status_is_never_replaced_by_a_lifecycle_one() {
     };
     let id = row(1, with(CallStatus::Ringing)).envelope.call_history_id;
     // In order: ringing, completed, then a late in-progress.
-    write_batch(&db.pool, &Default::default(), &[row(1, with(CallStatus::Ringing))], &[])
-        .await
-        .unwrap();
-    write_batch(&db.pool, &Default::default(), &[row(2, with(CallStatus::Completed))], &[])
-        .await
-        .unwrap();
-    write_batch(&db.pool, &Default::default(), &[row(3, with(CallStatus::InProgress))], &[])
-        .await
-        .unwrap();
+    write_batch(
+        &db.pool,
+        &Default::default(),
+        &[row(1, with(CallStatus::Ringing))],
+        &[],
+    )
+    .await
+    .unwrap();
+    write_batch(
+        &db.pool,
+        &Default::default(),
+        &[row(2, with(CallStatus::Completed))],
+        &[],
+    )
+    .await
+    .unwrap();
+    write_batch(
+        &db.pool,
+        &Default::default(),
+        &[row(3, with(CallStatus::InProgress))],
+        &[],
+    )
+    .await
+    .unwrap();
     assert_eq!(
         col::<String>(&stored(&db, id).await, "call_status"),
         "completed"
     );
     // A newer terminal status does replace a terminal one (a correction).
-    write_batch(&db.pool, &Default::default(), &[row(4, with(CallStatus::Failed))], &[])
-        .await
-        .unwrap();
+    write_batch(
+        &db.pool,
+        &Default::default(),
+        &[row(4, with(CallStatus::Failed))],
+        &[],
+    )
+    .await
+    .unwrap();
     assert_eq!(
         col::<String>(&stored(&db, id).await, "call_status"),
         "failed"
@@ -132,7 +160,9 @@ async fn a_terminal_status_is_never_replaced_by_a_lifecycle_one() {
     let mut ringing = done.clone();
     ringing.call_status = Some(CallStatus::Ringing);
     let id2 = row(10, done.clone()).envelope.call_history_id;
-    write_batch(&db.pool, &Default::default(), &[row(10, done)], &[]).await.unwrap();
+    write_batch(&db.pool, &Default::default(), &[row(10, done)], &[])
+        .await
+        .unwrap();
     write_batch(&db.pool, &Default::default(), &[row(9, ringing)], &[])
         .await
         .unwrap();
@@ -151,7 +181,9 @@ async fn a_redelivered_message_changes_nothing() {
         .await
         .unwrap();
     assert_eq!(first.rows_changed, 1);
-    let again = write_batch(&db.pool, &Default::default(), &[row(7, r)], &[]).await.unwrap();
+    let again = write_batch(&db.pool, &Default::default(), &[row(7, r)], &[])
+        .await
+        .unwrap();
     assert_eq!(again.rows_changed, 0);
 }
 
@@ -172,7 +204,9 @@ async fn calls_without_an_external_id_are_never_merged() {
             envelope: Envelope::new(b, t(1), "k".into(), None, anon),
         },
     ];
-    write_batch(&db.pool, &Default::default(), &rows, &[]).await.unwrap();
+    write_batch(&db.pool, &Default::default(), &rows, &[])
+        .await
+        .unwrap();
     assert_eq!(db.count_calls().await, 2);
 }
 
@@ -183,7 +217,9 @@ async fn call_date_defaults_to_receipt_and_only_a_sent_one_replaces_it() {
     let first = row(1, record(c));
     let id = first.envelope.call_history_id;
     let received = first.envelope.received_at;
-    write_batch(&db.pool, &Default::default(), &[first], &[]).await.unwrap();
+    write_batch(&db.pool, &Default::default(), &[first], &[])
+        .await
+        .unwrap();
     assert_eq!(
         col::<DateTime<Utc>>(&stored(&db, id).await, "call_date"),
         received
@@ -199,7 +235,9 @@ async fn call_date_defaults_to_receipt_and_only_a_sent_one_replaces_it() {
     // One that carries call_date sets it; later ones without it keep it.
     let mut dated = record(c);
     dated.call_date = Some(t(9));
-    write_batch(&db.pool, &Default::default(), &[row(3, dated)], &[]).await.unwrap();
+    write_batch(&db.pool, &Default::default(), &[row(3, dated)], &[])
+        .await
+        .unwrap();
     write_batch(&db.pool, &Default::default(), &[row(4, record(c))], &[])
         .await
         .unwrap();
@@ -222,9 +260,14 @@ async fn several_versions_in_one_batch_apply_in_stream_order() {
     v3.call_status = Some(CallStatus::Completed);
     let id = row(1, v1.clone()).envelope.call_history_id;
     // Handed over out of order on purpose.
-    write_batch(&db.pool, &Default::default(), &[row(3, v3), row(1, v1), row(2, v2)], &[])
-        .await
-        .unwrap();
+    write_batch(
+        &db.pool,
+        &Default::default(),
+        &[row(3, v3), row(1, v1), row(2, v2)],
+        &[],
+    )
+    .await
+    .unwrap();
     let r = stored(&db, id).await;
     assert_eq!(col::<String>(&r, "notes"), "v2");
     assert_eq!(col::<i32>(&r, "duration_seconds"), 10);
@@ -261,7 +304,9 @@ async fn follow_ups_track_auto_call_followup_and_parents_are_created() {
         assert_eq!(n, 1, "{table}");
     }
     r.auto_call_followup = Some(false);
-    write_batch(&db.pool, &Default::default(), &[row(2, r)], &[]).await.unwrap();
+    write_batch(&db.pool, &Default::default(), &[row(2, r)], &[])
+        .await
+        .unwrap();
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM follow_ups")
         .fetch_one(&db.pool)
         .await

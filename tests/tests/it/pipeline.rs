@@ -214,10 +214,16 @@ async fn replay_of_one_company_touches_only_its_records() {
         quiet: true,
     };
     let cancel = tokio_util::sync::CancellationToken::new();
-    let summary =
-        persist_worker::replay::run(&js, &db.pool, &Default::default(), &args, Duration::from_millis(500), &cancel)
-            .await
-            .unwrap();
+    let summary = persist_worker::replay::run(
+        &js,
+        &db.pool,
+        &Default::default(),
+        &args,
+        Duration::from_millis(500),
+        &cancel,
+    )
+    .await
+    .unwrap();
     assert_eq!(summary.messages, 20);
     let n: i64 = sqlx::query_scalar("SELECT count(*) FROM call_history WHERE company_id = $1")
         .bind(b)
@@ -310,9 +316,10 @@ async fn a_poison_message_is_dead_lettered_and_its_neighbours_stored() {
     )
     .await
     .unwrap();
-    let summary = persist_worker::dlq::redrive(&db.pool, &Default::default(), None, &mut Vec::new())
-        .await
-        .unwrap();
+    let summary =
+        persist_worker::dlq::redrive(&db.pool, &Default::default(), None, &mut Vec::new())
+            .await
+            .unwrap();
     assert_eq!((summary.stored, summary.still_failing), (1, 2));
     assert_eq!(db.count_calls().await, ids.len() as i64 + 1);
 }
