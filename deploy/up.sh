@@ -50,6 +50,12 @@ ensure_nkeys "$NKEYS" "$BIN/ingest-gateway"
 # once, given to every gateway and to the `connectors` commands.
 export CONNECTOR_SECRETS_KEY_FILE="$PWD/$RUN/connector-secrets.key"
 [ -s "$CONNECTOR_SECRETS_KEY_FILE" ] || "$BIN/ingest-gateway" connectors new-secrets-key --out "$CONNECTOR_SECRETS_KEY_FILE" >&2
+# The key erased identifiers are hashed with (README, "Erasure and retention"): made once,
+# for every worker and `persist-worker erase`.
+export ERASURE_KEY_FILE="$PWD/$RUN/erasure.key"
+if [ ! -s "$ERASURE_KEY_FILE" ]; then
+  (umask 077; head -c 32 /dev/urandom | base64 > "$ERASURE_KEY_FILE")
+fi
 
 NATS_VERSION=$("$NATS_SERVER_BIN" --version | sed 's/.* //')
 SEEDS=()
@@ -130,6 +136,7 @@ $SHAPE
   demo company $COMPANY, key in $RUN/demo_key
   NATS identities  $NKEYS/{gateway,worker,admin}.nk (admin commands: NATS_NKEY_FILE=$NKEYS/admin.nk)
   connector secrets key  $CONNECTOR_SECRETS_KEY_FILE (provider callbacks: README, "Provider callbacks")
+  erasure key  $ERASURE_KEY_FILE (persist-worker erase: README, "Erasure and retention")
 
 Send a call record:
 

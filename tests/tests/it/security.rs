@@ -189,6 +189,9 @@ async fn each_nats_identity_can_do_its_job_and_is_refused_the_rest() {
         format!("DIRECT.GET.KV_{CONNECTORS_BUCKET}"),
         format!("CONSUMER.CREATE.KV_{CONNECTORS_BUCKET}.persist-worker"),
         format!("CONSUMER.MSG.NEXT.KV_{CONNECTORS_BUCKET}.persist-worker"),
+        // It deletes erased records' messages from the record streams, never a bucket's.
+        format!("STREAM.MSG.DELETE.KV_{KEYS_BUCKET}"),
+        format!("STREAM.MSG.DELETE.KV_{CONNECTORS_BUCKET}"),
     ] {
         let subject = format!("$JS.API.{api}");
         let _ = worker.request(subject.clone(), "{}".into()).await;
