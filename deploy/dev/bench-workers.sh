@@ -5,7 +5,8 @@
 # Takes a few minutes. Results on stdout and in .run/bench/workers.txt (BENCHMARKS.md,
 # "Scaling workers").
 #
-# Settings: BENCH_ROWS (100000) per round; BENCH_WORKERS ("1 2 4").
+# Settings: BENCH_ROWS (100000) per round; BENCH_WORKERS ("1 2 4"); BENCH_WORKER_BIN_DIR
+# (the persist-worker to measure, e.g. another commit's release build; default this one's).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . deploy/lib.sh
@@ -14,6 +15,7 @@ COUNTS=${BENCH_WORKERS:-1 2 4}
 OUT=.run/bench
 mkdir -p "$OUT"
 bench_prepare
+WB=${BENCH_WORKER_BIN_DIR:-$B}
 NATS_PORT=24222
 export NATS_URL="nats://127.0.0.1:$NATS_PORT"
 BENCH_DB_URL=$(with_database "$DATABASE_URL" callcap_bench)
@@ -35,7 +37,7 @@ for N in $COUNTS; do
   "$B/callcap-bench" broker --count "$ROWS" --in-flight 2 --atomic-batch 1000 > /dev/null
   WPIDS=()
   for i in $(seq 1 "$N"); do
-    start_worker "$B" "$((19100 + i))" "$BENCH_DB_URL" "$OUT/worker-$N-$i.log" NO_MIGRATE=true
+    start_worker "$WB" "$((19100 + i))" "$BENCH_DB_URL" "$OUT/worker-$N-$i.log" NO_MIGRATE=true
     WPIDS+=("$WORKER_PID")
   done
   for _ in $(seq 1 6000); do [ "$(count_rows)" -ge "$ROWS" ] && break; sleep 0.1; done

@@ -54,12 +54,15 @@ pub async fn delete_messages(js: &jetstream::Context, stream: &str, seqs: &[u64]
 }
 
 /// What one erasure removed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Removed {
     pub calls: u64,
     pub parents: u64,
     pub dead_letters: u64,
     pub messages: u64,
+    /// Matching messages left in sealed partition streams (JetStream refuses deletes
+    /// there), by stream.
+    pub sealed: Vec<(String, u64)>,
 }
 
 /// Runs `erase` as `args` asks, printing what was removed from where (never the
@@ -127,6 +130,13 @@ pub async fn run(
             "  stream: {} message(s) deleted, payloads overwritten",
             removed.messages
         )?;
+        for (stream, left) in &removed.sealed {
+            writeln!(
+                out,
+                "  sealed stream {stream}: {left} matching message(s) left: JetStream refuses deletes on a sealed stream; \
+                 they are never stored again, and go when the drained stream is deleted (`nats stream rm {stream}`)"
+            )?;
+        }
         all.push(removed);
     }
     writeln!(
@@ -265,22 +275,24 @@ async fn complete(
     Ok(removed)
 }
 
-/// Deletes the messages that match `entry` from one partition stream.
+/// Deletes the messages that match `entry` from one partition stream: (deleted, left in
+/// place because the stream is sealed).
 async fn erase_in_stream(
     js: &jetstream::Context,
     partition: callcap::partitions::Partition,
     key: &ErasureKey,
     (entry, needle): (&Erasure, Option<&str>),
     quiet: bool,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, u64)> {
     let name = partition.stream_name();
     let mut stream = js
         .get_stream(&name)
         .await
         .with_context(|| format!("opening stream {name}"))?;
-    let state = stream.info().await?.state.clone();
+    let info = stream.info().await?;
+    let (state, sealed) = (info.state.clone(), info.config.sealed);
     if state.messages == 0 {
-        return Ok(0);
+        return Ok((0, 0));
     }
     let end_seq = state.last_sequence;
     let consumer = stream
@@ -343,5 +355,10 @@ async fn erase_in_stream(
         }
     }
     bar.finish_and_clear();
-    Ok(delete_messages(js, &name, &doomed).await)
+    if sealed {
+        // A sealed stream (an older partition layout) refuses every delete; what it holds
+        // is never stored again (every write drops it) and goes with the stream.
+        return Ok((0, doomed.len() as u64));
+    }
+    Ok((delete_messages(js, &name, &doomed).await, 0))
 }
