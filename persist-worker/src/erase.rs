@@ -269,8 +269,12 @@ async fn complete(
         .await
         .map_err(|e| anyhow::anyhow!("listing the streams: {e}"))?
     {
-        removed.messages +=
+        let (deleted, left) =
             erase_in_stream(js, found.partition, key, (entry, needle), quiet).await?;
+        removed.messages += deleted;
+        if left > 0 {
+            removed.sealed.push((found.partition.stream_name(), left));
+        }
     }
     Ok(removed)
 }
