@@ -160,6 +160,35 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         quiet_interval_ms: u64,
     },
+    /// Provider callbacks against the API they stand in for: `--mode api` POSTs single
+    /// records to `/v1/calls` with the key; `--mode twilio` POSTs Twilio status callbacks
+    /// (form, `X-Twilio-Signature` HMAC-SHA1 over `--public-url` and the sorted
+    /// parameters) to the connector's URL. The same calls either way, each distinct, all
+    /// prepared (and signed) before the clock starts: this measures the gateway.
+    Callbacks {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        gateway: String,
+        #[arg(long)]
+        mode: String,
+        /// API key (api mode).
+        #[arg(long, default_value = "")]
+        key: String,
+        #[arg(long)]
+        company: Uuid,
+        /// The connector's callback URL as `connectors create` printed it (twilio mode).
+        #[arg(long, default_value = "")]
+        callback_url: String,
+        /// The connector's public URL (what Twilio signs; twilio mode).
+        #[arg(long, default_value = "")]
+        public_url: String,
+        /// The Twilio auth token (twilio mode).
+        #[arg(long, default_value = "")]
+        token: String,
+        #[arg(long, default_value_t = 20000)]
+        requests: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
     /// POST single records to a running gateway, then measure the lag from 201 to row.
     E2e {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -189,6 +218,36 @@ enum Cmd {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::HttpCeiling { listen } => http_ceiling(&listen).await,
+        Cmd::Callbacks {
+            gateway,
+            mode,
+            key,
+            company,
+            callback_url,
+            public_url,
+            token,
+            requests,
+            concurrency,
+        } => {
+            let twilio = match mode.as_str() {
+                "api" => None,
+                "twilio" => Some(TwilioTarget {
+                    callback_url,
+                    public_url,
+                    token,
+                }),
+                other => anyhow::bail!("--mode {other}: api or twilio"),
+            };
+            callbacks(
+                &gateway,
+                &key,
+                company,
+                twilio.as_ref(),
+                requests,
+                concurrency,
+            )
+            .await
+        }
         Cmd::Encoded {
             gateway,
             key,
@@ -957,40 +1016,91 @@ async fn encoded(
         })
         .collect();
     let wire_bytes: usize = bodies.iter().map(Bytes::len).sum();
-    let bodies = Arc::new(bodies);
+    let url = format!("{gateway}/v1/calls/batch");
+    let mut headers = vec![
+        ("x-api-key".to_owned(), key.to_owned()),
+        ("content-type".to_owned(), "application/json".to_owned()),
+    ];
+    if encoding != "plain" {
+        headers.push(("content-encoding".to_owned(), encoding.to_owned()));
+    }
+    let prepared = bodies
+        .into_iter()
+        .map(|body| Prepared {
+            url: url.clone(),
+            headers: headers.clone(),
+            body,
+        })
+        .collect();
+    let sent = send_all(prepared, concurrency, &[reqwest::StatusCode::CREATED]).await?;
+    let (secs, failed, pct) = (sent.secs, sent.failed, |p| sent.pct_ms(p));
+    let latencies = &sent.latencies;
+    let stored = latencies.len() * records;
+    println!(
+        "encoding={encoding} batches={} records_per_sec={:.0} p50_ms={:.1} p99_ms={:.1} failed={failed} wire_bytes_per_record={:.0} plain_bytes_per_record={:.0} ratio={:.3}",
+        latencies.len(),
+        stored as f64 / secs,
+        pct(0.50),
+        pct(0.99),
+        wire_bytes as f64 / (batches * records) as f64,
+        plain_bytes as f64 / (batches * records) as f64,
+        wire_bytes as f64 / plain_bytes as f64,
+    );
+    Ok(())
+}
+
+/// A request prepared before the clock starts.
+struct Prepared {
+    url: String,
+    headers: Vec<(String, String)>,
+    body: Bytes,
+}
+
+/// What [`send_all`] measured.
+struct Sent {
+    secs: f64,
+    /// Latencies of the answers with an expected status, sorted.
+    latencies: Vec<Duration>,
+    failed: u64,
+}
+
+impl Sent {
+    fn pct_ms(&self, p: f64) -> f64 {
+        let l = &self.latencies;
+        l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    }
+}
+
+/// POSTs every prepared request from `concurrency` clients, as fast as answered.
+async fn send_all(
+    requests: Vec<Prepared>,
+    concurrency: usize,
+    expected: &'static [reqwest::StatusCode],
+) -> anyhow::Result<Sent> {
+    let requests = Arc::new(requests);
     let next = Arc::new(AtomicU64::new(0));
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .build()?;
-    let url = format!("{gateway}/v1/calls/batch");
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (http, url, key, bodies, next, encoding) = (
-            http.clone(),
-            url.clone(),
-            key.to_owned(),
-            bodies.clone(),
-            next.clone(),
-            encoding.to_owned(),
-        );
+        let (http, requests, next) = (http.clone(), requests.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut failed = 0u64;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                let Some(body) = bodies.get(i) else { break };
-                let mut req = http
-                    .post(&url)
-                    .header("x-api-key", &key)
-                    .header("content-type", "application/json");
-                if encoding != "plain" {
-                    req = req.header("content-encoding", &encoding);
+                let Some(r) = requests.get(i) else { break };
+                let mut req = http.post(&r.url);
+                for (k, v) in &r.headers {
+                    req = req.header(k, v);
                 }
                 let t = Instant::now();
-                match req.body(body.clone()).send().await {
-                    Ok(r) if r.status() == reqwest::StatusCode::CREATED => {
-                        let _ = r.bytes().await;
+                match req.body(r.body.clone()).send().await {
+                    Ok(resp) if expected.contains(&resp.status()) => {
+                        let _ = resp.bytes().await;
                         latencies.push(t.elapsed());
                     }
                     _ => failed += 1,
@@ -1006,23 +1116,125 @@ async fn encoded(
         latencies.extend(l);
         failed += f;
     }
-    let secs = started.elapsed().as_secs_f64();
     latencies.sort();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-    };
-    let stored = latencies.len() * records;
+    Ok(Sent {
+        secs: started.elapsed().as_secs_f64(),
+        latencies,
+        failed,
+    })
+}
+
+/// Where Twilio-mode callbacks go and how they are signed.
+struct TwilioTarget {
+    callback_url: String,
+    public_url: String,
+    token: String,
+}
+
+/// See [`Cmd::Callbacks`].
+async fn callbacks(
+    gateway: &str,
+    key: &str,
+    company: Uuid,
+    twilio: Option<&TwilioTarget>,
+    requests: usize,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    use base64::Engine as _;
+    let run_id = Uuid::new_v4().simple().to_string();
+    let prepared: Vec<Prepared> = (0..requests)
+        .map(|i| {
+            let sid = format!("CA{run_id}{i:08}");
+            match twilio {
+                None => Prepared {
+                    url: format!("{gateway}/v1/calls"),
+                    headers: vec![
+                        ("x-api-key".into(), key.into()),
+                        ("content-type".into(), "application/json".into()),
+                    ],
+                    body: Bytes::from(
+                        serde_json::to_vec(&serde_json::json!({
+                            "company_id": company,
+                            "external_call_id": sid,
+                            "external_system": "twilio",
+                            "caller_number": "+14155550100",
+                            "recipient_number": "+919876543210",
+                            "call_status": "completed",
+                            "duration_seconds": 42,
+                            "end_time": "2026-12-01T10:00:47.000Z",
+                            "start_time": "2026-12-01T10:00:05.000Z",
+                            "call_details": {"AccountSid": "AC0123456789abcdef0123456789abcdef", "ApiVersion": "2010-04-01", "Direction": "outbound-api"},
+                        }))
+                        .expect("a record serializes"),
+                    ),
+                },
+                Some(t) => {
+                    let mut params = vec![
+                        ("AccountSid", "AC0123456789abcdef0123456789abcdef".to_owned()),
+                        ("ApiVersion", "2010-04-01".to_owned()),
+                        ("CallDuration", "42".to_owned()),
+                        ("CallSid", sid),
+                        ("CallStatus", "completed".to_owned()),
+                        ("Direction", "outbound-api".to_owned()),
+                        ("From", "+14155550100".to_owned()),
+                        ("Timestamp", "Tue, 01 Dec 2026 10:00:47 +0000".to_owned()),
+                        ("To", "+919876543210".to_owned()),
+                    ];
+                    params.sort();
+                    let path = t
+                        .callback_url
+                        .strip_prefix(&t.public_url)
+                        .expect("the callback URL is under the public URL");
+                    let mut signed = t.callback_url.clone();
+                    for (k, v) in &params {
+                        signed.push_str(k);
+                        signed.push_str(v);
+                    }
+                    let mac = ring::hmac::sign(
+                        &ring::hmac::Key::new(
+                            ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY,
+                            t.token.as_bytes(),
+                        ),
+                        signed.as_bytes(),
+                    );
+                    let body: String = url::form_urlencoded::Serializer::new(String::new())
+                        .extend_pairs(params.iter().map(|(k, v)| (*k, v.as_str())))
+                        .finish();
+                    Prepared {
+                        url: format!("{gateway}{path}"),
+                        headers: vec![
+                            (
+                                "x-twilio-signature".into(),
+                                base64::engine::general_purpose::STANDARD.encode(mac.as_ref()),
+                            ),
+                            (
+                                "content-type".into(),
+                                "application/x-www-form-urlencoded".into(),
+                            ),
+                        ],
+                        body: Bytes::from(body),
+                    }
+                }
+            }
+        })
+        .collect();
+    let sent = send_all(
+        prepared,
+        concurrency,
+        &[
+            reqwest::StatusCode::CREATED,
+            reqwest::StatusCode::NO_CONTENT,
+        ],
+    )
+    .await?;
     println!(
-        "encoding={encoding} batches={} records_per_sec={:.0} p50_ms={:.1} p99_ms={:.1} failed={failed} wire_bytes_per_record={:.0} plain_bytes_per_record={:.0} ratio={:.3}",
-        latencies.len(),
-        stored as f64 / secs,
-        pct(0.50),
-        pct(0.99),
-        wire_bytes as f64 / (batches * records) as f64,
-        plain_bytes as f64 / (batches * records) as f64,
-        wire_bytes as f64 / plain_bytes as f64,
+        "mode={} requests={} per_sec={:.0} p50_ms={:.2} p99_ms={:.2} failed={}",
+        if twilio.is_some() { "twilio" } else { "api" },
+        sent.latencies.len(),
+        sent.latencies.len() as f64 / sent.secs,
+        sent.pct_ms(0.50),
+        sent.pct_ms(0.99),
+        sent.failed
     );
     Ok(())
 }

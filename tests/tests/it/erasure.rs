@@ -110,6 +110,31 @@ async fn drained(nats_url: &str) {
     .await;
 }
 
+/// `replay --from-seq 1` of every stream, through `policy`.
+async fn replay_all(
+    admin: &jetstream::Context,
+    db: &TestDb,
+    policy: &persist_worker::privacy::Policy,
+) -> persist_worker::replay::ReplaySummary {
+    persist_worker::replay::run(
+        admin,
+        &db.pool,
+        policy,
+        &persist_worker::config::ReplayArgs {
+            from_seq: Some(1),
+            since: None,
+            until: None,
+            company: None,
+            batch_size: 100,
+            quiet: true,
+        },
+        Duration::from_millis(500),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .unwrap()
+}
+
 async fn erase(nats_url: &str, db: &TestDb, key: &std::path::Path, args: &[&str]) -> String {
     let full = [&["erase", "--quiet"][..], args].concat();
     let out = admin_command_env(
@@ -278,23 +303,7 @@ async fn erased_data_is_nowhere_and_no_path_brings_it_back() {
         )),
         retention_days: None,
     };
-    let replayed = persist_worker::replay::run(
-        &admin,
-        &db.pool,
-        &policy,
-        &persist_worker::config::ReplayArgs {
-            from_seq: Some(1),
-            since: None,
-            until: None,
-            company: None,
-            batch_size: 100,
-            quiet: true,
-        },
-        Duration::from_millis(500),
-        &tokio_util::sync::CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+    let replayed = replay_all(&admin, &db, &policy).await;
     assert!(replayed.completed && replayed.messages > 0);
     persist_worker::dlq::redrive(&db.pool, &policy, None, &mut Vec::new())
         .await
@@ -531,26 +540,15 @@ async fn retention_deletes_old_calls_and_replay_does_not_restore_them() {
     assert_eq!(old_left, 0);
 
     let admin = jetstream::new(callcap_tests::identities::connect(&nats.url()).await);
-    let summary = persist_worker::replay::run(
+    let summary = replay_all(
         &admin,
-        &db.pool,
+        &db,
         &persist_worker::privacy::Policy {
             key: None,
             retention_days: Some(30),
         },
-        &persist_worker::config::ReplayArgs {
-            from_seq: Some(1),
-            since: None,
-            until: None,
-            company: None,
-            batch_size: 100,
-            quiet: true,
-        },
-        Duration::from_millis(500),
-        &tokio_util::sync::CancellationToken::new(),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(summary.messages, 60);
     assert_eq!(
         db.count_calls().await,
@@ -563,5 +561,66 @@ async fn retention_deletes_old_calls_and_replay_does_not_restore_them() {
     let get = |n: &str| counters.iter().find(|(k, _)| k == n).map_or(0, |(_, v)| *v);
     assert_eq!(get("rows_expired"), 30);
     assert_eq!(get("records_dropped_expired"), 30);
+    worker.stop().await;
+}
+
+/// After a partition layout change the old stream is sealed, and JetStream refuses
+/// deletes there: `erase` says how many matching messages it left and where, and a
+/// replay of the sealed stream stores none of them.
+#[tokio::test]
+async fn matching_messages_in_a_sealed_stream_are_reported_and_never_stored_again() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let gw = TestGateway::start(&nats.url()).await;
+    let a = Uuid::new_v4();
+    let key_a = gw.create_key(a).await;
+    let mut cli = worker_cli(&nats.url(), &db.url, test_run_args());
+    cli.privacy.erasure_key_file = Some(key.clone());
+    let worker = TestWorker::start_cli(cli).await;
+    for i in 0..5 {
+        assert_eq!(
+            gw.post_call(&key_a, &call(a, &format!("E-{i}"), ERASED))
+                .await
+                .0,
+            StatusCode::CREATED
+        );
+        assert_eq!(
+            gw.post_call(&key_a, &call(a, &format!("K-{i}"), KEPT))
+                .await
+                .0,
+            StatusCode::CREATED
+        );
+    }
+    drained(&nats.url()).await;
+    crate::partitions::partitions_command(&nats.url(), &["set", "2", "--no-wait"]).await;
+    let printed = erase(
+        &nats.url(),
+        &db,
+        &key,
+        &["--company", &a.to_string(), "--phone", ERASED],
+    )
+    .await;
+    assert!(
+        printed.contains("sealed stream CALLS: 5 matching message(s) left"),
+        "{printed}"
+    );
+    assert_eq!(rows_with(&db, a, ERASED).await, 0);
+    let admin = jetstream::new(callcap_tests::identities::connect(&nats.url()).await);
+    let policy = persist_worker::privacy::Policy {
+        key: Some(Arc::new(
+            persist_worker::privacy::ErasureKey::from_file(&key).unwrap(),
+        )),
+        retention_days: None,
+    };
+    let summary = replay_all(&admin, &db, &policy).await;
+    assert_eq!(summary.messages, 10);
+    assert_eq!(
+        rows_with(&db, a, ERASED).await,
+        0,
+        "a replay of the sealed stream stored erased data"
+    );
+    assert_eq!(rows_with(&db, a, KEPT).await, 5);
     worker.stop().await;
 }
