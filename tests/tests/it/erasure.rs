@@ -624,3 +624,70 @@ async fn matching_messages_in_a_sealed_stream_are_reported_and_never_stored_agai
     assert_eq!(rows_with(&db, a, KEPT).await, 5);
     worker.stop().await;
 }
+
+/// An erasure interrupted after its entry was added (the command killed) is completed by
+/// `erase --resume`, which has only the entry's hash: rows, dead letters and messages are
+/// found by hashing theirs.
+#[tokio::test]
+async fn an_interrupted_erasure_is_completed_by_resume_from_its_hash_alone() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let gw = TestGateway::start(&nats.url()).await;
+    let a = Uuid::new_v4();
+    let key_a = gw.create_key(a).await;
+    let worker = TestWorker::start(&nats.url(), &db.url).await;
+    let lead = Uuid::new_v4();
+    for i in 0..6 {
+        let mut body = call(a, &format!("L-{i}"), KEPT);
+        if i % 2 == 0 {
+            body["lead_id"] = json!(lead);
+        }
+        assert_eq!(gw.post_call(&key_a, &body).await.0, StatusCode::CREATED);
+    }
+    drained(&nats.url()).await;
+    worker.stop().await;
+    // What `erase --lead` does first, then "killed".
+    let erasure_key = persist_worker::privacy::ErasureKey::from_file(&key).unwrap();
+    let entry = persist_worker::store::privacy::add_erasure(
+        &db.pool,
+        &erasure_key,
+        a,
+        &persist_worker::privacy::Subject::Lead(lead),
+    )
+    .await
+    .unwrap();
+    assert!(entry.completed_at.is_none());
+    let printed = erase(&nats.url(), &db, &key, &["--resume"]).await;
+    assert!(
+        printed.contains(&format!(
+            "erasure {} (lead of company {a}) complete",
+            entry.id
+        )),
+        "{printed}"
+    );
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM call_history WHERE lead_id = $1")
+        .bind(lead)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    assert_eq!(db.count_calls().await, 3, "the calls of no lead stay");
+    let leads: i64 = sqlx::query_scalar("SELECT count(*) FROM leads WHERE id = $1")
+        .bind(lead)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(leads, 0, "the lead row goes too");
+    let in_stream = stream_messages(&nats.url())
+        .await
+        .iter()
+        .filter(|(_, _, e)| e.record.lead_id == Some(lead))
+        .count();
+    assert_eq!(in_stream, 0);
+    // Nothing left to resume.
+    assert!(erase(&nats.url(), &db, &key, &["--resume"])
+        .await
+        .contains("no interrupted erasure"));
+}
