@@ -55,6 +55,16 @@ fn call(company: Uuid, ext: &str, number: &str) -> Value {
     })
 }
 
+/// Posts calls `E-i` (the erased number) and `K-i` (the kept one) for each `i`.
+async fn post_both(gw: &TestGateway, key: &str, company: Uuid, range: std::ops::Range<u32>) {
+    for i in range {
+        for (ext, number) in [(format!("E-{i}"), ERASED), (format!("K-{i}"), KEPT)] {
+            let (status, body) = gw.post_call(key, &call(company, &ext, number)).await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+        }
+    }
+}
+
 /// Rows of `company` with `number` as caller or recipient.
 async fn rows_with(db: &TestDb, company: Uuid, number: &str) -> i64 {
     sqlx::query_scalar(
@@ -426,20 +436,7 @@ async fn an_erasure_survives_a_power_cut_under_the_broker() {
     let mut cli = worker_cli(&nats.url(), &db.url, test_run_args());
     cli.privacy.erasure_key_file = Some(key.clone());
     let worker = TestWorker::start_cli(cli).await;
-    for i in 0..30 {
-        assert_eq!(
-            gw.post_call(&key_a, &call(a, &format!("E-{i}"), ERASED))
-                .await
-                .0,
-            StatusCode::CREATED
-        );
-        assert_eq!(
-            gw.post_call(&key_a, &call(a, &format!("K-{i}"), KEPT))
-                .await
-                .0,
-            StatusCode::CREATED
-        );
-    }
+    post_both(&gw, &key_a, a, 0..30).await;
     drained(&nats.url()).await;
     let before: BTreeSet<u64> = stream_messages(&nats.url())
         .await
@@ -579,20 +576,7 @@ async fn matching_messages_in_a_sealed_stream_are_reported_and_never_stored_agai
     let mut cli = worker_cli(&nats.url(), &db.url, test_run_args());
     cli.privacy.erasure_key_file = Some(key.clone());
     let worker = TestWorker::start_cli(cli).await;
-    for i in 0..5 {
-        assert_eq!(
-            gw.post_call(&key_a, &call(a, &format!("E-{i}"), ERASED))
-                .await
-                .0,
-            StatusCode::CREATED
-        );
-        assert_eq!(
-            gw.post_call(&key_a, &call(a, &format!("K-{i}"), KEPT))
-                .await
-                .0,
-            StatusCode::CREATED
-        );
-    }
+    post_both(&gw, &key_a, a, 0..5).await;
     drained(&nats.url()).await;
     crate::partitions::partitions_command(&nats.url(), &["set", "2", "--no-wait"]).await;
     let printed = erase(
