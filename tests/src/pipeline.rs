@@ -276,6 +276,40 @@ pub fn seed_path(role: Role) -> String {
         .to_string()
 }
 
+/// The environment of a worker binary under test.
+fn worker_env<'a>(
+    nats_url: &str,
+    db_url: &str,
+    metrics_port: u16,
+    extra: &[(&'a str, String)],
+) -> Vec<(&'a str, String)> {
+    let mut env = vec![
+        ("NATS_URL", nats_url.to_owned()),
+        ("NATS_NKEY_FILE", seed_path(Role::Worker)),
+        ("DATABASE_URL", db_url.to_owned()),
+        ("METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
+        ("ACK_WAIT_SECS", "2".to_owned()),
+        ("RETRY_MAX_MS", "500".to_owned()),
+    ];
+    env.extend(extra.iter().cloned());
+    env
+}
+
+/// The environment of a gateway binary under test.
+fn gateway_env<'a>(
+    nats_url: &str,
+    port: u16,
+    extra: &[(&'a str, String)],
+) -> Vec<(&'a str, String)> {
+    let mut env = vec![
+        ("NATS_URL", nats_url.to_owned()),
+        ("NATS_NKEY_FILE", seed_path(Role::Gateway)),
+        ("LISTEN_ADDR", format!("127.0.0.1:{port}")),
+    ];
+    env.extend(extra.iter().cloned());
+    env
+}
+
 /// A service binary run as its own process.
 pub struct Process {
     child: Option<Child>,
@@ -292,34 +326,35 @@ impl Process {
         extra: &[(&str, String)],
         log: &std::path::Path,
     ) -> Self {
-        let file = std::fs::File::create(log).expect("creating the worker's log file");
-        let mut cmd = Command::new(bin);
-        cmd.env_remove("RUST_LOG")
-            .env("NATS_URL", nats_url)
-            .env("NATS_NKEY_FILE", seed_path(Role::Worker))
-            .env("DATABASE_URL", db_url)
-            .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
-            .env("ACK_WAIT_SECS", "2")
-            .env("RETRY_MAX_MS", "500")
-            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("the log file"))
-            .stderr(file);
-        Process {
-            child: Some(
-                cmd.spawn()
-                    .unwrap_or_else(|e| panic!("spawning {bin}: {e}")),
-            ),
-        }
+        Self::spawn_logged(
+            bin,
+            &worker_env(nats_url, db_url, metrics_port, extra),
+            Some(log),
+        )
     }
 
-    fn spawn(bin: &str, args: &[&str], env: &[(&str, String)]) -> Self {
+    /// As [`Process::gateway`], its log written to `log`.
+    pub fn gateway_logged(
+        bin: &str,
+        nats_url: &str,
+        port: u16,
+        extra: &[(&str, String)],
+        log: &std::path::Path,
+    ) -> Self {
+        Self::spawn_logged(bin, &gateway_env(nats_url, port, extra), Some(log))
+    }
+
+    /// Spawns `bin` with `env`; its output to `log`, or discarded (unless `TEST_LOG` is set).
+    fn spawn_logged(bin: &str, env: &[(&str, String)], log: Option<&std::path::Path>) -> Self {
         let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .env_remove("RUST_LOG")
+        cmd.env_remove("RUST_LOG")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null());
-        if std::env::var_os("TEST_LOG").is_none() {
+        if let Some(path) = log {
+            let file = std::fs::File::create(path).expect("creating the process's log file");
+            cmd.stdout(file.try_clone().expect("the log file"))
+                .stderr(file);
+        } else if std::env::var_os("TEST_LOG").is_none() {
             cmd.stdout(Stdio::null()).stderr(Stdio::null());
         }
         Process {
@@ -339,27 +374,16 @@ impl Process {
         metrics_port: u16,
         extra: &[(&str, String)],
     ) -> Self {
-        let mut env = vec![
-            ("NATS_URL", nats_url.to_owned()),
-            ("NATS_NKEY_FILE", seed_path(Role::Worker)),
-            ("DATABASE_URL", db_url.to_owned()),
-            ("METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
-            ("ACK_WAIT_SECS", "2".to_owned()),
-            ("RETRY_MAX_MS", "500".to_owned()),
-        ];
-        env.extend(extra.iter().cloned());
-        Self::spawn(bin, &[], &env)
+        Self::spawn_logged(
+            bin,
+            &worker_env(nats_url, db_url, metrics_port, extra),
+            None,
+        )
     }
 
     /// The real `ingest-gateway` binary at `bin`.
     pub fn gateway(bin: &str, nats_url: &str, port: u16, extra: &[(&str, String)]) -> Self {
-        let mut env = vec![
-            ("NATS_URL", nats_url.to_owned()),
-            ("NATS_NKEY_FILE", seed_path(Role::Gateway)),
-            ("LISTEN_ADDR", format!("127.0.0.1:{port}")),
-        ];
-        env.extend(extra.iter().cloned());
-        Self::spawn(bin, &[], &env)
+        Self::spawn_logged(bin, &gateway_env(nats_url, port, extra), None)
     }
 
     /// The real `ingest-gateway` binary on a free port, once `/readyz` answers 200;

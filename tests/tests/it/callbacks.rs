@@ -974,3 +974,79 @@ async fn a_gateway_without_the_secrets_key_answers_503() {
     keyless.stop().await;
     fx.finish(&[]).await;
 }
+
+/// A refused callback is logged with the connector and the reason, never the secret, the
+/// signature or an Exotel URL's token (the real binary, its log read back).
+#[tokio::test]
+async fn refusals_are_logged_without_secrets_signatures_or_tokens() {
+    let fx = Fixture::start().await;
+    let (twilio, twilio_url) = fx.create("twilio", Some(TWILIO_TOKEN), &[]).await;
+    let (exotel, exotel_url) = fx.create("exotel", None, &[]).await;
+    let token = exotel_url.rsplit('/').next().unwrap().to_owned();
+    let port = callcap_tests::free_port();
+    let log = fx.dir.path().join("gateway.log");
+    let mut gw = callcap_tests::pipeline::Process::gateway_logged(
+        crate::GATEWAY_BIN,
+        &fx.nats.url(),
+        port,
+        &[(
+            "CONNECTOR_SECRETS_KEY_FILE",
+            fx.key_file.display().to_string(),
+        )],
+        &log,
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let valid = sign(&twilio_event(&twilio_url, &call_id("CA"), "ringing")).await;
+    eventually(
+        Duration::from_secs(20),
+        "the gateway binary to take callbacks",
+        || async {
+            (send(&http, &base, PUBLIC, &valid, &[]).await.0 == StatusCode::NO_CONTENT)
+                .then_some(())
+        },
+    )
+    .await;
+    let mut forged = sign(&twilio_event(&twilio_url, &call_id("CA"), "completed")).await;
+    forged.body = forged.body.replace("CallDuration=42", "CallDuration=4242");
+    assert_eq!(
+        send(&http, &base, PUBLIC, &forged, &[]).await.0,
+        StatusCode::FORBIDDEN
+    );
+    let wrong = "w".repeat(token.len());
+    let wrong_token = sign(&exotel_event(
+        &exotel_url.replace(&token, &wrong),
+        &call_id(""),
+        "busy",
+    ))
+    .await;
+    assert_eq!(
+        send(&http, &base, PUBLIC, &wrong_token, &[]).await.0,
+        StatusCode::FORBIDDEN
+    );
+    let good = sign(&exotel_event(&exotel_url, &call_id(""), "busy")).await;
+    assert_eq!(
+        send(&http, &base, PUBLIC, &good, &[]).await.0,
+        StatusCode::OK
+    );
+    gw.terminate();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("provider callback refused"), "{logged}");
+    assert!(
+        logged.contains(&twilio) && logged.contains(&exotel),
+        "{logged}"
+    );
+    let signature = &forged.headers["X-Twilio-Signature"];
+    for secret in [
+        TWILIO_TOKEN,
+        signature.as_str(),
+        token.as_str(),
+        wrong.as_str(),
+    ] {
+        assert!(
+            !logged.contains(secret),
+            "the log holds {secret:?}:\n{logged}"
+        );
+    }
+    fx.finish(&[]).await;
+}
