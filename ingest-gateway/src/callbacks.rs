@@ -29,7 +29,28 @@ pub fn describe_metrics() {
         "gateway_callbacks_total",
         "Provider callbacks by provider and result (accepted, unauthorized, forbidden, invalid, unavailable)"
     );
+    // Every series from the start (a bounded set), so alerts see a zero, not no data.
+    for provider in [
+        Provider::Twilio,
+        Provider::Exotel,
+        Provider::Plivo,
+        Provider::Vonage,
+    ] {
+        for result in RESULTS {
+            metrics::counter!("gateway_callbacks_total", "provider" => provider.as_str(), "result" => result)
+                .absolute(0);
+        }
+    }
 }
+
+/// The `result` label's values.
+const RESULTS: [&str; 5] = [
+    "accepted",
+    "unauthorized",
+    "forbidden",
+    "invalid",
+    "unavailable",
+];
 
 fn count(provider: Option<Provider>, result: &'static str) {
     metrics::counter!(

@@ -384,6 +384,11 @@ fn describe_metrics() {
         "Stream messages deleted (payload overwritten) because they held erased data"
     );
     metrics::counter!("worker_messages_erased_total").absolute(0);
+    metrics::describe_counter!(
+        "worker_rows_expired_total",
+        "Stored calls deleted by RETENTION_DAYS"
+    );
+    metrics::counter!("worker_rows_expired_total").absolute(0);
     // Not a lane's: the database is shared.
     metrics::describe_counter!(
         "worker_db_errors_total",

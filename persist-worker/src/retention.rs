@@ -18,10 +18,6 @@ pub const EVERY: Duration = Duration::from_secs(60);
 
 /// Deletes expired calls until `cancel` fires.
 pub async fn run(pool: PgPool, days: u32, cancel: CancellationToken) {
-    metrics::describe_counter!(
-        "worker_rows_expired_total",
-        "Stored calls deleted by RETENTION_DAYS"
-    );
     tracing::info!(days, "retention: deleting calls older than {days} days");
     loop {
         let before = chrono::Utc::now() - chrono::Duration::days(i64::from(days));
