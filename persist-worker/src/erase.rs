@@ -130,6 +130,13 @@ pub async fn run(
             "  stream: {} message(s) deleted, payloads overwritten",
             removed.messages
         )?;
+        if entry.kind == "phone" && removed.calls == 0 && removed.messages == 0 {
+            writeln!(
+                out,
+                "  no stored call or message has this number as written (separators aside): a number stored \
+                 in another form (e.g. +919876543210 and 09876543210) is another erasure; run it for that form too"
+            )?;
+        }
         for (stream, left) in &removed.sealed {
             writeln!(
                 out,

@@ -195,7 +195,7 @@ async fn status_page(State(s): State<OpsState>) -> Response {
     .and_then(Result::ok);
     let mut privacy = String::new();
     for (name, label) in [
-        ("erasures", "Erasures completed"),
+        ("erasures", "Erasure runs completed"),
         ("rows_erased", "Calls erased"),
         ("dead_letters_erased", "Dead letters erased"),
         ("messages_erased", "Stream messages erased"),

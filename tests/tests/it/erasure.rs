@@ -391,13 +391,15 @@ async fn a_worker_without_the_key_holds_records_of_a_company_with_erasures() {
     let gw = TestGateway::start(&nats.url()).await;
     let a = Uuid::new_v4();
     let key_a = gw.create_key(a).await;
-    erase(
+    // Nothing stored yet: erase says so, and that another written form is another erasure.
+    let printed = erase(
         &nats.url(),
         &db,
         &key,
         &["--company", &a.to_string(), "--phone", ERASED],
     )
     .await;
+    assert!(printed.contains("another form"), "{printed}");
     let keyless = TestWorker::start(&nats.url(), &db.url).await;
     assert_eq!(
         gw.post_call(&key_a, &call(a, "E-1", ERASED)).await.0,
