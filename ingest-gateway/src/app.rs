@@ -291,6 +291,9 @@ pub struct Readiness {
     pub nats: String,
     pub keys_loaded: bool,
     pub keys: usize,
+    /// The provider connectors have been read (their callbacks get 503 until then).
+    pub connectors_loaded: bool,
+    pub connectors: usize,
     /// JetStream's fsync mode as reported at start: `always` means a 201 survives a
     /// power loss of the NATS node.
     pub fsync: String,
@@ -298,19 +301,22 @@ pub struct Readiness {
     pub publish: PublishStats,
 }
 
-/// Readiness: NATS connected, stream reachable, key cache loaded.
+/// Readiness: NATS connected, stream reachable, key and connector caches loaded.
 #[utoipa::path(get, path = "/readyz", tag = "ops", responses(
     (status = 200, description = "Ready to accept records", body = Readiness),
     (status = 503, description = "Not ready", body = Readiness)))]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let nats = state.publisher.check_ready().await;
     let keys_loaded = state.keys.is_loaded();
-    let ready = nats.is_ok() && keys_loaded;
+    let connectors_loaded = state.connectors.is_loaded();
+    let ready = nats.is_ok() && keys_loaded && connectors_loaded;
     let body = Readiness {
         ready,
         nats: nats.err().map_or_else(|| "ok".into(), |e| e.to_string()),
         keys_loaded,
         keys: state.keys.len(),
+        connectors_loaded,
+        connectors: state.connectors.len(),
         fsync: state.fsync_mode.clone(),
         publish: state.publisher.stats(),
     };
@@ -328,10 +334,12 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
 pub async fn report_readiness(state: AppState) {
     metrics::describe_gauge!(
         "gateway_ready",
-        "1 when the gateway can take records (NATS reachable, API keys loaded), else 0"
+        "1 when the gateway can take records (NATS reachable, API keys and connectors loaded), else 0"
     );
     loop {
-        let ready = state.keys.is_loaded() && state.publisher.check_ready().await.is_ok();
+        let ready = state.keys.is_loaded()
+            && state.connectors.is_loaded()
+            && state.publisher.check_ready().await.is_ok();
         metrics::gauge!("gateway_ready").set(if ready { 1.0 } else { 0.0 });
         state.lanes.report(std::time::Instant::now());
         tokio::time::sleep(std::time::Duration::from_secs(5)).await;

@@ -51,6 +51,9 @@ pub async fn status_page(State(state): State<AppState>) -> Response {
     if !keys_loaded {
         why_not.push("API keys not loaded yet".to_owned());
     }
+    if !state.connectors.is_loaded() {
+        why_not.push("provider connectors not loaded yet".to_owned());
+    }
     let readiness = if why_not.is_empty() {
         r#"<p>Status: <span class="ok">Ready</span> — taking records.</p>"#.to_owned()
     } else {
@@ -117,7 +120,7 @@ pub async fn status_page(State(state): State<AppState>) -> Response {
     let publish = crate::publish::latencies();
     let body = format!(
         r#"{readiness}
-<p>JetStream fsync: {fsync}. Keys loaded: {keys}.</p>
+<p>JetStream fsync: {fsync}. Keys loaded: {keys}. Provider connectors: <span id="connectors">{connectors}</span> (<span id="connectors-unusable">{unusable}</span> unusable: their secrets do not open with this gateway's CONNECTOR_SECRETS_KEY_FILE).</p>
 <h2>Requests per second, by status</h2>
 <table id="requests">
 <thead><tr><th scope="col">Status</th><th scope="col">Requests/s</th></tr></thead>
@@ -145,6 +148,8 @@ pub async fn status_page(State(state): State<AppState>) -> Response {
 </table>"#,
         fsync = html_escape(&state.fsync_mode),
         keys = state.keys.len(),
+        connectors = state.connectors.len(),
+        unusable = state.connectors.unusable(),
         count = publish.count(),
         p50 = ms(publish.quantile_ms(0.50)),
         p90 = ms(publish.quantile_ms(0.90)),

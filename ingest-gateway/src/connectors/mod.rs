@@ -249,6 +249,16 @@ impl ConnectorCache {
             .len()
     }
 
+    /// Connectors whose secrets do not open here (their callbacks get 503).
+    pub fn unusable(&self) -> usize {
+        self.by_id
+            .read()
+            .expect("connector cache lock is never held across a panic")
+            .values()
+            .filter(|c| c.unusable.is_some())
+            .count()
+    }
+
     /// Whether no connector is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0

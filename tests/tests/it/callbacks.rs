@@ -971,6 +971,31 @@ async fn a_gateway_without_the_secrets_key_answers_503() {
     let signed = sign(&twilio_event(&url, &call_id("CA"), "completed")).await;
     let (status, body) = send(&keyless.http, &keyless.base(), PUBLIC, &signed, &[]).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    // The operator sees why: the status page counts the connector as unusable.
+    let page = keyless
+        .http
+        .get(format!("{}/status", keyless.base()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(r#"<span id="connectors-unusable">1</span>"#),
+        "{page}"
+    );
+    let ready: Value = keyless
+        .http
+        .get(format!("{}/readyz", keyless.base()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["connectors_loaded"], true);
+    assert_eq!(ready["connectors"], 1);
     keyless.stop().await;
     fx.finish(&[]).await;
 }
