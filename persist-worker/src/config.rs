@@ -73,9 +73,10 @@ pub struct PrivacyArgs {
     #[arg(long, env = "ERASURE_KEY_FILE", global = true)]
     pub erasure_key_file: Option<std::path::PathBuf>,
 
-    /// Keep stored calls this many days (by call date), deleting older ones in small
-    /// batches; records older than that are not stored again by a replay. Unset: keep
-    /// everything. Independent of the stream's replay window (STREAM_MAX_AGE_SECS).
+    /// Keep stored calls this many days (by call date), deleting older ones (and dead
+    /// letters recorded before then) in small batches; records older than that are not
+    /// stored again by a replay. Unset: keep everything. Independent of the stream's
+    /// replay window (STREAM_MAX_AGE_SECS).
     #[arg(long, env = "RETENTION_DAYS", global = true,
           value_parser = clap::value_parser!(u32).range(1..=36_500))]
     pub retention_days: Option<u32>,

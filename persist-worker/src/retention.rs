@@ -1,4 +1,5 @@
-//! `RETENTION_DAYS`: stored calls older than the period (by call date) deleted in small
+//! `RETENTION_DAYS`: stored calls older than the period (by call date), and dead letters
+//! recorded before it (they hold the payloads), deleted in small
 //! batches, each its own short transaction, with a pause between them so that ingestion
 //! never waits behind a long delete. Every worker runs it; `SKIP LOCKED` keeps them off
 //! each other's batches. Writes drop records older than the period too
@@ -18,23 +19,36 @@ pub const EVERY: Duration = Duration::from_secs(60);
 
 /// Deletes expired calls until `cancel` fires.
 pub async fn run(pool: PgPool, days: u32, cancel: CancellationToken) {
-    tracing::info!(days, "retention: deleting calls older than {days} days");
+    tracing::info!(
+        days,
+        "retention: deleting calls and dead letters older than {days} days"
+    );
     loop {
         let before = chrono::Utc::now() - chrono::Duration::days(i64::from(days));
-        let wait = match crate::store::privacy::expire_calls(&pool, before, BATCH).await {
-            Ok(n) => {
-                metrics::counter!("worker_rows_expired_total").increment(n);
-                if n > 0 {
-                    tracing::info!(deleted = n, "retention: expired calls deleted");
+        let deleted = async {
+            let calls = crate::store::privacy::expire_calls(&pool, before, BATCH).await?;
+            let dead = crate::store::privacy::expire_dead_letters(&pool, before, BATCH).await?;
+            Ok::<_, crate::store::StoreError>((calls, dead))
+        };
+        let wait = match deleted.await {
+            Ok((calls, dead)) => {
+                metrics::counter!("worker_rows_expired_total").increment(calls);
+                if calls > 0 || dead > 0 {
+                    tracing::info!(
+                        calls,
+                        dead_letters = dead,
+                        "retention: expired rows deleted"
+                    );
                 }
-                if n as i64 == BATCH {
+                // A full batch of either: more to delete, after a short pause.
+                if calls as i64 == BATCH || dead as i64 == BATCH {
                     PAUSE
                 } else {
                     EVERY
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "retention: deleting expired calls failed; retrying later");
+                tracing::warn!(error = %e, "retention: deleting expired rows failed; retrying later");
                 EVERY
             }
         };

@@ -367,6 +367,31 @@ pub async fn delete_dead_letters(pool: &PgPool, ids: &[i64]) -> Result<u64, Stor
         .rows_affected())
 }
 
+/// Deletes up to `limit` dead letters recorded before `before` (retention: they hold
+/// the payloads); the number deleted.
+///
+/// # Errors
+/// When the database is unavailable.
+pub async fn expire_dead_letters(
+    pool: &PgPool,
+    before: chrono::DateTime<Utc>,
+    limit: i64,
+) -> Result<u64, StoreError> {
+    let mut tx = pool.begin().await?;
+    let n = sqlx::query(
+        "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE failed_at < $1 \
+         ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(before)
+    .bind(limit)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    count(&mut tx, "dead_letters_expired", n).await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
 /// Deletes up to `limit` calls older than `before` (retention); the number deleted.
 ///
 /// # Errors

@@ -522,6 +522,26 @@ async fn retention_deletes_old_calls_and_replay_does_not_restore_them() {
     assert_eq!(db.count_calls().await, 60);
     worker.stop().await;
 
+    // A dead letter from 40 days ago (it holds a payload) and one from today.
+    for (seq, age_days) in [(9_000_001u64, 40i64), (9_000_002, 0)] {
+        persist_worker::store::record_dead_letters(
+            &db.pool,
+            &[persist_worker::store::DeadLetter {
+                seq,
+                subject: ingest_subject(a),
+                reason: "test".into(),
+                payload: format!("{{\"recipient_number\": \"{KEPT}\"}}").into_bytes(),
+            }],
+        )
+        .await
+        .unwrap();
+        sqlx::query("UPDATE dead_letters SET failed_at = now() - make_interval(days => $1) WHERE stream_seq = $2")
+            .bind(age_days as i32)
+            .bind(seq as i64)
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
     let mut cli = worker_cli(&nats.url(), &db.url, test_run_args());
     cli.privacy.retention_days = Some(30);
     let worker = TestWorker::start_cli(cli).await;
@@ -537,6 +557,12 @@ async fn retention_deletes_old_calls_and_replay_does_not_restore_them() {
             .await
             .unwrap();
     assert_eq!(old_left, 0);
+    eventually(
+        Duration::from_secs(5),
+        "retention to delete the old dead letter",
+        || async { (db.count_dead_letters().await == 1).then_some(()) },
+    )
+    .await;
 
     let admin = jetstream::new(callcap_tests::identities::connect(&nats.url()).await);
     let summary = replay_all(
@@ -560,6 +586,7 @@ async fn retention_deletes_old_calls_and_replay_does_not_restore_them() {
     let get = |n: &str| counters.iter().find(|(k, _)| k == n).map_or(0, |(_, v)| *v);
     assert_eq!(get("rows_expired"), 30);
     assert_eq!(get("records_dropped_expired"), 30);
+    assert_eq!(get("dead_letters_expired"), 1);
     worker.stop().await;
 }
 
