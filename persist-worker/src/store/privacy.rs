@@ -377,19 +377,15 @@ pub async fn expire_dead_letters(
     before: chrono::DateTime<Utc>,
     limit: i64,
 ) -> Result<u64, StoreError> {
-    let mut tx = pool.begin().await?;
-    let n = sqlx::query(
+    expire(
+        pool,
         "DELETE FROM dead_letters WHERE id IN (SELECT id FROM dead_letters WHERE failed_at < $1 \
          ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        "dead_letters_expired",
+        before,
+        limit,
     )
-    .bind(before)
-    .bind(limit)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    count(&mut tx, "dead_letters_expired", n).await?;
-    tx.commit().await?;
-    Ok(n)
+    .await
 }
 
 /// Deletes up to `limit` calls older than `before` (retention); the number deleted.
@@ -401,17 +397,34 @@ pub async fn expire_calls(
     before: chrono::DateTime<Utc>,
     limit: i64,
 ) -> Result<u64, StoreError> {
-    let mut tx = pool.begin().await?;
-    let n = sqlx::query(
+    expire(
+        pool,
         "DELETE FROM call_history WHERE id IN (SELECT id FROM call_history WHERE call_date < $1 \
          ORDER BY call_date LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        "rows_expired",
+        before,
+        limit,
     )
-    .bind(before)
-    .bind(limit)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    count(&mut tx, "rows_expired", n).await?;
+    .await
+}
+
+/// Runs one retention delete (`$1` the cut-off, `$2` the batch) and counts it under
+/// `counter`, in one short transaction.
+async fn expire(
+    pool: &PgPool,
+    sql: &'static str,
+    counter: &str,
+    before: chrono::DateTime<Utc>,
+    limit: i64,
+) -> Result<u64, StoreError> {
+    let mut tx = pool.begin().await?;
+    let n = sqlx::query(sql)
+        .bind(before)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    count(&mut tx, counter, n).await?;
     tx.commit().await?;
     Ok(n)
 }

@@ -120,6 +120,23 @@ async fn drained(nats_url: &str) {
     .await;
 }
 
+/// A worker in this process hashing with the erasure key in `key`.
+async fn keyed_worker(nats: &NatsServer, db: &TestDb, key: &std::path::Path) -> TestWorker {
+    let mut cli = worker_cli(&nats.url(), &db.url, test_run_args());
+    cli.privacy.erasure_key_file = Some(key.to_owned());
+    TestWorker::start_cli(cli).await
+}
+
+/// The policy `replay` and `dlq redrive` apply with the erasure key in `key`.
+fn policy_with(key: &std::path::Path) -> persist_worker::privacy::Policy {
+    persist_worker::privacy::Policy {
+        key: Some(Arc::new(
+            persist_worker::privacy::ErasureKey::from_file(key).unwrap(),
+        )),
+        retention_days: None,
+    }
+}
+
 /// `replay --from-seq 1` of every stream, through `policy`.
 async fn replay_all(
     admin: &jetstream::Context,
@@ -307,12 +324,7 @@ async fn erased_data_is_nowhere_and_no_path_brings_it_back() {
     check("after erase").await;
 
     // Replay the whole stream, redrive every dead letter: nothing comes back.
-    let policy = persist_worker::privacy::Policy {
-        key: Some(Arc::new(
-            persist_worker::privacy::ErasureKey::from_file(&key).unwrap(),
-        )),
-        retention_days: None,
-    };
+    let policy = policy_with(&key);
     let replayed = replay_all(&admin, &db, &policy).await;
     assert!(replayed.completed && replayed.messages > 0);
     persist_worker::dlq::redrive(&db.pool, &policy, None, &mut Vec::new())
@@ -412,9 +424,7 @@ async fn a_worker_without_the_key_holds_records_of_a_company_with_erasures() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(db.count_calls().await, 0, "held, not stored");
     keyless.stop().await;
-    let mut cli = worker_cli(&nats.url(), &db.url, test_run_args());
-    cli.privacy.erasure_key_file = Some(key.clone());
-    let worker = TestWorker::start_cli(cli).await;
+    let worker = keyed_worker(&nats, &db, &key).await;
     drained(&nats.url()).await;
     assert_eq!(rows_with(&db, a, ERASED).await, 0);
     assert_eq!(rows_with(&db, a, KEPT).await, 1);
@@ -435,9 +445,7 @@ async fn an_erasure_survives_a_power_cut_under_the_broker() {
     let gw = TestGateway::start(&nats.url()).await;
     let a = Uuid::new_v4();
     let key_a = gw.create_key(a).await;
-    let mut cli = worker_cli(&nats.url(), &db.url, test_run_args());
-    cli.privacy.erasure_key_file = Some(key.clone());
-    let worker = TestWorker::start_cli(cli).await;
+    let worker = keyed_worker(&nats, &db, &key).await;
     post_both(&gw, &key_a, a, 0..30).await;
     drained(&nats.url()).await;
     let before: BTreeSet<u64> = stream_messages(&nats.url())
@@ -602,9 +610,7 @@ async fn matching_messages_in_a_sealed_stream_are_reported_and_never_stored_agai
     let gw = TestGateway::start(&nats.url()).await;
     let a = Uuid::new_v4();
     let key_a = gw.create_key(a).await;
-    let mut cli = worker_cli(&nats.url(), &db.url, test_run_args());
-    cli.privacy.erasure_key_file = Some(key.clone());
-    let worker = TestWorker::start_cli(cli).await;
+    let worker = keyed_worker(&nats, &db, &key).await;
     post_both(&gw, &key_a, a, 0..5).await;
     drained(&nats.url()).await;
     crate::partitions::partitions_command(&nats.url(), &["set", "2", "--no-wait"]).await;
@@ -621,12 +627,7 @@ async fn matching_messages_in_a_sealed_stream_are_reported_and_never_stored_agai
     );
     assert_eq!(rows_with(&db, a, ERASED).await, 0);
     let admin = jetstream::new(callcap_tests::identities::connect(&nats.url()).await);
-    let policy = persist_worker::privacy::Policy {
-        key: Some(Arc::new(
-            persist_worker::privacy::ErasureKey::from_file(&key).unwrap(),
-        )),
-        retention_days: None,
-    };
+    let policy = policy_with(&key);
     let summary = replay_all(&admin, &db, &policy).await;
     assert_eq!(summary.messages, 10);
     assert_eq!(
