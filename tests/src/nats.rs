@@ -87,13 +87,21 @@ pub async fn stream_payloads_of(nats_url: &str, name: &str) -> Vec<(u64, String,
     if total == 0 {
         return out;
     }
-    let consumer = stream
-        .create_consumer(pull::OrderedConfig {
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .expect("an ordered consumer");
+    // Right after a node or a partition came back, JetStream may answer "temporarily
+    // unavailable" for a moment: retried, as a client would.
+    let consumer = crate::eventually(Duration::from_secs(15), "an ordered consumer", || {
+        let stream = stream.clone();
+        async move {
+            stream
+                .create_consumer(pull::OrderedConfig {
+                    deliver_policy: DeliverPolicy::All,
+                    ..Default::default()
+                })
+                .await
+                .ok()
+        }
+    })
+    .await;
     let mut messages = consumer.messages().await.expect("the consumer's messages");
     while (out.len() as u64) < total {
         let msg = tokio::time::timeout(Duration::from_secs(10), messages.next())
