@@ -36,6 +36,9 @@ pub struct Cli {
     #[command(flatten)]
     pub privacy: PrivacyArgs,
 
+    #[command(flatten)]
+    pub archive: ArchiveArgs,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
@@ -61,6 +64,69 @@ pub enum Command {
     /// again, or with --resume, to complete one that was interrupted. Needs
     /// ERASURE_KEY_FILE and the admin NATS identity.
     Erase(EraseArgs),
+    /// Copy every partition stream into the archive (ARCHIVE_URL): immutable zstd JSON
+    /// lines objects, written once and acked after the store has them, so the stream's
+    /// age limit can be short. Run one (one replica). Needs Postgres (erasures are
+    /// checked before archiving) and the worker NATS identity.
+    Archive(ArchiveRunArgs),
+}
+
+/// Where the archive is, for every command that reads or writes it.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ArchiveArgs {
+    /// The archive: `s3://bucket[/prefix]` in S3-compatible storage. Credentials and
+    /// endpoint come from the standard variables: AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL (any S3-compatible server;
+    /// a plain http:// endpoint needs AWS_ALLOW_HTTP=true). Used by `archive`, `replay
+    /// --from-archive` and `erase` (which then also rewrites archived objects).
+    #[arg(long, env = "ARCHIVE_URL", global = true)]
+    pub archive_url: Option<String>,
+}
+
+impl ArchiveArgs {
+    /// The archive, when one is configured.
+    ///
+    /// # Errors
+    /// When ARCHIVE_URL is malformed.
+    pub fn open(&self) -> anyhow::Result<Option<crate::archive::Archive>> {
+        self.archive_url
+            .as_deref()
+            .map(crate::archive::Archive::open)
+            .transpose()
+    }
+}
+
+/// Settings of `persist-worker archive`.
+#[derive(Debug, Clone, Args)]
+pub struct ArchiveRunArgs {
+    /// Most records per archive object.
+    #[arg(long, env = "ARCHIVE_OBJECT_RECORDS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub object_records: u32,
+
+    /// Most uncompressed bytes per archive object (bounds the archiver's memory: one
+    /// object in hand per partition stream).
+    #[arg(long, env = "ARCHIVE_OBJECT_BYTES", default_value_t = 8 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024..=1024 * 1024 * 1024))]
+    pub object_bytes: u64,
+
+    /// Longest time an object stays open before it is written, in seconds: how far the
+    /// archive trails the stream when traffic is light.
+    #[arg(long, env = "ARCHIVE_LINGER_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub linger_secs: u64,
+
+    /// How often new partition streams are looked for and the lag gauges refreshed, in
+    /// seconds.
+    #[arg(long, env = "ARCHIVE_CHECK_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub check_secs: u64,
+}
+
+impl ArchiveRunArgs {
+    pub fn check(&self) -> Duration {
+        Duration::from_secs(self.check_secs)
+    }
 }
 
 /// Erasure and retention settings, for every command that writes records.
@@ -247,8 +313,14 @@ impl RunArgs {
 #[command(group(clap::ArgGroup::new("start").required(true).args(["from_seq", "since"])))]
 pub struct ReplayArgs {
     /// First stream sequence to replay.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "from_archive")]
     pub from_seq: Option<u64>,
+
+    /// Read the archive (ARCHIVE_URL) first, from --since, then continue in the stream
+    /// right after the last archived sequence: a window older than the stream's age
+    /// limit, with no gap at the boundary.
+    #[arg(long, requires = "since")]
+    pub from_archive: bool,
 
     /// Replay messages stored at or after this time (RFC 3339).
     #[arg(long)]

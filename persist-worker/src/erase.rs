@@ -8,7 +8,11 @@
 //! 2. matching rows are deleted (calls with their follow-ups, then leads or the company);
 //! 3. matching dead letters are deleted;
 //! 4. matching stream messages are deleted, JetStream overwriting their payload;
-//! 5. the entry is marked complete, with the counts.
+//! 5. with an archive (ARCHIVE_URL), every archived object holding a match is rewritten
+//!    without it: the archiver checks erasures under the same lock before each put, so
+//!    an object written after step 1 never holds a match, and one written before is
+//!    listed here;
+//! 6. the entry is marked complete, with the counts.
 //!
 //! Each step is idempotent: a run killed halfway is completed by running it again (or
 //! `--resume`, which needs no identifier: rows and messages are matched by their hashes).
@@ -60,6 +64,9 @@ pub struct Removed {
     pub parents: u64,
     pub dead_letters: u64,
     pub messages: u64,
+    /// Records removed from archived objects, and the objects rewritten.
+    pub archived: u64,
+    pub archive_objects: u64,
     /// Matching messages left in sealed partition streams (JetStream refuses deletes
     /// there), by stream.
     pub sealed: Vec<(String, u64)>,
@@ -73,6 +80,7 @@ pub struct Removed {
 /// fail (run it again: it resumes).
 pub async fn run(
     js: &jetstream::Context,
+    archive: Option<&crate::archive::Archive>,
     pool: &PgPool,
     policy: &Policy,
     args: &EraseArgs,
@@ -105,7 +113,11 @@ pub async fn run(
                 key.fingerprint()
             );
         }
-        let removed = complete(js, pool, key, &entry, needle.as_deref(), args.quiet).await?;
+        let mut removed = complete(js, pool, key, &entry, needle.as_deref(), args.quiet).await?;
+        if let Some(archive) = archive {
+            (removed.archived, removed.archive_objects) =
+                erase_in_archive(archive, key, (&entry, needle.as_deref()), args.quiet).await?;
+        }
         db::complete_erasure(
             pool,
             entry.id,
@@ -130,6 +142,15 @@ pub async fn run(
             "  stream: {} message(s) deleted, payloads overwritten",
             removed.messages
         )?;
+        if let Some(archive) = archive {
+            writeln!(
+                out,
+                "  archive {}: {} record(s) removed, {} object(s) rewritten",
+                archive.url(),
+                removed.archived,
+                removed.archive_objects
+            )?;
+        }
         if entry.kind == "phone" && removed.calls == 0 && removed.messages == 0 {
             writeln!(
                 out,
@@ -286,6 +307,78 @@ async fn complete(
     Ok(removed)
 }
 
+/// Whether a stream message (or an archived one) holds what `entry` erases.
+fn holds(
+    key: &ErasureKey,
+    (entry, needle): (&Erasure, Option<&str>),
+    subject: &str,
+    payload: &[u8],
+) -> bool {
+    match Envelope::decode(payload) {
+        Ok(e) => matches(
+            key,
+            entry,
+            e.record.company_id,
+            Identifiers::of_record(e.call_history_id, &e.record),
+        ),
+        // Not an envelope: erased when on the company's subject with the company, or when
+        // it holds the identifier as typed.
+        Err(_) => {
+            let company = entry.company_id.to_string();
+            subject.ends_with(company.as_str())
+                && (entry.kind == "company"
+                    || needle.is_some_and(|n| String::from_utf8_lossy(payload).contains(n)))
+        }
+    }
+}
+
+/// Rewrites every archived object holding a match without it: (records removed,
+/// objects rewritten). Every object of every stream is read (a record can sit on another
+/// company's subject).
+async fn erase_in_archive(
+    archive: &crate::archive::Archive,
+    key: &ErasureKey,
+    (entry, needle): (&Erasure, Option<&str>),
+    quiet: bool,
+) -> anyhow::Result<(u64, u64)> {
+    let mut objects = Vec::new();
+    for stream in archive.streams().await? {
+        objects.extend(archive.objects(&stream, None, None).await?);
+    }
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new(objects.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template("archive [{wide_bar}] {pos}/{len} objects ETA {eta}")
+                .expect("the progress template is a valid literal"),
+        );
+        bar
+    };
+    let (mut records, mut rewritten) = (0, 0);
+    for o in &objects {
+        let entries = archive.read(o).await?;
+        let before = entries.len();
+        let kept: Vec<Vec<u8>> = entries
+            .iter()
+            .filter(|e| !holds(key, (entry, needle), &e.subject, &e.payload()))
+            .map(crate::archive::Entry::line)
+            .collect();
+        if kept.len() < before {
+            let bytes = crate::archive::compress(kept.iter().map(Vec::as_slice))?;
+            archive
+                .replace(&o.path, bytes)
+                .await
+                .with_context(|| format!("rewriting {}", o.path))?;
+            records += (before - kept.len()) as u64;
+            rewritten += 1;
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok((records, rewritten))
+}
+
 /// Deletes the messages that match `entry` from one partition stream: (deleted, left in
 /// place because the stream is sealed).
 async fn erase_in_stream(
@@ -341,23 +434,7 @@ async fn erase_in_stream(
             bar.set_length(remaining + 1);
         }
         bar.inc(1);
-        let hit = match Envelope::decode(&msg.payload) {
-            Ok(e) => matches(
-                key,
-                entry,
-                e.record.company_id,
-                Identifiers::of_record(e.call_history_id, &e.record),
-            ),
-            // Not an envelope: erased when on the company's subject with the company, or
-            // when it holds the identifier as typed.
-            Err(_) => {
-                let company = entry.company_id.to_string();
-                msg.subject.ends_with(company.as_str())
-                    && (entry.kind == "company"
-                        || needle
-                            .is_some_and(|n| String::from_utf8_lossy(&msg.payload).contains(n)))
-            }
-        };
+        let hit = holds(key, (entry, needle), &msg.subject, &msg.payload);
         if hit {
             doomed.push(seq);
         }

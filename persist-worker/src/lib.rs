@@ -11,9 +11,12 @@
 //! - [`replay`]: re-applying a window of the stream; [`dlq`]: dead letters;
 //! - [`privacy`] and [`erase`]: erasure (keyed hashes, `persist-worker erase`) and
 //!   retention (`RETENTION_DAYS`), applied by every write;
+//! - [`archive`]: the long-term tier in S3-compatible storage (`persist-worker archive`,
+//!   `replay --from-archive`);
 //! - [`ops`]: `/metrics`, `/readyz`, `/healthz` and the status page, reading what the
 //!   stages expose.
 
+pub mod archive;
 pub mod config;
 pub mod consume;
 pub mod dlq;
@@ -50,26 +53,17 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
     };
     match &cli.command {
         None | Some(Command::Run) => {
-            let metrics = callcap::telemetry::install_metrics(
-                metrics_exporter_prometheus::PrometheusBuilder::new()
-                    .set_buckets(&[
-                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                        10.0,
-                    ])
-                    .context("configuring histogram buckets")?
-                    // A count, not a duration: messages per batch.
-                    .set_buckets_for_metric(
-                        metrics_exporter_prometheus::Matcher::Full("worker_batch_size".into()),
-                        &[
-                            1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0,
-                            5000.0,
-                        ],
-                    )
-                    .context("configuring batch-size buckets")?,
-            )
-            .context("installing the Prometheus recorder")?;
+            let metrics = install_recorder()?;
             describe_metrics();
             run(&cli, Some(metrics), cancel).await
+        }
+        Some(Command::Archive(args)) => {
+            let archive = cli.archive.open()?.context(
+                "archive needs ARCHIVE_URL (s3://bucket[/prefix]) and the AWS_* variables",
+            )?;
+            let metrics = install_recorder()?;
+            archive::run::describe_metrics();
+            archive::run::run(&cli, archive, args, Some(metrics), cancel).await
         }
         Some(Command::Migrate) => {
             migrate(&cli.db.database_url, &pool()?, Duration::from_secs(30)).await?;
@@ -84,9 +78,24 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
             let js = jetstream::new(client);
             let policy = privacy::Policy::from_args(&cli.privacy)?;
-            let summary = replay::run(&js, &pool()?, &policy, args, cli.run.retry_max(), &cancel)
-                .await
-                .map_err(|e| anyhow::anyhow!("replay failed: {e}"))?;
+            let archive = if args.from_archive {
+                Some(cli.archive.open()?.context(
+                    "--from-archive needs ARCHIVE_URL (s3://bucket[/prefix]) and the AWS_* variables",
+                )?)
+            } else {
+                None
+            };
+            let summary = replay::run(
+                &js,
+                archive.as_ref(),
+                &pool()?,
+                &policy,
+                args,
+                cli.run.retry_max(),
+                &cancel,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("replay failed: {e}"))?;
             println!("{summary}");
             Ok(())
         }
@@ -101,7 +110,8 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             let pool = pool()?;
             migrate(&cli.db.database_url, &pool, Duration::from_secs(30)).await?;
             let mut out = std::io::stdout().lock();
-            erase::run(&js, &pool, &policy, args, &mut out)
+            let archive = cli.archive.open()?;
+            erase::run(&js, archive.as_ref(), &pool, &policy, args, &mut out)
                 .await
                 .map(|_| ())
         }
@@ -121,6 +131,26 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// Installs the Prometheus recorder with the worker's histogram buckets.
+fn install_recorder() -> anyhow::Result<PrometheusHandle> {
+    callcap::telemetry::install_metrics(
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets(&[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ])
+            .context("configuring histogram buckets")?
+            // A count, not a duration: messages per batch.
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full("worker_batch_size".into()),
+                &[
+                    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0,
+                ],
+            )
+            .context("configuring batch-size buckets")?,
+    )
+    .context("installing the Prometheus recorder")
 }
 
 /// Creates the database when missing and applies pending migrations, retrying while

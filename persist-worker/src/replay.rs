@@ -3,6 +3,10 @@
 //! Reads with an ephemeral ordered consumer (no acks, nothing shared with the durable
 //! consumer), so it can run beside live workers. The upsert's merge rules make it safe:
 //! an old message never regresses a newer row, and a redelivered one changes nothing.
+//!
+//! With `--from-archive`, each stream's window is read from the archive's objects first
+//! and continues in the stream right after the last archived sequence; a range held by
+//! neither (expired from the stream before it was archived) is reported as a gap.
 
 use std::time::{Duration, Instant};
 
@@ -27,8 +31,33 @@ pub struct ReplaySummary {
     /// First and last stream sequence applied.
     pub first_seq: Option<u64>,
     pub last_seq: Option<u64>,
+    /// Of `messages`, those read from the archive.
+    pub from_archive: u64,
+    /// Sequence ranges held by neither the archive nor the stream: (stream, first, last).
+    pub gaps: Vec<(String, u64, u64)>,
     /// False when interrupted before the end.
     pub completed: bool,
+}
+
+impl ReplaySummary {
+    fn add(&mut self, one: ReplaySummary) {
+        self.completed &= one.completed;
+        self.messages += one.messages;
+        self.from_archive += one.from_archive;
+        self.rows_changed += one.rows_changed;
+        self.dead_letters += one.dead_letters;
+        self.gaps.extend(one.gaps);
+        self.first_seq = match (self.first_seq, one.first_seq) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.last_seq = self.last_seq.max(one.last_seq);
+    }
+
+    fn saw(&mut self, seq: u64) {
+        self.first_seq = Some(self.first_seq.map_or(seq, |f| f.min(seq)));
+        self.last_seq = Some(self.last_seq.map_or(seq, |l| l.max(seq)));
+    }
 }
 
 impl std::fmt::Display for ReplaySummary {
@@ -48,7 +77,17 @@ impl std::fmt::Display for ReplaySummary {
             self.messages,
             self.rows_changed,
             self.dead_letters
-        )
+        )?;
+        if self.from_archive > 0 {
+            write!(f, "; {} of them from the archive", self.from_archive)?;
+        }
+        for (stream, a, b) in &self.gaps {
+            write!(
+                f,
+                "\nGAP: {stream} sequences {a}..={b} are in neither the archive nor the stream"
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -58,6 +97,7 @@ impl std::fmt::Display for ReplaySummary {
 /// When the stream cannot be read.
 pub async fn run(
     js: &jetstream::Context,
+    archive: Option<&crate::archive::Archive>,
     pool: &PgPool,
     policy: &crate::privacy::Policy,
     args: &ReplayArgs,
@@ -71,33 +111,198 @@ pub async fn run(
         completed: true,
         ..ReplaySummary::default()
     };
-    for f in callcap::partitions::list(js).await? {
-        let p = f.partition;
-        if let Some(c) = args.company {
-            let layout = callcap::partitions::Layout {
+    let found = callcap::partitions::list(js).await?;
+    let wanted = |p: callcap::partitions::Partition| {
+        args.company.is_none_or(|c| {
+            callcap::partitions::Layout {
                 epoch: p.epoch,
                 count: p.count,
-            };
-            if layout.partition_of(c) != p {
+            }
+            .partition_of(c)
+                == p
+        })
+    };
+    if let Some(archive) = archive {
+        // The archive's streams (some may be gone from NATS: drained older layouts) and
+        // the live ones, in layout order.
+        let mut names: Vec<String> = archive.streams().await.map_err(|e| format!("{e:#}"))?;
+        for f in &found {
+            names.push(f.partition.stream_name());
+        }
+        let order = |n: &String| {
+            found
+                .iter()
+                .find(|f| f.partition.stream_name() == *n)
+                .map(|f| (f.partition.epoch, f.partition.index))
+        };
+        names.sort_by(|a, b| order(a).cmp(&order(b)).then_with(|| a.cmp(b)));
+        names.dedup();
+        for name in names {
+            let live = found.iter().find(|f| f.partition.stream_name() == name);
+            if live.is_some_and(|f| !wanted(f.partition)) {
                 continue;
             }
+            let (one, last) =
+                replay_archived(archive, &name, (pool, policy), args, retry_max, cancel).await?;
+            summary.add(one);
+            if cancel.is_cancelled() {
+                summary.completed = false;
+                break;
+            }
+            let Some(f) = live else { continue };
+            // The stream from right after the archive's last sequence: no gap, no overlap.
+            let mut rest = args.clone();
+            if let Some(last) = last {
+                rest.from_seq = Some(last + 1);
+                rest.since = None;
+                let state = js.get_stream(&name).await?.info().await?.state.clone();
+                if state.first_sequence > last + 1 && state.last_sequence > last {
+                    summary
+                        .gaps
+                        .push((name.clone(), last + 1, state.first_sequence - 1));
+                }
+            }
+            let one =
+                replay_stream(js, f.partition, (pool, policy), &rest, retry_max, cancel).await?;
+            summary.add(one);
+            if cancel.is_cancelled() {
+                summary.completed = false;
+                break;
+            }
         }
-        let one = replay_stream(js, p, (pool, policy), args, retry_max, cancel).await?;
-        summary.completed &= one.completed;
-        summary.messages += one.messages;
-        summary.rows_changed += one.rows_changed;
-        summary.dead_letters += one.dead_letters;
-        summary.first_seq = match (summary.first_seq, one.first_seq) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        summary.last_seq = summary.last_seq.max(one.last_seq);
+        return Ok(summary);
+    }
+    for f in found {
+        if !wanted(f.partition) {
+            continue;
+        }
+        let one = replay_stream(js, f.partition, (pool, policy), args, retry_max, cancel).await?;
+        summary.add(one);
         if cancel.is_cancelled() {
             summary.completed = false;
             break;
         }
     }
     Ok(summary)
+}
+
+/// Replays the window of one stream held in the archive: the summary, and the last
+/// sequence the archive covers in the window (where the stream takes over).
+async fn replay_archived(
+    archive: &crate::archive::Archive,
+    stream: &str,
+    (pool, policy): (&PgPool, &crate::privacy::Policy),
+    args: &ReplayArgs,
+    retry_max: Duration,
+    cancel: &CancellationToken,
+) -> Result<(ReplaySummary, Option<u64>), async_nats::Error> {
+    let mut summary = ReplaySummary {
+        completed: true,
+        ..ReplaySummary::default()
+    };
+    let objects = archive
+        .objects(stream, args.since, args.until)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    if objects.is_empty() {
+        return Ok((summary, None));
+    }
+    let bar = progress_bar(
+        args.quiet,
+        "{elapsed_precise} {prefix} [{wide_bar}] {pos}/{len} objects {msg} ETA {eta}",
+    );
+    bar.set_prefix(stream.to_owned());
+    bar.set_length(objects.len() as u64);
+    let started = Instant::now();
+    let company = args.company.map(|c| format!(".{c}"));
+    let mut prev: Option<u64> = None;
+    let (mut rows, mut dead) = (Vec::new(), Vec::new());
+    for o in &objects {
+        if cancel.is_cancelled() {
+            summary.completed = false;
+            break;
+        }
+        if let Some(p) = prev {
+            if o.first > p + 1 {
+                summary.gaps.push((stream.to_owned(), p + 1, o.first - 1));
+            }
+        }
+        prev = Some(prev.map_or(o.last, |p| p.max(o.last)));
+        let entries = archive.read(o).await.map_err(|e| format!("{e:#}"))?;
+        for e in entries {
+            if args.since.is_some_and(|s| e.time < s)
+                || args.until.is_some_and(|u| e.time > u)
+                || company
+                    .as_ref()
+                    .is_some_and(|c| !e.subject.ends_with(c.as_str()))
+            {
+                continue;
+            }
+            summary.saw(e.seq);
+            summary.messages += 1;
+            summary.from_archive += 1;
+            match crate::write::decode_message(e.seq, &e.subject, &e.payload()) {
+                Ok(row) => rows.push(row),
+                Err(d) => dead.push(d),
+            }
+            if rows.len() + dead.len() >= args.batch_size as usize {
+                write_archived(
+                    pool,
+                    policy,
+                    &mut rows,
+                    &mut dead,
+                    &mut summary,
+                    (retry_max, cancel),
+                )
+                .await?;
+            }
+        }
+        bar.inc(1);
+        bar.set_message(format!("{} msgs", summary.messages));
+    }
+    write_archived(
+        pool,
+        policy,
+        &mut rows,
+        &mut dead,
+        &mut summary,
+        (retry_max, cancel),
+    )
+    .await?;
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64().max(1e-3);
+    tracing::info!(
+        stream,
+        objects = objects.len(),
+        messages = summary.messages,
+        rows_changed = summary.rows_changed,
+        rate_per_sec = (summary.messages as f64 / secs) as u64,
+        "replay from the archive finished"
+    );
+    // Interrupted: the stream must not take over past what was applied.
+    Ok((summary.clone(), prev.filter(|_| summary.completed)))
+}
+
+/// Writes archived records gathered so far.
+async fn write_archived(
+    pool: &PgPool,
+    policy: &crate::privacy::Policy,
+    rows: &mut Vec<crate::store::Row>,
+    dead: &mut Vec<crate::store::DeadLetter>,
+    summary: &mut ReplaySummary,
+    (retry_max, cancel): (Duration, &CancellationToken),
+) -> Result<(), async_nats::Error> {
+    if rows.is_empty() && dead.is_empty() {
+        return Ok(());
+    }
+    let stats = write_reliably(pool, policy, rows, dead, retry_max, cancel, || async {})
+        .await
+        .map_err(|_| "replay interrupted while the database was unavailable")?;
+    summary.rows_changed += stats.rows_changed;
+    summary.dead_letters += stats.dead_letters;
+    rows.clear();
+    dead.clear();
+    Ok(())
 }
 
 /// Replays the window of one partition stream.
@@ -137,7 +342,10 @@ async fn replay_stream(
         })
         .await?;
     let mut messages = consumer.messages().await?;
-    let bar = progress_bar(args.quiet);
+    let bar = progress_bar(
+        args.quiet,
+        "{elapsed_precise} [{wide_bar}] {pos}/{len} msgs {per_sec} ETA {eta}",
+    );
     let started = Instant::now();
     let batch = args.batch_size as usize;
     let mut pending: Vec<jetstream::Message> = Vec::with_capacity(batch);
@@ -223,12 +431,11 @@ async fn apply(
     )
     .await
     .map_err(|_| "replay interrupted while the database was unavailable")?;
-    let seqs = pending
+    for s in pending
         .iter()
-        .filter_map(|m| m.info().ok().map(|i| i.stream_sequence));
-    for s in seqs {
-        summary.first_seq = Some(summary.first_seq.map_or(s, |f| f.min(s)));
-        summary.last_seq = Some(summary.last_seq.map_or(s, |l| l.max(s)));
+        .filter_map(|m| m.info().ok().map(|i| i.stream_sequence))
+    {
+        summary.saw(s);
     }
     if !stats.erased.is_empty() {
         if let Some(stream) = pending
@@ -247,16 +454,13 @@ async fn apply(
     Ok(())
 }
 
-fn progress_bar(quiet: bool) -> ProgressBar {
+fn progress_bar(quiet: bool, template: &str) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::no_length();
     bar.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{wide_bar}] {pos}/{len} msgs {per_sec} ETA {eta}",
-        )
-        .expect("the progress template is a valid literal"),
+        ProgressStyle::with_template(template).expect("the progress templates are valid literals"),
     );
     bar
 }

@@ -32,17 +32,29 @@ pub fn decode(msgs: &[jetstream::Message]) -> Decoded {
                 callcap::subjects::Lane::of_subject(&m.subject).map_or("main", |(l, _)| l.as_str());
             metrics::counter!("worker_redeliveries_total", "lane" => lane).increment(1);
         }
-        match Envelope::decode_checked(&m.subject, &m.payload) {
-            Ok(envelope) => rows.push(Row { seq, envelope }),
-            Err(e) => dead.push(DeadLetter {
-                seq,
-                subject: m.subject.to_string(),
-                reason: e.to_string(),
-                payload: m.payload.to_vec(),
-            }),
+        match decode_message(seq, &m.subject, &m.payload) {
+            Ok(row) => rows.push(row),
+            Err(d) => dead.push(d),
         }
     }
     Decoded { rows, dead }
+}
+
+/// Decodes one stream message (from the stream or the archive): the row to store, or
+/// the dead letter saying why it cannot be.
+///
+/// # Errors
+/// The dead letter, when the payload is not a valid envelope for its subject.
+pub fn decode_message(seq: u64, subject: &str, payload: &[u8]) -> Result<Row, DeadLetter> {
+    match Envelope::decode_checked(subject, payload) {
+        Ok(envelope) => Ok(Row { seq, envelope }),
+        Err(e) => Err(DeadLetter {
+            seq,
+            subject: subject.to_owned(),
+            reason: e.to_string(),
+            payload: payload.to_vec(),
+        }),
+    }
 }
 
 /// Why a write gave up without storing.

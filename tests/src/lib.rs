@@ -9,6 +9,7 @@
 //! - [`pipeline`]: the gateway and the worker, in-process or as spawned binaries;
 //! - [`load`]: concurrent clients posting unique records, counting what they saw;
 //! - [`payloads`]: the API document's examples;
+//! - [`s3`]: a real S3-compatible object store (SeaweedFS) for the archive;
 //! - [`powerfs`]: a FUSE filesystem that loses every write not fsynced on a "power cut";
 //! - [`stack`]: the usual set-up in one line (nats-server, gateway and key; database and
 //!   worker).
@@ -23,6 +24,7 @@ pub mod pipeline;
 pub mod powerfs;
 pub mod providers;
 pub mod proxy;
+pub mod s3;
 pub mod stack;
 pub mod tls;
 

@@ -187,6 +187,7 @@ pub fn worker_cli(nats_url: &str, db_url: &str, run: RunArgs) -> persist_worker:
         stream: StreamArgs::default(),
         run,
         privacy: persist_worker::config::PrivacyArgs::default(),
+        archive: persist_worker::config::ArchiveArgs::default(),
         log_format: LogFormat::Text,
     }
 }
@@ -344,10 +345,37 @@ impl Process {
         Self::spawn_logged(bin, &gateway_env(nats_url, port, extra), Some(log))
     }
 
+    /// The worker binary running a subcommand (`args`, e.g. `["archive"]`) with the
+    /// worker's environment and `extra`; its log to `log` when given.
+    pub fn worker_command(
+        bin: &str,
+        args: &[&str],
+        (nats_url, db_url, metrics_port): (&str, &str, u16),
+        extra: &[(&str, String)],
+        log: Option<&std::path::Path>,
+    ) -> Self {
+        Self::spawn_with(
+            bin,
+            args,
+            &worker_env(nats_url, db_url, metrics_port, extra),
+            log,
+        )
+    }
+
     /// Spawns `bin` with `env`; its output to `log`, or discarded (unless `TEST_LOG` is set).
     fn spawn_logged(bin: &str, env: &[(&str, String)], log: Option<&std::path::Path>) -> Self {
+        Self::spawn_with(bin, &[], env, log)
+    }
+
+    fn spawn_with(
+        bin: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+        log: Option<&std::path::Path>,
+    ) -> Self {
         let mut cmd = Command::new(bin);
-        cmd.env_remove("RUST_LOG")
+        cmd.args(args)
+            .env_remove("RUST_LOG")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null());
         if let Some(path) = log {

@@ -145,10 +145,12 @@ async fn replay_all(
 ) -> persist_worker::replay::ReplaySummary {
     persist_worker::replay::run(
         admin,
+        None,
         &db.pool,
         policy,
         &persist_worker::config::ReplayArgs {
             from_seq: Some(1),
+            from_archive: false,
             since: None,
             until: None,
             company: None,

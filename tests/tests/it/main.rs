@@ -1,6 +1,7 @@
 //! End-to-end tests: real nats-server, real Postgres, real HTTP. One binary, so the
 //! harness compiles once; each test brings its own NATS and database and runs in parallel.
 
+mod archive;
 mod callbacks;
 mod cluster;
 mod deploy;

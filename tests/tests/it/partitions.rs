@@ -96,10 +96,12 @@ async fn replay(
 ) -> persist_worker::replay::ReplaySummary {
     persist_worker::replay::run(
         js,
+        None,
         &db.pool,
         &Default::default(),
         &persist_worker::config::ReplayArgs {
             from_seq: None,
+            from_archive: false,
             since: None,
             until: None,
             company,

@@ -157,6 +157,7 @@ async fn truncate_and_replay_from_sequence_one_rebuilds_the_table_identically() 
     let js = async_nats::jetstream::new(client);
     let args = persist_worker::config::ReplayArgs {
         from_seq: Some(1),
+        from_archive: false,
         since: None,
         until: None,
         company: None,
@@ -165,6 +166,7 @@ async fn truncate_and_replay_from_sequence_one_rebuilds_the_table_identically() 
     };
     let summary = persist_worker::replay::run(
         &js,
+        None,
         &db.pool,
         &Default::default(),
         &args,
@@ -182,6 +184,7 @@ async fn truncate_and_replay_from_sequence_one_rebuilds_the_table_identically() 
     // Replaying again over the rebuilt table changes nothing.
     let again = persist_worker::replay::run(
         &js,
+        None,
         &db.pool,
         &Default::default(),
         &args,
@@ -207,6 +210,7 @@ async fn replay_of_one_company_touches_only_its_records() {
     let js = async_nats::jetstream::new(client);
     let args = persist_worker::config::ReplayArgs {
         from_seq: Some(1),
+        from_archive: false,
         since: None,
         until: None,
         company: Some(b),
@@ -216,6 +220,7 @@ async fn replay_of_one_company_touches_only_its_records() {
     let cancel = tokio_util::sync::CancellationToken::new();
     let summary = persist_worker::replay::run(
         &js,
+        None,
         &db.pool,
         &Default::default(),
         &args,

@@ -1,0 +1,523 @@
+//! The stream's long-term tier: immutable objects in S3-compatible storage.
+//!
+//! `persist-worker archive` ([`run`]) copies every partition stream into objects; `replay
+//! --from-archive` reads them back through the normal write path; `erase` rewrites the
+//! objects that hold erased records.
+//!
+//! Layout under `ARCHIVE_URL` (`s3://bucket/prefix`):
+//!
+//! ```text
+//! <prefix>/<stream>/<yyyy>/<mm>/<dd>/<first seq>-<last seq>.jsonl.zst
+//! ```
+//!
+//! - an object covers the stream sequences `first..=last` and holds every message of that
+//!   range the stream still had (messages deleted by an erasure leave holes inside a
+//!   range, never between ranges): the objects of a stream tile its sequence space, so a
+//!   missing range is visible as a gap between one object's `last` and the next `first`;
+//! - `<yyyy>/<mm>/<dd>` is the day (UTC) every message of the object was stored in the
+//!   stream (the archiver closes an object at midnight): the date folders are the index
+//!   that lets a replay find a time range by listing only the days it covers;
+//! - sequences are zero-padded to 20 digits, so names sort in sequence order;
+//! - an object is zstd-compressed JSON lines, one [`Entry`] per message: readable with
+//!   `zstd -dc | jq` and nothing of ours.
+
+pub mod run;
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use base64::Engine as _;
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// The suffix of an archive object.
+const SUFFIX: &str = ".jsonl.zst";
+
+/// One archived stream message, a line of an object.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Entry {
+    /// Stream sequence.
+    pub seq: u64,
+    pub subject: String,
+    /// When the stream stored it.
+    pub time: DateTime<Utc>,
+    /// The payload as it was, when it is one line of JSON (what the gateway writes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<Box<RawValue>>,
+    /// Any other payload, base64: a forged or broken message is archived as it was (a
+    /// replay dead-letters it as the worker did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_b64: Option<String>,
+}
+
+impl Entry {
+    /// The entry of a stream message.
+    pub fn new(seq: u64, subject: &str, time: DateTime<Utc>, payload: &[u8]) -> Entry {
+        // Kept as JSON only when it comes back byte for byte and cannot break the line.
+        let raw = serde_json::from_slice::<Box<RawValue>>(payload)
+            .ok()
+            .filter(|r| r.get().len() == payload.len() && !payload.contains(&b'\n'));
+        let payload_b64 = raw
+            .is_none()
+            .then(|| base64::engine::general_purpose::STANDARD.encode(payload));
+        Entry {
+            seq,
+            subject: subject.to_owned(),
+            time,
+            payload: raw,
+            payload_b64,
+        }
+    }
+
+    /// The payload's bytes as the stream held them.
+    pub fn payload(&self) -> Cow<'_, [u8]> {
+        match (&self.payload, &self.payload_b64) {
+            (Some(raw), _) => Cow::Borrowed(raw.get().as_bytes()),
+            (None, Some(b64)) => Cow::Owned(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap_or_default(),
+            ),
+            (None, None) => Cow::Borrowed(&[]),
+        }
+    }
+
+    /// The entry as one line (with its newline).
+    pub fn line(&self) -> Vec<u8> {
+        let mut line = serde_json::to_vec(self).expect("an Entry always serializes");
+        line.push(b'\n');
+        line
+    }
+}
+
+/// Compresses lines into an object's bytes.
+pub fn compress<'a>(lines: impl IntoIterator<Item = &'a [u8]>) -> std::io::Result<Vec<u8>> {
+    use std::io::Write as _;
+    let mut enc = zstd::stream::Encoder::new(Vec::new(), 3)?;
+    for l in lines {
+        enc.write_all(l)?;
+    }
+    enc.finish()
+}
+
+/// Reads an object's bytes back into entries.
+///
+/// # Errors
+/// When the bytes are not zstd, or a line is not an [`Entry`].
+pub fn decompress(bytes: &[u8]) -> anyhow::Result<Vec<Entry>> {
+    let plain = zstd::stream::decode_all(bytes).context("not a zstd object")?;
+    plain
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).context("a line is not an archive entry"))
+        .collect()
+}
+
+/// An archive object, from its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectRef {
+    pub path: Path,
+    pub stream: String,
+    pub day: NaiveDate,
+    pub first: u64,
+    pub last: u64,
+}
+
+/// The archive: a bucket and a prefix, by `ARCHIVE_URL` and the `AWS_*` variables.
+#[derive(Clone)]
+pub struct Archive {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    url: String,
+}
+
+impl std::fmt::Debug for Archive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Archive").field("url", &self.url).finish()
+    }
+}
+
+/// What a put of a new object found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Put {
+    Created,
+    /// An object of this name was there already (written before a crash): the same range
+    /// of the same stream, so the same messages.
+    AlreadyThere,
+}
+
+impl Archive {
+    /// Opens the archive `url` names (`s3://bucket[/prefix]`), with the standard `AWS_*`
+    /// variables (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP`, …). Nothing is contacted yet.
+    ///
+    /// # Errors
+    /// When the URL is not `s3://bucket[/prefix]` or the settings are incomplete.
+    pub fn open(url: &str) -> anyhow::Result<Archive> {
+        Self::open_with(url, std::env::vars())
+    }
+
+    /// As [`Archive::open`], with the `AWS_*` settings taken from `vars` instead of the
+    /// environment.
+    ///
+    /// # Errors
+    /// As [`Archive::open`].
+    pub fn open_with(
+        url: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Archive> {
+        let parsed = url::Url::parse(url).with_context(|| format!("ARCHIVE_URL {url}"))?;
+        anyhow::ensure!(
+            parsed.scheme() == "s3" && parsed.host_str().is_some_and(|h| !h.is_empty()),
+            "ARCHIVE_URL must be s3://bucket[/prefix], not {url}"
+        );
+        let bucket = parsed.host_str().unwrap_or_default();
+        let prefix = parsed.path().trim_matches('/').to_owned();
+        // Few quick retries: an outage is waited out (and shown) by the archiver's own
+        // loop, not hidden for minutes inside one request.
+        let retry = object_store::RetryConfig {
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(20),
+            ..Default::default()
+        };
+        let mut builder = object_store::aws::AmazonS3Builder::new();
+        for (k, v) in vars {
+            if k.starts_with("AWS_") {
+                if let Ok(key) = k.to_ascii_lowercase().parse() {
+                    builder = builder.with_config(key, v);
+                }
+            }
+        }
+        let store = builder
+            .with_bucket_name(bucket)
+            .with_retry(retry)
+            .build()
+            .context("configuring the archive's S3 client (ARCHIVE_URL and AWS_* variables)")?;
+        Ok(Archive {
+            store: Arc::new(store),
+            prefix,
+            url: url.to_owned(),
+        })
+    }
+
+    /// The URL it was opened with.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn dir(&self, parts: &[&str]) -> Path {
+        let mut all: Vec<&str> = Vec::with_capacity(parts.len() + 1);
+        if !self.prefix.is_empty() {
+            all.push(&self.prefix);
+        }
+        all.extend_from_slice(parts);
+        Path::from(all.join("/"))
+    }
+
+    /// The name of the object holding `first..=last` of `stream`, stored on `day`.
+    pub fn object_path(&self, stream: &str, day: NaiveDate, first: u64, last: u64) -> Path {
+        self.dir(&[
+            stream,
+            &format!("{:04}", day.year()),
+            &format!("{:02}", day.month()),
+            &format!("{:02}", day.day()),
+            &format!("{first:020}-{last:020}{SUFFIX}"),
+        ])
+    }
+
+    /// Reads an object's name back; `None` for anything else.
+    fn parse(&self, path: &Path) -> Option<ObjectRef> {
+        let text = path.as_ref();
+        let rest = if self.prefix.is_empty() {
+            text
+        } else {
+            text.strip_prefix(&self.prefix)?.strip_prefix('/')?
+        };
+        let mut parts = rest.split('/');
+        let stream = parts.next()?;
+        let (y, m, d) = (parts.next()?, parts.next()?, parts.next()?);
+        let name = parts.next()?.strip_suffix(SUFFIX)?;
+        if parts.next().is_some() {
+            return None;
+        }
+        let day = NaiveDate::from_ymd_opt(y.parse().ok()?, m.parse().ok()?, d.parse().ok()?)?;
+        let (first, last) = name.split_once('-')?;
+        Some(ObjectRef {
+            path: path.clone(),
+            stream: stream.to_owned(),
+            day,
+            first: first.parse().ok()?,
+            last: last.parse().ok()?,
+        })
+    }
+
+    /// The folder names directly under `parts`.
+    async fn folders(&self, parts: &[&str]) -> anyhow::Result<Vec<String>> {
+        let dir = self.dir(parts);
+        let listed = self
+            .store
+            .list_with_delimiter(Some(&dir))
+            .await
+            .with_context(|| format!("listing {dir} in the archive"))?;
+        let mut names: Vec<String> = listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_owned))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// The objects of one day of one stream, in sequence order.
+    async fn day_objects(&self, stream: &str, day: NaiveDate) -> anyhow::Result<Vec<ObjectRef>> {
+        let dir = self.dir(&[
+            stream,
+            &format!("{:04}", day.year()),
+            &format!("{:02}", day.month()),
+            &format!("{:02}", day.day()),
+        ]);
+        let listed: Vec<_> = self
+            .store
+            .list(Some(&dir))
+            .try_collect()
+            .await
+            .with_context(|| format!("listing {dir} in the archive"))?;
+        let mut objects: Vec<ObjectRef> = listed
+            .iter()
+            .filter_map(|m| self.parse(&m.location))
+            .collect();
+        objects.sort_by_key(|o| o.first);
+        Ok(objects)
+    }
+
+    /// The streams the archive holds.
+    ///
+    /// # Errors
+    /// When the store cannot be listed.
+    pub async fn streams(&self) -> anyhow::Result<Vec<String>> {
+        self.folders(&[]).await
+    }
+
+    /// The days of `stream` that hold objects, between `since` and `until` (inclusive,
+    /// by day), walking the year and month folders so that only the range is listed.
+    async fn days(
+        &self,
+        stream: &str,
+        since: Option<NaiveDate>,
+        until: Option<NaiveDate>,
+    ) -> anyhow::Result<Vec<NaiveDate>> {
+        let mut days = Vec::new();
+        let in_range = |d: NaiveDate| since.is_none_or(|s| d >= s) && until.is_none_or(|u| d <= u);
+        for y in self.folders(&[stream]).await? {
+            let Ok(year) = y.parse::<i32>() else { continue };
+            if since.is_some_and(|s| year < s.year()) || until.is_some_and(|u| year > u.year()) {
+                continue;
+            }
+            for m in self.folders(&[stream, &y]).await? {
+                let Ok(month) = m.parse::<u32>() else {
+                    continue;
+                };
+                let Some(first) = NaiveDate::from_ymd_opt(year, month, 1) else {
+                    continue;
+                };
+                let last = first
+                    .checked_add_months(chrono::Months::new(1))
+                    .and_then(|n| n.pred_opt())
+                    .unwrap_or(first);
+                if since.is_some_and(|s| s > last) || until.is_some_and(|u| u < first) {
+                    continue;
+                }
+                for d in self.folders(&[stream, &y, &m]).await? {
+                    if let Some(day) = d
+                        .parse::<u32>()
+                        .ok()
+                        .and_then(|d| NaiveDate::from_ymd_opt(year, month, d))
+                    {
+                        if in_range(day) {
+                            days.push(day);
+                        }
+                    }
+                }
+            }
+        }
+        days.sort();
+        Ok(days)
+    }
+
+    /// The objects of `stream` whose day falls in `since..=until` (by day; open ends
+    /// unbounded), in sequence order.
+    ///
+    /// # Errors
+    /// When the store cannot be listed.
+    pub async fn objects(
+        &self,
+        stream: &str,
+        since: Option<DateTime<Utc>>,
+        until: Option<DateTime<Utc>>,
+    ) -> anyhow::Result<Vec<ObjectRef>> {
+        let mut all = Vec::new();
+        for day in self
+            .days(
+                stream,
+                since.map(|t| t.date_naive()),
+                until.map(|t| t.date_naive()),
+            )
+            .await?
+        {
+            all.extend(self.day_objects(stream, day).await?);
+        }
+        all.sort_by_key(|o| o.first);
+        Ok(all)
+    }
+
+    /// The object of `stream` holding the highest sequence: the last one of the latest
+    /// day (a handful of listings, whatever the archive's size).
+    ///
+    /// # Errors
+    /// When the store cannot be listed.
+    pub async fn last_object(&self, stream: &str) -> anyhow::Result<Option<ObjectRef>> {
+        for y in self.folders(&[stream]).await?.iter().rev() {
+            for m in self.folders(&[stream, y]).await?.iter().rev() {
+                for d in self.folders(&[stream, y, m]).await?.iter().rev() {
+                    let Some(day) = (|| {
+                        NaiveDate::from_ymd_opt(y.parse().ok()?, m.parse().ok()?, d.parse().ok()?)
+                    })() else {
+                        continue;
+                    };
+                    if let Some(o) = self
+                        .day_objects(stream, day)
+                        .await?
+                        .into_iter()
+                        .max_by_key(|o| o.last)
+                    {
+                        return Ok(Some(o));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Reads one object.
+    ///
+    /// # Errors
+    /// When it cannot be fetched or read.
+    pub async fn read(&self, object: &ObjectRef) -> anyhow::Result<Vec<Entry>> {
+        let bytes = self
+            .store
+            .get(&object.path)
+            .await
+            .with_context(|| format!("fetching {}", object.path))?
+            .bytes()
+            .await
+            .with_context(|| format!("fetching {}", object.path))?;
+        decompress(&bytes).with_context(|| format!("reading {}", object.path))
+    }
+
+    /// Writes a new object, only if no object of that name exists (`If-None-Match: *`).
+    ///
+    /// # Errors
+    /// When the store refuses or cannot be reached.
+    pub async fn put_new(&self, path: &Path, bytes: Vec<u8>) -> object_store::Result<Put> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(path, PutPayload::from(bytes), opts)
+            .await
+        {
+            Ok(_) => Ok(Put::Created),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(Put::AlreadyThere),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces an object (erasure rewrites objects without the erased records).
+    ///
+    /// # Errors
+    /// When the store refuses or cannot be reached.
+    pub async fn replace(&self, path: &Path, bytes: Vec<u8>) -> object_store::Result<()> {
+        self.store
+            .put(path, PutPayload::from(bytes))
+            .await
+            .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_keep_the_payload_byte_for_byte() {
+        let t = Utc::now();
+        for payload in [
+            br#"{"v":1,"a":[1,2]}"#.as_slice(),
+            b" {\"padded\":true} ",
+            b"{\"multi\":\n1}",
+            b"not json",
+            b"\xff\xfe",
+            b"",
+        ] {
+            let e = Entry::new(7, "calls.ingest.x", t, payload);
+            let line = e.line();
+            assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+            let back: Entry = serde_json::from_slice(&line).unwrap();
+            assert_eq!(back.payload().as_ref(), payload);
+            assert_eq!(back.seq, 7);
+            assert_eq!(back.time, t);
+        }
+    }
+
+    #[test]
+    fn objects_round_trip_through_zstd() {
+        let t = Utc::now();
+        let lines: Vec<Vec<u8>> = (1..=3)
+            .map(|s| Entry::new(s, "calls.ingest.x", t, br#"{"n":1}"#).line())
+            .collect();
+        let bytes = compress(lines.iter().map(Vec::as_slice)).unwrap();
+        let back = decompress(&bytes).unwrap();
+        assert_eq!(back.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(decompress(b"plain").is_err());
+    }
+
+    #[test]
+    fn names_sort_by_sequence_and_parse_back() {
+        let a = Archive::open("s3://bucket/some/prefix").unwrap();
+        let day = NaiveDate::from_ymd_opt(2026, 3, 9).unwrap();
+        let p = a.object_path("CALLS_E1_P0", day, 9, 120);
+        assert_eq!(
+            p.as_ref(),
+            "some/prefix/CALLS_E1_P0/2026/03/09/00000000000000000009-00000000000000000120.jsonl.zst"
+        );
+        assert!(a.object_path("S", day, 9, 9).as_ref() < a.object_path("S", day, 10, 11).as_ref());
+        assert_eq!(
+            a.parse(&p),
+            Some(ObjectRef {
+                path: p.clone(),
+                stream: "CALLS_E1_P0".into(),
+                day,
+                first: 9,
+                last: 120
+            })
+        );
+        assert_eq!(
+            a.parse(&Path::from("some/prefix/CALLS/2026/03/09/x.txt")),
+            None
+        );
+        let root = Archive::open("s3://bucket").unwrap();
+        let p = root.object_path("CALLS", day, 1, 2);
+        assert!(p.as_ref().starts_with("CALLS/2026/03/09/"));
+        assert_eq!(root.parse(&p).map(|o| o.last), Some(2));
+        assert!(Archive::open("http://bucket/x").is_err());
+        assert!(Archive::open("s3:///x").is_err());
+    }
+}

@@ -1,0 +1,382 @@
+//! The archive tier against a real S3-compatible server (SeaweedFS on loopback): records
+//! posted are archived once in objects that tile the stream, across a kill -9 of the
+//! archiver mid-object and a lost consumer; a full replay from the archive into a fresh
+//! database gives exactly the original rows, continuing into the stream for what was
+//! never archived; the object store down leaves everything in the stream, shows in the
+//! metrics the alert reads, and is caught up; an erasure reaches archived objects.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use callcap_tests::db::TestDb;
+use callcap_tests::eventually;
+use callcap_tests::nats::NatsServer;
+use callcap_tests::pipeline::{admin_command_env, post_many, Process, TestGateway, TestWorker};
+use callcap_tests::s3::S3Server;
+use persist_worker::archive::{Archive, ObjectRef};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+const STREAM: &str = callcap::subjects::STREAM_NAME;
+
+fn call(company: Uuid, ext: String, number: &str) -> Value {
+    json!({
+        "company_id": company,
+        "external_call_id": ext,
+        "external_system": "Dialer",
+        "caller_number": "+918000000000",
+        "recipient_number": number,
+        "call_status": "completed",
+        "duration_sec": 61,
+    })
+}
+
+/// `persist-worker archive` as its own process, logging to `dir/archiver-<n>.log`.
+fn archiver(
+    s3: &S3Server,
+    (nats_url, db_url): (&str, &str),
+    port: u16,
+    extra: &[(&str, String)],
+    dir: &std::path::Path,
+) -> Process {
+    let mut env: Vec<(&str, String)> = s3.env();
+    env.push(("ARCHIVE_URL", s3.archive_url("calls")));
+    env.push(("ARCHIVE_CHECK_SECS", "1".into()));
+    env.extend(extra.iter().cloned());
+    let n = std::fs::read_dir(dir).map_or(0, Iterator::count);
+    Process::worker_command(
+        crate::WORKER_BIN,
+        &["archive"],
+        (nats_url, db_url, port),
+        &env,
+        Some(&dir.join(format!("archiver-{n}.log"))),
+    )
+}
+
+/// The stream's last sequence.
+async fn last_seq(nats_url: &str) -> u64 {
+    let js = jetstream::new(callcap_tests::identities::connect(nats_url).await);
+    let mut s = js.get_stream(STREAM).await.unwrap();
+    s.info().await.unwrap().state.last_sequence
+}
+
+/// Every object of the stream, checked to tile `1..=upto` exactly: no gap, no overlap.
+async fn tiled(archive: &Archive, upto: u64) -> Vec<ObjectRef> {
+    let objects = archive.objects(STREAM, None, None).await.unwrap();
+    let mut next = 1;
+    for o in &objects {
+        assert_eq!(o.first, next, "objects must tile the stream: {objects:#?}");
+        assert!(o.last >= o.first);
+        next = o.last + 1;
+    }
+    assert_eq!(
+        next,
+        upto + 1,
+        "the archive must reach {upto}: {objects:#?}"
+    );
+    objects
+}
+
+/// Waits until the archive covers the stream up to `upto`.
+async fn archived_through(archive: &Archive, upto: u64, what: &str) {
+    eventually(Duration::from_secs(60), what, || async {
+        let objects = archive.objects(STREAM, None, None).await.ok()?;
+        (objects.iter().map(|o| o.last).max() >= Some(upto)).then_some(())
+    })
+    .await;
+}
+
+/// The call ids the archive holds, each as many times as it is archived.
+async fn archived_ids(archive: &Archive) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    for o in archive.objects(STREAM, None, None).await.unwrap() {
+        for e in archive.read(&o).await.unwrap() {
+            let env = callcap::Envelope::decode(&e.payload()).unwrap();
+            ids.push(env.call_history_id);
+        }
+    }
+    ids
+}
+
+/// A gauge or counter from `/metrics` (summed over its series matching `label`).
+async fn metric(port: u16, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+async fn drained(nats_url: &str) {
+    eventually(Duration::from_secs(30), "the workers to drain", || async {
+        let js = jetstream::new(callcap_tests::identities::connect(nats_url).await);
+        let stream = js.get_stream(STREAM).await.ok()?;
+        for lane in callcap::subjects::Lane::ALL {
+            let mut c: jetstream::consumer::PullConsumer =
+                stream.get_consumer(lane.consumer_name()).await.ok()?;
+            let info = c.info().await.ok()?;
+            if info.num_pending > 0 || info.num_ack_pending > 0 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+}
+
+async fn replay_from_archive(s3: &S3Server, nats_url: &str, db: &TestDb, extra: &[&str]) -> String {
+    let url = s3.archive_url("calls");
+    let mut env: Vec<(&str, String)> = s3.env();
+    env.push(("DATABASE_URL", db.url.clone()));
+    env.push(("ARCHIVE_URL", url));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let args = [
+        &[
+            "replay",
+            "--from-archive",
+            "--since",
+            "2000-01-01T00:00:00Z",
+            "--quiet",
+        ][..],
+        extra,
+    ]
+    .concat();
+    let out = admin_command_env(crate::WORKER_BIN, nats_url, &args, &env).await;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "replay --from-archive failed: {text}");
+    text
+}
+
+#[tokio::test]
+async fn every_record_is_archived_once_across_crashes_and_the_archive_rebuilds_the_database() {
+    let s3 = S3Server::start().await;
+    let nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let gw = TestGateway::start(&nats.url()).await;
+    let worker = TestWorker::start(&nats.url(), &db.url).await;
+    // Two companies: the archive and the replay treat both.
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let (key_a, key_b) = (gw.create_key(a).await, gw.create_key(b).await);
+    let dir = tempfile::tempdir().unwrap();
+    let archive = s3.archive("calls");
+    let urls = (nats.url(), db.url.clone());
+    let urls = (urls.0.as_str(), urls.1.as_str());
+    let mut posted = BTreeSet::new();
+    let post = |from: usize, n: usize| {
+        let (gw, key_a, key_b) = (&gw, &key_a, &key_b);
+        async move {
+            let mut ids = post_many(gw, key_a, n, 8, |i| {
+                call(a, format!("A-{}", from + i), "+919800000001")
+            })
+            .await;
+            ids.extend(
+                post_many(gw, key_b, n, 8, |i| {
+                    call(b, format!("B-{}", from + i), "+919800000002")
+                })
+                .await,
+            );
+            ids
+        }
+    };
+
+    // Objects of 40 records, held open long: after 100 records two objects are written
+    // and 20 records are in hand when the archiver is killed.
+    let port = callcap_tests::free_port();
+    let slow = [
+        ("ARCHIVE_OBJECT_RECORDS", "40".to_owned()),
+        ("ARCHIVE_LINGER_SECS", "600".to_owned()),
+    ];
+    let mut arch = archiver(&s3, urls, port, &slow, dir.path());
+    posted.extend(post(0, 50).await);
+    archived_through(&archive, 80, "two full objects").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    arch.kill9();
+    assert_eq!(tiled(&archive, 80).await.len(), 2);
+
+    // More records while it is down; then it comes back (short linger) and catches up.
+    posted.extend(post(50, 15).await);
+    let fast = [
+        ("ARCHIVE_OBJECT_RECORDS", "40".to_owned()),
+        ("ARCHIVE_LINGER_SECS", "1".to_owned()),
+    ];
+    let mut arch = archiver(&s3, urls, port, &fast, dir.path());
+    archived_through(&archive, 130, "the archive to catch up after the kill").await;
+    arch.terminate();
+    tiled(&archive, 130).await;
+
+    // The consumer lost (its acks with it): the archive's own position prevents a second
+    // copy of what it holds.
+    let admin = jetstream::new(callcap_tests::identities::connect(&nats.url()).await);
+    admin
+        .get_stream(STREAM)
+        .await
+        .unwrap()
+        .delete_consumer(persist_worker::archive::run::CONSUMER)
+        .await
+        .unwrap();
+    let mut arch = archiver(&s3, urls, port, &fast, dir.path());
+    posted.extend(post(65, 5).await);
+    archived_through(
+        &archive,
+        140,
+        "the archive to continue after a lost consumer",
+    )
+    .await;
+    arch.terminate();
+    let objects = tiled(&archive, 140).await;
+    assert!(objects.len() >= 4, "{objects:#?}");
+
+    // Every 201 archived exactly once.
+    let ids = archived_ids(&archive).await;
+    assert_eq!(ids.len(), 140, "no record archived twice");
+    assert_eq!(ids.into_iter().collect::<BTreeSet<_>>(), posted);
+
+    // Records the archive never got (archiver stopped), then the stream's oldest part
+    // removed: 1..=100 are only in the archive, 141..=156 only in the stream.
+    posted.extend(post(70, 8).await);
+    let last = last_seq(&nats.url()).await;
+    assert_eq!(last, 156);
+    callcap_tests::db::assert_stored_exactly(&db, &posted, Duration::from_secs(30)).await;
+    drained(&nats.url()).await;
+    admin
+        .get_stream(STREAM)
+        .await
+        .unwrap()
+        .purge()
+        .sequence(101)
+        .await
+        .unwrap();
+
+    // A fresh database rebuilt from the archive and then the stream: the same rows.
+    let fresh = TestDb::create().await;
+    let out = replay_from_archive(&s3, &nats.url(), &fresh, &[]).await;
+    assert!(out.contains("replay complete: 156 messages"), "{out}");
+    assert!(out.contains("140 of them from the archive"), "{out}");
+    assert!(!out.contains("GAP"), "{out}");
+    assert_eq!(fresh.dump_calls().await, db.dump_calls().await);
+
+    // One company, one day: only its rows.
+    let one = TestDb::create().await;
+    let out = replay_from_archive(&s3, &nats.url(), &one, &["--company", &b.to_string()]).await;
+    assert!(out.contains("replay complete: 78 messages"), "{out}");
+    let companies: Vec<Uuid> = sqlx::query_scalar("SELECT DISTINCT company_id FROM call_history")
+        .fetch_all(&one.pool)
+        .await
+        .unwrap();
+    assert_eq!(companies, [b]);
+
+    // With the stream's part gone too (what expired unarchived), the replay says so.
+    admin
+        .get_stream(STREAM)
+        .await
+        .unwrap()
+        .purge()
+        .sequence(150)
+        .await
+        .unwrap();
+    let gap = TestDb::create().await;
+    let out = replay_from_archive(&s3, &nats.url(), &gap, &[]).await;
+    assert!(
+        out.contains("GAP: CALLS sequences 141..=149 are in neither the archive nor the stream"),
+        "{out}"
+    );
+    worker.stop().await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn with_the_object_store_down_the_stream_keeps_everything_and_the_archiver_catches_up() {
+    let mut s3 = S3Server::start().await;
+    let nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    // A one-minute stream: the archiver falling half a window behind is what the alert
+    // (CallcapArchiveBehind) looks for.
+    let mut cli = callcap_tests::pipeline::gateway_cli(&nats.url(), Default::default());
+    cli.stream.stream_max_age_secs = 60;
+    cli.stream.stream_duplicate_window_secs = 30;
+    let gw = TestGateway::start_cli(cli).await;
+    let worker = TestWorker::start(&nats.url(), &db.url).await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let (key_a, key_b) = (gw.create_key(a).await, gw.create_key(b).await);
+    let dir = tempfile::tempdir().unwrap();
+    let archive = s3.archive("calls");
+    let port = callcap_tests::free_port();
+    let fast = [("ARCHIVE_LINGER_SECS", "1".to_owned())];
+    let mut arch = archiver(&s3, (&nats.url(), &db.url), port, &fast, dir.path());
+    let mut posted = post_many(&gw, &key_a, 20, 4, |i| {
+        call(a, format!("A-{i}"), "+919800000001")
+    })
+    .await;
+    archived_through(&archive, 20, "the first records archived").await;
+
+    s3.stop();
+    posted.extend(
+        post_many(&gw, &key_a, 30, 4, |i| {
+            call(a, format!("A-late-{i}"), "+919800000001")
+        })
+        .await,
+    );
+    posted.extend(
+        post_many(&gw, &key_b, 30, 4, |i| {
+            call(b, format!("B-{i}"), "+919800000002")
+        })
+        .await,
+    );
+    // The database is unaffected, the stream keeps everything, the archiver says it
+    // cannot write and how old its oldest unarchived record is getting.
+    callcap_tests::db::assert_stored_exactly(&db, &posted, Duration::from_secs(30)).await;
+    assert_eq!(last_seq(&nats.url()).await, 80);
+    eventually(
+        Duration::from_secs(30),
+        "the archiver to report failures",
+        || async { (metric(port, "archive_errors_total").await? > 0.0).then_some(()) },
+    )
+    .await;
+    let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(ready.text().await.unwrap().contains("failing"));
+    // The alert's expression: oldest unarchived age over half the stream's age limit.
+    eventually(
+        Duration::from_secs(45),
+        "the archive lag to cross half the stream's age limit",
+        || async {
+            let age = metric(port, "archive_oldest_unarchived_age_seconds").await?;
+            let max = metric(port, "archive_stream_max_age_seconds").await?;
+            (max == 60.0 && age / max > 0.5).then_some(())
+        },
+    )
+    .await;
+
+    // Back: caught up before anything expires, each record once.
+    s3.start_again().await;
+    archived_through(&archive, 80, "the archiver to catch up").await;
+    eventually(Duration::from_secs(20), "the lag back to 0", || async {
+        (metric(port, "archive_oldest_unarchived_age_seconds").await? == 0.0).then_some(())
+    })
+    .await;
+    let ids = archived_ids(&archive).await;
+    assert_eq!(ids.len(), 80);
+    assert_eq!(ids.into_iter().collect::<BTreeSet<_>>(), posted);
+    tiled(&archive, 80).await;
+    let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), reqwest::StatusCode::OK);
+    arch.terminate();
+    worker.stop().await;
+    gw.stop().await;
+}
