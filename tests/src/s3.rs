@@ -27,7 +27,7 @@ pub struct S3Server {
 fn port_with_twin() -> u16 {
     loop {
         let p = crate::free_port();
-        if p >= 55_000 || p < 1_024 {
+        if !(1_024..55_000).contains(&p) {
             // Outside the range; ask for one near it instead.
             let candidate = 20_000 + (p % 30_000);
             if bindable(candidate) && bindable(candidate + 10_000) {
