@@ -380,3 +380,148 @@ async fn with_the_object_store_down_the_stream_keeps_everything_and_the_archiver
     worker.stop().await;
     gw.stop().await;
 }
+
+/// Archived entries of `company` whose payload holds `digits`.
+async fn archived_with(archive: &Archive, company: Uuid, digits: &str) -> usize {
+    let mut n = 0;
+    for o in archive.objects(STREAM, None, None).await.unwrap() {
+        for e in archive.read(&o).await.unwrap() {
+            if e.subject.ends_with(&company.to_string())
+                && String::from_utf8_lossy(&e.payload()).contains(digits)
+            {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+#[tokio::test]
+async fn an_erasure_rewrites_archived_objects_and_the_archiver_leaves_erased_records_out() {
+    use base64::Engine as _;
+    const ERASED: &str = "+919876500001";
+    const KEPT: &str = "+919876500002";
+    let s3 = S3Server::start().await;
+    let nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("erasure.key");
+    let bytes: [u8; 32] = rand::random();
+    std::fs::write(
+        &key,
+        base64::engine::general_purpose::STANDARD.encode(bytes),
+    )
+    .unwrap();
+    let key_env = ("ERASURE_KEY_FILE", key.display().to_string());
+    let gw = TestGateway::start(&nats.url()).await;
+    let mut cli = callcap_tests::pipeline::worker_cli(
+        &nats.url(),
+        &db.url,
+        callcap_tests::pipeline::test_run_args(),
+    );
+    cli.privacy.erasure_key_file = Some(key.clone());
+    let worker = TestWorker::start_cli(cli).await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let (key_a, key_b) = (gw.create_key(a).await, gw.create_key(b).await);
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let port = callcap_tests::free_port();
+    let extra = [
+        ("ARCHIVE_LINGER_SECS", "1".to_owned()),
+        ("ARCHIVE_OBJECT_RECORDS", "25".to_owned()),
+        key_env.clone(),
+    ];
+    let mut arch = archiver(&s3, (&nats.url(), &db.url), port, &extra, &logs);
+    let archive = s3.archive("calls");
+    post_many(&gw, &key_a, 30, 4, |i| call(a, format!("E-{i}"), ERASED)).await;
+    post_many(&gw, &key_a, 30, 4, |i| call(a, format!("K-{i}"), KEPT)).await;
+    // The same number at another company is another person's: kept.
+    post_many(&gw, &key_b, 20, 4, |i| call(b, format!("B-{i}"), ERASED)).await;
+    archived_through(&archive, 80, "everything archived").await;
+    assert_eq!(archived_with(&archive, a, "9876500001").await, 30);
+
+    let mut env: Vec<(&str, String)> = s3.env();
+    env.extend([
+        ("DATABASE_URL", db.url.clone()),
+        ("ARCHIVE_URL", s3.archive_url("calls")),
+        key_env.clone(),
+    ]);
+    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = admin_command_env(
+        crate::WORKER_BIN,
+        &nats.url(),
+        &[
+            "erase",
+            "--quiet",
+            "--company",
+            &a.to_string(),
+            "--phone",
+            ERASED,
+        ],
+        &env_ref,
+    )
+    .await;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("30 record(s) removed"), "{text}");
+    assert_eq!(archived_with(&archive, a, "9876500001").await, 0);
+    assert_eq!(archived_with(&archive, a, "9876500002").await, 30);
+    assert_eq!(archived_with(&archive, b, "9876500001").await, 20);
+    // The rewritten objects still tile the stream.
+    tiled(&archive, 80).await;
+
+    // Sent again after the erasure: accepted, never archived.
+    post_many(&gw, &key_a, 10, 4, |i| {
+        call(a, format!("E-again-{i}"), ERASED)
+    })
+    .await;
+    post_many(&gw, &key_a, 5, 4, |i| call(a, format!("K-again-{i}"), KEPT)).await;
+    archived_through(&archive, 95, "the resends archived").await;
+    assert_eq!(archived_with(&archive, a, "9876500001").await, 0);
+    assert_eq!(archived_with(&archive, a, "9876500002").await, 35);
+    arch.terminate();
+
+    // And a rebuild from the archive holds none of it.
+    let fresh = TestDb::create().await;
+    let mut renv = env.clone();
+    renv.retain(|(k, _)| *k != "DATABASE_URL");
+    renv.push(("DATABASE_URL", fresh.url.clone()));
+    let renv: Vec<(&str, &str)> = renv.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = admin_command_env(
+        crate::WORKER_BIN,
+        &nats.url(),
+        &[
+            "replay",
+            "--from-archive",
+            "--since",
+            "2000-01-01T00:00:00Z",
+            "--quiet",
+        ],
+        &renv,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let count = |company: Uuid, number: &'static str| {
+        let pool = fresh.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM call_history WHERE company_id = $1 AND recipient_number = $2",
+            )
+            .bind(company)
+            .bind(number)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(count(a, ERASED).await, 0);
+    assert_eq!(count(a, KEPT).await, 35);
+    assert_eq!(count(b, ERASED).await, 20);
+    worker.stop().await;
+    gw.stop().await;
+}
