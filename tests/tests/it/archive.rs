@@ -307,7 +307,9 @@ async fn with_the_object_store_down_the_stream_keeps_everything_and_the_archiver
     cli.stream.stream_max_age_secs = 60;
     cli.stream.stream_duplicate_window_secs = 30;
     let gw = TestGateway::start_cli(cli).await;
-    let worker = TestWorker::start(&nats.url(), &db.url).await;
+    // The worker as its own process: its status page shows the archive's position.
+    let worker_port = callcap_tests::free_port();
+    let mut worker = Process::worker(crate::WORKER_BIN, &nats.url(), &db.url, worker_port, &[]);
     let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
     let (key_a, key_b) = (gw.create_key(a).await, gw.create_key(b).await);
     let dir = tempfile::tempdir().unwrap();
@@ -376,8 +378,15 @@ async fn with_the_object_store_down_the_stream_keeps_everything_and_the_archiver
         .await
         .unwrap();
     assert_eq!(ready.status(), reqwest::StatusCode::OK);
+    let page = reqwest::get(format!("http://127.0.0.1:{worker_port}/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(r#"id="archived-CALLS">80<"#), "{page}");
     arch.terminate();
-    worker.stop().await;
+    worker.terminate();
     gw.stop().await;
 }
 
