@@ -82,7 +82,13 @@ fn manifests_pass_strict_kubernetes_schema_validation() {
 
 /// The env var names a binary's `--help` documents.
 fn env_vars_of(bin: &str) -> BTreeSet<String> {
+    env_vars_of_command(bin, &[])
+}
+
+/// The settings of a subcommand's `--help` (`[env: …]`).
+fn env_vars_of_command(bin: &str, sub: &[&str]) -> BTreeSet<String> {
     let out = Command::new(bin)
+        .args(sub)
         .arg("--help")
         .output()
         .expect("running --help");
@@ -124,10 +130,37 @@ fn deployments_use_only_settings_probes_and_ports_the_binaries_have() {
             crate::WORKER_BIN,
             "METRICS_ADDR",
         ),
+        (
+            "deploy/k8s/archiver.yaml",
+            "persist-worker-archive",
+            crate::WORKER_BIN,
+            "METRICS_ADDR",
+        ),
     ] {
         let docs = yaml_docs(file);
         let dep = find(&docs, "Deployment", name);
-        let known = env_vars_of(bin);
+        let mut known = env_vars_of(bin);
+        if name == "persist-worker-archive" {
+            known.extend(env_vars_of_command(bin, &["archive"]));
+            // Read by the S3 client, as ARCHIVE_URL's help says.
+            let help = String::from_utf8_lossy(
+                &Command::new(bin)
+                    .args(["archive", "--help"])
+                    .output()
+                    .unwrap()
+                    .stdout,
+            )
+            .to_string();
+            for var in [
+                "AWS_REGION",
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                "AWS_ENDPOINT_URL",
+            ] {
+                assert!(help.contains(var), "`archive --help` must name {var}");
+                known.insert(var.to_owned());
+            }
+        }
         let env = container_env(dep);
         for (var, _) in &env {
             assert!(
