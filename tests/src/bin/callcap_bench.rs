@@ -63,6 +63,14 @@ enum Cmd {
         #[arg(long)]
         atomic_batch: Option<usize>,
     },
+    /// Read a whole stream once with an ordered consumer, as fast as it comes: the
+    /// stream's read rate, the ceiling of anything that copies it (the archiver).
+    StreamRead {
+        #[arg(long, env = "NATS_URL")]
+        nats_url: String,
+        #[arg(long, default_value = "CALLS")]
+        stream: String,
+    },
     /// Time one fsync on this disk: append a record-sized block to a file in `dir` and
     /// fdatasync it, `count` times (the floor of a power-loss-safe ack).
     Fsync {
@@ -313,6 +321,7 @@ async fn main() -> anyhow::Result<()> {
             in_flight,
             atomic_batch,
         } => broker(&nats_url, count, in_flight, atomic_batch).await,
+        Cmd::StreamRead { nats_url, stream } => stream_read(&nats_url, &stream).await,
         Cmd::DbCeiling {
             database_url,
             count,
@@ -413,6 +422,47 @@ fn example_envelope(company: Uuid, n: u64) -> Envelope {
     let record = example_record(company, n);
     let id = callcap::identity::call_history_id(&record, None).id;
     Envelope::new(id, Utc::now(), "kbench".into(), None, record)
+}
+
+async fn stream_read(nats_url: &str, name: &str) -> anyhow::Result<()> {
+    use futures::StreamExt as _;
+    let client = callcap_tests::identities::connect(nats_url).await;
+    let js = jetstream::new(client);
+    let mut stream = js
+        .get_stream(name)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let total = stream
+        .info()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .state
+        .messages;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let started = Instant::now();
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (mut n, mut bytes) = (0u64, 0u64);
+    while n < total {
+        let m = messages
+            .next()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("the stream ended early"))?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        bytes += m.payload.len() as u64;
+        n += 1;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "messages={n} bytes={bytes} secs={secs:.3} msgs_per_sec={}",
+        (n as f64 / secs) as u64
+    );
+    Ok(())
 }
 
 async fn broker(
