@@ -456,6 +456,101 @@ impl Archive {
 mod tests {
     use super::*;
 
+    fn in_memory(prefix: &str) -> Archive {
+        Archive {
+            store: Arc::new(object_store::memory::InMemory::new()),
+            prefix: prefix.to_owned(),
+            url: format!("memory:///{prefix}"),
+        }
+    }
+
+    fn day(y: i32, m: u32, d: u32) -> NaiveDate {
+        NaiveDate::from_ymd_opt(y, m, d).unwrap()
+    }
+
+    fn at(d: NaiveDate) -> DateTime<Utc> {
+        d.and_hms_opt(12, 0, 0).unwrap().and_utc()
+    }
+
+    #[tokio::test]
+    async fn a_time_range_lists_only_its_days_and_the_last_object_is_found() {
+        let a = in_memory("calls");
+        let days = [
+            day(2025, 12, 31),
+            day(2026, 1, 1),
+            day(2026, 1, 31),
+            day(2026, 2, 1),
+            day(2026, 3, 15),
+        ];
+        let mut seq = 1;
+        for (i, d) in days.iter().enumerate() {
+            for _ in 0..=i {
+                let path = a.object_path("CALLS", *d, seq, seq + 9);
+                assert_eq!(a.put_new(&path, vec![1]).await.unwrap(), Put::Created);
+                seq += 10;
+            }
+        }
+        // Another stream and a stray object are not mixed in.
+        let other = a.object_path("CALLS_E1_P0", day(2026, 1, 1), 1, 5);
+        a.put_new(&other, vec![1]).await.unwrap();
+        a.replace(&Path::from("calls/CALLS/2026/01/01/notes.txt"), vec![1])
+            .await
+            .unwrap();
+
+        assert_eq!(a.streams().await.unwrap(), ["CALLS", "CALLS_E1_P0"]);
+        let all = a.objects("CALLS", None, None).await.unwrap();
+        assert_eq!(all.len(), 15);
+        assert!(all.windows(2).all(|w| w[1].first == w[0].last + 1));
+        let jan = a
+            .objects(
+                "CALLS",
+                Some(at(day(2026, 1, 1))),
+                Some(at(day(2026, 1, 31))),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            jan.iter().map(|o| o.day).collect::<Vec<_>>(),
+            [
+                day(2026, 1, 1),
+                day(2026, 1, 1),
+                day(2026, 1, 31),
+                day(2026, 1, 31),
+                day(2026, 1, 31)
+            ]
+        );
+        let since_feb = a
+            .objects("CALLS", Some(at(day(2026, 2, 1))), None)
+            .await
+            .unwrap();
+        assert_eq!(since_feb.len(), 9);
+        let until_2025 = a
+            .objects("CALLS", None, Some(at(day(2025, 12, 31))))
+            .await
+            .unwrap();
+        assert_eq!(until_2025.len(), 1);
+        assert!(a
+            .objects("CALLS", Some(at(day(2027, 1, 1))), None)
+            .await
+            .unwrap()
+            .is_empty());
+        let last = a.last_object("CALLS").await.unwrap().unwrap();
+        assert_eq!((last.day, last.last), (day(2026, 3, 15), 150));
+        assert_eq!(a.last_object("NOPE").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn an_object_is_written_once() {
+        let a = in_memory("");
+        let path = a.object_path("CALLS", day(2026, 1, 1), 1, 2);
+        let line = Entry::new(1, "s", Utc::now(), b"{}").line();
+        let bytes = compress([line.as_slice()]).unwrap();
+        assert_eq!(a.put_new(&path, bytes.clone()).await.unwrap(), Put::Created);
+        assert_eq!(a.put_new(&path, vec![0]).await.unwrap(), Put::AlreadyThere);
+        let o = a.parse(&path).unwrap();
+        assert_eq!(a.read(&o).await.unwrap().len(), 1, "the first write stays");
+    }
+
     #[test]
     fn entries_keep_the_payload_byte_for_byte() {
         let t = Utc::now();
