@@ -534,3 +534,78 @@ async fn an_erasure_rewrites_archived_objects_and_the_archiver_leaves_erased_rec
     worker.stop().await;
     gw.stop().await;
 }
+
+/// Every call id archived, over every stream, each as often as it is archived.
+async fn archived_ids_everywhere(archive: &Archive) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    for stream in archive.streams().await.unwrap() {
+        for o in archive.objects(&stream, None, None).await.unwrap() {
+            for e in archive.read(&o).await.unwrap() {
+                ids.push(
+                    callcap::Envelope::decode(&e.payload())
+                        .unwrap()
+                        .call_history_id,
+                );
+            }
+        }
+    }
+    ids
+}
+
+#[tokio::test]
+async fn a_partition_layout_change_is_archived_whole_and_replayed_from_every_stream() {
+    let s3 = S3Server::start().await;
+    let nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let gw = TestGateway::start(&nats.url()).await;
+    let worker = TestWorker::start(&nats.url(), &db.url).await;
+    let mut companies = Vec::new();
+    for _ in 0..4 {
+        let c = Uuid::new_v4();
+        companies.push((c, gw.create_key(c).await));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = callcap_tests::free_port();
+    let fast = [("ARCHIVE_LINGER_SECS", "1".to_owned())];
+    let mut arch = archiver(&s3, (&nats.url(), &db.url), port, &fast, dir.path());
+    let archive = s3.archive("calls");
+    let mut posted = BTreeSet::new();
+    for (c, key) in &companies {
+        posted.extend(
+            post_many(&gw, key, 10, 4, |i| {
+                call(*c, format!("old-{i}"), "+919800000001")
+            })
+            .await,
+        );
+    }
+    // Two partition streams from now on; CALLS is drained and sealed.
+    crate::partitions::partitions_command(&nats.url(), &["set", "2"]).await;
+    for (c, key) in &companies {
+        posted.extend(
+            post_many(&gw, key, 10, 4, |i| {
+                call(*c, format!("new-{i}"), "+919800000001")
+            })
+            .await,
+        );
+    }
+    eventually(Duration::from_secs(60), "every stream archived", || async {
+        (archived_ids_everywhere(&archive).await.len() >= posted.len()).then_some(())
+    })
+    .await;
+    let ids = archived_ids_everywhere(&archive).await;
+    assert_eq!(ids.len(), posted.len(), "no record archived twice");
+    assert_eq!(ids.into_iter().collect::<BTreeSet<_>>(), posted);
+    let streams = archive.streams().await.unwrap();
+    assert_eq!(streams, ["CALLS", "CALLS_E1_P0", "CALLS_E1_P1"]);
+    // The sealed stream's objects tile it to its end.
+    tiled(&archive, 40).await;
+    arch.terminate();
+
+    callcap_tests::db::assert_stored_exactly(&db, &posted, Duration::from_secs(30)).await;
+    let fresh = TestDb::create().await;
+    let out = replay_from_archive(&s3, &nats.url(), &fresh, &[]).await;
+    assert!(out.contains("80 of them from the archive"), "{out}");
+    assert_eq!(fresh.dump_calls().await, db.dump_calls().await);
+    worker.stop().await;
+    gw.stop().await;
+}
