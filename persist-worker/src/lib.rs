@@ -344,19 +344,18 @@ pub async fn run(
             }
             Err(e) => tracing::warn!(error = %e, "listing the partition streams; retrying"),
         }
-        tokio::select! {
-            () = tokio::time::sleep(cli.run.consumer_check()) => {}
-            () = cancel.cancelled() => break,
-            // A lane's loop that fails stops the worker (the orchestrator restarts it), so
-            // nothing is served partly without anyone noticing.
-            Some(done) = loops.join_next() => {
-                let outcome = done.map_err(|e| anyhow::anyhow!("a lane's consumer panicked: {e}"));
-                if let Err(e) = outcome.and_then(|r| r) {
-                    cancel.cancel();
-                    while loops.join_next().await.is_some() {}
-                    return Err(e);
-                }
-            }
+        // A lane's loop that fails stops the worker (the orchestrator restarts it), so
+        // nothing is served partly without anyone noticing.
+        if supervise(
+            &mut loops,
+            cli.run.consumer_check(),
+            &cancel,
+            "a lane's consumer",
+        )
+        .await?
+        .is_break()
+        {
+            break;
         }
     }
     while let Some(done) = loops.join_next().await {
@@ -369,6 +368,32 @@ pub async fn run(
     }
     tracing::info!("persist-worker stopped");
     Ok(())
+}
+
+/// Waits `pause`, until `cancel` fires (`Break`), or until one of `tasks` ends: one that
+/// failed or panicked cancels and waits for the others, and is returned as the error.
+///
+/// # Errors
+/// The failed task's error.
+pub(crate) async fn supervise(
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+    pause: Duration,
+    cancel: &CancellationToken,
+    what: &str,
+) -> anyhow::Result<std::ops::ControlFlow<()>> {
+    tokio::select! {
+        () = tokio::time::sleep(pause) => {}
+        () = cancel.cancelled() => return Ok(std::ops::ControlFlow::Break(())),
+        Some(done) = tasks.join_next() => {
+            let outcome = done.map_err(|e| anyhow::anyhow!("{what} panicked: {e}"));
+            if let Err(e) = outcome.and_then(|r| r) {
+                cancel.cancel();
+                while tasks.join_next().await.is_some() {}
+                return Err(e);
+            }
+        }
+    }
+    Ok(std::ops::ControlFlow::Continue(()))
 }
 
 /// Registers the `# HELP` text of the worker's metrics and starts its counters at 0 (a

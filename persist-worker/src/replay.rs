@@ -217,6 +217,7 @@ async fn replay_archived(
     let company = args.company.map(|c| format!(".{c}"));
     let mut prev: Option<u64> = None;
     let (mut rows, mut dead) = (Vec::new(), Vec::new());
+    let ctx = (pool, policy, retry_max, cancel);
     for o in &objects {
         if cancel.is_cancelled() {
             summary.completed = false;
@@ -246,29 +247,13 @@ async fn replay_archived(
                 Err(d) => dead.push(d),
             }
             if rows.len() + dead.len() >= args.batch_size as usize {
-                write_archived(
-                    pool,
-                    policy,
-                    &mut rows,
-                    &mut dead,
-                    &mut summary,
-                    (retry_max, cancel),
-                )
-                .await?;
+                write_archived(ctx, (&mut rows, &mut dead), &mut summary).await?;
             }
         }
         bar.inc(1);
         bar.set_message(format!("{} msgs", summary.messages));
     }
-    write_archived(
-        pool,
-        policy,
-        &mut rows,
-        &mut dead,
-        &mut summary,
-        (retry_max, cancel),
-    )
-    .await?;
+    write_archived(ctx, (&mut rows, &mut dead), &mut summary).await?;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64().max(1e-3);
     tracing::info!(
@@ -285,12 +270,17 @@ async fn replay_archived(
 
 /// Writes archived records gathered so far.
 async fn write_archived(
-    pool: &PgPool,
-    policy: &crate::privacy::Policy,
-    rows: &mut Vec<crate::store::Row>,
-    dead: &mut Vec<crate::store::DeadLetter>,
+    (pool, policy, retry_max, cancel): (
+        &PgPool,
+        &crate::privacy::Policy,
+        Duration,
+        &CancellationToken,
+    ),
+    (rows, dead): (
+        &mut Vec<crate::store::Row>,
+        &mut Vec<crate::store::DeadLetter>,
+    ),
     summary: &mut ReplaySummary,
-    (retry_max, cancel): (Duration, &CancellationToken),
 ) -> Result<(), async_nats::Error> {
     if rows.is_empty() && dead.is_empty() {
         return Ok(());

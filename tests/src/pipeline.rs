@@ -268,6 +268,15 @@ pub async fn admin_command_env(
         .unwrap_or_else(|e| panic!("running {bin} {args:?}: {e}"))
 }
 
+/// A finished command's stdout then stderr, as text (for assertions and their messages).
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// The seed file of `role`'s NATS identity, for `NATS_NKEY_FILE`.
 pub fn seed_path(role: Role) -> String {
     crate::identities::identities()

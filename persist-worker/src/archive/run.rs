@@ -190,17 +190,11 @@ pub async fn run(
             }
             Err(e) => tracing::warn!(error = %e, "listing the partition streams; retrying"),
         }
-        tokio::select! {
-            () = tokio::time::sleep(args.check()) => {}
-            () = cancel.cancelled() => break,
-            Some(done) = tasks.join_next() => {
-                let outcome = done.map_err(|e| anyhow::anyhow!("a stream's archiver panicked: {e}"));
-                if let Err(e) = outcome.and_then(|r| r) {
-                    cancel.cancel();
-                    while tasks.join_next().await.is_some() {}
-                    return Err(e);
-                }
-            }
+        if crate::supervise(&mut tasks, args.check(), &cancel, "a stream's archiver")
+            .await?
+            .is_break()
+        {
+            break;
         }
     }
     while tasks.join_next().await.is_some() {}

@@ -150,11 +150,7 @@ async fn replay_from_archive(s3: &S3Server, nats_url: &str, db: &TestDb, extra: 
     ]
     .concat();
     let out = admin_command_env(crate::WORKER_BIN, nats_url, &args, &env).await;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = callcap_tests::pipeline::output_text(&out);
     assert!(out.status.success(), "replay --from-archive failed: {text}");
     text
 }
@@ -559,9 +555,12 @@ async fn a_partition_layout_change_is_archived_whole_and_replayed_from_every_str
     let db = TestDb::create().await;
     let gw = TestGateway::start(&nats.url()).await;
     let worker = TestWorker::start(&nats.url(), &db.url).await;
+    // Two companies in each of the two partitions the layout change makes.
     let mut companies = Vec::new();
-    for _ in 0..4 {
-        let c = Uuid::new_v4();
+    for index in [0, 0, 1, 1] {
+        let c = std::iter::repeat_with(Uuid::new_v4)
+            .find(|c| callcap::partitions::partition_index(*c, 2) == index)
+            .unwrap();
         companies.push((c, gw.create_key(c).await));
     }
     let dir = tempfile::tempdir().unwrap();

@@ -176,11 +176,7 @@ async fn erase(nats_url: &str, db: &TestDb, key: &std::path::Path, args: &[&str]
         ],
     )
     .await;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = callcap_tests::pipeline::output_text(&out);
     assert!(out.status.success(), "erase {args:?} failed: {text}");
     text
 }
