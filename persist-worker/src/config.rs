@@ -1,7 +1,8 @@
 //! The worker's command line: flags with environment fallbacks, checked at boot.
 //!
-//! `persist-worker` with no subcommand consumes; `migrate`, `replay` and `dlq` are
-//! operator commands. Doc comments here are the `--help` text.
+//! `persist-worker` with no subcommand consumes; `archive` runs the archiver; `migrate`,
+//! `replay`, `dlq` and `erase` are operator commands. Doc comments here are the `--help`
+//! text.
 
 use std::net::SocketAddr;
 use std::time::Duration;
