@@ -105,8 +105,8 @@ pub struct ArchiveRunArgs {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub object_records: u32,
 
-    /// Most uncompressed bytes per archive object (bounds the archiver's memory: one
-    /// object in hand per partition stream).
+    /// Most uncompressed bytes per archive object (bounds the archiver's memory: two
+    /// objects in hand per partition stream, one gathering while the other is written).
     #[arg(long, env = "ARCHIVE_OBJECT_BYTES", default_value_t = 8 * 1024 * 1024,
           value_parser = clap::value_parser!(u64).range(1024..=1024 * 1024 * 1024))]
     pub object_bytes: u64,

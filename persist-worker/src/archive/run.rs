@@ -4,7 +4,8 @@
 //! "all": acking a message acks every one before it). Messages gather into an object
 //! until it holds `ARCHIVE_OBJECT_RECORDS` records or `ARCHIVE_OBJECT_BYTES` bytes, has
 //! been open `ARCHIVE_LINGER_SECS`, or the day changes. The object is then written once
-//! (`If-None-Match: *`) and only after the store has it is its last message acked.
+//! (`If-None-Match: *`) and only after the store has it is its last message acked. The
+//! next object gathers while one is written (two in hand at most); acks go in order.
 //!
 //! Nothing is lost and nothing archived twice across a crash:
 //! - a crash before the put loses only the object in hand: its messages were not acked
@@ -44,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use super::{compress, Archive, Entry, Put};
 use crate::config::ArchiveRunArgs;
 use crate::privacy::Policy;
-use crate::store::{DeadLetter, Row};
+use crate::store::Row;
 
 /// The archiver's durable consumer, on every partition stream.
 pub const CONSUMER: &str = "callcap-archiver";
@@ -89,8 +90,8 @@ struct Open {
     opened: Instant,
     bytes: usize,
     lines: Vec<(u64, Vec<u8>)>,
+    /// The messages that decode as envelopes, to check against erasures.
     rows: Vec<Row>,
-    dead: Vec<DeadLetter>,
     /// The message to ack once written (acks every one before it too).
     last_msg: jetstream::Message,
 }
@@ -173,13 +174,13 @@ pub async fn run(
                             cancel.clone(),
                         ));
                         let one = Stream {
-                            js: &js,
-                            archive: &archive,
-                            pool: &pool,
-                            policy: &policy,
-                            args: &args,
-                            name: &name,
-                            state: &state,
+                            js,
+                            archive,
+                            pool,
+                            policy,
+                            args,
+                            name: name.clone(),
+                            state,
                             retry_max,
                         };
                         let r = one.run(&cancel).await;
@@ -203,18 +204,19 @@ pub async fn run(
 }
 
 /// One stream's archiving.
-struct Stream<'a> {
-    js: &'a jetstream::Context,
-    archive: &'a Archive,
-    pool: &'a PgPool,
-    policy: &'a Policy,
-    args: &'a ArchiveRunArgs,
-    name: &'a str,
-    state: &'a StreamState,
+#[derive(Clone)]
+struct Stream {
+    js: jetstream::Context,
+    archive: Archive,
+    pool: PgPool,
+    policy: Policy,
+    args: ArchiveRunArgs,
+    name: String,
+    state: Arc<StreamState>,
     retry_max: Duration,
 }
 
-impl Stream<'_> {
+impl Stream {
     /// Runs `op` until it succeeds, pausing with capped backoff (and counting the failure)
     /// between attempts; `None` when cancelled first.
     async fn until_ok<T, F, Fut>(
@@ -235,7 +237,7 @@ impl Stream<'_> {
                     return Some(v);
                 }
                 Err(e) => {
-                    metrics::counter!("archive_errors_total", "stream" => self.name.to_owned())
+                    metrics::counter!("archive_errors_total", "stream" => self.name.clone())
                         .increment(1);
                     self.state.failing.store(true, Ordering::Relaxed);
                     *self
@@ -245,7 +247,7 @@ impl Stream<'_> {
                         .unwrap_or_else(std::sync::PoisonError::into_inner) =
                         Some(format!("{what}: {e:#}"));
                     tracing::warn!(
-                        stream = self.name,
+                        stream = %self.name,
                         error = format!("{e:#}"),
                         retry_in_ms = pause.as_millis() as u64,
                         "{what} failed; the stream keeps the records meanwhile"
@@ -268,7 +270,7 @@ impl Stream<'_> {
         // its range in order.
         let Some((consumer, position)) = self
             .until_ok("opening the archiver's consumer", cancel, || async {
-                let stream = self.js.get_stream(self.name).await?;
+                let stream = self.js.get_stream(&self.name).await?;
                 let acked = match stream.consumer_info(CONSUMER).await {
                     Ok(info) => info.ack_floor.stream_sequence,
                     Err(e) if e.to_string().contains("not found") => 0,
@@ -276,7 +278,7 @@ impl Stream<'_> {
                 };
                 let held = self
                     .archive
-                    .last_object(self.name)
+                    .last_object(&self.name)
                     .await?
                     .map_or(0, |o| o.last);
                 let position = acked.max(held);
@@ -285,7 +287,7 @@ impl Stream<'_> {
                         return Err(e.into());
                     }
                 }
-                let mut config = consumer_config(self.args);
+                let mut config = consumer_config(&self.args);
                 if position > 0 {
                     config.deliver_policy = DeliverPolicy::ByStartSequence {
                         start_sequence: position + 1,
@@ -297,11 +299,14 @@ impl Stream<'_> {
         else {
             return Ok(());
         };
-        let mut position = position;
+        // (acked, covered): the last sequence written and acked, and the last handed to be
+        // written (an object is written while the next one gathers).
+        let mut marks = (position, position);
+        let mut writing: Option<tokio::task::JoinHandle<Option<u64>>> = None;
         self.state.position.store(position, Ordering::Relaxed);
-        metrics::gauge!("archive_position", "stream" => self.name.to_owned()).set(position as f64);
+        metrics::gauge!("archive_position", "stream" => self.name.clone()).set(position as f64);
         tracing::info!(
-            stream = self.name,
+            stream = %self.name,
             position,
             "archiving from the sequence after this"
         );
@@ -317,10 +322,10 @@ impl Stream<'_> {
                 {
                     Ok(m) => messages = Some(m),
                     Err(e) => {
-                        tracing::warn!(stream = self.name, error = %e, "pulling from the archiver's consumer; retrying");
+                        tracing::warn!(stream = %self.name, error = %e, "pulling from the archiver's consumer; retrying");
                         tokio::select! {
                             () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                            () = cancel.cancelled() => return Ok(()),
+                            () = cancel.cancelled() => return Self::drain(writing).await,
                         }
                     }
                 }
@@ -334,16 +339,17 @@ impl Stream<'_> {
             });
             let next = tokio::select! {
                 // The object in hand is dropped unacked: its messages come again.
-                () = cancel.cancelled() => return Ok(()),
+                () = cancel.cancelled() => return Self::drain(writing).await,
                 next = tokio::time::timeout(wait, stream.next()) => next,
             };
             let msg = match next {
                 Err(_) => {
-                    if open.as_ref().is_some_and(|o| o.opened.elapsed() >= linger) {
-                        let Some(done) = self.flush(open.take(), cancel).await else {
-                            return Ok(());
-                        };
-                        position = done;
+                    if open.as_ref().is_some_and(|o| o.opened.elapsed() >= linger)
+                        && !self
+                            .hand_over(open.take(), &mut writing, &mut marks, cancel)
+                            .await
+                    {
+                        return Self::drain(writing).await;
                     }
                     continue;
                 }
@@ -352,68 +358,108 @@ impl Stream<'_> {
                     continue;
                 }
                 Ok(Some(Err(e))) => {
-                    tracing::warn!(stream = self.name, error = %e, "reading the archiver's consumer");
+                    tracing::warn!(stream = %self.name, error = %e, "reading the archiver's consumer");
                     continue;
                 }
                 Ok(Some(Ok(m))) => m,
             };
             let Ok(info) = msg.info() else { continue };
             let (seq, time) = (info.stream_sequence, info.published);
-            if seq <= position {
-                // Archived before a crash: acked now (acks all before it too).
+            let (acked, covered) = marks;
+            if seq <= acked {
+                // Archived and acked already (a redelivery): acked again, harmlessly.
                 if let Err(e) = msg.ack().await {
                     tracing::debug!(error = %e, "acking an archived message");
                 }
                 continue;
             }
-            if open.as_ref().is_some_and(|o| seq <= o.last) {
-                // A redelivery of a message in hand (the store was slow).
+            if seq <= covered || open.as_ref().is_some_and(|o| seq <= o.last) {
+                // A redelivery of a message being written or in hand (the store was
+                // slow): never acked here, its object's ack covers it.
                 continue;
             }
             let day = time.date_naive();
-            if open.as_ref().is_some_and(|o| o.day != day) {
-                let Some(done) = self.flush(open.take(), cancel).await else {
-                    return Ok(());
-                };
-                position = done;
+            if open.as_ref().is_some_and(|o| o.day != day)
+                && !self
+                    .hand_over(open.take(), &mut writing, &mut marks, cancel)
+                    .await
+            {
+                return Self::drain(writing).await;
             }
             let o = open.get_or_insert_with(|| Open {
                 // Right after the previous object: the objects tile the stream.
-                first: if position == 0 { seq } else { position + 1 },
+                first: if marks.1 == 0 { seq } else { marks.1 + 1 },
                 last: seq,
                 day,
                 opened: Instant::now(),
                 bytes: 0,
-                lines: Vec::new(),
-                rows: Vec::new(),
-                dead: Vec::new(),
+                lines: Vec::with_capacity(self.args.object_records.min(16_384) as usize),
+                rows: Vec::with_capacity(self.args.object_records.min(16_384) as usize),
                 last_msg: msg.clone(),
             });
-            let line = Entry::new(seq, &msg.subject, time, &msg.payload).line();
+            // Decoded only to check erasures (the replay checks everything else); what
+            // does not decode as an envelope names no record to match, as for the workers.
+            let line = match callcap::Envelope::decode(&msg.payload) {
+                Ok(envelope) => {
+                    o.rows.push(Row { seq, envelope });
+                    Entry::line_of_json(seq, &msg.subject, time, &msg.payload)
+                }
+                Err(_) => Entry::new(seq, &msg.subject, time, &msg.payload).line(),
+            };
             o.bytes += line.len();
             o.lines.push((seq, line));
-            match crate::write::decode_message(seq, &msg.subject, &msg.payload) {
-                Ok(row) => o.rows.push(row),
-                Err(d) => o.dead.push(d),
-            }
             o.last = seq;
             o.last_msg = msg;
-            if o.lines.len() >= self.args.object_records as usize
-                || o.bytes >= self.args.object_bytes as usize
+            let full = o.lines.len() >= self.args.object_records as usize
+                || o.bytes >= self.args.object_bytes as usize;
+            if full
+                && !self
+                    .hand_over(open.take(), &mut writing, &mut marks, cancel)
+                    .await
             {
-                let Some(done) = self.flush(open.take(), cancel).await else {
-                    return Ok(());
-                };
-                position = done;
+                return Self::drain(writing).await;
             }
         }
+    }
+
+    /// Hands an object over to be written while the next one gathers, once the one before
+    /// it is written and acked (in order: acking a message acks every one before it).
+    /// False when cancelled.
+    async fn hand_over(
+        &self,
+        open: Option<Open>,
+        writing: &mut Option<tokio::task::JoinHandle<Option<u64>>>,
+        (acked, covered): &mut (u64, u64),
+        cancel: &CancellationToken,
+    ) -> bool {
+        let Some(o) = open else { return true };
+        if let Some(previous) = writing.take() {
+            match previous.await {
+                Ok(Some(p)) => *acked = p,
+                _ => return false,
+            }
+        }
+        *covered = o.last;
+        let (me, cancel) = (self.clone(), cancel.clone());
+        *writing = Some(tokio::spawn(
+            async move { me.flush(Some(o), &cancel).await },
+        ));
+        true
+    }
+
+    /// Lets the object being written finish its attempt (and its ack) before stopping.
+    async fn drain(writing: Option<tokio::task::JoinHandle<Option<u64>>>) -> anyhow::Result<()> {
+        if let Some(w) = writing {
+            let _ = w.await;
+        }
+        Ok(())
     }
 
     /// Writes the object (until the store takes it), then acks it: the new position.
     /// `None` when cancelled before it was written.
     async fn flush(&self, open: Option<Open>, cancel: &CancellationToken) -> Option<u64> {
         let o = open?;
-        let path = self.archive.object_path(self.name, o.day, o.first, o.last);
+        let path = self.archive.object_path(&self.name, o.day, o.first, o.last);
         let started = Instant::now();
         let (put, size, kept) = self
             .until_ok("writing an archive object", cancel, || {
@@ -426,12 +472,12 @@ impl Stream<'_> {
             match o.last_msg.double_ack().await {
                 Ok(()) => break,
                 Err(e) if attempt == 2 => {
-                    tracing::warn!(stream = self.name, error = %e, "acking an archived object; it is skipped at the next start")
+                    tracing::warn!(stream = %self.name, error = %e, "acking an archived object; it is skipped at the next start")
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
-        let stream = self.name.to_owned();
+        let stream = self.name.clone();
         if put == Put::Created {
             metrics::counter!("archive_objects_total", "stream" => stream.clone()).increment(1);
             metrics::counter!("archive_records_total", "stream" => stream.clone()).increment(kept);
@@ -440,7 +486,7 @@ impl Stream<'_> {
         metrics::histogram!("archive_put_duration_seconds").record(started.elapsed().as_secs_f64());
         metrics::gauge!("archive_position", "stream" => stream).set(o.last as f64);
         self.state.position.store(o.last, Ordering::Relaxed);
-        tracing::debug!(stream = self.name, object = %path, records = kept, bytes = size, ?put, "archived");
+        tracing::debug!(stream = %self.name, object = %path, records = kept, bytes = size, ?put, "archived");
         Some(o.last)
     }
 
@@ -455,7 +501,7 @@ impl Stream<'_> {
             .begin()
             .await
             .context("Postgres (erasures are checked before archiving)")?;
-        let filtered = crate::store::privacy::filter(&mut tx, self.policy, &o.rows, &o.dead)
+        let filtered = crate::store::privacy::filter(&mut tx, &self.policy, &o.rows, &[])
             .await
             .context("checking erasures")?;
         let erased: HashSet<u64> = filtered.erased.iter().copied().collect();
