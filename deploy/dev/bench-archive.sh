@@ -27,6 +27,7 @@ start_bg "$OUT/s3-archive.log" "$WEED_BIN" server -dir="$PWD/$OUT/s3-archive" -i
   -filer -s3 -master.port=$((S3_PORT + 1000)) -volume.port=$((S3_PORT + 1001)) -filer.port=$((S3_PORT + 1002)) \
   -s3.port=$S3_PORT -s3.port.iceberg=0 -s3.port.lance=0 -master.volumeSizeLimitMB=256 -volume.max=20
 for _ in $(seq 1 120); do curl -sf -o /dev/null -X PUT "http://127.0.0.1:$S3_PORT/bench" && break; sleep 0.5; done
+curl -sf -o /dev/null "http://127.0.0.1:$S3_PORT/bench" || die "SeaweedFS did not start on port $S3_PORT (see $OUT/s3-archive.log)"
 export AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
   AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench ARCHIVE_URL="s3://bench/calls-$(date +%s)"
 
@@ -39,18 +40,22 @@ DB_A=$(with_database "$DATABASE_URL" callcap_bench_archive)
 psql "$DATABASE_URL" -qc "DROP DATABASE IF EXISTS callcap_bench_archive WITH (FORCE)"
 DATABASE_URL="$DB_A" "$B/persist-worker" migrate >/dev/null
 log "archiving (objects of $OBJ records)"
-T0=$(now)
 start_bg "$OUT/archiver.log" env DATABASE_URL="$DB_A" METRICS_ADDR=127.0.0.1:19190 \
   NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/worker.nk" ARCHIVE_OBJECT_RECORDS="$OBJ" ARCHIVE_LINGER_SECS=1 \
   RUST_LOG=warn "$B/persist-worker" archive
 ARCHIVER_PID=$LAST_PID
 position() { curl -sf http://127.0.0.1:19190/metrics | sed -n 's/^archive_position{stream="CALLS"} \([0-9.e+]*\)$/\1/p' | python3 -c 'import sys; t=sys.stdin.read().strip(); print(int(float(t)) if t else 0)'; }
-for _ in $(seq 1 6000); do [ "$(position)" -ge "$ROWS" ] && break; sleep 0.1; done
-[ "$(position)" -ge "$ROWS" ] || die "the archiver did not reach $ROWS (see $OUT/archiver.log)"
+# Steady state: from the first object written (start-up, the consumer made anew and the
+# archive's position read, left out) to the last.
+P0=0
+for _ in $(seq 1 6000); do P0=$(position) || P0=0; [ "$P0" -gt 0 ] && break; sleep 0.02; done
+T0=$(now)
+for _ in $(seq 1 6000); do P=$(position) || P=0; [ "$P" -ge "$ROWS" ] && break; sleep 0.05; done
+[ "$P" -ge "$ROWS" ] || die "the archiver did not reach $ROWS (see $OUT/archiver.log)"
 T1=$(now)
 BYTES=$(curl -sf http://127.0.0.1:19190/metrics | sed -n 's/^archive_bytes_total{stream="CALLS"} \([0-9.e+]*\)$/\1/p')
 kill "$ARCHIVER_PID"
-ARCH=$(python3 -c "print(round($ROWS / ($T1 - $T0)))")
+ARCH=$(python3 -c "print(round(($ROWS - $P0) / ($T1 - $T0)))")
 
 replay_rate() {
   local db=$1; shift
@@ -72,7 +77,7 @@ TABLE="$OUT/archive.txt"
 {
   echo "| measure | rate | same-run reference | ratio | cores |"
   echo "|---|---|---|---|---|"
-  echo "| archive (records/s; $OBJ per object, $(python3 -c "print(round($BYTES / 1048576, 1))") MiB compressed in all) | $ARCH | stream read $READ msgs/s | $(python3 -c "print(f'{$ARCH / $READ:.2f}')") | $(nproc) |"
+  echo "| archive (records/s after the first object; $OBJ per object, $(python3 -c "print(round($BYTES / 1048576, 1))") MiB compressed in all) | $ARCH | stream read $READ msgs/s | $(python3 -c "print(f'{$ARCH / $READ:.2f}')") | $(nproc) |"
   echo "| replay --from-archive (rows/s) | $FROM_ARCHIVE | replay --from-seq 1: $FROM_STREAM rows/s | $(python3 -c "print(f'{$FROM_ARCHIVE / $FROM_STREAM:.2f}')") | $(nproc) |"
 } > "$TABLE"
 echo
