@@ -84,19 +84,6 @@ pub struct ArchiveArgs {
     pub archive_url: Option<String>,
 }
 
-impl ArchiveArgs {
-    /// The archive, when one is configured.
-    ///
-    /// # Errors
-    /// When ARCHIVE_URL is malformed.
-    pub fn open(&self) -> anyhow::Result<Option<crate::archive::Archive>> {
-        self.archive_url
-            .as_deref()
-            .map(crate::archive::Archive::open)
-            .transpose()
-    }
-}
-
 /// Settings of `persist-worker archive`.
 #[derive(Debug, Clone, Args)]
 pub struct ArchiveRunArgs {

@@ -58,7 +58,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             run(&cli, Some(metrics), cancel).await
         }
         Some(Command::Archive(args)) => {
-            let archive = cli.archive.open()?.context(
+            let archive = archive::Archive::from_args(&cli.archive)?.context(
                 "archive needs ARCHIVE_URL (s3://bucket[/prefix]) and the AWS_* variables",
             )?;
             let metrics = install_recorder()?;
@@ -79,7 +79,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             let js = jetstream::new(client);
             let policy = privacy::Policy::from_args(&cli.privacy)?;
             let archive = if args.from_archive {
-                Some(cli.archive.open()?.context(
+                Some(archive::Archive::from_args(&cli.archive)?.context(
                     "--from-archive needs ARCHIVE_URL (s3://bucket[/prefix]) and the AWS_* variables",
                 )?)
             } else {
@@ -110,7 +110,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             let pool = pool()?;
             migrate(&cli.db.database_url, &pool, Duration::from_secs(30)).await?;
             let mut out = std::io::stdout().lock();
-            let archive = cli.archive.open()?;
+            let archive = archive::Archive::from_args(&cli.archive)?;
             erase::run(&js, archive.as_ref(), &pool, &policy, args, &mut out)
                 .await
                 .map(|_| ())

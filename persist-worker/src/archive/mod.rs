@@ -229,6 +229,14 @@ impl Archive {
         })
     }
 
+    /// The archive the command line names, when one is configured.
+    ///
+    /// # Errors
+    /// When ARCHIVE_URL is malformed.
+    pub fn from_args(args: &crate::config::ArchiveArgs) -> anyhow::Result<Option<Archive>> {
+        args.archive_url.as_deref().map(Archive::open).transpose()
+    }
+
     /// The URL it was opened with.
     pub fn url(&self) -> &str {
         &self.url
