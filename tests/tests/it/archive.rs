@@ -115,23 +115,6 @@ async fn metric(port: u16, name: &str) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum())
 }
 
-async fn drained(nats_url: &str) {
-    eventually(Duration::from_secs(30), "the workers to drain", || async {
-        let js = jetstream::new(callcap_tests::identities::connect(nats_url).await);
-        let stream = js.get_stream(STREAM).await.ok()?;
-        for lane in callcap::subjects::Lane::ALL {
-            let mut c: jetstream::consumer::PullConsumer =
-                stream.get_consumer(lane.consumer_name()).await.ok()?;
-            let info = c.info().await.ok()?;
-            if info.num_pending > 0 || info.num_ack_pending > 0 {
-                return None;
-            }
-        }
-        Some(())
-    })
-    .await;
-}
-
 async fn replay_from_archive(s3: &S3Server, nats_url: &str, db: &TestDb, extra: &[&str]) -> String {
     let url = s3.archive_url("calls");
     let mut env: Vec<(&str, String)> = s3.env();
@@ -245,7 +228,7 @@ async fn every_record_is_archived_once_across_crashes_and_the_archive_rebuilds_t
     let last = last_seq(&nats.url()).await;
     assert_eq!(last, 156);
     callcap_tests::db::assert_stored_exactly(&db, &posted, Duration::from_secs(30)).await;
-    drained(&nats.url()).await;
+    crate::erasure::drained(&nats.url()).await;
     admin
         .get_stream(STREAM)
         .await

@@ -99,7 +99,7 @@ async fn stream_hits(nats_url: &str, company: Uuid) -> usize {
 }
 
 /// Waits until both lanes' consumers have nothing pending.
-async fn drained(nats_url: &str) {
+pub(crate) async fn drained(nats_url: &str) {
     eventually(
         Duration::from_secs(30),
         "the workers to drain the stream",
