@@ -122,10 +122,7 @@ pub async fn read_json(
     if !is_json(headers) {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let JsonBody {
-        text,
-        mut reservation,
-    } = read_bytes(
+    let JsonBody { text, reservation } = read_bytes(
         budget,
         key_id,
         headers,
@@ -135,14 +132,50 @@ pub async fn read_json(
         retry_after_secs,
     )
     .await?;
-    let cost = budget::parse_cost(&text)
-        .map_err(|e| ApiError::BadRequest(format!("Malformed JSON: {e}")))?;
-    // Parsed values, and the stream messages built from them (about the text again).
-    reservation
-        .grow(cost.saturating_add(text.len()))
-        .map_err(|e| exhausted(e, retry_after_secs))?;
-    Ok(JsonBody { text, reservation })
+    let mut body = JsonBody { text, reservation };
+    body.reserve_parse(retry_after_secs)?;
+    Ok(body)
 }
+
+impl JsonBody {
+    /// Reserves what parsing the text as JSON will cost, and the stream messages built
+    /// from it (about the text again).
+    ///
+    /// # Errors
+    /// 400 when the text is not JSON; 413 or 503 when the memory cannot be held.
+    pub fn reserve_parse(&mut self, retry_after_secs: u64) -> Result<(), ApiError> {
+        let cost = budget::parse_cost(&self.text)
+            .map_err(|e| ApiError::BadRequest(format!("Malformed JSON: {e}")))?;
+        self.reservation
+            .grow(cost.saturating_add(self.text.len()))
+            .map_err(|e| exhausted(e, retry_after_secs))
+    }
+
+    /// Reserves what reading the text as a form will cost: every name and value copied
+    /// into a map of strings, and the stream message built from them.
+    ///
+    /// # Errors
+    /// 400 for more than [`MAX_FORM_PARAMS`] parameters (a provider sends a few dozen);
+    /// 413 or 503 when the memory cannot be held.
+    pub fn reserve_form(&mut self, retry_after_secs: u64) -> Result<(), ApiError> {
+        let pairs = self.text.split(|b| *b == b'&').count();
+        if pairs > MAX_FORM_PARAMS {
+            return Err(ApiError::BadRequest(format!(
+                "the form has {pairs} parameters; at most {MAX_FORM_PARAMS} are taken"
+            )));
+        }
+        // Decoded names and values (at most the text), a map entry and a JSON value per
+        // pair, and the message (about the text again).
+        self.reservation
+            .grow(
+                (2 * self.text.len()).saturating_add(pairs.saturating_mul(budget::FORM_PAIR_BYTES)),
+            )
+            .map_err(|e| exhausted(e, retry_after_secs))
+    }
+}
+
+/// Most parameters a form body (a provider callback) may have.
+pub const MAX_FORM_PARAMS: usize = 256;
 
 /// Whether the request says its body is JSON (`Content-Type: application/json`, any
 /// parameters).
@@ -178,7 +211,16 @@ pub async fn read_bytes(
         return Err(ApiError::PayloadTooLarge { limit });
     }
     let mut reservation = budget.reserve(key_id);
-    let read = read_decoded(body, encoding, limit, &mut reservation, retry_after_secs);
+    // A declared length sizes the first allocation: a small body reserves what it is.
+    let first = declared.map_or(FIRST_READ, |n| (n as usize).saturating_add(1));
+    let read = read_decoded(
+        body,
+        encoding,
+        limit,
+        first,
+        &mut reservation,
+        retry_after_secs,
+    );
     let text = match tokio::time::timeout(timeout, read).await {
         Err(_) => return Err(ApiError::RequestTimeout),
         Ok(result) => result?,
@@ -186,16 +228,31 @@ pub async fn read_bytes(
     Ok(JsonBody { text, reservation })
 }
 
+/// The first allocation for a body of unknown length.
+const FIRST_READ: usize = 16 * 1024;
+/// What an inflate (gzip, deflate) decoder holds: its 32 KiB window and state, with room.
+const INFLATE_BYTES: usize = 64 * 1024;
+/// A zstd decoding context without its buffers (`ZSTD_sizeof_DCtx` is ~95 KiB in 1.5).
+const ZSTD_CONTEXT_BYTES: usize = 128 * 1024;
+/// The largest zstd block, and so the decoder's input buffer.
+const ZSTD_BLOCK_MAX: u64 = 128 * 1024;
+/// Largest zstd window taken (the library's default limit): 2^27 bytes.
+const ZSTD_WINDOW_LOG_MAX: u32 = 27;
+/// Longest zstd frame header: magic, descriptor, window, dictionary id, content size.
+const ZSTD_HEADER_MAX: usize = 18;
+
 /// Reads and decodes `body` up to `limit` decoded bytes (one more means 413), reserving
-/// each piece of the buffer before it is allocated.
+/// each piece of the buffer before it is allocated, and the decoder's own memory before
+/// it is made: an inflate window, or what the zstd frame's header says its decoder holds.
 async fn read_decoded(
     body: Body,
     encoding: Encoding,
     limit: usize,
+    first: usize,
     reservation: &mut Reservation,
     retry_after_secs: u64,
 ) -> Result<Bytes, ApiError> {
-    use async_compression::tokio::bufread::{GzipDecoder, ZlibDecoder, ZstdDecoder};
+    use async_compression::tokio::bufread::{GzipDecoder, ZlibDecoder};
     // The compressed bytes are bounded by the same limit (a body that does not shrink is
     // no reason to read more of it).
     let wire = http_body_util::Limited::new(body, limit);
@@ -204,23 +261,30 @@ async fn read_decoded(
         .map_ok(|frame| frame.into_data().unwrap_or_default())
         .map_err(std::io::Error::other);
     let reader = tokio_util::io::StreamReader::new(stream);
-    let mut out = Vec::new();
+    let mut out = Buffer {
+        bytes: Vec::new(),
+        first: first.min(limit + 1),
+        limit,
+    };
     let result = match encoding {
-        Encoding::Identity => read_limited(reader, &mut out, limit, reservation).await,
+        Encoding::Identity => out.read_from(reader, reservation).await,
         Encoding::Gzip => {
             let mut d = GzipDecoder::new(reader);
             d.multiple_members(true);
-            decode_all(d, &mut out, limit, reservation).await
+            decode_all(d, INFLATE_BYTES, &mut out, reservation).await
         }
         Encoding::Deflate => {
-            decode_all(ZlibDecoder::new(reader), &mut out, limit, reservation).await
+            decode_all(
+                ZlibDecoder::new(reader),
+                INFLATE_BYTES,
+                &mut out,
+                reservation,
+            )
+            .await
         }
-        Encoding::Zstd => {
-            let mut d = ZstdDecoder::new(reader);
-            d.multiple_members(true);
-            decode_all(d, &mut out, limit, reservation).await
-        }
+        Encoding::Zstd => decode_zstd(reader, &mut out, reservation).await,
     };
+    let out = out.bytes;
     match result {
         Ok(()) => Ok(Bytes::from(out)),
         Err(ReadError::TooLarge) => Err(ApiError::PayloadTooLarge { limit }),
@@ -262,19 +326,21 @@ impl From<std::io::Error> for ReadError {
     }
 }
 
-/// A decoder read to its end, then its input checked for bytes it did not consume.
+/// A decoder holding `state` bytes of its own, read to its end, then its input checked
+/// for bytes it did not consume.
 async fn decode_all<D, R>(
     decoder: D,
-    out: &mut Vec<u8>,
-    limit: usize,
+    state: usize,
+    out: &mut Buffer,
     reservation: &mut Reservation,
 ) -> Result<(), ReadError>
 where
     D: AsyncRead + Unpin + IntoInner<R>,
     R: AsyncBufRead + Unpin,
 {
+    reservation.grow(state).map_err(ReadError::Budget)?;
     let mut decoder = decoder;
-    read_limited(&mut decoder, out, limit, reservation).await?;
+    out.read_from(&mut decoder, reservation).await?;
     let mut rest = decoder.into_inner_reader();
     if rest.fill_buf().await?.is_empty() {
         Ok(())
@@ -297,35 +363,202 @@ macro_rules! into_inner {
         }
     )*};
 }
-into_inner!(GzipDecoder, ZlibDecoder, ZstdDecoder);
+into_inner!(GzipDecoder, ZlibDecoder);
 
-/// Reads `reader` to its end into `out`, at most `limit` bytes, growing `reservation`
-/// before the buffer grows (by doubling, so a body costs at most twice its size).
-async fn read_limited<R: AsyncRead + Unpin>(
-    mut reader: R,
-    out: &mut Vec<u8>,
-    limit: usize,
+/// A zstd frame's header, as far as memory goes (RFC 8878, 3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ZstdFrame {
+    /// A data frame whose decoder holds this many bytes.
+    Data { memory: usize },
+    /// A skippable frame: this many bytes after its 8-byte header.
+    Skippable(u64),
+}
+
+/// Reads the frame header at the start of `bytes` (up to [`ZSTD_HEADER_MAX`] of them);
+/// `None` when they are not one.
+fn zstd_frame(bytes: &[u8]) -> Option<ZstdFrame> {
+    let magic = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?);
+    if magic & 0xFFFF_FFF0 == 0x184D_2A50 {
+        let len = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?);
+        return Some(ZstdFrame::Skippable(u64::from(len)));
+    }
+    if magic != 0xFD2F_B528 {
+        return None;
+    }
+    let descriptor = *bytes.get(4)?;
+    let single_segment = descriptor & 0x20 != 0;
+    let mut at = 5;
+    let mut window = 0u64;
+    if !single_segment {
+        let w = *bytes.get(at)?;
+        at += 1;
+        let log = 10 + u32::from(w >> 3);
+        let base = 1u64.checked_shl(log)?;
+        window = base + base / 8 * u64::from(w & 7);
+    }
+    at += [0, 1, 2, 4][usize::from(descriptor & 3)];
+    let size_bytes = match descriptor >> 6 {
+        0 if single_segment => 1,
+        0 => 0,
+        1 => 2,
+        2 => 4,
+        _ => 8,
+    };
+    let content = if size_bytes == 0 {
+        None
+    } else {
+        let raw = bytes.get(at..at + size_bytes)?;
+        let mut le = [0u8; 8];
+        le[..size_bytes].copy_from_slice(raw);
+        let n = u64::from_le_bytes(le);
+        Some(if size_bytes == 2 { n + 256 } else { n })
+    };
+    if single_segment {
+        window = content?;
+    }
+    // What libzstd's streaming decoder allocates (`ZSTD_decodingBufferSize_min`): the
+    // window and two blocks, or the whole content when that is less; an input block.
+    let block = window.min(ZSTD_BLOCK_MAX);
+    let ring = window.saturating_add(2 * block + 64);
+    let output = content.map_or(ring, |c| c.min(ring));
+    let memory = usize::try_from(output.saturating_add(block))
+        .unwrap_or(usize::MAX)
+        .saturating_add(ZSTD_CONTEXT_BYTES);
+    Some(ZstdFrame::Data { memory })
+}
+
+/// Decodes a zstd body frame by frame, reserving each frame's decoder memory (from its
+/// header) before the decoder is made: a frame declaring a large window without a
+/// content size costs that window, however few bytes it holds. Skippable frames are
+/// skipped; anything else after a frame is trailing bytes.
+async fn decode_zstd<R: AsyncBufRead + Unpin>(
+    reader: R,
+    out: &mut Buffer,
     reservation: &mut Reservation,
 ) -> Result<(), ReadError> {
-    const FIRST: usize = 16 * 1024;
+    use async_compression::tokio::bufread::ZstdDecoder;
+    use async_compression::zstd::DParameter;
+    // Bytes read ahead of `reader` (a header peeked, or what a short frame left).
+    let mut ahead: Vec<u8> = Vec::with_capacity(ZSTD_HEADER_MAX);
+    let mut reader = reader;
+    let mut held = 0usize;
+    let mut frames = 0u32;
     loop {
-        if out.len() == out.capacity() {
-            if out.len() > limit {
+        while ahead.len() < ZSTD_HEADER_MAX {
+            let buf = reader.fill_buf().await?;
+            if buf.is_empty() {
+                break;
+            }
+            let n = buf.len().min(ZSTD_HEADER_MAX - ahead.len());
+            ahead.extend_from_slice(&buf[..n]);
+            reader.consume(n);
+        }
+        if ahead.is_empty() && frames > 0 {
+            return Ok(());
+        }
+        match zstd_frame(&ahead) {
+            Some(ZstdFrame::Skippable(len)) => {
+                let mut skip = len.saturating_add(8);
+                let from_ahead = ahead.len().min(usize::try_from(skip).unwrap_or(usize::MAX));
+                ahead.drain(..from_ahead);
+                skip -= from_ahead as u64;
+                let skipped =
+                    tokio::io::copy(&mut (&mut reader).take(skip), &mut tokio::io::sink()).await?;
+                if skipped < skip {
+                    return Err(ReadError::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "a skippable frame is cut short",
+                    )));
+                }
+            }
+            Some(ZstdFrame::Data { memory }) => {
+                if memory > held {
+                    reservation.grow(memory - held).map_err(ReadError::Budget)?;
+                    held = memory;
+                }
+                let input = std::io::Cursor::new(std::mem::take(&mut ahead)).chain(reader);
+                let mut decoder = ZstdDecoder::with_params(
+                    input,
+                    &[DParameter::window_log_max(ZSTD_WINDOW_LOG_MAX)],
+                );
+                out.read_from(&mut decoder, reservation).await?;
+                let (left, rest) = decoder.into_inner().into_inner();
+                let at = usize::try_from(left.position()).unwrap_or(usize::MAX);
+                ahead = left.into_inner().get(at..).unwrap_or_default().to_vec();
+                reader = rest;
+                frames += 1;
+            }
+            None if frames == 0 => {
+                return Err(ReadError::Io(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "no zstd frame at its start",
+                )))
+            }
+            None => return Err(ReadError::Trailing),
+        }
+    }
+}
+
+/// The decoded body as it grows, within its limit and its reservation.
+struct Buffer {
+    bytes: Vec<u8>,
+    /// The first allocation (the declared length, or [`FIRST_READ`]).
+    first: usize,
+    limit: usize,
+}
+
+impl Buffer {
+    /// Reads `reader` to its end, at most `limit` bytes in all, growing the reservation
+    /// before the buffer grows. Growing doubles the buffer and moves it: the old and the
+    /// new allocation are both held until the copy is done, and so both reserved (a body
+    /// then costs at most twice its size, and at its peak three times).
+    async fn read_from<R: AsyncRead + Unpin>(
+        &mut self,
+        mut reader: R,
+        reservation: &mut Reservation,
+    ) -> Result<(), ReadError> {
+        // `bytes` is kept at its full length (zeroed, then overwritten) and `filled`
+        // counts what was read: the reader writes only into what was reserved, never
+        // into room an adaptive `read_to_end` would add on its own.
+        let out = &mut self.bytes;
+        let mut filled = out.len();
+        out.resize(out.capacity(), 0);
+        loop {
+            if filled == out.len() {
+                if filled > self.limit {
+                    return Err(ReadError::TooLarge);
+                }
+                let old = out.capacity();
+                // One byte past the limit tells "too large" from "exactly the limit".
+                let target = (old * 2).max(self.first).min(self.limit + 1);
+                if let Err(e) = reservation.grow(target) {
+                    out.truncate(filled);
+                    return Err(ReadError::Budget(e));
+                }
+                out.reserve_exact(target - out.len());
+                out.resize(target, 0);
+                reservation.shrink(old);
+            }
+            let n = match reader.read(&mut out[filled..]).await {
+                Ok(n) => n,
+                Err(e) => {
+                    out.truncate(filled);
+                    return Err(e.into());
+                }
+            };
+            filled += n;
+            if n == 0 {
+                out.truncate(filled);
+                return if filled > self.limit {
+                    Err(ReadError::TooLarge)
+                } else {
+                    Ok(())
+                };
+            }
+            if filled > self.limit {
+                out.truncate(filled);
                 return Err(ReadError::TooLarge);
             }
-            // One byte past the limit tells "too large" from "exactly the limit".
-            let target = (out.capacity() * 2).max(FIRST).min(limit + 1);
-            let more = target - out.capacity();
-            reservation.grow(more).map_err(ReadError::Budget)?;
-            out.reserve_exact(more);
-        }
-        let room = out.capacity() - out.len();
-        let n = (&mut reader).take(room as u64).read_to_end(out).await?;
-        if out.len() > limit {
-            return Err(ReadError::TooLarge);
-        }
-        if n < room {
-            return Ok(());
         }
     }
 }
@@ -470,6 +703,98 @@ mod tests {
         assert!(other.is_ok());
         drop((held, other));
         assert_eq!(budget.used(), 0);
+    }
+
+    /// The third probe, item 18: zstd bodies held more than the budget counted (the
+    /// decoder's window and buffers). A frame's header says what its decoder holds; it is
+    /// reserved before the decoder is made, so a 2 KB body declaring a 128 MiB window is
+    /// refused at once instead of allocating it.
+    #[tokio::test]
+    async fn a_zstd_frames_decoder_memory_is_counted_before_it_is_made() {
+        // Content size in the header (single segment): the decoder needs the content.
+        let sized = zstd::bulk::compress(b"{\"a\":1}", 3).unwrap();
+        let Some(ZstdFrame::Data { memory }) = zstd_frame(&sized) else {
+            panic!("a data frame")
+        };
+        assert!(memory < ZSTD_CONTEXT_BYTES + 64 * 1024, "{memory}");
+        // Streamed without a size (what many encoders write): the level's window (2 MiB
+        // at level 3) and two blocks, however small the body — what libzstd allocates.
+        let streamed = zstd::encode_all(&b"{\"a\":1}"[..], 3).unwrap();
+        let Some(ZstdFrame::Data { memory }) = zstd_frame(&streamed) else {
+            panic!("a data frame")
+        };
+        assert!(memory > 2 << 20 && memory < 3 << 20, "{memory}");
+        // A streamed frame with a 128 MiB window and no content size.
+        let mut e = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        e.include_contentsize(false).unwrap();
+        e.window_log(27).unwrap();
+        e.long_distance_matching(true).unwrap();
+        std::io::Write::write_all(&mut e, b"{\"a\":[1,2,3]}").unwrap();
+        let wide = e.finish().unwrap();
+        assert!(wide.len() < 2048);
+        let Some(ZstdFrame::Data { memory }) = zstd_frame(&wide) else {
+            panic!("a data frame")
+        };
+        assert!(memory > 128 << 20, "{memory}");
+        let budget = MemoryBudget::new(256 << 20, 64 << 20);
+        match read(&budget, Some("zstd"), wide.clone(), 8 << 20).await {
+            Err(ApiError::BodyTooCostly { needed, .. }) => assert!(needed > 128 << 20),
+            other => panic!("{:?}", other.map(|b| b.text)),
+        }
+        // With room for it, it is read, and the reservation covered the window.
+        let roomy = MemoryBudget::new(1 << 30, 1 << 30);
+        let body = read(&roomy, Some("zstd"), wide, 8 << 20)
+            .await
+            .ok()
+            .unwrap();
+        assert!(body.reservation.bytes() > 128 << 20);
+        assert_eq!(&body.text[..], b"{\"a\":[1,2,3]}");
+        assert!(zstd_frame(b"not zstd").is_none());
+    }
+
+    /// A buffer that grows is held twice while it moves: counted so.
+    #[tokio::test]
+    async fn a_growing_buffer_counts_its_old_and_new_allocation() {
+        // 200 KB of JSON, length not declared: 16K, 32K, …, 256K; while growing from 128K
+        // to 256K both are held (384K): a key share of 300K refuses it.
+        let text = format!("[{}0]", "0,".repeat(100_000));
+        let budget = MemoryBudget::new(1 << 30, 300 * 1024);
+        let got = read_bytes(
+            &budget,
+            "k1",
+            &headers(None),
+            Body::from_stream(futures::stream::iter([Ok::<_, std::io::Error>(
+                bytes::Bytes::from(text.clone()),
+            )])),
+            1 << 20,
+            std::time::Duration::from_secs(5),
+            1,
+        )
+        .await;
+        assert!(
+            matches!(got, Err(ApiError::BodyTooCostly { .. })),
+            "{:?}",
+            got.err()
+        );
+        assert_eq!(budget.used(), 0);
+        let budget = MemoryBudget::new(1 << 30, 400 * 1024);
+        let got = read_bytes(
+            &budget,
+            "k1",
+            &headers(None),
+            Body::from_stream(futures::stream::iter([Ok::<_, std::io::Error>(
+                bytes::Bytes::from(text.clone()),
+            )])),
+            1 << 20,
+            std::time::Duration::from_secs(5),
+            1,
+        )
+        .await
+        .ok()
+        .unwrap();
+        assert_eq!(got.text.len(), text.len());
+        // What is kept once read: the final buffer alone.
+        assert_eq!(got.reservation.bytes(), 256 * 1024);
     }
 
     #[tokio::test]

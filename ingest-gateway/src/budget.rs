@@ -147,6 +147,16 @@ impl Reservation {
         Ok(())
     }
 
+    /// Gives back `less` of the bytes held (memory freed before the request ends).
+    pub fn shrink(&mut self, less: usize) {
+        let less = less.min(self.bytes);
+        if less > 0 {
+            self.budget.used.fetch_sub(less, Ordering::AcqRel);
+            self.budget.give_back_key(&self.key, less);
+            self.bytes -= less;
+        }
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.bytes
@@ -169,6 +179,9 @@ const ELEMENT_SLACK: usize = VALUE;
 /// One entry of an object's B-tree map: key and value inline in a node that may be half
 /// empty, plus the node's own links (about 630 bytes a node of 5 to 11 entries).
 const MAP_ENTRY: usize = 128;
+/// A form parameter as the callbacks hold it: two strings in a map entry, then a JSON
+/// value, each with the allocator's overhead.
+pub const FORM_PAIR_BYTES: usize = MAP_ENTRY + VALUE + 4 * ALLOCATION;
 /// What the allocator adds to each string it holds.
 const ALLOCATION: usize = 16;
 

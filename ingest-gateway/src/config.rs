@@ -73,11 +73,6 @@ pub enum PartitionsCommand {
     /// List the partition streams: layout, sealed or not, records, records the workers
     /// have not stored yet per lane, leader.
     Show,
-    /// Change the number of partitions: seals the current streams, creates the new
-    /// ones (numbered past every old record, so nothing is reordered), and waits until
-    /// the workers have stored everything the sealed ones hold. Gateways and workers
-    /// follow by themselves; nothing is lost (a refused publish is sent again to the new
-    /// layout). Run again after a failure to complete it. Run with the admin identity.
     /// Print KEDA ScaledObjects for the streams on the server: one per lane (scaling
     /// `persist-worker` and `persist-worker-overflow`), with one `nats-jetstream` trigger
     /// per partition stream (sealed ones too, while they hold a backlog), to apply in
@@ -90,6 +85,12 @@ pub enum PartitionsCommand {
         #[arg(long, default_value = "nats.nats.svc:8222")]
         monitoring: String,
     },
+    /// Change the number of partitions: seals the current streams, creates the new
+    /// ones (numbered past every old record, so nothing is reordered), and waits until
+    /// the workers have stored everything the sealed ones hold. Gateways and workers
+    /// follow by themselves; nothing is lost (a refused publish is sent again to the new
+    /// layout). Run again after a failure to complete it; with the current count, it
+    /// spreads the leaders again (see `balance`). Run with the admin identity.
     Set {
         /// Partitions of the new layout (1 to 64). On a cluster, at least the node count
         /// spreads the stream leaders over every node.
@@ -99,6 +100,14 @@ pub enum PartitionsCommand {
         #[arg(long)]
         no_wait: bool,
     },
+    /// On a cluster, move the current layout's stream leaders back to one partition per
+    /// node (partition i on the i-th node). A failover leaves a partition's leadership
+    /// on whichever node took it over, and nothing moves it back when the node returns:
+    /// run this after a node was lost and is back (`partitions show` says when the
+    /// leaders are bunched), so that losing one node stops only its partitions'
+    /// companies again. Each move is a short election of that partition only. Run with
+    /// the admin identity.
+    Balance,
 }
 
 /// `ingest-gateway check`.
@@ -194,6 +203,11 @@ pub enum ConnectorsCommand {
         /// address (e.g. proxy protocol off, direct routing).
         #[arg(long)]
         allow_network: Vec<String>,
+        /// Vonage only, required: the id of the Vonage application whose Event URL this
+        /// connector is. Vonage's signed tokens name their application and do not cover
+        /// the URL, so a connector takes only its own application's callbacks.
+        #[arg(long)]
+        application: Option<String>,
     },
     /// List connectors (never a secret or token): id, company, provider, valid secrets,
     /// created, public URL.
@@ -214,6 +228,15 @@ pub enum ConnectorsCommand {
         /// Hours the previous secret stays valid (0 to 720).
         #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u32).range(0..=720))]
         overlap_hours: u32,
+    },
+    /// Bind a Vonage connector made before connectors named their application (its
+    /// callbacks are answered 503 until it is bound) to its Vonage application.
+    Bind {
+        /// The connector id.
+        connector_id: String,
+        /// The id of the Vonage application whose Event URL this connector is.
+        #[arg(long)]
+        application: String,
     },
     /// Revoke a connector; running gateways refuse its callbacks within a second.
     Revoke {
@@ -371,6 +394,25 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u8).range(1..=100))]
     pub body_memory_per_key_percent: u8,
 
+    /// Share of BODY_MEMORY_MB kept for provider callbacks' bodies, in percent. A
+    /// callback's body is read before its signature can be checked (Twilio and Plivo sign
+    /// the body), so this pool is apart from the API's: forged callbacks cannot take the
+    /// memory of dialers' records, nor the reverse. One source address (the connecting
+    /// peer, or the client a TRUSTED_PROXIES balancer names) may hold an eighth of it, so
+    /// slow bodies from one sender do not hold up the provider's genuine callbacks.
+    #[arg(long, env = "CALLBACK_MEMORY_PERCENT", default_value_t = 10,
+          value_parser = clap::value_parser!(u8).range(1..=50))]
+    pub callback_memory_percent: u8,
+
+    /// Networks (CIDR, comma-separated) of the load balancers or proxies in front of the
+    /// gateways. A request from one of them is taken to come from the last address in its
+    /// X-Forwarded-For that is not itself in these networks: the address the callback
+    /// memory is shared by and Exotel's --allow-network is matched against. Empty (the
+    /// default): the connecting address, and X-Forwarded-For is ignored (a client can
+    /// write anything there).
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
     /// Per-key rate limit, in requests per second; 0 turns it off (the API document
     /// promises no hard limit, so off is the default).
     #[arg(long, env = "RATE_LIMIT_PER_SEC", default_value_t = 0.0)]
@@ -454,6 +496,8 @@ impl Default for ServeArgs {
             nats_monitor_url: None,
             body_memory_mb: 0,
             body_memory_per_key_percent: 50,
+            callback_memory_percent: 10,
+            trusted_proxies: Vec::new(),
             rate_limit_per_sec: 0.0,
             rate_limit_burst: 100,
             retry_after_secs: 1,
@@ -487,6 +531,12 @@ impl ServeArgs {
             0 => crate::budget::default_limit_bytes(),
             mb => (mb as usize).saturating_mul(1024 * 1024),
         }
+    }
+
+    /// The part of `total` (what [`ServeArgs::body_memory_bytes`] gave) kept for provider
+    /// callbacks' bodies; the rest is the API's.
+    pub fn callback_memory_bytes(&self, total: usize) -> usize {
+        total / 100 * usize::from(self.callback_memory_percent)
     }
 
     /// What one key may hold of `total` (what [`ServeArgs::body_memory_bytes`] gave).

@@ -62,9 +62,9 @@ pub enum ApiError {
     #[error("request has {count} header fields; at most {limit} are allowed")]
     TooManyHeaders { count: usize, limit: usize },
     #[error("callback refused: {0}")]
-    CallbackUnauthorized(String),
+    CallbackUnauthorized(&'static str),
     #[error("callback refused: {0}")]
-    CallbackForbidden(String),
+    CallbackForbidden(&'static str),
     #[error("this connector cannot check callbacks on this gateway right now; retry shortly")]
     ConnectorUnusable { retry_after_secs: u64 },
     #[error("no such route")]
@@ -216,26 +216,35 @@ impl ApiError {
     }
 }
 
-/// At most one log line per refusal reason per [`RefusalLog::EVERY`].
-pub struct RefusalLog {
-    last: std::sync::Mutex<std::collections::HashMap<&'static str, (std::time::Instant, u64)>>,
+/// At most one log line per key (a refusal's reason, or a connector and reason) per
+/// [`RefusalLog::EVERY`]. Keys must come from a bounded set: an entry is kept per key.
+pub struct RefusalLog<K> {
+    last: std::sync::Mutex<std::collections::HashMap<K, (std::time::Instant, u64)>>,
 }
 
-static REFUSAL_LOG: std::sync::LazyLock<RefusalLog> = std::sync::LazyLock::new(|| RefusalLog {
-    last: std::sync::Mutex::new(std::collections::HashMap::new()),
-});
+static REFUSAL_LOG: std::sync::LazyLock<RefusalLog<&'static str>> =
+    std::sync::LazyLock::new(RefusalLog::default);
 
-impl RefusalLog {
-    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+impl<K> Default for RefusalLog<K> {
+    fn default() -> Self {
+        RefusalLog {
+            last: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq> RefusalLog<K> {
+    /// How often a key may be logged.
+    pub const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
     /// `Some(suppressed since the last line)` when a line may be written now.
-    fn admit(&self, reason: &'static str) -> Option<u64> {
+    pub fn admit(&self, reason: K) -> Option<u64> {
         let now = std::time::Instant::now();
         let mut last = self
             .last
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match last.get_mut(reason) {
+        match last.get_mut(&reason) {
             Some((at, suppressed)) if now.duration_since(*at) < Self::EVERY => {
                 *suppressed += 1;
                 None

@@ -10,11 +10,9 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use bytes::Bytes;
 use callcap::identity::{self, CallId};
-use callcap::subjects::Lane;
 use callcap::validate::Incoming;
-use callcap::{CallRecord, Envelope, ValidationError};
+use callcap::{CallRecord, ValidationError};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
@@ -26,7 +24,8 @@ use crate::auth::Principal;
 use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::extract::{BatchText, Caller, RateHeaders, RecordText};
-use crate::publish::{Outbound, PublishError};
+use crate::intake;
+use crate::publish::Outbound;
 use crate::state::AppState;
 
 /// Store one call record.
@@ -58,30 +57,16 @@ pub async fn create_call(
     };
     check_company(principal, &record)?;
     let idem = idempotency_key(&headers)?;
-    let permit = state
-        .inflight
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| ApiError::Overloaded {
-            retry_after_secs: u64::from(state.serve.retry_after_secs),
-        })?;
     let received_at = Utc::now();
-    let lane = state
-        .lanes
-        .route(principal.company_id, 1, std::time::Instant::now());
-    let (id, outbound) = prepare(
-        record,
+    let (id, receipt) = intake::publish_one(
+        &state,
         principal,
-        lane,
+        record,
         idem.as_deref(),
-        request_id(&headers),
+        intake::request_id(&headers),
         received_at,
-    );
-    let outcome = state.publisher.publish(vec![outbound]).await.pop();
-    drop(permit);
-    let receipt = outcome
-        .expect("the publisher answers one outcome per record")
-        .map_err(|e| unavailable(&state, e))?;
+    )
+    .await?;
     tracing::debug!(call_history_id = %id.id, seq = receipt.seq, duplicate = receipt.duplicate, "record accepted");
     let created = Created {
         success: true,
@@ -234,7 +219,7 @@ async fn batch(
         )));
     }
     let received_at = Utc::now();
-    let rid = request_id(headers);
+    let rid = intake::request_id(headers);
     // Every record of a request is its key's company's: one lane for the request, sized
     // by its records.
     let lane = state
@@ -250,7 +235,8 @@ async fn batch(
             .and_then(|r| check_company(principal, &r).map(|()| r));
         match checked {
             Ok(record) => {
-                let (id, out) = prepare(record, principal, lane, None, rid.clone(), received_at);
+                let (id, out) =
+                    intake::prepare(record, principal, lane, None, rid.clone(), received_at);
                 valid.push((index, id, out));
                 results.push(None);
             }
@@ -262,9 +248,7 @@ async fn batch(
             .inflight
             .clone()
             .try_acquire_many_owned(u32::try_from(valid.len()).unwrap_or(u32::MAX))
-            .map_err(|_| ApiError::Overloaded {
-                retry_after_secs: u64::from(state.serve.retry_after_secs),
-            })?;
+            .map_err(|_| intake::overloaded(state))?;
         publish_all(state, valid, &mut results, received_at).await;
         drop(permits);
     }
@@ -307,7 +291,7 @@ async fn publish_all(
     for ((index, id), outcome) in slots.into_iter().zip(outcomes) {
         results[index] = Some(match outcome {
             Ok(_) => item_ok(index, id.id, received_at),
-            Err(e) => item_err(index, &unavailable(state, e)),
+            Err(e) => item_err(index, &intake::unavailable(state, e)),
         });
     }
 }
@@ -334,59 +318,6 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
             "Idempotency-Key",
             "Idempotency-Key must be 1 to 255 visible ASCII characters",
         ))),
-    }
-}
-
-/// The request id to copy into the envelope. The middleware has already replaced an
-/// unbounded one with a generated id; checked again here because it lands in the stream.
-fn request_id(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|id| callcap::envelope::valid_request_id(id))
-        .map(str::to_owned)
-}
-
-/// Derives the record's id and builds its stream message.
-pub(crate) fn prepare(
-    record: CallRecord,
-    principal: &Principal,
-    lane: Lane,
-    idem: Option<&str>,
-    request_id: Option<String>,
-    received_at: DateTime<Utc>,
-) -> (CallId, Outbound) {
-    let id = identity::call_history_id(&record, idem);
-    let subject = lane.subject(record.company_id);
-    let envelope = Envelope::new(
-        id.id,
-        received_at,
-        principal.key_id.clone(),
-        request_id,
-        record,
-    );
-    // The record is serialized once: the dedup id hashes the bytes the envelope carries.
-    let (record_json, payload) = envelope.encode_with_record();
-    (
-        id,
-        Outbound {
-            subject,
-            msg_id: identity::msg_id_of(id.id, &record_json),
-            payload: Bytes::from(payload),
-        },
-    )
-}
-
-pub(crate) fn unavailable(state: &AppState, e: PublishError) -> ApiError {
-    if e.is_retryable() {
-        ApiError::Unavailable {
-            retry_after_secs: u64::from(state.serve.retry_after_secs),
-            source: e,
-        }
-    } else {
-        ApiError::PayloadTooLarge {
-            limit: callcap::subjects::MAX_MESSAGE_BYTES as usize,
-        }
     }
 }
 

@@ -1,5 +1,5 @@
-//! `ingest-gateway partitions show | set <N>`: the partition layout (`callcap::partitions`),
-//! read and changed with the admin NATS identity.
+//! `ingest-gateway partitions show | set <N> | balance | keda`: the partition layout
+//! (`callcap::partitions`), read and changed with the admin NATS identity.
 //!
 //! `set` is the one command that changes the number of partitions, a drain-and-switch:
 //! 1. the current layout's streams are sealed: from then on they refuse every publish, so
@@ -17,10 +17,16 @@
 //! Run again after a failure, it completes what is missing. Sealed streams are kept (a
 //! sealed stream deletes nothing, not even by age): delete them with the NATS CLI once
 //! their records are past the replay window you need.
+//!
+//! On a cluster the layout's leaders are spread one partition per node, so that a node's
+//! loss stops only the companies of the partitions it led. A failover moves a leader and
+//! nothing moves it back: `balance` (and `set` with the current count) spreads them
+//! again, and `show` says when they are bunched.
 
 use std::io::Write;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use async_nats::jetstream;
 use callcap::config::StreamArgs;
 use callcap::partitions::{self, Found, Layout, Partition, MAX_PARTITIONS};
@@ -44,6 +50,8 @@ pub async fn show(js: &jetstream::Context, out: &mut impl Write) -> anyhow::Resu
         "{:<14} {:>6} {:>9} {:>7} {:>12} {:>12} {:>12}  leader",
         "stream", "layout", "partition", "sealed", "records", "main left", "overflow left"
     )?;
+    let mut led: std::collections::BTreeMap<String, u32> = Default::default();
+    let current = partitions::current_of(&found).ok().flatten();
     for f in &found {
         let mut stream = js.get_stream(f.partition.stream_name()).await?;
         let info = stream.info().await?.clone();
@@ -52,6 +60,9 @@ pub async fn show(js: &jetstream::Context, out: &mut impl Write) -> anyhow::Resu
             .as_ref()
             .and_then(|c| c.leader.clone())
             .unwrap_or_else(|| "-".into());
+        if current.is_some_and(|l| l.epoch == f.partition.epoch) && leader != "-" {
+            *led.entry(leader.clone()).or_default() += 1;
+        }
         let left = |lane: Lane| {
             let stream = &stream;
             async move {
@@ -73,7 +84,53 @@ pub async fn show(js: &jetstream::Context, out: &mut impl Write) -> anyhow::Resu
             left(Lane::Overflow).await,
         )?;
     }
+    if let (Some(l), Some((node, n))) = (current, led.iter().max_by_key(|(_, n)| **n)) {
+        let nodes = clustered_nodes(js, &l).await.unwrap_or_default();
+        let fair = (l.count as usize).div_ceil(nodes.len().max(1)) as u32;
+        if nodes.len() > 1 && *n > fair {
+            writeln!(
+                out,
+                "leaders bunched: {node} leads {n} of {} partitions (a failover moved them); losing it stops \
+                 all their companies. Run `ingest-gateway partitions balance`",
+                l.count
+            )?;
+        }
+    }
     Ok(())
+}
+
+/// The nodes a layout's streams are placed on (its first stream's peers), sorted; empty
+/// on a single server.
+async fn clustered_nodes(js: &jetstream::Context, layout: &Layout) -> anyhow::Result<Vec<String>> {
+    let first = layout.partitions()[0].stream_name();
+    let mut stream = js.get_stream(&first).await?;
+    let info = stream.info().await?;
+    if info.config.num_replicas < 2 {
+        return Ok(Vec::new());
+    }
+    Ok(leader_of(js, &first).await?.1)
+}
+
+/// Spreads the current layout's leaders over the nodes again (see the module).
+///
+/// # Errors
+/// No layout yet, or JetStream not answering.
+pub async fn balance(js: &jetstream::Context, out: &mut impl Write) -> anyhow::Result<()> {
+    let found = partitions::list(js)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let layout = partitions::current_of(&found)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .context("there is no partition layout yet (no CALLS stream)")?;
+    if clustered_nodes(js, &layout).await?.is_empty() {
+        writeln!(
+            out,
+            "layout {}: a single copy of each stream: there is no other node to lead it",
+            layout.epoch
+        )?;
+        return Ok(());
+    }
+    spread_leaders(js, &layout, out).await
 }
 
 /// Prints one KEDA ScaledObject per lane with a trigger per partition stream on the
@@ -167,6 +224,11 @@ pub async fn set(
     let target = match (&current, newest) {
         (Ok(Some(l)), _) if l.count == count => {
             writeln!(out, "layout {} already has {count} partition(s)", l.epoch)?;
+            // What the command promised on a cluster, one partition per node, may have
+            // been undone by a failover since: spread the leaders again.
+            if !clustered_nodes(js, l).await?.is_empty() {
+                spread_leaders(js, l, out).await?;
+            }
             return Ok(());
         }
         (Ok(None), _) => Layout { epoch: 0, count },
@@ -354,7 +416,9 @@ async fn spread_leaders(
     for (i, name) in streams.iter().enumerate() {
         let wanted = &nodes[i % nodes.len()];
         let mut moved = false;
-        for _ in 0..10 {
+        // A node back from a failure takes a moment to be current: it cannot lead until
+        // then, so the move is retried for up to 30 s.
+        for _ in 0..100 {
             let (leader, _) = leader_of(js, name).await?;
             if &leader == wanted {
                 moved = true;

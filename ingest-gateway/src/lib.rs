@@ -26,6 +26,7 @@ pub mod connectors;
 pub mod error;
 pub mod extract;
 pub mod ingest;
+pub mod intake;
 pub mod keys;
 pub mod kv;
 pub mod lanes;
@@ -119,6 +120,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                 PartitionsCommand::Set { count, no_wait } => {
                     layout::set(&js, &cli.stream, *count, !*no_wait, &mut out).await
                 }
+                PartitionsCommand::Balance => layout::balance(&js, &mut out).await,
             }
         }
         Some(Command::Check(args)) => {
@@ -152,6 +154,7 @@ async fn run_connectors(cli: &Cli, cmd: &ConnectorsCommand) -> anyhow::Result<()
             secret_file,
             country,
             allow_network,
+            application,
         } => {
             let key = secrets_key(cli)?;
             let store = connector_store(cli).await?;
@@ -162,6 +165,7 @@ async fn run_connectors(cli: &Cli, cmd: &ConnectorsCommand) -> anyhow::Result<()
                 secret_file: secret_file.as_deref(),
                 country: country.as_deref(),
                 allow_networks: allow_network,
+                application: application.as_deref(),
             };
             admin::create(&store, &key, &new, &mut out)
                 .await
@@ -186,6 +190,14 @@ async fn run_connectors(cli: &Cli, cmd: &ConnectorsCommand) -> anyhow::Result<()
                 &mut out,
             )
             .await
+        }
+        ConnectorsCommand::Bind {
+            connector_id,
+            application,
+        } => {
+            let key = secrets_key(cli)?;
+            let store = connector_store(cli).await?;
+            admin::bind(&store, &key, connector_id, application, &mut out).await
         }
         ConnectorsCommand::Revoke { connector_id } => {
             admin::revoke(&connector_store(cli).await?, connector_id, &mut out).await

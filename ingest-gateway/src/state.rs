@@ -32,6 +32,9 @@ pub struct Shared {
     pub inflight: Arc<Semaphore>,
     /// Memory of request bodies being read, parsed and published; exhausted means 503.
     pub bodies: Arc<MemoryBudget>,
+    /// Memory of provider callbacks' bodies, shared by source address (a callback's body
+    /// is read before its signature is checked): apart from [`Shared::bodies`].
+    pub callback_bodies: Arc<MemoryBudget>,
     /// Which lane each company's records take.
     pub lanes: Lanes,
     /// Per-key rate limit, when configured.
@@ -77,12 +80,15 @@ impl AppState {
             .then(|| RateLimiter::new(serve.rate_limit_per_sec, serve.rate_limit_burst));
         // Resolved once: the default reads the cgroup's and the machine's memory.
         let body_memory = serve.body_memory_bytes();
+        let callback_memory = serve.callback_memory_bytes(body_memory);
+        let api_memory = body_memory - callback_memory;
         AppState(Arc::new(Shared {
             publisher,
             keys,
             connectors,
             inflight: Arc::new(Semaphore::new(serve.max_in_flight_publishes as usize)),
-            bodies: MemoryBudget::new(body_memory, serve.body_memory_per_key_bytes(body_memory)),
+            bodies: MemoryBudget::new(api_memory, serve.body_memory_per_key_bytes(api_memory)),
+            callback_bodies: MemoryBudget::new(callback_memory, callback_memory / 8),
             lanes: Lanes::new(
                 serve.overflow_rate,
                 serve.overflow_burst,

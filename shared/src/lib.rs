@@ -7,6 +7,7 @@
 //! - [`subjects`]: stream, subject, consumer and bucket names and definitions;
 //! - [`config`]: settings both binaries read from one environment;
 //! - [`examples`]: the API document's example records;
+//! - [`phone`]: reading written phone numbers (connectors' E.164, erasure's matching);
 //! - [`recent`]: figures over the last minute and the status pages' HTML frame;
 //! - [`telemetry`]: logging setup;
 //! - [`timestamp`]: reading and writing timestamps and dates so that both read back.
@@ -16,6 +17,7 @@ pub mod envelope;
 pub mod examples;
 pub mod identity;
 pub mod partitions;
+pub mod phone;
 pub mod recent;
 pub mod record;
 pub mod subjects;

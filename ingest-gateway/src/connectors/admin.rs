@@ -15,7 +15,8 @@ use rand::distr::{Alphanumeric, SampleString};
 use uuid::Uuid;
 
 use super::seal::SecretsKey;
-use super::{phone, ConnectorRecord, Provider, StoredSecret};
+use super::{ConnectorRecord, Provider, StoredSecret};
+use callcap::phone;
 
 /// Longest provider secret taken (Twilio and Plivo tokens are 32 characters).
 const MAX_SECRET_BYTES: usize = 512;
@@ -32,6 +33,71 @@ pub struct NewConnector<'a> {
     pub secret_file: Option<&'a Path>,
     pub country: Option<&'a str>,
     pub allow_networks: &'a [String],
+    /// Vonage: the application id whose callbacks the connector takes.
+    pub application: Option<&'a str>,
+}
+
+/// Checks an application id given for `provider`: required for Vonage (its token does
+/// not cover the URL), refused for the others (their signature covers the connector's
+/// URL, which names the connector).
+fn application(provider: Provider, given: Option<&str>) -> anyhow::Result<Option<String>> {
+    match (provider, given.map(str::trim)) {
+        (Provider::Vonage, None) => bail!(
+            "--application is required for Vonage: the id of the Vonage application whose Event URL this is \
+             (its signed tokens name it; a connector takes only its own application's callbacks)"
+        ),
+        (Provider::Vonage, Some(a)) => {
+            if a.is_empty()
+                || a.len() > 64
+                || !a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            {
+                bail!("--application must be a Vonage application id (letters, digits and dashes)");
+            }
+            Ok(Some(a.to_ascii_lowercase()))
+        }
+        (_, None) => Ok(None),
+        (_, Some(_)) => bail!(
+            "--application is for Vonage; the other providers sign the connector's own URL"
+        ),
+    }
+}
+
+/// Refuses a Vonage secret and application that another company's connector already
+/// holds: one signed event would be stored for both companies. The same account serving
+/// two companies needs one application per company (each connector takes only its own).
+async fn refuse_shared(
+    store: &kv::Store,
+    key: &SecretsKey,
+    record: &ConnectorRecord,
+    secret: &[u8],
+) -> anyhow::Result<()> {
+    if record.provider != Provider::Vonage {
+        return Ok(());
+    }
+    for other in records(store, None).await? {
+        if other.company_id == record.company_id
+            || other.provider != Provider::Vonage
+            || other.account != record.account
+        {
+            continue;
+        }
+        let context = other.seal_context();
+        let shares = other
+            .secrets
+            .iter()
+            .filter_map(|s| key.open(&s.sealed, &context).ok())
+            .any(|plain| plain == secret);
+        if shares {
+            bail!(
+                "connector {} of company {} already takes this Vonage application's callbacks with the same \
+                 signature secret: one signed event would be stored for both companies. Give each company \
+                 its own Vonage application",
+                other.connector_id,
+                other.company_id
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Checks and normalizes the public base URL: https (http only for loopback, for local
@@ -114,6 +180,7 @@ pub async fn create(
     if !new.allow_networks.is_empty() && new.provider != Provider::Exotel {
         bail!("--allow-network is for Exotel, which signs nothing; the other providers' signatures authenticate them");
     }
+    let account = application(new.provider, new.application)?;
     let secret = read_secret(new.provider, new.secret_file)?;
     let mut record = ConnectorRecord {
         connector_id: format!(
@@ -127,9 +194,11 @@ pub async fn create(
         public_url,
         country,
         allow_networks: new.allow_networks.to_vec(),
+        account,
         secrets: Vec::new(),
         created_at: Utc::now(),
     };
+    refuse_shared(store, key, &record, &secret).await?;
     record.secrets.push(StoredSecret {
         sealed: key.seal(&secret, &record.seal_context())?,
         added_at: record.created_at,
@@ -145,6 +214,9 @@ pub async fn create(
     writeln!(out, "provider:     {}", record.provider.as_str())?;
     if let Some(c) = &record.country {
         writeln!(out, "country:      {c}")?;
+    }
+    if let Some(a) = &record.account {
+        writeln!(out, "application:  {a}")?;
     }
     writeln!(
         out,
@@ -243,6 +315,7 @@ pub async fn rotate_secret(
 ) -> anyhow::Result<()> {
     let (mut record, revision) = read(store, id).await?;
     let secret = read_secret(record.provider, secret_file)?;
+    refuse_shared(store, key, &record, &secret).await?;
     let now = Utc::now();
     let retire = now + overlap;
     for s in &mut record.secrets {
@@ -281,6 +354,47 @@ pub async fn rotate_secret(
             record.callback_url(Some(&String::from_utf8_lossy(&secret)))
         )?;
     }
+    Ok(())
+}
+
+/// Binds a Vonage connector made before connectors named their application to
+/// `application`: until then its callbacks are answered 503 (Vonage retries).
+///
+/// # Errors
+/// When there is no such connector, it is not Vonage's, another company's connector
+/// holds the same secret for that application, or the bucket changed meanwhile.
+pub async fn bind(
+    store: &kv::Store,
+    key: &SecretsKey,
+    id: &str,
+    application_id: &str,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let (mut record, revision) = read(store, id).await?;
+    if record.provider != Provider::Vonage {
+        bail!(
+            "connector {id} is {}'s: only Vonage connectors are bound to an application",
+            record.provider.as_str()
+        );
+    }
+    record.account = application(record.provider, Some(application_id))?;
+    let context = record.seal_context();
+    for s in &record.secrets {
+        let plain = key
+            .open(&s.sealed, &context)
+            .context("opening the connector's secret (CONNECTOR_SECRETS_KEY_FILE is not the key that sealed it?)")?;
+        refuse_shared(store, key, &record, &plain).await?;
+    }
+    let value = serde_json::to_vec(&record).context("encoding the connector")?;
+    store
+        .update(id, value.into(), revision)
+        .await
+        .context("storing the connector (changed meanwhile? run again)")?;
+    writeln!(
+        out,
+        "bound {id} to Vonage application {}; it takes that application's callbacks only",
+        record.account.as_deref().unwrap_or_default()
+    )?;
     Ok(())
 }
 

@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, FixedOffset, NaiveDateTime, TimeZone as _, Utc};
 use serde_json::{Map, Value};
 
-use super::phone::{self, Country, Digits};
 use super::{ConnectorRecord, Provider};
+use callcap::phone::{self, Country, Digits};
 
 /// Most parameters kept in `call_details`.
 pub const DETAILS_MAX_KEYS: usize = 64;
@@ -312,6 +312,7 @@ mod tests {
             public_url: "https://calls.example.com".into(),
             country: country.map(str::to_owned),
             allow_networks: vec![],
+            account: None,
             secrets: vec![],
             created_at: Utc::now(),
         }

@@ -7,12 +7,12 @@
 //! the URL identifies the connector and the provider's signature authenticates it.
 //! Every gateway mirrors the bucket ([`ConnectorCache`]) and opens the secrets with
 //! `CONNECTOR_SECRETS_KEY_FILE`. Admin commands are in [`admin`], signature checks in
-//! [`verify`], the mapping of a callback to a call record in [`map`] and [`phone`], and
+//! [`verify`], the mapping of a callback to a call record in [`map`] (numbers read by
+//! [`callcap::phone`]), and
 //! the HTTP handler in [`crate::callbacks`].
 
 pub mod admin;
 pub mod map;
-pub mod phone;
 pub mod seal;
 pub mod verify;
 
@@ -92,6 +92,12 @@ pub struct ConnectorRecord {
     /// Source networks (CIDR) callbacks may come from; empty: any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_networks: Vec<String>,
+    /// The provider application whose callbacks this connector takes, where the
+    /// signature does not cover the URL (Vonage: the token's `application_id`). Required
+    /// for Vonage: a signature secret is an account's, and one account may serve two
+    /// companies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
     /// Newest first.
     pub secrets: Vec<StoredSecret>,
     pub created_at: DateTime<Utc>,
@@ -164,6 +170,12 @@ impl Connector {
                     }
                 }
             }
+        }
+        if record.provider == Provider::Vonage && record.account.is_none() {
+            unusable = Some(
+                "a Vonage connector must name its application: `ingest-gateway connectors bind <id> --application <APPLICATION_ID>`"
+                    .to_owned(),
+            );
         }
         let networks = record
             .allow_networks

@@ -14,10 +14,18 @@
 //!   the URL (query sorted), the sorted POST parameters and `.nonce`; the header may hold
 //!   several signatures, comma-separated, and any may match.
 //! - Vonage (`Authorization: Bearer <JWT>`): HS256 with the signature secret; the
-//!   `payload_hash` claim is the hex SHA-256 of the body; an expired token (its `exp`, or
-//!   without one an `iat` older than [`VONAGE_MAX_AGE_SECS`]) is refused.
+//!   `application_id` claim is the connector's application; the `payload_hash` claim is
+//!   the hex SHA-256 of the body; an expired token (its `exp`, or without one an `iat`
+//!   older than [`VONAGE_MAX_AGE_SECS`]) is refused. The token covers the body, not the
+//!   URL: nothing of a Vonage callback's URL reaches the record.
 //! - Exotel signs nothing: the URL's last segment is the connector's token, and the
 //!   connector may restrict the source networks.
+//!
+//! The check is in two steps: [`check_head`] before the body is read (a signature is
+//! there at all; Vonage's token and Exotel's token whole), [`check_body`] after. A JSON
+//! body is taken only where a signature covers it (Twilio through `bodySHA256`, Vonage);
+//! Twilio and Plivo callbacks without form parameters are refused, their signature
+//! covering the URL alone.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -37,24 +45,46 @@ pub const VONAGE_MAX_AGE_SECS: i64 = 300;
 /// Clock difference allowed between Vonage and this gateway.
 pub const CLOCK_LEEWAY_SECS: i64 = 60;
 
-/// A callback as received, for its check.
+/// What a callback shows before its body: checked before a byte of the body is read, so
+/// a forger without the secret (Vonage) or the token (Exotel), or without any signature,
+/// holds no memory.
+pub struct Head<'a> {
+    pub headers: &'a HeaderMap,
+    /// The token segment of the URL (Exotel).
+    pub token: Option<&'a str>,
+    /// The client's address (the connecting peer, or what a trusted proxy forwarded).
+    pub peer: Option<IpAddr>,
+    pub now: DateTime<Utc>,
+}
+
+/// What the head's check leaves for the body's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pending {
+    /// Twilio, Plivo: the signature covers the URL and the body; checked with the body.
+    Signature,
+    /// Vonage: the token is verified; the body must hash to its `payload_hash`.
+    PayloadHash(String),
+    /// Exotel: the URL's token (and network) were all there is to check.
+    Nothing,
+}
+
+/// A callback's body as received, for the check of what [`check_head`] left.
 pub struct Callback<'a> {
     /// The request's path and query, as sent (`/v1/callbacks/c…?x=1`).
     pub path_and_query: &'a str,
     pub headers: &'a HeaderMap,
     pub body: &'a [u8],
+    /// Whether the body is JSON (else a form).
+    pub json: bool,
     /// Parameters of a form body (name → values, in order).
     pub form: &'a BTreeMap<String, Vec<String>>,
-    /// The token segment of the URL (Exotel).
-    pub token: Option<&'a str>,
-    /// The connecting peer's address.
-    pub peer: Option<IpAddr>,
     pub now: DateTime<Utc>,
 }
 
-/// Why a callback was refused: missing credentials (401) or wrong ones (403). The text
-/// names what, never a secret.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why a callback was refused: missing credentials (401), or wrong ones or a body its
+/// signature does not cover (403). The text, one of a closed set of literals, names what,
+/// never a secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error("{0}")]
     Missing(&'static str),
@@ -62,18 +92,61 @@ pub enum Refusal {
     Mismatch(&'static str),
 }
 
-/// Checks `cb` against `connector`'s valid secrets.
+/// Checks what can be checked before the body: that a signature is there (Twilio,
+/// Plivo), the whole token but its body hash (Vonage: signature, expiry, the connector's
+/// application), the URL's token and source network (Exotel).
 ///
 /// # Errors
 /// The refusal, when no valid secret verifies it.
-pub fn verify(connector: &Connector, cb: &Callback<'_>) -> Result<(), Refusal> {
+pub fn check_head(connector: &Connector, head: &Head<'_>) -> Result<Pending, Refusal> {
+    let secrets: Vec<&[u8]> = connector.valid_secrets(head.now).collect();
+    match connector.record.provider {
+        Provider::Twilio => header(head.headers, "x-twilio-signature")
+            .map(|_| Pending::Signature)
+            .ok_or(Refusal::Missing("X-Twilio-Signature is missing")),
+        Provider::Plivo => {
+            header(head.headers, "x-plivo-signature-v3")
+                .ok_or(Refusal::Missing("X-Plivo-Signature-V3 is missing"))?;
+            header(head.headers, "x-plivo-signature-v3-nonce")
+                .ok_or(Refusal::Missing("X-Plivo-Signature-V3-Nonce is missing"))?;
+            Ok(Pending::Signature)
+        }
+        Provider::Vonage => vonage(connector, &secrets, head).map(Pending::PayloadHash),
+        Provider::Exotel => exotel(connector, &secrets, head).map(|()| Pending::Nothing),
+    }
+}
+
+/// Checks the body against what [`check_head`] left: the signature over the URL and the
+/// form (Twilio, Plivo), a JSON body through the signed URL's `bodySHA256` (Twilio), the
+/// body's hash (Vonage).
+///
+/// # Errors
+/// The refusal, when the body is not what was signed.
+pub fn check_body(
+    connector: &Connector,
+    pending: &Pending,
+    cb: &Callback<'_>,
+) -> Result<(), Refusal> {
     let url = format!("{}{}", connector.record.public_url, cb.path_and_query);
     let secrets: Vec<&[u8]> = connector.valid_secrets(cb.now).collect();
-    match connector.record.provider {
-        Provider::Twilio => twilio(&secrets, &url, cb),
-        Provider::Plivo => plivo(&secrets, &url, cb),
-        Provider::Vonage => vonage(&secrets, cb),
-        Provider::Exotel => exotel(connector, &secrets, cb),
+    match pending {
+        Pending::Signature => match connector.record.provider {
+            Provider::Twilio => twilio(&secrets, &url, cb),
+            _ => plivo(&secrets, &url, cb),
+        },
+        Pending::PayloadHash(hash) => {
+            if equal(
+                sha256_hex(cb.body).as_bytes(),
+                hash.to_ascii_lowercase().as_bytes(),
+            ) {
+                Ok(())
+            } else {
+                Err(Refusal::Mismatch(
+                    "the body does not match the token's payload_hash",
+                ))
+            }
+        }
+        Pending::Nothing => Ok(()),
     }
 }
 
@@ -153,6 +226,10 @@ fn twilio(secrets: &[&[u8]], url: &str, cb: &Callback<'_>) -> Result<(), Refusal
         return Err(Refusal::Mismatch("X-Twilio-Signature does not match"));
     };
     // A JSON body is signed through the URL's bodySHA256; a form body by its parameters.
+    // Without either the signature covers the URL alone, and a URL with a query is
+    // itself a longer URL: a genuine signature over `URL?q` + `k1v1…` would then
+    // authenticate whatever body came with the URL `URL?qk1v1…`. So a callback must carry
+    // what it is signed through.
     let body_hash = query_of(url)
         .into_iter()
         .find(|(k, _)| k == "bodySHA256")
@@ -166,6 +243,16 @@ fn twilio(secrets: &[&[u8]], url: &str, cb: &Callback<'_>) -> Result<(), Refusal
             ) {
                 return Err(Refusal::Mismatch("the body does not match bodySHA256"));
             }
+        }
+        None if cb.json => {
+            return Err(Refusal::Mismatch(
+                "a JSON Twilio callback is signed only through the URL's bodySHA256, which this URL lacks",
+            ))
+        }
+        None if cb.form.is_empty() => {
+            return Err(Refusal::Mismatch(
+                "the Twilio callback carries no form parameters: its signature would cover the URL alone",
+            ))
         }
         None => {
             for (name, values) in cb.form {
@@ -236,6 +323,18 @@ fn plivo(secrets: &[&[u8]], url: &str, cb: &Callback<'_>) -> Result<(), Refusal>
         .ok_or(Refusal::Missing("X-Plivo-Signature-V3 is missing"))?;
     let nonce = header(cb.headers, "x-plivo-signature-v3-nonce")
         .ok_or(Refusal::Missing("X-Plivo-Signature-V3-Nonce is missing"))?;
+    // Plivo signs the form's parameters; a JSON body it does not sign at all, and an
+    // empty form leaves the URL alone signed (see `twilio`).
+    if cb.json {
+        return Err(Refusal::Mismatch(
+            "Plivo posts its callbacks as forms; a JSON body is not covered by its signature",
+        ));
+    }
+    if cb.form.is_empty() {
+        return Err(Refusal::Mismatch(
+            "the Plivo callback carries no form parameters: its signature would cover the URL alone",
+        ));
+    }
     let message = format!("{}.{nonce}", plivo_signed(url, cb.form));
     let signatures: Vec<Vec<u8>> = signatures
         .split(',')
@@ -261,10 +360,14 @@ struct VonageClaims {
     exp: Option<i64>,
     #[serde(default)]
     payload_hash: Option<String>,
+    #[serde(default)]
+    application_id: Option<String>,
 }
 
-fn vonage(secrets: &[&[u8]], cb: &Callback<'_>) -> Result<(), Refusal> {
-    let token = header(cb.headers, "authorization").ok_or(Refusal::Missing(
+/// Verifies a Vonage token (its signature, age and application): the `payload_hash` the
+/// body must match.
+fn vonage(connector: &Connector, secrets: &[&[u8]], head: &Head<'_>) -> Result<String, Refusal> {
+    let token = header(head.headers, "authorization").ok_or(Refusal::Missing(
         "Authorization (Vonage signed webhook JWT) is missing",
     ))?;
     let token = token
@@ -282,7 +385,7 @@ fn vonage(secrets: &[&[u8]], cb: &Callback<'_>) -> Result<(), Refusal> {
         match jsonwebtoken::decode::<VonageClaims>(token, &key, &validation) {
             Ok(data) => {
                 let claims = data.claims;
-                let now = cb.now.timestamp();
+                let now = head.now.timestamp();
                 if claims.exp.is_none() {
                     let Some(iat) = claims.iat else {
                         return Err(Refusal::Mismatch(
@@ -298,19 +401,19 @@ fn vonage(secrets: &[&[u8]], cb: &Callback<'_>) -> Result<(), Refusal> {
                         "the Vonage token is issued in the future",
                     ));
                 }
-                let Some(hash) = claims.payload_hash else {
-                    return Err(Refusal::Mismatch("the Vonage token has no payload_hash"));
-                };
-                return if equal(
-                    sha256_hex(cb.body).as_bytes(),
-                    hash.to_ascii_lowercase().as_bytes(),
-                ) {
-                    Ok(())
-                } else {
-                    Err(Refusal::Mismatch(
-                        "the body does not match the token's payload_hash",
-                    ))
-                };
+                // The token does not cover the URL: a signature secret shared by two
+                // connectors (one Vonage account, two companies) would let one's events
+                // be stored for the other. The application the token names is the
+                // connector's own, or the event is not for it.
+                let bound = connector.record.account.as_deref();
+                if bound.is_none() || claims.application_id.as_deref() != bound {
+                    return Err(Refusal::Mismatch(
+                        "the Vonage token's application_id is not this connector's application",
+                    ));
+                }
+                return claims
+                    .payload_hash
+                    .ok_or(Refusal::Mismatch("the Vonage token has no payload_hash"));
             }
             Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {
                 expired = true;
@@ -325,8 +428,8 @@ fn vonage(secrets: &[&[u8]], cb: &Callback<'_>) -> Result<(), Refusal> {
     }))
 }
 
-fn exotel(connector: &Connector, secrets: &[&[u8]], cb: &Callback<'_>) -> Result<(), Refusal> {
-    let token = cb
+fn exotel(connector: &Connector, secrets: &[&[u8]], head: &Head<'_>) -> Result<(), Refusal> {
+    let token = head
         .token
         .ok_or(Refusal::Missing("the Exotel callback URL lacks its token"))?;
     let presented = Sha256::digest(token.as_bytes());
@@ -337,7 +440,7 @@ fn exotel(connector: &Connector, secrets: &[&[u8]], cb: &Callback<'_>) -> Result
         return Err(Refusal::Mismatch("the Exotel URL token does not match"));
     }
     if !connector.networks.is_empty()
-        && !cb
+        && !head
             .peer
             .is_some_and(|ip| connector.networks.iter().any(|n| n.contains(&ip)))
     {
