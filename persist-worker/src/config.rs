@@ -73,7 +73,7 @@ pub enum Command {
 }
 
 /// Where the archive is, for every command that reads or writes it.
-#[derive(Debug, Clone, Default, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ArchiveArgs {
     /// The archive: `s3://bucket[/prefix]` in S3-compatible storage. Credentials and
     /// endpoint come from the standard variables: AWS_ACCESS_KEY_ID,
@@ -82,6 +82,23 @@ pub struct ArchiveArgs {
     /// --from-archive` and `erase` (which then also rewrites archived objects).
     #[arg(long, env = "ARCHIVE_URL", global = true)]
     pub archive_url: Option<String>,
+
+    /// Most bytes one archived object may decompress to when it is read back (`replay
+    /// --from-archive`, `erase`): a larger one is reported as unreadable and the others
+    /// are still read. The archiver writes objects of at most ARCHIVE_OBJECT_BYTES (and
+    /// one record), so keep this above it.
+    #[arg(long, env = "ARCHIVE_READ_MAX_BYTES", default_value_t = 64 * 1024 * 1024, global = true,
+          value_parser = clap::value_parser!(u64).range(1024 * 1024..=4 * 1024 * 1024 * 1024))]
+    pub archive_read_max_bytes: u64,
+}
+
+impl Default for ArchiveArgs {
+    fn default() -> Self {
+        ArchiveArgs {
+            archive_url: None,
+            archive_read_max_bytes: 64 * 1024 * 1024,
+        }
+    }
 }
 
 /// Settings of `persist-worker archive`.
@@ -144,10 +161,18 @@ pub struct EraseArgs {
     /// The company whose data it is.
     #[arg(long, required_unless_present = "resume")]
     pub company: Option<Uuid>,
-    /// Every call with this number as caller or recipient (spaces, dashes, dots and
-    /// brackets ignored; 00 read as +).
+    /// Every call with this number as caller or recipient, or in a number field of
+    /// call_details (From, To, Caller, Called, ForwardedFrom, … and any field named
+    /// *number or *phone), in any written form: separators of any kind, full-width
+    /// digits, tel:, 00 or + are ignored; with a country (--country, or the company's
+    /// connectors'), its domestic forms (0…, the national number) too. What is not
+    /// covered is printed.
     #[arg(long)]
     pub phone: Option<String>,
+    /// ISO country of --phone (e.g. IN), repeatable: its domestic forms are erased too.
+    /// Without it, the countries of the company's provider connectors are used.
+    #[arg(long, requires = "phone")]
+    pub country: Vec<String>,
     /// Every call of this lead, and the lead.
     #[arg(long)]
     pub lead: Option<Uuid>,
@@ -169,6 +194,11 @@ pub struct EraseArgs {
     /// No progress bar (for logs and scripts).
     #[arg(long)]
     pub quiet: bool,
+    /// How long reading a stream may go without a message before its end, in seconds:
+    /// then the erasure stops, is left incomplete (with the reason) and `--resume`
+    /// completes it. A stall is never taken for the end of the stream.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub stall_secs: u64,
 }
 
 /// Postgres connection.

@@ -4,8 +4,12 @@
 //! upsert is idempotent. While Postgres is unavailable the loop holds its batch, keeps it
 //! alive with progress acks and retries with backoff — an outage does not spend
 //! deliveries. A message that can never be stored is dead-lettered and acked without
-//! holding up the rest of its batch. On shutdown it stops pulling, finishes (or hands
-//! back) the batch in hand, and returns.
+//! holding up the rest of its batch. A record whose company has erasures this worker
+//! cannot check (no `ERASURE_KEY_FILE`, or another key than the erasures') is held —
+//! neither stored nor acked, kept alive with progress acks and retried — while the
+//! batch's other records, and every other company's, are stored ([`Held`]). On shutdown
+//! it stops pulling, finishes (or hands back) the batch in hand and what it holds, and
+//! returns.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
@@ -73,7 +77,7 @@ pub fn consumer_config(args: &RunArgs, lane: Lane, partition: Partition) -> pull
 /// When the durable consumer cannot be created or its message stream opened.
 pub async fn run(
     consumer: jetstream::consumer::PullConsumer,
-    health: &crate::guard::ConsumerHealth,
+    health: &std::sync::Arc<crate::guard::ConsumerHealth>,
     pool: PgPool,
     policy: crate::privacy::Policy,
     args: RunArgs,
@@ -89,6 +93,14 @@ pub async fn run(
     let batch = args.batch_size as usize;
     let mut writing = InFlight::default();
     let mut reopened = health.reopened();
+    let held = Held::default();
+    let tending = tokio::spawn(held.clone().tend(
+        health.clone(),
+        pool.clone(),
+        policy.clone(),
+        args.clone(),
+        cancel.clone(),
+    ));
     loop {
         let mut messages = consumer
             .stream()
@@ -102,6 +114,7 @@ pub async fn run(
                 () = cancel.cancelled() => {
                     writing.drain().await;
                     hand_back_prefetched(&mut messages).await;
+                    let _ = tending.await;
                     return Ok(());
                 }
                 // The guard recreated the consumer: pull from the new one.
@@ -142,17 +155,23 @@ pub async fn run(
                 nak_all(&msgs).await;
                 writing.drain().await;
                 hand_back_prefetched(&mut messages).await;
+                let _ = tending.await;
                 return Ok(());
             }
-            let (pool, policy, args, cancel) =
-                (pool.clone(), policy.clone(), args.clone(), cancel.clone());
+            let (pool, policy, args, cancel, held) = (
+                pool.clone(),
+                policy.clone(),
+                args.clone(),
+                cancel.clone(),
+                held.clone(),
+            );
             let task = tokio::spawn(async move {
                 let batch = Batch {
                     msgs,
                     decoded,
                     started,
                 };
-                handle(lane, &pool, &policy, &args, &cancel, batch).await
+                handle(lane, &pool, &policy, &args, &cancel, batch, &held).await
             });
             writing.batches.push_back((ids, task));
         }
@@ -247,9 +266,9 @@ struct Batch {
     started: Instant,
 }
 
-/// Writes one decoded batch and acks it; on shutdown without a write, hands it back.
-/// Messages dropped as erased are deleted from the stream (a dialer resending an erased
-/// record, or one in flight when the erasure was made).
+/// Writes one decoded batch and acks it, less the records held ([`Held`]); on shutdown
+/// without a write, hands it back. Messages dropped as erased are deleted from the stream
+/// (a dialer resending an erased record, or one in flight when the erasure was made).
 async fn handle(
     lane: Lane,
     pool: &PgPool,
@@ -257,6 +276,7 @@ async fn handle(
     args: &RunArgs,
     cancel: &CancellationToken,
     batch: Batch,
+    held: &Held,
 ) -> Result<(), Abandoned> {
     let Batch {
         msgs,
@@ -280,6 +300,7 @@ async fn handle(
     .await;
     match written {
         Ok(stats) => {
+            let (msgs, holding) = held.take_out(msgs, &stats);
             // Ack strictly after commit. A lost ack means a harmless redelivery.
             let acks = futures::future::join_all(msgs.iter().map(|m| m.ack())).await;
             let failed = acks.iter().filter(|a| a.is_err()).count();
@@ -298,7 +319,10 @@ async fn handle(
             metrics::counter!("worker_records_dropped_total", "lane" => lane, "reason" => "expired")
                 .increment(stats.expired);
             metrics::counter!("worker_messages_total", "lane" => lane).increment(msgs.len() as u64);
-            record_batch(decoded.rows.len() as u64, stats.dead_letters);
+            record_batch(
+                (decoded.rows.len() as u64).saturating_sub(holding),
+                stats.dead_letters,
+            );
             metrics::counter!("worker_rows_written_total", "lane" => lane)
                 .increment(stats.rows_changed);
             metrics::counter!("worker_dead_letters_total", "lane" => lane)
@@ -338,7 +362,151 @@ async fn delete_erased(msgs: &[jetstream::Message], erased: &[u64]) {
     }
     if let Some(js) = context {
         for (stream, seqs) in by_stream {
-            crate::erase::delete_messages(&js, &stream, &seqs).await;
+            crate::write::delete_messages(&js, &stream, &seqs).await;
+        }
+    }
+}
+
+/// The records a consume loop holds: their company has erasures this worker cannot check
+/// (no `ERASURE_KEY_FILE`, or a key other than the erasures'), so they are neither stored
+/// (they may be erased) nor acknowledged (they may not be). They are kept alive with
+/// progress acks (which spend no delivery), retried, and handed back on shutdown, while
+/// the lane goes on for every other company. Held records count against the consumer's
+/// `MAX_ACK_PENDING`: once that many are held the lane waits for everyone, and nothing
+/// is lost either way.
+#[derive(Clone, Default)]
+struct Held(std::sync::Arc<std::sync::Mutex<HeldState>>);
+
+#[derive(Default)]
+struct HeldState {
+    msgs: Vec<jetstream::Message>,
+    why: Option<crate::privacy::Uncheckable>,
+}
+
+impl Held {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HeldState> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keeps the messages `stats` says were held; the rest, to acknowledge, and how many
+    /// were held.
+    fn take_out(
+        &self,
+        msgs: Vec<jetstream::Message>,
+        stats: &crate::store::WriteStats,
+    ) -> (Vec<jetstream::Message>, u64) {
+        if stats.held.is_empty() {
+            return (msgs, 0);
+        }
+        let held: HashSet<u64> = stats.held.iter().copied().collect();
+        let (keep, ack): (Vec<_>, Vec<_>) = msgs
+            .into_iter()
+            .partition(|m| m.info().is_ok_and(|i| held.contains(&i.stream_sequence)));
+        let n = keep.len() as u64;
+        let mut state = self.lock();
+        if state.why.as_ref() != stats.hold.as_ref() {
+            if let Some(why) = &stats.hold {
+                tracing::error!(
+                    cause = %why,
+                    "holding the records of companies with erasures: they cannot be checked here. \
+                     Other companies' records are stored meanwhile; give this worker the erasures' ERASURE_KEY_FILE"
+                );
+            }
+        }
+        state.msgs.extend(keep);
+        state.why = stats.hold.clone().or(state.why.take());
+        (ack, n)
+    }
+
+    /// Keeps the held messages alive, retries them, reports them on the consumer's
+    /// health, and hands them back when `cancel` fires.
+    async fn tend(
+        self,
+        health: std::sync::Arc<crate::guard::ConsumerHealth>,
+        pool: PgPool,
+        policy: crate::privacy::Policy,
+        args: RunArgs,
+        cancel: CancellationToken,
+    ) {
+        // Well inside the ack wait, so a held message is never redelivered meanwhile.
+        let keep_alive = (args.ack_wait() / 3).max(Duration::from_millis(200));
+        let retry_every = Duration::from_secs(30).min(args.ack_wait() * 2);
+        let mut last_retry = Instant::now();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(keep_alive) => {}
+                () = cancel.cancelled() => break,
+            }
+            let msgs = std::mem::take(&mut self.lock().msgs);
+            if msgs.is_empty() {
+                health.set_holding(None);
+                continue;
+            }
+            let msgs = if last_retry.elapsed() >= retry_every {
+                last_retry = Instant::now();
+                self.retry(msgs, &pool, &policy, &args, &cancel).await
+            } else {
+                for m in &msgs {
+                    let _ = m.ack_with(AckKind::Progress).await;
+                }
+                msgs
+            };
+            let mut state = self.lock();
+            state.msgs.extend(msgs);
+            let n = state.msgs.len() as u64;
+            health.set_holding(state.why.clone().filter(|_| n > 0).map(|why| (n, why)));
+        }
+        let msgs = std::mem::take(&mut self.lock().msgs);
+        nak_all(&msgs).await;
+        health.set_holding(None);
+    }
+
+    /// Writes held messages again: those stored now are acknowledged, the rest returned
+    /// (kept alive).
+    async fn retry(
+        &self,
+        msgs: Vec<jetstream::Message>,
+        pool: &PgPool,
+        policy: &crate::privacy::Policy,
+        args: &RunArgs,
+        cancel: &CancellationToken,
+    ) -> Vec<jetstream::Message> {
+        let decoded = decode(&msgs);
+        let keep_alive = || async {
+            for m in &msgs {
+                let _ = m.ack_with(AckKind::Progress).await;
+            }
+        };
+        let written = write_reliably(
+            pool,
+            policy,
+            &decoded.rows,
+            &decoded.dead,
+            args.retry_max(),
+            cancel,
+            keep_alive,
+        )
+        .await;
+        match written {
+            Ok(stats) => {
+                let held: HashSet<u64> = stats.held.iter().copied().collect();
+                let (still, done): (Vec<_>, Vec<_>) = msgs
+                    .into_iter()
+                    .partition(|m| m.info().is_ok_and(|i| held.contains(&i.stream_sequence)));
+                for m in &done {
+                    let _ = m.ack().await;
+                }
+                if !stats.erased.is_empty() {
+                    delete_erased(&done, &stats.erased).await;
+                }
+                if stats.held.is_empty() {
+                    self.lock().why = None;
+                }
+                still
+            }
+            Err(Abandoned::Shutdown) => msgs,
         }
     }
 }

@@ -52,6 +52,9 @@ pub struct ConsumerHealth {
     ack_pending: AtomicU64,
     /// Counts repairs for the consume loop, which reopens its pull on the new consumer.
     reopened: watch::Sender<u64>,
+    /// Records the consume loop holds because their company's erasures cannot be checked
+    /// here, and why.
+    holding: Mutex<Option<(u64, crate::privacy::Uncheckable)>>,
 }
 
 impl ConsumerHealth {
@@ -65,6 +68,7 @@ impl ConsumerHealth {
             pending: AtomicU64::new(0),
             ack_pending: AtomicU64::new(0),
             reopened: watch::Sender::new(0),
+            holding: Mutex::new(None),
         }
     }
 }
@@ -108,6 +112,23 @@ impl ConsumerHealth {
     /// Times the consumer was recreated by this worker.
     pub fn repairs(&self) -> u64 {
         self.repairs.load(Ordering::Relaxed)
+    }
+
+    /// Records held unstored (their company's erasures cannot be checked here), and why;
+    /// `None` when none is.
+    pub fn holding(&self) -> Option<(u64, crate::privacy::Uncheckable)> {
+        self.holding
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Sets what [`ConsumerHealth::holding`] says.
+    pub fn set_holding(&self, held: Option<(u64, crate::privacy::Uncheckable)>) {
+        *self
+            .holding
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = held;
     }
 
     /// Records not yet delivered, and delivered but not acked, as last read.

@@ -85,6 +85,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             } else {
                 None
             };
+            refuse_uncheckable(&pool()?, &policy, "replay").await?;
             let summary = replay::run(
                 &js,
                 archive.as_ref(),
@@ -97,6 +98,11 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("replay failed: {e}"))?;
             println!("{summary}");
+            // Fail loudly: a script must not take a replay that skipped records for whole.
+            anyhow::ensure!(
+                summary.is_whole(),
+                "the replay did not apply everything it was asked to (see the lines above)"
+            );
             Ok(())
         }
         Some(Command::Erase(args)) => {
@@ -124,6 +130,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
                 DlqCommand::Redrive { ids, all } => {
                     let ids = (!*all).then_some(ids.as_slice());
                     let policy = privacy::Policy::from_args(&cli.privacy)?;
+                    refuse_uncheckable(&pool()?, &policy, "dlq redrive").await?;
                     dlq::redrive(&pool()?, &policy, ids, &mut out)
                         .await
                         .map(|_| ())
@@ -131,6 +138,28 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// Refuses to run `what` (a command that writes records) when it could not check them
+/// against every erasure: it would have to hold records it has no place to hold.
+///
+/// # Errors
+/// The reason, or Postgres unavailable.
+async fn refuse_uncheckable(
+    pool: &PgPool,
+    policy: &privacy::Policy,
+    what: &str,
+) -> anyhow::Result<()> {
+    if let Some(why) = store::privacy::key_state(pool, policy.key.as_deref())
+        .await
+        .context("reading the erasures")?
+    {
+        anyhow::bail!(
+            "{what} cannot check records against every erasure ({why}): it would store erased data. \
+             Give it the workers' ERASURE_KEY_FILE"
+        );
+    }
+    Ok(())
 }
 
 /// Installs the Prometheus recorder with the worker's histogram buckets.
@@ -223,6 +252,7 @@ pub async fn run(
         nats: client.clone(),
         metrics,
         consumers: served.clone(),
+        erasure_key: policy.key.clone(),
     });
     let ops_cancel = cancel.clone();
     tokio::spawn(async move {
@@ -234,6 +264,13 @@ pub async fn run(
     });
     if !cli.run.no_migrate {
         migrate(&cli.db.database_url, &pool, Duration::from_secs(3600)).await?;
+    }
+    if let Ok(Some(why)) = store::privacy::key_state(&pool, policy.key.as_deref()).await {
+        tracing::error!(
+            cause = %why,
+            "this worker cannot check records against every erasure: the records of companies with \
+             erasures will be held, not stored, until a worker with the erasures' ERASURE_KEY_FILE takes them"
+        );
     }
     if let Some(days) = policy.retention_days {
         tokio::spawn(retention::run(pool.clone(), days, cancel.clone()));

@@ -23,6 +23,8 @@ pub struct OpsState {
     /// Each served (stream, lane)'s durable consumer as the guard last saw it, and its
     /// backlog.
     pub consumers: Served,
+    /// The erasure key this worker checks records with, if any.
+    pub erasure_key: Option<std::sync::Arc<crate::privacy::ErasureKey>>,
 }
 
 /// The consumers this worker serves; grows as partition streams appear.
@@ -105,7 +107,8 @@ async fn readyz(State(s): State<OpsState>) -> (StatusCode, String) {
         consumer
     };
     let consumer_ok = consumer == "ok";
-    let status = if nats_ok && db_ok && consumer_ok {
+    let erasures = erasure_checks(&s, &consumers).await;
+    let status = if nats_ok && db_ok && consumer_ok && erasures == "ok" {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -113,11 +116,48 @@ async fn readyz(State(s): State<OpsState>) -> (StatusCode, String) {
     (
         status,
         format!(
-            "nats: {}\npostgres: {}\nconsumer: {consumer}\nconsumer repairs: {repairs}\n{lanes}",
+            "nats: {}\npostgres: {}\nconsumer: {consumer}\nerasure checks: {erasures}\nconsumer repairs: {repairs}\n{lanes}",
             ok(nats_ok),
             ok(db_ok),
         ),
     )
+}
+
+/// Whether this worker can check records against every erasure: `ok`, or why not and
+/// how many records its lanes hold meanwhile (their companies' records are held, the
+/// others stored).
+async fn erasure_checks(
+    s: &OpsState,
+    consumers: &[std::sync::Arc<crate::guard::ConsumerHealth>],
+) -> String {
+    let state = tokio::time::timeout(
+        Duration::from_secs(2),
+        crate::store::privacy::key_state(&s.pool, s.erasure_key.as_deref()),
+    )
+    .await;
+    let held: u64 = consumers
+        .iter()
+        .filter_map(|h| h.holding())
+        .map(|(n, _)| n)
+        .sum();
+    let cause = match state {
+        Ok(Ok(None)) => consumers
+            .iter()
+            .find_map(|h| h.holding())
+            .map(|(_, why)| why),
+        Ok(Ok(Some(why))) => Some(why),
+        // Postgres unavailable: the postgres line says so.
+        _ => consumers
+            .iter()
+            .find_map(|h| h.holding())
+            .map(|(_, why)| why),
+    };
+    match cause {
+        None => "ok".to_owned(),
+        Some(why) => format!(
+            "{why}; the records of companies with erasures are held, not stored ({held} held now)"
+        ),
+    }
 }
 
 /// A lane the stream does not have yet: nothing can arrive in it, so not a reason to be
@@ -328,6 +368,7 @@ async fn status_page(State(s): State<OpsState>) -> Response {
 <tr><td>NATS</td><td>{nats}</td></tr>
 <tr><td>Postgres</td><td>{db}</td></tr>
 <tr><td>Durable consumers (repairs: {repairs})</td><td id="consumer">{consumer}</td></tr>
+<tr><td>Erasure checks</td><td id="erasure-checks">{erasures}</td></tr>
 </tbody>
 </table>
 <h2>Work</h2>
@@ -376,6 +417,10 @@ async fn status_page(State(s): State<OpsState>) -> Response {
             other => format!(r#"<span class="bad">{other}</span>"#),
         },
         repairs = consumers.iter().map(|h| h.repairs()).sum::<u64>(),
+        erasures = match erasure_checks(&s, &consumers).await.as_str() {
+            "ok" => r#"<span class="ok">OK</span>"#.to_owned(),
+            other => format!(r#"<span class="bad">{}</span>"#, html_escape(other)),
+        },
         dead_total = dead_total.map_or_else(
             || "unknown (Postgres unavailable)".into(),
             |n| n.to_string()

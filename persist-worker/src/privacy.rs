@@ -83,11 +83,64 @@ impl ErasureKey {
     }
 }
 
+/// What an erasure names, as stored in `erasures.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Phone,
+    Lead,
+    External,
+    Call,
+    Company,
+}
+
+impl Kind {
+    /// The kind as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Phone => "phone",
+            Kind::Lead => "lead",
+            Kind::External => "external",
+            Kind::Call => "call",
+            Kind::Company => "company",
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A stored kind this build does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown erasure kind {0:?}")]
+pub struct UnknownKind(pub String);
+
+impl TryFrom<String> for Kind {
+    type Error = UnknownKind;
+
+    fn try_from(s: String) -> Result<Self, UnknownKind> {
+        Ok(match s.as_str() {
+            "phone" => Kind::Phone,
+            "lead" => Kind::Lead,
+            "external" => Kind::External,
+            "call" => Kind::Call,
+            "company" => Kind::Company,
+            _ => return Err(UnknownKind(s)),
+        })
+    }
+}
+
+/// How an entry's hashes were made: `1` hashed a number with its `+` ([`legacy_phone`]),
+/// `2` its digits ([`callcap::phone::match_key`]).
+pub const SCHEME: i16 = 2;
+
 /// Who is erased, within a company.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Subject {
-    /// Every record with this number as caller or recipient (normalized, see
-    /// [`normalize_phone`]).
+    /// Every record with this number as caller or recipient, or in a number field of
+    /// `call_details`: a key as [`callcap::phone::match_key`] gives it.
     Phone(String),
     Lead(Uuid),
     /// An external call id; without a system, under any system.
@@ -103,13 +156,13 @@ pub enum Subject {
 
 impl Subject {
     /// The kind, as stored.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> Kind {
         match self {
-            Subject::Phone(_) => "phone",
-            Subject::Lead(_) => "lead",
-            Subject::External { .. } => "external",
-            Subject::Call(_) => "call",
-            Subject::Company => "company",
+            Subject::Phone(_) => Kind::Phone,
+            Subject::Lead(_) => Kind::Lead,
+            Subject::External { .. } => Kind::External,
+            Subject::Call(_) => Kind::Call,
+            Subject::Company => Kind::Company,
         }
     }
 
@@ -117,7 +170,7 @@ impl Subject {
     pub fn hash(&self, key: &ErasureKey, company: Uuid) -> Vec<u8> {
         let c = company.to_string();
         match self {
-            Subject::Phone(n) => key.hash(&["phone", &c, &normalize_phone(n)]),
+            Subject::Phone(n) => key.hash(&["phone", &c, n]),
             Subject::Lead(l) => key.hash(&["lead", &c, &l.to_string()]),
             Subject::External { id, system } => {
                 key.hash(&["external", &c, system.as_deref().unwrap_or("*"), id])
@@ -128,10 +181,10 @@ impl Subject {
     }
 }
 
-/// A phone number as erasure compares it: separators (spaces, `-`, `.`, `(`, `)`)
-/// removed, `00` read as `+`. `+91 98765-43210` and `+919876543210` are one number;
-/// `09876543210` (domestic) is another, erased on its own.
-pub fn normalize_phone(raw: &str) -> String {
+/// A phone number as the first scheme compared it: separators (spaces, `-`, `.`, `(`,
+/// `)`) removed, `00` read as `+`, the `+` kept. Entries made then (scheme 1) hold hashes
+/// of this form, so records are also hashed this way for the companies that have them.
+pub fn legacy_phone(raw: &str) -> String {
     let compact: String = raw
         .trim()
         .chars()
@@ -145,35 +198,93 @@ pub fn normalize_phone(raw: &str) -> String {
     }
 }
 
+/// The `call_details` keys searched for numbers (compared in lower case, `_` and `-`
+/// removed), besides any key ending in `number` or `phone`: the providers' number fields
+/// (Twilio's `Caller`, `Called`, `ForwardedFrom`, …) and the usual names of dialers.
+const DETAIL_NUMBER_KEYS: [&str; 14] = [
+    "from",
+    "to",
+    "caller",
+    "called",
+    "callerid",
+    "forwardedfrom",
+    "forwardedto",
+    "divertedfrom",
+    "mobile",
+    "msisdn",
+    "ani",
+    "dnis",
+    "cli",
+    "contact",
+];
+/// Most `call_details` values looked at for numbers (its top level only).
+const DETAIL_NUMBERS_MAX: usize = 64;
+
+/// Whether `key` of `call_details` names a phone number.
+fn names_a_number(key: &str) -> bool {
+    let k: String = key
+        .chars()
+        .filter(|c| *c != '_' && *c != '-')
+        .flat_map(char::to_lowercase)
+        .collect();
+    DETAIL_NUMBER_KEYS.contains(&k.as_str()) || k.ends_with("number") || k.ends_with("phone")
+}
+
+/// The numbers in the number fields of `call_details`' top level ([`names_a_number`]):
+/// strings holding at least 6 digits once written forms are folded.
+pub fn detail_numbers(details: Option<&serde_json::Map<String, serde_json::Value>>) -> Vec<&str> {
+    let Some(map) = details else {
+        return Vec::new();
+    };
+    map.iter()
+        .filter(|(k, _)| names_a_number(k))
+        .filter_map(|(_, v)| v.as_str())
+        .filter(|v| callcap::phone::compact(v).is_some_and(|c| c.digits.len() >= 6))
+        .take(DETAIL_NUMBERS_MAX)
+        .collect()
+}
+
 /// What a call is erased by, besides its company.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Identifiers<'a> {
     pub call: Uuid,
     pub lead: Option<Uuid>,
     pub external_call_id: Option<&'a str>,
     pub external_system: Option<&'a str>,
-    pub numbers: [Option<&'a str>; 2],
+    /// Caller and recipient, and the numbers of `call_details`' number fields.
+    pub numbers: Vec<&'a str>,
 }
 
 impl<'a> Identifiers<'a> {
     /// A record's, with its `call_history_id`.
     pub fn of_record(call: Uuid, record: &'a CallRecord) -> Self {
+        let mut numbers: Vec<&str> = [
+            record.caller_number.as_deref(),
+            record.recipient_number.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        numbers.extend(detail_numbers(record.call_details.as_ref()));
         Identifiers {
             call,
             lead: record.lead_id,
             external_call_id: record.external_call_id.as_deref(),
             external_system: record.external_system.as_deref(),
-            numbers: [
-                record.caller_number.as_deref(),
-                record.recipient_number.as_deref(),
-            ],
+            numbers,
         }
     }
 }
 
 /// Every hash a call of `company` is erased by: its company, its call, its lead, its
-/// external id (with its system and under any system) and each of its numbers.
-pub fn hashes(key: &ErasureKey, company: Uuid, ids: Identifiers<'_>) -> Vec<Vec<u8>> {
+/// external id (with its system and under any system) and each of its numbers (in the
+/// first scheme's form too, when `legacy_phones`).
+pub fn hashes(
+    key: &ErasureKey,
+    company: Uuid,
+    ids: &Identifiers<'_>,
+    legacy_phones: bool,
+) -> Vec<Vec<u8>> {
     let mut out = vec![
         Subject::Company.hash(key, company),
         Subject::Call(ids.call).hash(key, company),
@@ -199,19 +310,90 @@ pub fn hashes(key: &ErasureKey, company: Uuid, ids: Identifiers<'_>) -> Vec<Vec<
             );
         }
     }
-    for n in ids.numbers.into_iter().flatten() {
-        out.push(Subject::Phone(n.to_owned()).hash(key, company));
+    for n in &ids.numbers {
+        out.push(Subject::Phone(callcap::phone::match_key(n)).hash(key, company));
+        if legacy_phones {
+            out.push(Subject::Phone(legacy_phone(n)).hash(key, company));
+        }
     }
     out
 }
 
-/// [`hashes`] of a record.
-pub fn record_hashes(key: &ErasureKey, call_id: Uuid, record: &CallRecord) -> Vec<Vec<u8>> {
-    hashes(
-        key,
-        record.company_id,
-        Identifiers::of_record(call_id, record),
-    )
+/// The one rule of "does this hold erased data": the erasures of one company (all of
+/// them, for a write; one, for `erase`) and whether a call, or a stream message, matches.
+#[derive(Debug, Clone, Default)]
+pub struct Matcher {
+    company: Uuid,
+    hashes: std::collections::HashSet<Vec<u8>>,
+    legacy_phones: bool,
+    whole_company: bool,
+}
+
+impl Matcher {
+    /// The erasures of `company`: their hashes (each form's), whether any was made under
+    /// the first scheme for a number, and whether the whole company is erased.
+    pub fn new(
+        company: Uuid,
+        hashes: impl IntoIterator<Item = Vec<u8>>,
+        legacy_phones: bool,
+        whole_company: bool,
+    ) -> Self {
+        Matcher {
+            company,
+            hashes: hashes.into_iter().collect(),
+            legacy_phones,
+            whole_company,
+        }
+    }
+
+    /// Whether a call of `company` is erased.
+    pub fn matches(&self, key: &ErasureKey, company: Uuid, ids: &Identifiers<'_>) -> bool {
+        company == self.company
+            && hashes(key, company, ids, self.legacy_phones)
+                .iter()
+                .any(|h| self.hashes.contains(h))
+    }
+
+    /// Whether a stream message (or an archived one, or a dead letter's payload) holds
+    /// erased data: an envelope is matched as a call; anything else on this company's
+    /// subject is when the whole company is erased, or when it holds `needle` (the
+    /// identifier as the operator typed it; unknown after the fact: then only the whole
+    /// company's erasure matches it).
+    pub fn holds(
+        &self,
+        key: &ErasureKey,
+        needle: Option<&str>,
+        subject: &str,
+        payload: &[u8],
+    ) -> bool {
+        match callcap::Envelope::decode(payload) {
+            Ok(e) => self.matches(
+                key,
+                e.record.company_id,
+                &Identifiers::of_record(e.call_history_id, &e.record),
+            ),
+            Err(_) => {
+                subject_company(subject) == Some(self.company)
+                    && (self.whole_company
+                        || needle.is_some_and(|n| String::from_utf8_lossy(payload).contains(n)))
+            }
+        }
+    }
+}
+
+/// The company a record subject names (its last token), if it is one.
+pub fn subject_company(subject: &str) -> Option<Uuid> {
+    subject.rsplit('.').next().and_then(|t| t.parse().ok())
+}
+
+/// Why a company's records cannot be checked against its erasures here: they are held
+/// (not stored, not acknowledged) until a worker that can check them takes them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum Uncheckable {
+    #[error("erasures exist but ERASURE_KEY_FILE is not set")]
+    NoKey,
+    #[error("erasures were hashed with key {entries}, but ERASURE_KEY_FILE holds key {ours}")]
+    OtherKey { entries: String, ours: String },
 }
 
 /// What every write applies: the erasure key (to recognise erased records) and the
@@ -252,6 +434,15 @@ mod tests {
         ErasureKey::from_base64(&B64.encode([7u8; 32])).unwrap()
     }
 
+    fn matcher_of(k: &ErasureKey, company: Uuid, subjects: &[Subject]) -> Matcher {
+        Matcher::new(
+            company,
+            subjects.iter().map(|s| s.hash(k, company)),
+            false,
+            subjects.contains(&Subject::Company),
+        )
+    }
+
     #[test]
     fn a_record_is_matched_by_each_of_its_identifiers_and_only_in_its_company() {
         let k = key();
@@ -262,10 +453,15 @@ mod tests {
         r.external_call_id = Some("CALL-1".into());
         r.external_system = Some("Dialer".into());
         r.lead_id = Some(Uuid::from_u128(3));
-        let hashes = record_hashes(&k, id, &r);
+        r.call_details =
+            serde_json::json!({"ForwardedFrom": "+1 (415) 555-0100", "note": "+14155550199"})
+                .as_object()
+                .cloned();
+        let ids = Identifiers::of_record(id, &r);
         for subject in [
-            Subject::Phone("+919876543210".into()),
-            Subject::Phone("0091 9876543210".into()),
+            Subject::Phone(callcap::phone::match_key("+919876543210")),
+            Subject::Phone(callcap::phone::match_key("0091 9876543210")),
+            Subject::Phone(callcap::phone::match_key("tel:+1-415-555-0100")),
             Subject::Lead(Uuid::from_u128(3)),
             Subject::External {
                 id: "CALL-1".into(),
@@ -278,28 +474,53 @@ mod tests {
             Subject::Call(id),
             Subject::Company,
         ] {
-            assert!(hashes.contains(&subject.hash(&k, company)), "{subject:?}");
-            assert!(
-                !hashes.contains(&subject.hash(&k, Uuid::from_u128(9))),
-                "{subject:?} elsewhere"
-            );
+            let m = matcher_of(&k, company, std::slice::from_ref(&subject));
+            assert!(m.matches(&k, company, &ids), "{subject:?}");
+            let elsewhere = Uuid::from_u128(9);
+            let m = matcher_of(&k, elsewhere, std::slice::from_ref(&subject));
+            assert!(!m.matches(&k, company, &ids), "{subject:?} elsewhere");
         }
         for other in [
-            Subject::Phone("+919876543211".into()),
+            Subject::Phone(callcap::phone::match_key("+919876543211")),
+            // A key that does not name a number is not searched.
+            Subject::Phone(callcap::phone::match_key("+14155550199")),
             Subject::External {
                 id: "CALL-1".into(),
                 system: Some("Other".into()),
             },
             Subject::Call(Uuid::from_u128(4)),
         ] {
-            assert!(!hashes.contains(&other.hash(&k, company)), "{other:?}");
+            let m = matcher_of(&k, company, std::slice::from_ref(&other));
+            assert!(!m.matches(&k, company, &ids), "{other:?}");
         }
+        // An entry of the first scheme (the number with its `+`) matches when the company
+        // has such entries.
+        let legacy = Subject::Phone(legacy_phone("+91 98765 43210")).hash(&k, company);
+        assert!(Matcher::new(company, [legacy.clone()], true, false).matches(&k, company, &ids));
+        assert!(!Matcher::new(company, [legacy], false, false).matches(&k, company, &ids));
         // Another key gives other hashes: the entries say nothing without it.
         let k2 = ErasureKey::from_base64(&B64.encode([8u8; 32])).unwrap();
         assert_ne!(
             Subject::Company.hash(&k, company),
             Subject::Company.hash(&k2, company)
         );
+    }
+
+    #[test]
+    fn a_payload_that_is_no_envelope_is_held_by_its_subject_and_the_identifier() {
+        let k = key();
+        let company = Uuid::from_u128(1);
+        let subject = format!("calls.ingest.{company}");
+        let phone = matcher_of(&k, company, &[Subject::Phone("919876543210".into())]);
+        let payload = b"not json +919876543210";
+        assert!(phone.holds(&k, Some("919876543210"), &subject, payload));
+        assert!(
+            !phone.holds(&k, None, &subject, payload),
+            "unknown identifier"
+        );
+        assert!(!phone.holds(&k, Some("919876543210"), "calls.ingest.other", payload));
+        let all = matcher_of(&k, company, &[Subject::Company]);
+        assert!(all.holds(&k, None, &subject, b"garbage"));
     }
 
     #[test]

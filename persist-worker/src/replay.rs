@@ -17,6 +17,10 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ReplayArgs;
+
+/// How long a read may bring nothing before the end of its window: then the replay
+/// fails (a stall is never taken for the end).
+const STALL: Duration = Duration::from_secs(30);
 use crate::write::{decode, write_reliably};
 
 /// What a replay did.
@@ -35,11 +39,23 @@ pub struct ReplaySummary {
     pub from_archive: u64,
     /// Sequence ranges held by neither the archive nor the stream: (stream, first, last).
     pub gaps: Vec<(String, u64, u64)>,
+    /// Archived objects that could not be read (fetched, decompressed within the bound,
+    /// parsed), with why: their records were not replayed.
+    pub unreadable: Vec<String>,
+    /// Archived entries not taken, with why (a sequence its object or stream does not
+    /// vouch for).
+    pub refused: Vec<String>,
     /// False when interrupted before the end.
     pub completed: bool,
 }
 
 impl ReplaySummary {
+    /// Whether the replay did all it was asked: not interrupted, no archived object
+    /// unreadable, no archived entry refused.
+    pub fn is_whole(&self) -> bool {
+        self.completed && self.unreadable.is_empty() && self.refused.is_empty()
+    }
+
     fn add(&mut self, one: ReplaySummary) {
         self.completed &= one.completed;
         self.messages += one.messages;
@@ -47,6 +63,8 @@ impl ReplaySummary {
         self.rows_changed += one.rows_changed;
         self.dead_letters += one.dead_letters;
         self.gaps.extend(one.gaps);
+        self.unreadable.extend(one.unreadable);
+        self.refused.extend(one.refused);
         self.first_seq = match (self.first_seq, one.first_seq) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -86,6 +104,12 @@ impl std::fmt::Display for ReplaySummary {
                 f,
                 "\nGAP: {stream} sequences {a}..={b} are in neither the archive nor the stream"
             )?;
+        }
+        for why in &self.unreadable {
+            write!(f, "\nUNREADABLE: {why}: its records were not replayed")?;
+        }
+        for why in &self.refused {
+            write!(f, "\nREFUSED: {why}")?;
         }
         Ok(())
     }
@@ -142,8 +166,27 @@ pub async fn run(
             if live.is_some_and(|f| !wanted(f.partition)) {
                 continue;
             }
-            let (one, last) =
-                replay_archived(archive, &name, (pool, policy), args, retry_max, cancel).await?;
+            // What the live stream holds bounds what its archive may name.
+            let stream_last = match live {
+                Some(_) => Some(
+                    js.get_stream(&name)
+                        .await?
+                        .info()
+                        .await?
+                        .state
+                        .last_sequence,
+                ),
+                None => None,
+            };
+            let (one, last) = replay_archived(
+                archive,
+                (&name, stream_last),
+                (pool, policy),
+                args,
+                retry_max,
+                cancel,
+            )
+            .await?;
             summary.add(one);
             if cancel.is_cancelled() {
                 summary.completed = false;
@@ -190,7 +233,7 @@ pub async fn run(
 /// sequence the archive covers in the window (where the stream takes over).
 async fn replay_archived(
     archive: &crate::archive::Archive,
-    stream: &str,
+    (stream, stream_last): (&str, Option<u64>),
     (pool, policy): (&PgPool, &crate::privacy::Policy),
     args: &ReplayArgs,
     retry_max: Duration,
@@ -229,8 +272,17 @@ async fn replay_archived(
             }
         }
         prev = Some(prev.map_or(o.last, |p| p.max(o.last)));
-        let entries = archive.read(o).await.map_err(|e| format!("{e:#}"))?;
-        for e in entries {
+        // One bad object does not stop the replay: it is reported, and the others read.
+        let read = match archive.read_checked(o, stream_last).await {
+            Ok(read) => read,
+            Err(e) => {
+                summary.unreadable.push(format!("{e:#}"));
+                bar.inc(1);
+                continue;
+            }
+        };
+        summary.refused.extend(read.refused);
+        for e in read.entries {
             if args.since.is_some_and(|s| e.time < s)
                 || args.until.is_some_and(|u| e.time > u)
                 || company
@@ -331,6 +383,10 @@ async fn replay_stream(
             ..Default::default()
         })
         .await?;
+    if consumer.cached_info().num_pending == 0 {
+        summary.completed = true;
+        return Ok(summary);
+    }
     let mut messages = consumer.messages().await?;
     let bar = progress_bar(
         args.quiet,
@@ -340,15 +396,27 @@ async fn replay_stream(
     let batch = args.batch_size as usize;
     let mut pending: Vec<jetstream::Message> = Vec::with_capacity(batch);
     loop {
+        // The end is the last message the consumer had pending, never a pause: a stall
+        // (a broker paused or partitioned) is an error that leaves the replay incomplete.
         let next = tokio::select! {
             () = cancel.cancelled() => break,
-            // An idle stream past the window means there is nothing more to read.
-            next = tokio::time::timeout(Duration::from_secs(5), messages.next()) => next,
+            next = tokio::time::timeout(STALL, messages.next()) => next,
         };
         let msg = match next {
-            Err(_) | Ok(None) => {
-                summary.completed = true;
-                break;
+            Err(_) => {
+                return Err(format!(
+                    "stream {}: no message for {} s before the end of the window (sequence {end_seq}): stalled; run the replay again",
+                    partition.stream_name(),
+                    STALL.as_secs()
+                )
+                .into())
+            }
+            Ok(None) => {
+                return Err(format!(
+                    "stream {}: the read ended before the end of the window",
+                    partition.stream_name()
+                )
+                .into())
             }
             Ok(Some(msg)) => msg?,
         };
@@ -433,7 +501,7 @@ async fn apply(
             .and_then(|m| m.info().ok())
             .map(|i| i.stream.to_owned())
         {
-            crate::erase::delete_messages(js, &stream, &stats.erased).await;
+            crate::write::delete_messages(js, &stream, &stats.erased).await;
         }
     }
     summary.messages += pending.len() as u64;

@@ -1,4 +1,5 @@
-//! `RETENTION_DAYS`: stored calls older than the period (by call date), and dead letters
+//! `RETENTION_DAYS`: stored calls older than the period (by the earlier of their call date
+//! and their receipt: a call dated in the future still expires), and dead letters
 //! recorded before it (they hold the payloads), deleted in small
 //! batches, each its own short transaction, with a pause between them so that ingestion
 //! never waits behind a long delete. Every worker runs it; `SKIP LOCKED` keeps them off

@@ -1,12 +1,14 @@
 //! The write policy: stream messages decoded (what cannot be becomes a dead letter) and
 //! written until stored — database outages waited out with backoff while the caller keeps
 //! its messages alive, a batch refused for its data split so that only the guilty rows are
-//! dead-lettered. The consume loop and `replay` both write through it.
+//! dead-lettered — and the messages of erased records deleted from their stream. The
+//! consume loop, `replay` and `erase` all go through it.
 
 use std::time::Duration;
 
 use async_nats::jetstream;
 use callcap::Envelope;
+use futures::StreamExt as _;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -55,6 +57,69 @@ pub fn decode_message(seq: u64, subject: &str, payload: &[u8]) -> Result<Row, De
             payload: payload.to_vec(),
         }),
     }
+}
+
+/// What [`delete_messages`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Deleted {
+    /// Deleted now, or found already gone.
+    pub deleted: u64,
+    /// Still in the stream: the delete failed (logged; `erase --resume` retries).
+    pub failed: u64,
+}
+
+/// Deletes requests in flight at once: the server applies them one by one, but each
+/// answer's round trip (and its fsync under `sync_interval: always`) overlaps the next.
+const DELETES_IN_FLIGHT: usize = 64;
+
+/// Deletes stream messages by sequence; JetStream overwrites a deleted message's payload
+/// (its message delete without `no_erase`). A message already gone (deleted by a worker,
+/// or never there: JetStream's codes 10037 and 10043) counts as deleted.
+pub async fn delete_messages(js: &jetstream::Context, stream: &str, seqs: &[u64]) -> Deleted {
+    delete_messages_with(js, stream, seqs, DELETES_IN_FLIGHT).await
+}
+
+/// [`delete_messages`] with `in_flight` requests at once (the benchmark compares them).
+pub async fn delete_messages_with(
+    js: &jetstream::Context,
+    stream: &str,
+    seqs: &[u64],
+    in_flight: usize,
+) -> Deleted {
+    let mut out = Deleted::default();
+    let Ok(handle) = js.get_stream_no_info(stream).await else {
+        out.failed = seqs.len() as u64;
+        return out;
+    };
+    let handle = &handle;
+    let mut results = futures::stream::iter(seqs.iter().copied())
+        .map(|seq| async move { (seq, handle.delete_message(seq).await) })
+        .buffer_unordered(in_flight.max(1));
+    while let Some((seq, result)) = futures::StreamExt::next(&mut results).await {
+        match result {
+            Ok(_) => out.deleted += 1,
+            Err(e) if already_gone(&e) => out.deleted += 1,
+            Err(e) => {
+                out.failed += 1;
+                tracing::warn!(stream, seq, error = %e, "an erased message could not be deleted from the stream; `erase --resume` deletes it");
+            }
+        }
+    }
+    metrics::counter!("worker_messages_erased_total").increment(out.deleted);
+    out
+}
+
+/// Whether a delete failed because the message is not there (JetStream's error codes,
+/// not its wording, which changed between server versions).
+fn already_gone(e: &async_nats::jetstream::stream::DeleteMessageError) -> bool {
+    use async_nats::jetstream::stream::DeleteMessageErrorKind;
+    use async_nats::jetstream::ErrorCode;
+    matches!(
+        e.kind(),
+        DeleteMessageErrorKind::JetStream(js)
+            if js.error_code() == ErrorCode::NO_MESSAGE_FOUND
+                || js.error_code() == ErrorCode::SEQUENCE_NOT_FOUND
+    )
 }
 
 /// Why a write gave up without storing.
@@ -141,11 +206,7 @@ where
         })
         .await?;
         match one {
-            Ok(s) => {
-                total.rows_changed += s.rows_changed;
-                total.erased.extend(s.erased);
-                total.expired += s.expired;
-            }
+            Ok(s) => total.add(s),
             Err(e) => guilty.push(DeadLetter {
                 seq: row.seq,
                 subject: callcap::subjects::ingest_subject(row.envelope.record.company_id),
@@ -164,10 +225,7 @@ where
     )
     .await?;
     match recorded {
-        Ok(s) => {
-            total.dead_letters += s.dead_letters;
-            total.erased.extend(s.erased);
-        }
+        Ok(s) => total.add(s),
         // Dead letters are sanitized to fit; if Postgres still refuses them, holding the
         // batch forever would stop the consumer, so log loudly and move on.
         Err(e) => {

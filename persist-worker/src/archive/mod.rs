@@ -129,17 +129,81 @@ pub fn compress<'a>(lines: impl IntoIterator<Item = &'a [u8]>) -> std::io::Resul
     enc.finish()
 }
 
-/// Reads an object's bytes back into entries.
+/// The zstd window the reader accepts: 2^23 bytes (the archiver's level 3 uses 2^21).
+const WINDOW_LOG_MAX: u32 = 23;
+
+/// Reads an object's bytes back into entries, decompressing at most `max` bytes.
 ///
 /// # Errors
-/// When the bytes are not zstd, or a line is not an [`Entry`].
-pub fn decompress(bytes: &[u8]) -> anyhow::Result<Vec<Entry>> {
-    let plain = zstd::stream::decode_all(bytes).context("not a zstd object")?;
+/// When the bytes are not zstd, decompress to more than `max` bytes, or a line is not an
+/// [`Entry`].
+pub fn decompress(bytes: &[u8], max: u64) -> anyhow::Result<Vec<Entry>> {
+    use std::io::Read as _;
+    let mut decoder = zstd::stream::read::Decoder::new(bytes).context("not a zstd object")?;
+    decoder
+        .window_log_max(WINDOW_LOG_MAX)
+        .context("configuring the zstd decoder")?;
+    let mut plain = Vec::new();
+    decoder
+        .take(max.saturating_add(1))
+        .read_to_end(&mut plain)
+        .context("not a zstd object")?;
+    anyhow::ensure!(
+        plain.len() as u64 <= max,
+        "it decompresses to more than {max} bytes (ARCHIVE_READ_MAX_BYTES)"
+    );
     plain
         .split(|b| *b == b'\n')
         .filter(|l| !l.is_empty())
         .map(|l| serde_json::from_slice(l).context("a line is not an archive entry"))
         .collect()
+}
+
+/// An object read back: its entries within its named range, and those refused.
+#[derive(Debug, Default)]
+pub struct Read {
+    pub entries: Vec<Entry>,
+    /// Entries not taken, each with why: a sequence outside the object's named range,
+    /// above the stream's last, or not after the one before it (forged or corrupt).
+    pub refused: Vec<String>,
+}
+
+/// Keeps the entries of `object` whose sequence lies in its named range, after the one
+/// before it, and at most `stream_last` (when the stream is known): an entry is trusted
+/// no more than the object's name, which the archiver wrote from the stream.
+fn checked(object: &ObjectRef, entries: Vec<Entry>, stream_last: Option<u64>) -> Read {
+    let mut read = Read::default();
+    let mut prev: Option<u64> = None;
+    for e in entries {
+        let why = if e.seq < object.first || e.seq > object.last {
+            Some(format!(
+                "sequence {} is outside the object's range {}..={}",
+                e.seq, object.first, object.last
+            ))
+        } else if stream_last.is_some_and(|l| e.seq > l) {
+            Some(format!(
+                "sequence {} is above the stream's last sequence {}",
+                e.seq,
+                stream_last.unwrap_or_default()
+            ))
+        } else if prev.is_some_and(|p| e.seq <= p) {
+            Some(format!(
+                "sequence {} does not follow {}",
+                e.seq,
+                prev.unwrap_or_default()
+            ))
+        } else {
+            None
+        };
+        match why {
+            Some(why) => read.refused.push(format!("{}: {why}", object.path)),
+            None => {
+                prev = Some(e.seq);
+                read.entries.push(e);
+            }
+        }
+    }
+    read
 }
 
 /// An archive object, from its name.
@@ -158,6 +222,8 @@ pub struct Archive {
     store: Arc<dyn ObjectStore>,
     prefix: String,
     url: String,
+    /// Most bytes an object may decompress to when read back.
+    read_max: u64,
 }
 
 impl std::fmt::Debug for Archive {
@@ -226,7 +292,15 @@ impl Archive {
             store: Arc::new(store),
             prefix,
             url: url.to_owned(),
+            read_max: crate::config::ArchiveArgs::default().archive_read_max_bytes,
         })
+    }
+
+    /// Bounds what one object may decompress to when read back.
+    #[must_use]
+    pub fn with_read_max(mut self, bytes: u64) -> Self {
+        self.read_max = bytes;
+        self
     }
 
     /// The archive the command line names, when one is configured.
@@ -234,7 +308,10 @@ impl Archive {
     /// # Errors
     /// When ARCHIVE_URL is malformed.
     pub fn from_args(args: &crate::config::ArchiveArgs) -> anyhow::Result<Option<Archive>> {
-        args.archive_url.as_deref().map(Archive::open).transpose()
+        args.archive_url
+            .as_deref()
+            .map(|url| Archive::open(url).map(|a| a.with_read_max(args.archive_read_max_bytes)))
+            .transpose()
     }
 
     /// The URL it was opened with.
@@ -435,20 +512,43 @@ impl Archive {
         Ok(None)
     }
 
-    /// Reads one object.
+    /// Reads one object whole (what `erase` rewrites): every entry as stored, within
+    /// `ARCHIVE_READ_MAX_BYTES`.
     ///
     /// # Errors
-    /// When it cannot be fetched or read.
+    /// When it cannot be fetched, is larger than the bound, or is not an object.
     pub async fn read(&self, object: &ObjectRef) -> anyhow::Result<Vec<Entry>> {
-        let bytes = self
+        let got = self
             .store
             .get(&object.path)
             .await
-            .with_context(|| format!("fetching {}", object.path))?
+            .with_context(|| format!("fetching {}", object.path))?;
+        // Compressed bytes never exceed what they decompress to by much: the same bound.
+        anyhow::ensure!(
+            got.meta.size <= self.read_max,
+            "{} is {} bytes, more than ARCHIVE_READ_MAX_BYTES ({})",
+            object.path,
+            got.meta.size,
+            self.read_max
+        );
+        let bytes = got
             .bytes()
             .await
             .with_context(|| format!("fetching {}", object.path))?;
-        decompress(&bytes).with_context(|| format!("reading {}", object.path))
+        decompress(&bytes, self.read_max).with_context(|| format!("reading {}", object.path))
+    }
+
+    /// Reads one object for a replay: the entries whose sequence its name and the stream
+    /// vouch for ([`Read`]), the others refused and named.
+    ///
+    /// # Errors
+    /// As [`Archive::read`].
+    pub async fn read_checked(
+        &self,
+        object: &ObjectRef,
+        stream_last: Option<u64>,
+    ) -> anyhow::Result<Read> {
+        Ok(checked(object, self.read(object).await?, stream_last))
     }
 
     /// Writes a new object, only if no object of that name exists (`If-None-Match: *`).
@@ -486,12 +586,14 @@ impl Archive {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read as _;
 
     fn in_memory(prefix: &str) -> Archive {
         Archive {
             store: Arc::new(object_store::memory::InMemory::new()),
             prefix: prefix.to_owned(),
             url: format!("memory:///{prefix}"),
+            read_max: 1 << 20,
         }
     }
 
@@ -629,9 +731,64 @@ mod tests {
             .map(|s| Entry::new(s, "calls.ingest.x", t, br#"{"n":1}"#).line())
             .collect();
         let bytes = compress(lines.iter().map(Vec::as_slice)).unwrap();
-        let back = decompress(&bytes).unwrap();
+        let back = decompress(&bytes, 1 << 20).unwrap();
         assert_eq!(back.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
-        assert!(decompress(b"plain").is_err());
+        assert!(decompress(b"plain", 1 << 20).is_err());
+    }
+
+    /// The third probe's bomb: a small object that decompresses to gigabytes. It is
+    /// refused once the bound is passed, never held whole.
+    #[test]
+    fn an_object_decompressing_past_the_bound_is_refused() {
+        let bomb = zstd::encode_all(std::io::repeat(b'{').take(64 << 20), 19).unwrap();
+        assert!(bomb.len() < 64 * 1024, "{}", bomb.len());
+        let e = decompress(&bomb, 8 << 20).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("more than 8388608 bytes"),
+            "{e:#}"
+        );
+    }
+
+    /// An entry is trusted no more than its object's name and the stream: the probe's
+    /// `seq` 2^64-1 froze a row.
+    #[test]
+    fn entries_outside_their_objects_range_or_the_stream_are_refused() {
+        let t = Utc::now();
+        let object = ObjectRef {
+            path: Path::from("calls/CALLS/2026/12/02/1-3.jsonl.zst"),
+            stream: "CALLS".into(),
+            day: t.date_naive(),
+            first: 10,
+            last: 20,
+        };
+        let entry = |seq| Entry::new(seq, "calls.ingest.x", t, br#"{"n":1}"#);
+        let read = checked(
+            &object,
+            vec![
+                entry(10),
+                entry(u64::MAX),
+                entry(12),
+                entry(12),
+                entry(9),
+                entry(19),
+                entry(20),
+            ],
+            Some(19),
+        );
+        assert_eq!(
+            read.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [10, 12, 19]
+        );
+        assert_eq!(read.refused.len(), 4, "{:?}", read.refused);
+        assert!(read.refused[0].contains("outside the object's range 10..=20"));
+        assert!(read
+            .refused
+            .iter()
+            .any(|r| r.contains("above the stream's last sequence 19")));
+        assert!(read
+            .refused
+            .iter()
+            .any(|r| r.contains("does not follow 12")));
     }
 
     #[test]

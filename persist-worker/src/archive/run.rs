@@ -504,6 +504,11 @@ impl Stream {
         let filtered = crate::store::privacy::filter(&mut tx, &self.policy, &o.rows, &[])
             .await
             .context("checking erasures")?;
+        // A record that cannot be checked can be neither archived (it may be erased) nor
+        // left out (it may not be, and the objects tile the stream): the object waits.
+        if let Some(why) = &filtered.hold {
+            anyhow::bail!("checking erasures: {why}");
+        }
         let erased: HashSet<u64> = filtered.erased.iter().copied().collect();
         let kept: Vec<&[u8]> = o
             .lines

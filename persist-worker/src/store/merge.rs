@@ -39,6 +39,8 @@ pub async fn write_batch(
     let filtered = super::privacy::filter(&mut tx, policy, rows, dead).await?;
     stats.erased = filtered.erased;
     stats.expired = filtered.expired;
+    stats.held = filtered.held;
+    stats.hold = filtered.hold;
     let (rows, foreign) = split_foreign(&mut tx, &filtered.rows).await?;
     if !rows.is_empty() {
         upsert_parents(&mut tx, &rows).await?;

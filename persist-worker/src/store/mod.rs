@@ -131,6 +131,25 @@ pub struct WriteStats {
     pub erased: Vec<u64>,
     /// Records dropped as older than the retention period.
     pub expired: u64,
+    /// Stream sequences of records held, not stored: their company has erasures this
+    /// process cannot check. Not to be acknowledged.
+    pub held: Vec<u64>,
+    /// Why they are held.
+    pub hold: Option<crate::privacy::Uncheckable>,
+}
+
+impl WriteStats {
+    /// Adds what another write of the same batch did.
+    pub fn add(&mut self, other: WriteStats) {
+        self.rows_changed += other.rows_changed;
+        self.dead_letters += other.dead_letters;
+        self.erased.extend(other.erased);
+        self.expired += other.expired;
+        self.held.extend(other.held);
+        if self.hold.is_none() {
+            self.hold = other.hold;
+        }
+    }
 }
 
 /// Whether the database answers.

@@ -8,14 +8,16 @@
 //! erasure, which deletes after adding the entry) or sees the entry and drops the record.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use chrono::Utc;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::{DeadLetter, Row, StoreError};
-use crate::privacy::{record_hashes, Policy, Subject};
+use crate::privacy::{
+    subject_company, Identifiers, Kind, Matcher, Policy, Subject, Uncheckable, SCHEME,
+};
 
 /// The advisory lock key ordering writes and erasures ("callcap erase").
 pub const ERASE_LOCK: i64 = 0x6361_6c6c_6572_6173;
@@ -24,21 +26,99 @@ pub const ERASE_LOCK: i64 = 0x6361_6c6c_6572_6173;
 pub struct Filtered<'a> {
     pub rows: Cow<'a, [Row]>,
     /// The dead letters less those holding an erased record (a forged or misrouted
-    /// envelope is dead-lettered with its payload: it must not keep erased data).
+    /// envelope is dead-lettered with its payload: it must not keep erased data), and
+    /// those that are no envelope on the subject of a company with erasures with their
+    /// payload withheld (it cannot be checked).
     pub dead: Cow<'a, [DeadLetter]>,
     /// Stream sequences of the messages dropped as erased (to delete from the stream).
     pub erased: Vec<u64>,
     /// Records dropped as older than the retention period.
     pub expired: u64,
+    /// Stream sequences of the messages held: their company has erasures this process
+    /// cannot check ([`Uncheckable`]). Neither stored nor to be acknowledged.
+    pub held: Vec<u64>,
+    /// Why they are held.
+    pub hold: Option<Uncheckable>,
+}
+
+/// One company's erasures as a write checks them.
+enum Check {
+    /// Its records are matched against these.
+    Match(Matcher),
+    /// Its records cannot be checked here.
+    Hold(Uncheckable),
+}
+
+/// The erasures of `companies` (those that have any), as each company's [`Check`].
+async fn checks(
+    tx: &mut Transaction<'_, Postgres>,
+    policy: &Policy,
+    companies: &[Uuid],
+) -> Result<HashMap<Uuid, Check>, StoreError> {
+    if companies.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let entries: Vec<Entry> = sqlx::query_as(
+        "SELECT company_id, kind, hash, forms, key_fingerprint, scheme FROM erasures WHERE company_id = ANY($1)",
+    )
+    .bind(companies)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut by_company: HashMap<Uuid, Vec<Entry>> = HashMap::new();
+    for e in entries {
+        by_company.entry(e.company_id).or_default().push(e);
+    }
+    Ok(by_company
+        .into_iter()
+        .map(|(company, entries)| {
+            let check = match &policy.key {
+                None => Check::Hold(Uncheckable::NoKey),
+                Some(key) => match entries
+                    .iter()
+                    .find(|e| e.key_fingerprint != key.fingerprint())
+                {
+                    Some(other) => Check::Hold(Uncheckable::OtherKey {
+                        entries: other.key_fingerprint.clone(),
+                        ours: key.fingerprint().to_owned(),
+                    }),
+                    None => {
+                        let legacy = entries
+                            .iter()
+                            .any(|e| e.scheme < SCHEME && e.kind == Kind::Phone);
+                        let whole = entries.iter().any(|e| e.kind == Kind::Company);
+                        Check::Match(Matcher::new(
+                            company,
+                            entries
+                                .into_iter()
+                                .flat_map(|e| std::iter::once(e.hash).chain(e.forms)),
+                            legacy,
+                            whole,
+                        ))
+                    }
+                },
+            };
+            (company, check)
+        })
+        .collect())
+}
+
+/// An erasure entry as a write reads it.
+#[derive(sqlx::FromRow)]
+struct Entry {
+    company_id: Uuid,
+    #[sqlx(try_from = "String")]
+    kind: Kind,
+    hash: Vec<u8>,
+    forms: Vec<Vec<u8>>,
+    key_fingerprint: String,
+    scheme: i16,
 }
 
 /// Takes the write side of [`ERASE_LOCK`] and drops the rows that are erased or past
-/// retention.
+/// retention; holds those of companies whose erasures this process cannot check.
 ///
 /// # Errors
-/// [`StoreError::Transient`] when the database is unavailable, or when a company of the
-/// batch has erasures and this process has no erasure key (held, not stored: the key
-/// must be given).
+/// [`StoreError::Transient`] when the database is unavailable.
 pub async fn filter<'a>(
     tx: &mut Transaction<'_, Postgres>,
     policy: &Policy,
@@ -49,7 +129,8 @@ pub async fn filter<'a>(
         .bind(ERASE_LOCK)
         .execute(&mut **tx)
         .await?;
-    // A dead letter that still decodes (wrong subject, broken rule) names its company.
+    // A dead letter that still decodes (wrong subject, broken rule) names its company;
+    // one that does not, its subject does.
     let dead_envelopes: Vec<Option<callcap::Envelope>> = dead
         .iter()
         .map(|d| callcap::Envelope::decode(&d.payload).ok())
@@ -57,82 +138,103 @@ pub async fn filter<'a>(
     let companies: Vec<Uuid> = rows
         .iter()
         .map(|r| r.envelope.record.company_id)
-        .chain(dead_envelopes.iter().flatten().map(|e| e.record.company_id))
+        .chain(
+            dead.iter()
+                .zip(&dead_envelopes)
+                .filter_map(|(d, e)| match e {
+                    Some(e) => Some(e.record.company_id),
+                    None => subject_company(&d.subject),
+                }),
+        )
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    let hashes: Vec<Vec<u8>> = if companies.is_empty() {
-        Vec::new()
-    } else {
-        sqlx::query_scalar("SELECT hash FROM erasures WHERE company_id = ANY($1)")
-            .bind(&companies)
-            .fetch_all(&mut **tx)
-            .await?
-    };
+    let checks = checks(tx, policy, &companies).await?;
     let keep_since = policy.keep_since(Utc::now());
-    if hashes.is_empty() && keep_since.is_none() {
+    if checks.is_empty() && keep_since.is_none() {
         return Ok(Filtered {
             rows: Cow::Borrowed(rows),
             dead: Cow::Borrowed(dead),
             erased: Vec::new(),
             expired: 0,
+            held: Vec::new(),
+            hold: None,
         });
     }
-    let erased_set: HashSet<Vec<u8>> = hashes.into_iter().collect();
-    let key = match (&policy.key, erased_set.is_empty()) {
-        (Some(k), _) => Some(k.clone()),
-        (None, true) => None,
-        (None, false) => {
-            tracing::error!(
-                "records of a company with erasures cannot be checked: ERASURE_KEY_FILE is not set; holding them"
-            );
-            return Err(StoreError::Transient(sqlx::Error::Configuration(
-                "erasures exist but ERASURE_KEY_FILE is not set".into(),
-            )));
+    let mut out = Filtered {
+        rows: Cow::Owned(Vec::with_capacity(rows.len())),
+        dead: Cow::Owned(Vec::with_capacity(dead.len())),
+        erased: Vec::new(),
+        expired: 0,
+        held: Vec::new(),
+        hold: None,
+    };
+    // What becomes of one call of `company`: `None` to keep it.
+    let verdict = |company: Uuid, ids: Identifiers<'_>, seq: u64, out: &mut Filtered<'_>| match (
+        checks.get(&company),
+        &policy.key,
+    ) {
+        (None, _) => false,
+        (Some(Check::Hold(why)), _) => {
+            out.held.push(seq);
+            out.hold.get_or_insert_with(|| why.clone());
+            true
         }
+        (Some(Check::Match(m)), Some(key)) if m.matches(key, company, &ids) => {
+            out.erased.push(seq);
+            true
+        }
+        (Some(Check::Match(_)), _) => false,
     };
     let mut kept = Vec::with_capacity(rows.len());
-    let mut erased = Vec::new();
-    let mut expired = 0u64;
     for row in rows {
         let e = &row.envelope;
-        let call_date = e.record.call_date.unwrap_or(e.received_at);
-        if keep_since.is_some_and(|t| call_date < t) {
-            expired += 1;
+        // The earlier of the call's date and its receipt: a date in the future does not
+        // keep a record past retention.
+        let retained_from = e
+            .record
+            .call_date
+            .map_or(e.received_at, |d| d.min(e.received_at));
+        if keep_since.is_some_and(|t| retained_from < t) {
+            out.expired += 1;
             continue;
         }
-        if let Some(key) = &key {
-            if record_hashes(key, e.call_history_id, &e.record)
-                .iter()
-                .any(|h| erased_set.contains(h))
-            {
-                erased.push(row.seq);
-                continue;
-            }
+        let ids = Identifiers::of_record(e.call_history_id, &e.record);
+        if !verdict(e.record.company_id, ids, row.seq, &mut out) {
+            kept.push(row.clone());
         }
-        kept.push(row.clone());
     }
     let mut kept_dead = Vec::with_capacity(dead.len());
     for (d, envelope) in dead.iter().zip(&dead_envelopes) {
-        if let (Some(key), Some(e)) = (&key, envelope) {
-            if record_hashes(key, e.call_history_id, &e.record)
-                .iter()
-                .any(|h| erased_set.contains(h))
-            {
-                erased.push(d.seq);
-                continue;
+        match envelope {
+            Some(e) => {
+                let ids = Identifiers::of_record(e.call_history_id, &e.record);
+                if !verdict(e.record.company_id, ids, d.seq, &mut out) {
+                    kept_dead.push(d.clone());
+                }
             }
+            // No envelope: nothing in it can be checked against hashes. On the subject of
+            // a company with erasures it is kept without its payload, never with
+            // identifiers an erasure may name.
+            None => match subject_company(&d.subject).filter(|c| checks.contains_key(c)) {
+                Some(_) => kept_dead.push(DeadLetter {
+                    reason: format!(
+                        "{} (payload of {} bytes withheld: not an envelope, on the subject of a company with erasures)",
+                        d.reason,
+                        d.payload.len()
+                    ),
+                    payload: Vec::new(),
+                    ..d.clone()
+                }),
+                None => kept_dead.push(d.clone()),
+            },
         }
-        kept_dead.push(d.clone());
     }
-    count(tx, "records_dropped_erased", erased.len() as u64).await?;
-    count(tx, "records_dropped_expired", expired).await?;
-    Ok(Filtered {
-        rows: Cow::Owned(kept),
-        dead: Cow::Owned(kept_dead),
-        erased,
-        expired,
-    })
+    count(tx, "records_dropped_erased", out.erased.len() as u64).await?;
+    count(tx, "records_dropped_expired", out.expired).await?;
+    out.rows = Cow::Owned(kept);
+    out.dead = Cow::Owned(kept_dead);
+    Ok(out)
 }
 
 /// Adds `n` to a counter of `privacy_counters`.
@@ -167,14 +269,38 @@ pub async fn counters(pool: &PgPool) -> Result<Vec<(String, i64)>, StoreError> {
 pub struct Erasure {
     pub id: i64,
     pub company_id: Uuid,
-    pub kind: String,
+    #[sqlx(try_from = "String")]
+    pub kind: Kind,
     pub hash: Vec<u8>,
+    /// The hashes of the identifier's other written forms (a number's domestic forms).
+    pub forms: Vec<Vec<u8>>,
     pub key_fingerprint: String,
+    /// How the hashes were made ([`crate::privacy::SCHEME`]).
+    pub scheme: i16,
     pub completed_at: Option<chrono::DateTime<Utc>>,
+    /// Why the last run did not complete it.
+    pub incomplete_reason: Option<String>,
 }
 
+impl Erasure {
+    /// The rule matching what this one entry erases.
+    pub fn matcher(&self) -> Matcher {
+        Matcher::new(
+            self.company_id,
+            std::iter::once(self.hash.clone()).chain(self.forms.iter().cloned()),
+            self.scheme < SCHEME && self.kind == Kind::Phone,
+            self.kind == Kind::Company,
+        )
+    }
+}
+
+/// The columns of [`Erasure`].
+const ERASURE_COLUMNS: &str =
+    "id, company_id, kind, hash, forms, key_fingerprint, scheme, completed_at, incomplete_reason";
+
 /// Adds the entry for `subject` of `company` (or finds the one an earlier run added),
-/// ordered after every write in progress ([`ERASE_LOCK`]).
+/// with `forms`, the other written forms of its identifier, ordered after every write in
+/// progress ([`ERASE_LOCK`]).
 ///
 /// # Errors
 /// When the database is unavailable.
@@ -183,26 +309,32 @@ pub async fn add_erasure(
     key: &crate::privacy::ErasureKey,
     company: Uuid,
     subject: &Subject,
+    forms: &[Subject],
 ) -> Result<Erasure, StoreError> {
     let hash = subject.hash(key, company);
+    let forms: Vec<Vec<u8>> = forms.iter().map(|f| f.hash(key, company)).collect();
     let mut tx = pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(ERASE_LOCK)
         .execute(&mut *tx)
         .await?;
     sqlx::query(
-        "INSERT INTO erasures (company_id, kind, hash, key_fingerprint) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (hash) DO UPDATE SET completed_at = NULL",
+        "INSERT INTO erasures (company_id, kind, hash, forms, key_fingerprint, scheme) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (hash) DO UPDATE SET completed_at = NULL, \
+         forms = ARRAY(SELECT DISTINCT unnest(erasures.forms || EXCLUDED.forms))",
     )
     .bind(company)
-    .bind(subject.kind())
+    .bind(subject.kind().as_str())
     .bind(&hash)
+    .bind(&forms)
     .bind(key.fingerprint())
+    .bind(SCHEME)
     .execute(&mut *tx)
     .await?;
-    let entry = sqlx::query_as(
-        "SELECT id, company_id, kind, hash, key_fingerprint, completed_at FROM erasures WHERE hash = $1",
-    )
+    let entry = sqlx::query_as(&format!(
+        "SELECT {ERASURE_COLUMNS} FROM erasures WHERE hash = $1"
+    ))
     .bind(&hash)
     .fetch_one(&mut *tx)
     .await?;
@@ -210,15 +342,41 @@ pub async fn add_erasure(
     Ok(entry)
 }
 
+/// How the erasure entries' keys compare with `key`: `None` when this process can check
+/// every entry, else why not (for `/readyz`, the log, and the commands that refuse to
+/// write what they cannot check).
+///
+/// # Errors
+/// When the database is unavailable.
+pub async fn key_state(
+    pool: &PgPool,
+    key: Option<&crate::privacy::ErasureKey>,
+) -> Result<Option<Uncheckable>, StoreError> {
+    let fingerprints: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT key_fingerprint FROM erasures")
+            .fetch_all(pool)
+            .await?;
+    Ok(match (key, fingerprints.first()) {
+        (_, None) => None,
+        (None, Some(_)) => Some(Uncheckable::NoKey),
+        (Some(k), _) => fingerprints
+            .iter()
+            .find(|f| *f != k.fingerprint())
+            .map(|f| Uncheckable::OtherKey {
+                entries: f.clone(),
+                ours: k.fingerprint().to_owned(),
+            }),
+    })
+}
+
 /// Erasures not completed yet (an interrupted `erase`).
 ///
 /// # Errors
 /// When the database is unavailable.
 pub async fn pending_erasures(pool: &PgPool) -> Result<Vec<Erasure>, StoreError> {
-    Ok(sqlx::query_as(
-        "SELECT id, company_id, kind, hash, key_fingerprint, completed_at FROM erasures \
-         WHERE completed_at IS NULL ORDER BY id",
-    )
+    Ok(sqlx::query_as(&format!(
+        "SELECT {ERASURE_COLUMNS} FROM erasures WHERE completed_at IS NULL ORDER BY id"
+    ))
     .fetch_all(pool)
     .await?)
 }
@@ -237,7 +395,7 @@ pub async fn complete_erasure(
     let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let mut tx = pool.begin().await?;
     sqlx::query(
-        "UPDATE erasures SET completed_at = now(), rows_deleted = rows_deleted + $2, \
+        "UPDATE erasures SET completed_at = now(), incomplete_reason = NULL, rows_deleted = rows_deleted + $2, \
          dead_letters_deleted = dead_letters_deleted + $3, messages_deleted = messages_deleted + $4 \
          WHERE id = $1",
     )
@@ -255,6 +413,35 @@ pub async fn complete_erasure(
     Ok(())
 }
 
+/// Records why an erasure could not be completed (it stays pending for `--resume`), with
+/// what it removed so far.
+///
+/// # Errors
+/// When the database is unavailable.
+pub async fn leave_incomplete(
+    pool: &PgPool,
+    id: i64,
+    reason: &str,
+    rows: u64,
+    dead_letters: u64,
+    messages: u64,
+) -> Result<(), StoreError> {
+    let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    sqlx::query(
+        "UPDATE erasures SET completed_at = NULL, incomplete_reason = $2, rows_deleted = rows_deleted + $3, \
+         dead_letters_deleted = dead_letters_deleted + $4, messages_deleted = messages_deleted + $5 \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(reason)
+    .bind(n(rows))
+    .bind(n(dead_letters))
+    .bind(n(messages))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// A stored call as erasure matches it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct CallKeys {
@@ -264,6 +451,32 @@ pub struct CallKeys {
     pub recipient_number: Option<String>,
     pub external_call_id: Option<String>,
     pub external_system: Option<String>,
+    pub call_details: Option<serde_json::Value>,
+}
+
+impl CallKeys {
+    /// What the call is erased by.
+    pub fn identifiers(&self) -> Identifiers<'_> {
+        let mut numbers: Vec<&str> = [
+            self.caller_number.as_deref(),
+            self.recipient_number.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        numbers.extend(crate::privacy::detail_numbers(
+            self.call_details
+                .as_ref()
+                .and_then(serde_json::Value::as_object),
+        ));
+        Identifiers {
+            call: self.id,
+            lead: self.lead_id,
+            external_call_id: self.external_call_id.as_deref(),
+            external_system: self.external_system.as_deref(),
+            numbers,
+        }
+    }
 }
 
 /// A page of a company's calls, by id after `after`.
@@ -277,7 +490,7 @@ pub async fn company_calls(
     limit: i64,
 ) -> Result<Vec<CallKeys>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT id, lead_id, caller_number, recipient_number, external_call_id, external_system \
+        "SELECT id, lead_id, caller_number, recipient_number, external_call_id, external_system, call_details \
          FROM call_history WHERE company_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3",
     )
     .bind(company)
@@ -337,7 +550,7 @@ pub async fn delete_parents(
     Ok(n)
 }
 
-/// A page of dead letters, by id after `after`: (id, payload).
+/// A page of dead letters, by id after `after`: (id, subject, payload).
 ///
 /// # Errors
 /// When the database is unavailable.
@@ -345,14 +558,14 @@ pub async fn dead_letter_payloads(
     pool: &PgPool,
     after: i64,
     limit: i64,
-) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
-    Ok(
-        sqlx::query_as("SELECT id, payload FROM dead_letters WHERE id > $1 ORDER BY id LIMIT $2")
-            .bind(after)
-            .bind(limit)
-            .fetch_all(pool)
-            .await?,
+) -> Result<Vec<(i64, String, Vec<u8>)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT id, subject, payload FROM dead_letters WHERE id > $1 ORDER BY id LIMIT $2",
     )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
 }
 
 /// Deletes dead letters by id.
@@ -388,7 +601,8 @@ pub async fn expire_dead_letters(
     .await
 }
 
-/// Deletes up to `limit` calls older than `before` (retention); the number deleted.
+/// Deletes up to `limit` calls older than `before` (retention), by the earlier of their
+/// call date and their receipt; the number deleted.
 ///
 /// # Errors
 /// When the database is unavailable.
@@ -399,8 +613,9 @@ pub async fn expire_calls(
 ) -> Result<u64, StoreError> {
     expire(
         pool,
-        "DELETE FROM call_history WHERE id IN (SELECT id FROM call_history WHERE call_date < $1 \
-         ORDER BY call_date LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        "DELETE FROM call_history WHERE id IN (SELECT id FROM call_history \
+         WHERE LEAST(call_date, received_at) < $1 \
+         ORDER BY LEAST(call_date, received_at) LIMIT $2 FOR UPDATE SKIP LOCKED)",
         "rows_expired",
         before,
         limit,
