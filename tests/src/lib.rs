@@ -8,13 +8,15 @@
 //!   connections" is real without disturbing the shared server;
 //! - [`pipeline`]: the gateway and the worker, in-process or as spawned binaries;
 //! - [`load`]: concurrent clients posting unique records, counting what they saw;
-//! - [`payloads`]: the API document's examples;
+//! - [`payloads`]: the API document's examples; [`providers`] and [`connectors`]: provider
+//!   callbacks signed by the providers' SDKs, and connectors on the test stack;
 //! - [`s3`]: a real S3-compatible object store (SeaweedFS) for the archive;
 //! - [`powerfs`]: a FUSE filesystem that loses every write not fsynced on a "power cut";
 //! - [`stack`]: the usual set-up in one line (nats-server, gateway and key; database and
 //!   worker).
 
 pub mod cluster;
+pub mod connectors;
 pub mod db;
 pub mod identities;
 pub mod load;

@@ -281,6 +281,26 @@ impl NatsServer {
         }
     }
 
+    /// Freezes the process (SIGSTOP): its sockets stay open, nothing answers — a broker
+    /// paused or cut off, as a long GC pause or a frozen VM looks to its clients.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused process run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let child = self.child.as_ref().expect("the server is running");
+        let ok = Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} nats-server");
+    }
+
     /// The server's log so far (for failure messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("nats-server.log")).unwrap_or_default()
@@ -289,6 +309,11 @@ impl NatsServer {
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
+        // A paused server ignores SIGKILL until it runs again on some systems' tooling;
+        // wake it first.
+        if self.child.is_some() {
+            self.signal("-CONT");
+        }
         self.kill();
     }
 }

@@ -82,3 +82,38 @@ impl Pipeline {
         }
     }
 }
+
+/// Waits until every lane's consumer on every partition stream has nothing pending or
+/// unacknowledged: the workers have stored (or dead-lettered) everything published.
+pub async fn drained(nats_url: &str, within: std::time::Duration) {
+    use async_nats::jetstream;
+    crate::eventually(within, "the workers to drain the streams", || async {
+        let js = jetstream::new(crate::identities::connect(nats_url).await);
+        let streams = callcap::partitions::list(&js).await.ok()?;
+        if streams.is_empty() {
+            return None;
+        }
+        for found in streams {
+            let stream = js.get_stream(found.partition.stream_name()).await.ok()?;
+            for lane in callcap::subjects::Lane::ALL {
+                let Ok(mut c) = stream
+                    .get_consumer::<jetstream::consumer::pull::Config>(lane.consumer_name())
+                    .await
+                else {
+                    // The main lane's consumer must be there (no worker has started
+                    // otherwise); the overflow lane may be served by nobody in a test.
+                    if lane == callcap::subjects::Lane::Main {
+                        return None;
+                    }
+                    continue;
+                };
+                let info = c.info().await.ok()?;
+                if info.num_pending > 0 || info.num_ack_pending > 0 {
+                    return None;
+                }
+            }
+        }
+        Some(())
+    })
+    .await;
+}

@@ -71,6 +71,17 @@ enum Cmd {
         #[arg(long, default_value = "CALLS")]
         stream: String,
     },
+    /// Delete every message of a stream as `erase` does (JetStream's message delete,
+    /// which overwrites the payload), the first half one request at a time, the second
+    /// half `in_flight` at once: msgs/s of each.
+    DeleteMessages {
+        #[arg(long, env = "NATS_URL")]
+        nats_url: String,
+        #[arg(long, default_value = "CALLS")]
+        stream: String,
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
+    },
     /// Time one fsync on this disk: append a record-sized block to a file in `dir` and
     /// fdatasync it, `count` times (the floor of a power-loss-safe ack).
     Fsync {
@@ -322,6 +333,11 @@ async fn main() -> anyhow::Result<()> {
             atomic_batch,
         } => broker(&nats_url, count, in_flight, atomic_batch).await,
         Cmd::StreamRead { nats_url, stream } => stream_read(&nats_url, &stream).await,
+        Cmd::DeleteMessages {
+            nats_url,
+            stream,
+            in_flight,
+        } => delete_messages(&nats_url, &stream, in_flight).await,
         Cmd::DbCeiling {
             database_url,
             count,
@@ -422,6 +438,35 @@ fn example_envelope(company: Uuid, n: u64) -> Envelope {
     let record = example_record(company, n);
     let id = callcap::identity::call_history_id(&record, None).id;
     Envelope::new(id, Utc::now(), "kbench".into(), None, record)
+}
+
+async fn delete_messages(nats_url: &str, name: &str, in_flight: usize) -> anyhow::Result<()> {
+    let client = callcap_tests::identities::connect(nats_url).await;
+    let js = jetstream::new(client);
+    let mut stream = js
+        .get_stream(name)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let state = stream
+        .info()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .state
+        .clone();
+    let seqs: Vec<u64> = (state.first_sequence..=state.last_sequence).collect();
+    let (one, many) = seqs.split_at(seqs.len() / 2);
+    for (label, part, k) in [("one at a time", one, 1), ("in flight", many, in_flight)] {
+        let started = Instant::now();
+        let done = persist_worker::write::delete_messages_with(&js, name, part, k).await;
+        let secs = started.elapsed().as_secs_f64();
+        anyhow::ensure!(done.failed == 0, "{} deletes failed", done.failed);
+        println!(
+            "{label}: in_flight={k} deleted={} secs={secs:.3} msgs_per_sec={}",
+            done.deleted,
+            (done.deleted as f64 / secs) as u64
+        );
+    }
+    Ok(())
 }
 
 async fn stream_read(nats_url: &str, name: &str) -> anyhow::Result<()> {

@@ -373,7 +373,11 @@ async fn with_the_object_store_down_the_stream_keeps_everything_and_the_archiver
 async fn archived_with(archive: &Archive, company: Uuid, digits: &str) -> usize {
     let mut n = 0;
     for o in archive.objects(STREAM, None, None).await.unwrap() {
-        for e in archive.read(&o).await.unwrap() {
+        // An unreadable object (a test's forgery) holds nothing readable.
+        let Ok(entries) = archive.read(&o).await else {
+            continue;
+        };
+        for e in entries {
             if e.subject.ends_with(&company.to_string())
                 && String::from_utf8_lossy(&e.payload()).contains(digits)
             {
@@ -590,4 +594,201 @@ async fn a_partition_layout_change_is_archived_whole_and_replayed_from_every_str
     assert_eq!(fresh.dump_calls().await, db.dump_calls().await);
     worker.stop().await;
     gw.stop().await;
+}
+
+/// `replay --from-archive` whatever its outcome: (succeeded, output).
+async fn replay_from_archive_outcome(
+    s3: &S3Server,
+    nats_url: &str,
+    db_url: &str,
+) -> (bool, String) {
+    let mut env: Vec<(&str, String)> = s3.env();
+    env.push(("DATABASE_URL", db_url.to_owned()));
+    env.push(("ARCHIVE_URL", s3.archive_url("calls")));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let args = [
+        "replay",
+        "--from-archive",
+        "--since",
+        "2000-01-01T00:00:00Z",
+        "--quiet",
+    ];
+    let out = admin_command_env(crate::WORKER_BIN, nats_url, &args, &env).await;
+    (
+        out.status.success(),
+        callcap_tests::pipeline::output_text(&out),
+    )
+}
+
+/// The third probe, items 14 to 16, with write access to the bucket: a forged entry with
+/// `seq` 2^64-1 froze a row (a genuine later update never changed it); one unreadable
+/// object blocked every replay and every erasure; a 64 KB object decompressed to
+/// gigabytes. Now an entry is taken only within its object's named range and the
+/// stream; a bad object is reported and the others read (the command fails, saying
+/// which, and an erasure stays incomplete with the reason); decompression is bounded.
+#[tokio::test]
+async fn a_forged_or_broken_archive_object_is_reported_and_the_others_read() {
+    use base64::Engine as _;
+    let s3 = S3Server::start().await;
+    let nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("erasure.key");
+    let bytes: [u8; 32] = rand::random();
+    std::fs::write(
+        &key,
+        base64::engine::general_purpose::STANDARD.encode(bytes),
+    )
+    .unwrap();
+    let gw = TestGateway::start(&nats.url()).await;
+    let mut cli = callcap_tests::pipeline::worker_cli(
+        &nats.url(),
+        &db.url,
+        callcap_tests::pipeline::test_run_args(),
+    );
+    cli.privacy.erasure_key_file = Some(key.clone());
+    let worker = TestWorker::start_cli(cli).await;
+    let a = Uuid::new_v4();
+    let key_a = gw.create_key(a).await;
+    let archive = s3.archive("calls");
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let mut archiving = archiver(
+        &s3,
+        (&nats.url(), &db.url),
+        callcap_tests::free_port(),
+        &[
+            ("ARCHIVE_LINGER_SECS", "1".to_owned()),
+            ("ARCHIVE_OBJECT_RECORDS", "10".to_owned()),
+            ("ERASURE_KEY_FILE", key.display().to_string()),
+        ],
+        &logs,
+    );
+    // The call to freeze, then 29 others (one of them with the number erased later).
+    let mut victim = call(a, "VICTIM".into(), "+919800000001");
+    victim["call_status"] = json!("ringing");
+    assert_eq!(
+        gw.post_call(&key_a, &victim).await.0,
+        reqwest::StatusCode::CREATED
+    );
+    post_many(&gw, &key_a, 29, 4, |i| {
+        call(
+            a,
+            format!("A-{i}"),
+            if i == 7 {
+                "+919876500001"
+            } else {
+                "+919800000001"
+            },
+        )
+    })
+    .await;
+    archived_through(&archive, 30, "the first 30 records archived").await;
+    archiving.terminate();
+
+    // With the bucket's write access: the victim's entry moved to sequence 2^64-1 in its
+    // object, and two more objects past the archive's end: garbage, and a small object
+    // that decompresses to 1 GiB.
+    let objects = archive.objects(STREAM, None, None).await.unwrap();
+    let first = objects[0].clone();
+    let mut entries = archive.read(&first).await.unwrap();
+    let pos = entries
+        .iter()
+        .position(|e| String::from_utf8_lossy(&e.payload()).contains("VICTIM"))
+        .unwrap();
+    entries[pos].seq = u64::MAX;
+    let lines: Vec<Vec<u8>> = entries
+        .iter()
+        .map(persist_worker::archive::Entry::line)
+        .collect();
+    archive
+        .replace(
+            &first.path,
+            persist_worker::archive::compress(lines.iter().map(Vec::as_slice)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let day = objects.last().unwrap().day;
+    let garbage = archive.object_path(STREAM, day, 31, 31);
+    archive
+        .put_new(&garbage, b"not zstd at all".to_vec())
+        .await
+        .unwrap();
+    let bomb = zstd::encode_all(std::io::Read::take(std::io::repeat(b' '), 1 << 30), 3).unwrap();
+    assert!(bomb.len() < 128 * 1024, "{}", bomb.len());
+    let bomb_path = archive.object_path(STREAM, day, 32, 32);
+    archive.put_new(&bomb_path, bomb).await.unwrap();
+
+    // A replay of the archive into the live database: the forged entry is refused, the
+    // bad objects are named, every other record is applied, and the command fails.
+    let (ok, printed) = replay_from_archive_outcome(&s3, &nats.url(), &db.url).await;
+    assert!(
+        !ok,
+        "a replay that skipped records reported success: {printed}"
+    );
+    assert!(
+        printed.contains("REFUSED") && printed.contains("outside the object's range"),
+        "{printed}"
+    );
+    assert_eq!(printed.matches("UNREADABLE").count(), 2, "{printed}");
+    assert!(printed.contains("ARCHIVE_READ_MAX_BYTES"), "{printed}");
+    assert!(printed.contains("29 of them from the archive"), "{printed}");
+    // The genuine later update of the victim still wins.
+    victim["call_status"] = json!("completed");
+    assert_eq!(
+        gw.post_call(&key_a, &victim).await.0,
+        reqwest::StatusCode::CREATED
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the victim's update stored",
+        || async {
+            let s: Option<String> = sqlx::query_scalar(
+                "SELECT call_status FROM call_history WHERE external_call_id = 'VICTIM'",
+            )
+            .fetch_optional(&db.pool)
+            .await
+            .unwrap()
+            .flatten();
+            (s.as_deref() == Some("completed")).then_some(())
+        },
+    )
+    .await;
+
+    // An erasure: cleans every readable object, names the others, stays incomplete.
+    let mut env: Vec<(&str, String)> = s3.env();
+    env.push(("DATABASE_URL", db.url.clone()));
+    env.push(("ARCHIVE_URL", s3.archive_url("calls")));
+    env.push(("ERASURE_KEY_FILE", key.display().to_string()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = admin_command_env(
+        crate::WORKER_BIN,
+        &nats.url(),
+        &[
+            "erase",
+            "--quiet",
+            "--company",
+            &a.to_string(),
+            "--phone",
+            "+919876500001",
+        ],
+        &env,
+    )
+    .await;
+    let printed = callcap_tests::pipeline::output_text(&out);
+    assert!(!out.status.success(), "{printed}");
+    assert!(printed.contains("1 record(s) removed"), "{printed}");
+    assert_eq!(
+        printed.matches("NOT DONE: archived object").count(),
+        2,
+        "{printed}"
+    );
+    assert_eq!(archived_with(&archive, a, "9876500001").await, 0);
+    let reason: Option<String> =
+        sqlx::query_scalar("SELECT incomplete_reason FROM erasures WHERE completed_at IS NULL")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(reason.unwrap().contains("archived object"));
+    worker.stop().await;
 }

@@ -6,281 +6,16 @@
 //! callback adds its URL to the call; a revoked connector is refused. Another company
 //! posts records through its API key all along, and every one of them is stored.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use callcap::subjects::Lane;
-use callcap_tests::db::TestDb;
+use callcap_tests::connectors::{call_id, Connectors, PUBLIC};
 use callcap_tests::eventually;
-use callcap_tests::nats::{stream_messages, NatsServer};
-use callcap_tests::pipeline::{admin_command_env, TestGateway, TestWorker};
-use callcap_tests::providers::{send, sign, Signed};
-use chrono::{DateTime, Utc};
-use ingest_gateway::config::ServeArgs;
+use callcap_tests::pipeline::TestGateway;
+use callcap_tests::providers::{send, sign};
+use chrono::Utc;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
-
-/// The URL the providers call, as given to `connectors create`: not the gateway's own
-/// address, which the test sends to (as a load balancer would forward).
-const PUBLIC: &str = "https://calls.example.test";
-
-struct Fixture {
-    nats: NatsServer,
-    db: TestDb,
-    gw: TestGateway,
-    worker: Option<TestWorker>,
-    dir: tempfile::TempDir,
-    key_file: PathBuf,
-    company: Uuid,
-    /// Another company, posting through its API key meanwhile.
-    other: Uuid,
-    other_key: String,
-    other_sent: Vec<String>,
-}
-
-/// A stored call as the tests read it.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
-struct Stored {
-    call_status: Option<String>,
-    caller_number: Option<String>,
-    recipient_number: Option<String>,
-    duration_seconds: Option<i32>,
-    recording_url: Option<String>,
-    external_system: Option<String>,
-    start_time: Option<DateTime<Utc>>,
-    end_time: Option<DateTime<Utc>>,
-    call_details: Option<Value>,
-    key_id: Option<String>,
-}
-
-impl Fixture {
-    async fn start() -> Self {
-        let nats = NatsServer::start().await;
-        let db = TestDb::create().await;
-        let dir = tempfile::tempdir().unwrap();
-        let key_file = dir.path().join("connector-secrets.key");
-        std::fs::write(
-            &key_file,
-            ingest_gateway::connectors::seal::SecretsKey::generate().unwrap(),
-        )
-        .unwrap();
-        let serve = ServeArgs {
-            connector_secrets_key_file: Some(key_file.clone()),
-            ..ServeArgs::default()
-        };
-        let gw = TestGateway::start_with(&nats.url(), serve).await;
-        let worker = TestWorker::start(&nats.url(), &db.url).await;
-        let other = Uuid::new_v4();
-        let other_key = gw.create_key(other).await;
-        Fixture {
-            nats,
-            db,
-            gw,
-            worker: Some(worker),
-            dir,
-            key_file,
-            company: Uuid::new_v4(),
-            other,
-            other_key,
-            other_sent: Vec::new(),
-        }
-    }
-
-    /// `ingest-gateway connectors <args>` as the operator runs it; its stdout.
-    async fn connectors(&self, args: &[&str]) -> String {
-        let full = [&["connectors"][..], args].concat();
-        let key = self.key_file.display().to_string();
-        let out = admin_command_env(
-            crate::GATEWAY_BIN,
-            &self.nats.url(),
-            &full,
-            &[("CONNECTOR_SECRETS_KEY_FILE", key.as_str())],
-        )
-        .await;
-        assert!(
-            out.status.success(),
-            "connectors {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    /// Creates a connector; (id, callback URL), once the gateway has it.
-    async fn create(
-        &self,
-        provider: &str,
-        secret: Option<&str>,
-        extra: &[&str],
-    ) -> (String, String) {
-        let company = self.company.to_string();
-        let secret_path = self
-            .dir
-            .path()
-            .join(format!("{provider}-{}.secret", Uuid::new_v4()));
-        let mut args = vec![
-            "create",
-            "--company",
-            &company,
-            "--provider",
-            provider,
-            "--public-url",
-            PUBLIC,
-        ];
-        let secret_arg = secret_path.display().to_string();
-        if let Some(s) = secret {
-            std::fs::write(&secret_path, format!("{s}\n")).unwrap();
-            args.extend(["--secret-file", secret_arg.as_str()]);
-        }
-        args.extend(extra);
-        let out = self.connectors(&args).await;
-        let url = out.lines().last().unwrap().to_owned();
-        let id = out
-            .lines()
-            .find_map(|l| l.strip_prefix("connector_id:"))
-            .unwrap()
-            .trim()
-            .to_owned();
-        assert!(
-            url.starts_with(&format!("{PUBLIC}/v1/callbacks/{id}")),
-            "{out}"
-        );
-        let cache = self.gw.state.connectors.clone();
-        let wanted = id.clone();
-        eventually(
-            Duration::from_secs(5),
-            "the connector to reach the gateway",
-            || {
-                let cache = cache.clone();
-                let wanted = wanted.clone();
-                async move { cache.get(&wanted).map(|_| ()) }
-            },
-        )
-        .await;
-        (id, url)
-    }
-
-    async fn post(&self, signed: &Signed) -> (StatusCode, String) {
-        self.post_with(signed, &[]).await
-    }
-
-    async fn post_with(&self, signed: &Signed, extra: &[(&str, &str)]) -> (StatusCode, String) {
-        send(&self.gw.http, &self.gw.base(), PUBLIC, signed, extra).await
-    }
-
-    /// Posts `signed` until the gateway answers `status` (a change made by a `connectors`
-    /// command reaches it within a second).
-    async fn until_answered(&self, signed: &Signed, status: StatusCode, what: &str) {
-        eventually(Duration::from_secs(2), what, || async {
-            (self.post(signed).await.0 == status).then_some(())
-        })
-        .await;
-    }
-
-    /// The other company's traffic: a record per call, through its API key.
-    async fn other_posts(&mut self, n: usize) {
-        for _ in 0..n {
-            let ext = format!("OTHER-{}", Uuid::new_v4());
-            let (status, body) = self
-                .gw
-                .post_call(
-                    &self.other_key,
-                    &json!({"company_id": self.other, "external_call_id": ext, "external_system": "Dialer", "call_status": "completed"}),
-                )
-                .await;
-            assert_eq!(status, StatusCode::CREATED, "{body}");
-            self.other_sent.push(ext);
-        }
-    }
-
-    async fn row(&self, ext: &str) -> Option<Stored> {
-        sqlx::query_as(
-            "SELECT call_status, caller_number, recipient_number, duration_seconds, recording_url, \
-             external_system, start_time, end_time, call_details, key_id \
-             FROM call_history WHERE company_id = $1 AND external_call_id = $2",
-        )
-        .bind(self.company)
-        .bind(ext)
-        .fetch_optional(&self.db.pool)
-        .await
-        .unwrap()
-    }
-
-    async fn rows_of(&self, ext: &str) -> i64 {
-        sqlx::query_scalar(
-            "SELECT count(*) FROM call_history WHERE company_id = $1 AND external_call_id = $2",
-        )
-        .bind(self.company)
-        .bind(ext)
-        .fetch_one(&self.db.pool)
-        .await
-        .unwrap()
-    }
-
-    /// Waits until the worker has stored everything published so far.
-    async fn drained(&self) {
-        let url = self.nats.url();
-        eventually(
-            Duration::from_secs(20),
-            "the worker to drain the stream",
-            || {
-                let url = url.clone();
-                async move {
-                    let client = callcap_tests::identities::connect(&url).await;
-                    let js = async_nats::jetstream::new(client);
-                    let stream = js.get_stream(callcap::subjects::STREAM_NAME).await.ok()?;
-                    let mut consumer: async_nats::jetstream::consumer::PullConsumer =
-                        stream.get_consumer(Lane::Main.consumer_name()).await.ok()?;
-                    let info = consumer.info().await.ok()?;
-                    (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
-                }
-            },
-        )
-        .await;
-    }
-
-    async fn stored(&self, ext: &str) -> Stored {
-        self.drained().await;
-        self.row(ext)
-            .await
-            .unwrap_or_else(|| panic!("call {ext} is not stored"))
-    }
-
-    /// Every record of the other company was stored, and nothing of this company's
-    /// connectors landed on it; the stream holds no record with `forged` anywhere.
-    async fn finish(mut self, forged: &[&str]) {
-        self.drained().await;
-        for ext in &self.other_sent {
-            let n: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM call_history WHERE company_id = $1 AND external_call_id = $2",
-            )
-            .bind(self.other)
-            .bind(ext)
-            .fetch_one(&self.db.pool)
-            .await
-            .unwrap();
-            assert_eq!(n, 1, "the other company's call {ext}");
-        }
-        for (_, _, envelope) in stream_messages(&self.nats.url()).await {
-            let text = serde_json::to_string(&envelope.record).unwrap();
-            for f in forged {
-                assert!(
-                    !text.contains(f),
-                    "an altered callback reached the stream: {text}"
-                );
-            }
-            if envelope.record.company_id == self.other {
-                assert_eq!(envelope.record.external_system.as_deref(), Some("Dialer"));
-            }
-        }
-        self.worker.take().unwrap().stop().await;
-        self.gw.stop().await;
-    }
-}
-
-fn call_id(prefix: &str) -> String {
-    format!("{prefix}{}", Uuid::new_v4().simple())
-}
 
 // ---------------------------------------------------------------------------- Twilio
 
@@ -312,7 +47,7 @@ fn twilio_event(url: &str, sid: &str, status: &str) -> Value {
 
 #[tokio::test]
 async fn twilio_callbacks_are_checked_and_stored() {
-    let mut fx = Fixture::start().await;
+    let mut fx = Connectors::start(crate::GATEWAY_BIN).await;
     let (id, url) = fx.create("twilio", Some(TWILIO_TOKEN), &[]).await;
     fx.other_posts(5).await;
 
@@ -367,9 +102,9 @@ async fn twilio_callbacks_are_checked_and_stored() {
     assert_eq!(fx.post(&unsigned).await.0, StatusCode::UNAUTHORIZED);
     // Signed for the gateway's own address (what Host says), not the public URL: refused;
     // the public URL's signature verifies whatever Host and X-Forwarded-* claim.
-    let local = format!("{}/v1/callbacks/{id}", fx.gw.base());
+    let local = format!("{}/v1/callbacks/{id}", fx.p.gw.base());
     let mut for_host = sign(&twilio_event(&local, &forged_sid, "completed")).await;
-    for_host.url = for_host.url.replace(&fx.gw.base(), PUBLIC);
+    for_host.url = for_host.url.replace(&fx.p.gw.base(), PUBLIC);
     assert_eq!(fx.post(&for_host).await.0, StatusCode::FORBIDDEN);
     let spoofed = sign(&twilio_event(&url, &call_id("CA"), "ringing")).await;
     let (status, _) = fx
@@ -464,7 +199,7 @@ async fn twilio_callbacks_are_checked_and_stored() {
         &new_file.display().to_string(),
     ])
     .await;
-    let cache = fx.gw.state.connectors.clone();
+    let cache = fx.p.gw.state.connectors.clone();
     eventually(
         Duration::from_secs(5),
         "the rotation to reach the gateway",
@@ -539,7 +274,7 @@ fn plivo_event(url: &str, uuid: &str, status: &str) -> Value {
 
 #[tokio::test]
 async fn plivo_callbacks_are_checked_and_stored() {
-    let mut fx = Fixture::start().await;
+    let mut fx = Connectors::start(crate::GATEWAY_BIN).await;
     let (id, url) = fx.create("plivo", Some(PLIVO_TOKEN), &[]).await;
     fx.other_posts(5).await;
 
@@ -669,6 +404,9 @@ async fn plivo_callbacks_are_checked_and_stored() {
 // ---------------------------------------------------------------------------- Vonage
 
 const VONAGE_SECRET: &str = "vonage-signature-secret-0123456789abcdef";
+/// The application the signer's tokens name (`application_id`), which the connector is
+/// bound to.
+pub(crate) const VONAGE_APP: &str = "aaaaaaaa-bbbb-cccc-dddd-0123456789ab";
 
 fn vonage_event(url: &str, uuid: &str, status: &str) -> Value {
     let mut body = json!({
@@ -693,8 +431,14 @@ fn vonage_event(url: &str, uuid: &str, status: &str) -> Value {
 
 #[tokio::test]
 async fn vonage_callbacks_are_checked_and_stored() {
-    let mut fx = Fixture::start().await;
-    let (id, url) = fx.create("vonage", Some(VONAGE_SECRET), &[]).await;
+    let mut fx = Connectors::start(crate::GATEWAY_BIN).await;
+    let (id, url) = fx
+        .create(
+            "vonage",
+            Some(VONAGE_SECRET),
+            &["--application", VONAGE_APP],
+        )
+        .await;
     fx.other_posts(5).await;
 
     let uuid = Uuid::new_v4().to_string();
@@ -771,9 +515,10 @@ async fn vonage_callbacks_are_checked_and_stored() {
         assert_eq!(fx.stored(&uuid).await.call_status.as_deref(), Some(ours));
     }
 
-    // A record action's event: Vonage sends the conversation, not the leg; the eventUrl
-    // names the leg (`?uuid=`), so the recording lands on the call.
-    let recording = json!({"provider": "vonage", "secret": VONAGE_SECRET, "url": format!("{url}?uuid={uuid}"), "json": {
+    // A record action's event names the conversation, not the leg, and Vonage signs the
+    // body only: a `?uuid=` on the eventUrl is not signed, so it is not taken (it would
+    // move a recording onto any call). The recording lands on the conversation's row.
+    let recording = json!({"provider": "vonage", "secret": VONAGE_SECRET, "url": format!("{url}?uuid={uuid}&duration=3600"), "json": {
         "start_time": "2026-12-01T10:00:05.000Z",
         "recording_url": "https://api.nexmo.com/v1/files/aaaaaaaa-bbbb-cccc-dddd-0123456789ab",
         "size": 12222,
@@ -786,12 +531,18 @@ async fn vonage_callbacks_are_checked_and_stored() {
         fx.post(&sign(&recording).await).await.0,
         StatusCode::NO_CONTENT
     );
-    let row = fx.stored(&uuid).await;
+    let conversation = fx.stored(&format!("CON-{uuid}")).await;
     assert_eq!(
-        row.recording_url.as_deref(),
+        conversation.recording_url.as_deref(),
         Some("https://api.nexmo.com/v1/files/aaaaaaaa-bbbb-cccc-dddd-0123456789ab")
     );
-    assert_eq!(row.call_status.as_deref(), Some("completed"));
+    assert_eq!(
+        conversation.duration_seconds, None,
+        "the URL's duration is unsigned"
+    );
+    let call = fx.stored(&uuid).await;
+    assert_eq!(call.recording_url, None, "the URL's uuid is unsigned");
+    assert_eq!(call.call_status.as_deref(), Some("completed"));
 
     fx.connectors(&["revoke", &id]).await;
     let late = sign(&vonage_event(&url, &Uuid::new_v4().to_string(), "ringing")).await;
@@ -836,7 +587,7 @@ fn exotel_event(url: &str, sid: &str, status: &str) -> Value {
 
 #[tokio::test]
 async fn exotel_callbacks_are_checked_by_token_and_network() {
-    let mut fx = Fixture::start().await;
+    let mut fx = Connectors::start(crate::GATEWAY_BIN).await;
     let (id, url) = fx.create("exotel", None, &["--country", "IN"]).await;
     fx.other_posts(5).await;
     let token = url.rsplit('/').next().unwrap().to_owned();
@@ -954,9 +705,9 @@ async fn exotel_callbacks_are_checked_by_token_and_network() {
 /// fingerprint mismatch is what the log says.
 #[tokio::test]
 async fn a_gateway_without_the_secrets_key_answers_503() {
-    let fx = Fixture::start().await;
+    let fx = Connectors::start(crate::GATEWAY_BIN).await;
     let (id, url) = fx.create("twilio", Some(TWILIO_TOKEN), &[]).await;
-    let keyless = TestGateway::start(&fx.nats.url()).await;
+    let keyless = TestGateway::start(&fx.p.nats.url()).await;
     let cache = keyless.state.connectors.clone();
     eventually(
         Duration::from_secs(5),
@@ -1004,7 +755,7 @@ async fn a_gateway_without_the_secrets_key_answers_503() {
 /// signature or an Exotel URL's token (the real binary, its log read back).
 #[tokio::test]
 async fn refusals_are_logged_without_secrets_signatures_or_tokens() {
-    let fx = Fixture::start().await;
+    let fx = Connectors::start(crate::GATEWAY_BIN).await;
     let (twilio, twilio_url) = fx.create("twilio", Some(TWILIO_TOKEN), &[]).await;
     let (exotel, exotel_url) = fx.create("exotel", None, &[]).await;
     let token = exotel_url.rsplit('/').next().unwrap().to_owned();
@@ -1012,7 +763,7 @@ async fn refusals_are_logged_without_secrets_signatures_or_tokens() {
     let log = fx.dir.path().join("gateway.log");
     let mut gw = callcap_tests::pipeline::Process::gateway_logged(
         crate::GATEWAY_BIN,
-        &fx.nats.url(),
+        &fx.p.nats.url(),
         port,
         &[(
             "CONNECTOR_SECRETS_KEY_FILE",

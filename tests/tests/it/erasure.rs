@@ -409,7 +409,8 @@ async fn a_worker_without_the_key_holds_records_of_a_company_with_erasures() {
         &["--company", &a.to_string(), "--phone", ERASED],
     )
     .await;
-    assert!(printed.contains("another form"), "{printed}");
+    assert!(printed.contains("nothing stored matched"), "{printed}");
+    assert!(printed.contains("not matched: domestic forms"), "{printed}");
     let keyless = TestWorker::start(&nats.url(), &db.url).await;
     assert_eq!(
         gw.post_call(&key_a, &call(a, "E-1", ERASED)).await.0,
@@ -667,6 +668,7 @@ async fn an_interrupted_erasure_is_completed_by_resume_from_its_hash_alone() {
         &erasure_key,
         a,
         &persist_worker::privacy::Subject::Lead(lead),
+        &[],
     )
     .await
     .unwrap();
@@ -702,4 +704,595 @@ async fn an_interrupted_erasure_is_completed_by_resume_from_its_hash_alone() {
     assert!(erase(&nats.url(), &db, &key, &["--resume"])
         .await
         .contains("no interrupted erasure"));
+}
+
+/// `erase` as the operator runs it, whatever its outcome: (succeeded, stdout and stderr).
+async fn erase_outcome(
+    nats_url: &str,
+    db_url: &str,
+    key: &std::path::Path,
+    args: &[&str],
+) -> (bool, String) {
+    let full = [&["erase", "--quiet"][..], args].concat();
+    let out = admin_command_env(
+        crate::WORKER_BIN,
+        nats_url,
+        &full,
+        &[
+            ("DATABASE_URL", db_url),
+            ("ERASURE_KEY_FILE", &key.display().to_string()),
+        ],
+    )
+    .await;
+    (
+        out.status.success(),
+        callcap_tests::pipeline::output_text(&out),
+    )
+}
+
+/// The third probe, items 7 and 8: a worker with another erasure key stored erased data
+/// silently, and a keyless one stalled every company's records while `/readyz` said ok.
+/// Now both hold the records of the company with erasures — only them: three batches of
+/// them used to fill `BATCHES_IN_FLIGHT` and stop the lane for everyone — store every
+/// other company's, and say why on `/readyz` (503) and in the log.
+#[tokio::test]
+async fn a_worker_that_cannot_check_erasures_holds_only_that_companys_records_and_says_so() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let other_key = key_file(&dir.path().join("other").tap_mkdir());
+    let gw = TestGateway::start(&nats.url()).await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let (key_a, key_b) = (gw.create_key(a).await, gw.create_key(b).await);
+    erase(
+        &nats.url(),
+        &db,
+        &key,
+        &["--company", &a.to_string(), "--phone", ERASED],
+    )
+    .await;
+    let mut b_sent = 0;
+    for (label, env, cause) in [
+        (
+            "other-key",
+            vec![("ERASURE_KEY_FILE", other_key.display().to_string())],
+            "erasures were hashed with key",
+        ),
+        ("keyless", vec![], "ERASURE_KEY_FILE is not set"),
+    ] {
+        let port = callcap_tests::free_port();
+        let log = dir.path().join(format!("{label}.log"));
+        let mut worker =
+            Process::worker_logged(crate::WORKER_BIN, &nats.url(), &db.url, port, &env, &log);
+        for i in 0..3 {
+            for (ext, number) in [
+                (format!("E-{label}-{i}"), ERASED),
+                (format!("K-{label}-{i}"), KEPT),
+            ] {
+                assert_eq!(
+                    gw.post_call(&key_a, &call(a, &ext, number)).await.0,
+                    StatusCode::CREATED
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        for i in 0..10 {
+            let body = call(b, &format!("B-{label}-{i}"), ERASED);
+            assert_eq!(gw.post_call(&key_b, &body).await.0, StatusCode::CREATED);
+            b_sent += 1;
+        }
+        eventually(
+            Duration::from_secs(20),
+            "the other company's records stored",
+            || async {
+                let n: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM call_history WHERE company_id = $1")
+                        .bind(b)
+                        .fetch_one(&db.pool)
+                        .await
+                        .unwrap();
+                (n == b_sent).then_some(())
+            },
+        )
+        .await;
+        assert_eq!(
+            rows_with(&db, a, ERASED).await,
+            0,
+            "{label}: erased data stored"
+        );
+        assert_eq!(
+            rows_with(&db, a, KEPT).await,
+            0,
+            "{label}: held, not stored"
+        );
+        let http = reqwest::Client::new();
+        let ready = http
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE, "{label}");
+        let said = ready.text().await.unwrap();
+        assert!(
+            said.contains(cause) && said.contains("held"),
+            "{label}: {said}"
+        );
+        worker.terminate();
+        let logged = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            logged.contains(cause),
+            "{label}: the log says why: {logged}"
+        );
+    }
+    // The worker with the erasures' key stores what was held, less the erased.
+    let worker = keyed_worker(&nats, &db, &key).await;
+    drained(&nats.url()).await;
+    assert_eq!(rows_with(&db, a, ERASED).await, 0);
+    assert_eq!(rows_with(&db, a, KEPT).await, 6);
+    worker.stop().await;
+}
+
+/// Creates a directory and returns it.
+trait TapMkdir {
+    fn tap_mkdir(self) -> std::path::PathBuf;
+}
+
+impl TapMkdir for std::path::PathBuf {
+    fn tap_mkdir(self) -> std::path::PathBuf {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
+
+/// Publishes `n` envelopes of company `a` on its subject, as fast as the broker takes
+/// them, the last one with the erased number.
+async fn fill(nats_url: &str, a: Uuid, n: usize) {
+    let admin = jetstream::new(callcap_tests::identities::connect(nats_url).await);
+    // As the gateways and workers create it: this test may run neither.
+    callcap::subjects::open_stream(&admin, &callcap::config::StreamArgs::default())
+        .await
+        .unwrap();
+    let mut acks = Vec::with_capacity(1000);
+    for i in 0..n {
+        let mut r = CallRecord::new(a);
+        r.external_call_id = Some(format!("F-{i}"));
+        r.recipient_number = Some(if i + 1 == n { ERASED } else { KEPT }.into());
+        r.notes = Some("x".repeat(400));
+        let id = callcap::identity::call_history_id(&r, None).id;
+        let env = Envelope::new(id, chrono::Utc::now(), "kx".into(), None, r);
+        acks.push(
+            admin
+                .publish(ingest_subject(a), env.encode().into())
+                .await
+                .unwrap(),
+        );
+        // The client bounds the acks it awaits at once: collect them as they come.
+        if acks.len() == 1000 {
+            for ack in acks.drain(..) {
+                ack.await.unwrap();
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+}
+
+/// The consumers of `CALLS` now (the tests' own reads leave ephemeral ones behind).
+async fn consumers_now(nats_url: &str) -> std::collections::HashSet<String> {
+    let admin = jetstream::new(callcap_tests::identities::connect(nats_url).await);
+    let stream = admin
+        .get_stream(callcap::subjects::STREAM_NAME)
+        .await
+        .unwrap();
+    let mut names = stream.consumer_names();
+    let mut out = std::collections::HashSet::new();
+    while let Some(Ok(n)) = futures::StreamExt::next(&mut names).await {
+        out.insert(n);
+    }
+    out
+}
+
+/// Waits until a consumer not in `before` reads `CALLS`: erase's scan has started.
+async fn until_read(nats_url: &str, before: &std::collections::HashSet<String>) {
+    eventually(
+        Duration::from_secs(30),
+        "erase to start reading the stream",
+        || async {
+            consumers_now(nats_url)
+                .await
+                .iter()
+                .any(|n| !before.contains(n))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// The third probe, item 9: a broker paused during the scan made `erase` take the stall
+/// for the end of the stream: rc 0, "0 deleted", the erasure marked complete, the number
+/// still in the broker's files. Now a pause is waited out and the number deleted; a stall
+/// past `--stall-secs` fails the command and leaves the erasure for `--resume`.
+#[tokio::test]
+async fn an_erasure_never_takes_a_stalled_stream_for_its_end() {
+    let nats = NatsServer::start_with(NatsConfig::IntervalFsync, None).await;
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let a = Uuid::new_v4();
+    fill(&nats.url(), a, 60_000).await;
+    let hits = || async { stream_hits(&nats.url(), a).await };
+    assert_eq!(hits().await, 1);
+
+    // Paused 7 s mid-scan, with the default stall bound: waited out, deleted.
+    let before = consumers_now(&nats.url()).await;
+    let run = {
+        let (url, db_url, key) = (nats.url(), db.url.clone(), key.clone());
+        tokio::spawn(async move {
+            erase_outcome(
+                &url,
+                &db_url,
+                &key,
+                &["--company", &a.to_string(), "--phone", ERASED],
+            )
+            .await
+        })
+    };
+    until_read(&nats.url(), &before).await;
+    nats.pause();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    nats.resume();
+    let (ok, printed) = run.await.unwrap();
+    assert!(ok, "{printed}");
+    assert!(
+        printed.contains("stream: 1 message(s) deleted"),
+        "{printed}"
+    );
+    assert_eq!(hits().await, 0);
+
+    // Paused past --stall-secs: the command fails, the erasure stays incomplete, with why.
+    // (The number again, resent after the erasure and not stored: no worker runs here.)
+    fill(&nats.url(), a, 60_000).await;
+    assert_eq!(hits().await, 1);
+    let before = consumers_now(&nats.url()).await;
+    let run = {
+        let (url, db_url, key) = (nats.url(), db.url.clone(), key.clone());
+        tokio::spawn(async move {
+            erase_outcome(
+                &url,
+                &db_url,
+                &key,
+                &[
+                    "--company",
+                    &a.to_string(),
+                    "--phone",
+                    ERASED,
+                    "--stall-secs",
+                    "2",
+                ],
+            )
+            .await
+        })
+    };
+    until_read(&nats.url(), &before).await;
+    nats.pause();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    nats.resume();
+    let (ok, printed) = run.await.unwrap();
+    assert!(!ok, "a stalled erasure reported success: {printed}");
+    assert!(
+        printed.contains("stalled") && printed.contains("--resume"),
+        "{printed}"
+    );
+    let (pending, reason): (i64, Option<String>) = sqlx::query_as(
+        "SELECT count(*), max(incomplete_reason) FROM erasures WHERE completed_at IS NULL",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(pending, 1);
+    assert!(reason.unwrap().contains("stalled"));
+    // `--resume` completes it from its hash alone.
+    let (ok, printed) = erase_outcome(&nats.url(), &db.url, &key, &["--resume"]).await;
+    assert!(ok, "{printed}");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM erasures WHERE completed_at IS NULL")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    assert_eq!(hits().await, 0, "the resumed run deleted the number");
+}
+
+/// The third probe, item 10: numbers matched in one written form only, silently. Now an
+/// erasure of a number (with its country) removes it in every written form — and from
+/// the number fields of `call_details` — and says which forms it does not cover.
+#[tokio::test]
+async fn a_number_is_erased_in_every_written_form() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let gw = TestGateway::start(&nats.url()).await;
+    let a = Uuid::new_v4();
+    let key_a = gw.create_key(a).await;
+    let worker = keyed_worker(&nats, &db, &key).await;
+    let forms = [
+        "+919876500001",
+        "919876500001",
+        "09876500001",
+        "9876500001",
+        "+91/98765/00001",
+        "+91\u{00A0}98765\u{00A0}00001",
+        "\u{FF0B}\u{FF19}\u{FF11}\u{FF19}\u{FF18}\u{FF17}\u{FF16}\u{FF15}\u{FF10}\u{FF10}\u{FF10}\u{FF10}\u{FF11}",
+        "tel:+91-98765-00001",
+    ];
+    for (i, form) in forms.iter().enumerate() {
+        let body = call(a, &format!("W-{i}"), form);
+        assert_eq!(
+            gw.post_call(&key_a, &body).await.0,
+            StatusCode::CREATED,
+            "{form}"
+        );
+    }
+    // In call_details only, as Twilio's connector keeps ForwardedFrom.
+    let mut forwarded = call(a, "FWD", KEPT);
+    forwarded["call_details"] = json!({"ForwardedFrom": "+91 98765 00001", "campaign": "c7"});
+    assert_eq!(
+        gw.post_call(&key_a, &forwarded).await.0,
+        StatusCode::CREATED
+    );
+    drained(&nats.url()).await;
+    assert_eq!(db.count_calls().await, forms.len() as i64 + 1);
+
+    let printed = erase(
+        &nats.url(),
+        &db,
+        &key,
+        &[
+            "--company",
+            &a.to_string(),
+            "--phone",
+            "+91 98765 00001",
+            "--country",
+            "IN",
+        ],
+    )
+    .await;
+    assert_eq!(db.count_calls().await, 0, "every form erased: {printed}");
+    assert!(printed.contains("not matched:"), "{printed}");
+    assert!(printed.contains("not searched: notes"), "{printed}");
+    assert!(
+        !printed.contains(ERASED_DIGITS),
+        "erase printed the number: {printed}"
+    );
+    // Resent in any form, never stored again; another number of the company is.
+    for (i, form) in forms.iter().enumerate() {
+        let body = call(a, &format!("W-{i}"), form);
+        assert_eq!(gw.post_call(&key_a, &body).await.0, StatusCode::CREATED);
+    }
+    assert_eq!(
+        gw.post_call(&key_a, &call(a, "K", KEPT)).await.0,
+        StatusCode::CREATED
+    );
+    drained(&nats.url()).await;
+    assert_eq!(db.count_calls().await, 1);
+    assert_eq!(stream_hits(&nats.url(), a).await, 0);
+    worker.stop().await;
+}
+
+/// The third probe, item 12: a message already gone counts as deleted by JetStream's
+/// error code (nats-server 2.15 says "sequence N not found", older ones "no message
+/// found"), not by matching its text.
+#[tokio::test]
+async fn deleting_a_message_already_gone_is_not_a_failure() {
+    let nats = NatsServer::start().await;
+    let a = Uuid::new_v4();
+    fill(&nats.url(), a, 3).await;
+    let admin = jetstream::new(callcap_tests::identities::connect(&nats.url()).await);
+    let first =
+        persist_worker::write::delete_messages(&admin, callcap::subjects::STREAM_NAME, &[2]).await;
+    assert_eq!((first.deleted, first.failed), (1, 0));
+    // Deleted already (by a worker dropping a resent record, or an earlier run): gone.
+    let again =
+        persist_worker::write::delete_messages(&admin, callcap::subjects::STREAM_NAME, &[2, 3, 2])
+            .await;
+    assert_eq!((again.deleted, again.failed), (3, 0));
+}
+
+/// The third probe, item 13: a dead letter that is no envelope, arriving after an
+/// erasure on the subject of the erased company, kept the identifier. Its payload is
+/// now withheld (it cannot be checked against hashes).
+#[tokio::test]
+async fn an_undecodable_dead_letter_after_an_erasure_keeps_no_payload() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let worker = keyed_worker(&nats, &db, &key).await;
+    erase(
+        &nats.url(),
+        &db,
+        &key,
+        &["--company", &a.to_string(), "--phone", ERASED],
+    )
+    .await;
+    let admin = jetstream::new(callcap_tests::identities::connect(&nats.url()).await);
+    callcap::subjects::open_stream(&admin, &callcap::config::StreamArgs::default())
+        .await
+        .unwrap();
+    for company in [a, b] {
+        admin
+            .publish(
+                ingest_subject(company),
+                format!("not json {company} {ERASED}").into(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    eventually(Duration::from_secs(20), "two dead letters", || async {
+        (db.count_dead_letters().await == 2).then_some(())
+    })
+    .await;
+    let rows: Vec<(String, Vec<u8>, String)> =
+        sqlx::query_as("SELECT subject, payload, reason FROM dead_letters ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    for (subject, payload, reason) in rows {
+        if subject.ends_with(&a.to_string()) {
+            assert!(payload.is_empty(), "the erased company's payload was kept");
+            assert!(reason.contains("withheld"), "{reason}");
+        } else {
+            // A company without erasures keeps its dead letter whole, for redrive.
+            assert!(String::from_utf8_lossy(&payload).contains(ERASED_DIGITS));
+        }
+    }
+    worker.stop().await;
+}
+
+/// The third probe, item 17: retention keyed on the client's `call_date`, so a call
+/// dated far in the future escaped it. A call is now retained from the earlier of its
+/// date and its receipt: written, replayed or stored, it expires with its receipt.
+#[tokio::test]
+async fn a_call_dated_in_the_future_expires_by_its_receipt() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let a = Uuid::new_v4();
+    let mut cli = worker_cli(&nats.url(), &db.url, test_run_args());
+    cli.privacy.retention_days = Some(30);
+    let worker = TestWorker::start_cli(cli).await;
+    // Received 60 days ago (the envelope's `received_at`), dated 2099: published as a
+    // gateway would have then; and one received now, for contrast.
+    let admin = jetstream::new(callcap_tests::identities::connect(&nats.url()).await);
+    callcap::subjects::open_stream(&admin, &callcap::config::StreamArgs::default())
+        .await
+        .unwrap();
+    for (ext, received) in [
+        (
+            "FUTURE-OLD",
+            chrono::Utc::now() - chrono::Duration::days(60),
+        ),
+        ("FUTURE-NEW", chrono::Utc::now()),
+    ] {
+        let mut r = CallRecord::new(a);
+        r.external_call_id = Some(ext.into());
+        r.call_date = Some("2099-01-01T00:00:00Z".parse().unwrap());
+        let id = callcap::identity::call_history_id(&r, None).id;
+        let env = Envelope::new(id, received, "kx".into(), None, r);
+        admin
+            .publish(ingest_subject(a), env.encode().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    drained(&nats.url()).await;
+    let stored: Vec<String> =
+        sqlx::query_scalar("SELECT external_call_id FROM call_history ORDER BY 1")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, ["FUTURE-NEW"], "the old receipt's call was stored");
+    worker.stop().await;
+    // One already stored (before retention was set): deleted by retention, which a worker
+    // runs at its start and every minute.
+    sqlx::query(
+        "INSERT INTO call_history (id, company_id, call_date, call_date_given, received_at, stored_at, stream_seq, external_call_id) \
+         VALUES ($1, $2, '2099-01-01', true, now() - interval '60 days', now(), 1, 'STORED-OLD')",
+    )
+    .bind(Uuid::new_v4())
+    .bind(a)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut cli = worker_cli(&nats.url(), &db.url, test_run_args());
+    cli.privacy.retention_days = Some(30);
+    let worker = TestWorker::start_cli(cli).await;
+    eventually(
+        Duration::from_secs(20),
+        "retention to delete it",
+        || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM call_history WHERE external_call_id = 'STORED-OLD'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            (n == 0).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(db.count_calls().await, 1);
+    worker.stop().await;
+}
+
+/// Whether the file of `relation` (in the test database) holds `needle`, after a
+/// checkpoint has written every page; the relation's file path too.
+async fn relation_file_holds(db: &TestDb, relation: &str, needle: &str) -> (bool, String) {
+    sqlx::query("CHECKPOINT").execute(&db.pool).await.unwrap();
+    let (dir, path): (String, String) = sqlx::query_as(
+        "SELECT current_setting('data_directory'), pg_relation_filepath($1::regclass)",
+    )
+    .bind(relation)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    let file = std::path::Path::new(&dir).join(&path);
+    let bytes = std::fs::read(&file).unwrap_or_else(|e| {
+        panic!(
+            "reading {} (this test reads the local Postgres server's files, as root): {e}",
+            file.display()
+        )
+    });
+    let found = bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+    (found, path)
+}
+
+/// The third probe, item 11: the README said Postgres was clean at once; erased rows
+/// stay in the table's file (and the WAL) until their pages are rewritten. What the
+/// README now says, held against the server's own files: gone from what SQL can see when
+/// `erase` returns, still in the data file, and gone from it after `VACUUM FULL`.
+#[tokio::test]
+async fn what_erase_leaves_in_postgres_files_is_what_the_readme_says() {
+    let nats = NatsServer::start().await;
+    let db = TestDb::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let gw = TestGateway::start(&nats.url()).await;
+    let a = Uuid::new_v4();
+    let key_a = gw.create_key(a).await;
+    let worker = keyed_worker(&nats, &db, &key).await;
+    post_both(&gw, &key_a, a, 0..5).await;
+    drained(&nats.url()).await;
+    assert!(
+        relation_file_holds(&db, "call_history", ERASED_DIGITS)
+            .await
+            .0
+    );
+    erase(
+        &nats.url(),
+        &db,
+        &key,
+        &["--company", &a.to_string(), "--phone", ERASED],
+    )
+    .await;
+    assert_eq!(rows_with(&db, a, ERASED).await, 0, "gone from SQL at once");
+    let (still, before) = relation_file_holds(&db, "call_history", ERASED_DIGITS).await;
+    assert!(
+        still,
+        "the README says the data file keeps it until rewritten"
+    );
+    sqlx::query("VACUUM FULL call_history")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (kept, after) = relation_file_holds(&db, "call_history", ERASED_DIGITS).await;
+    assert_ne!(before, after, "VACUUM FULL writes a new file");
+    assert!(!kept, "the rewritten table holds the number");
+    assert_eq!(rows_with(&db, a, KEPT).await, 5);
+    worker.stop().await;
 }

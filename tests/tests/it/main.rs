@@ -20,6 +20,7 @@ mod pipeline;
 mod plans;
 mod power_loss;
 mod probe;
+mod probe3;
 mod schema;
 mod security;
 mod seeds;

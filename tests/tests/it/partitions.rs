@@ -428,3 +428,69 @@ async fn on_a_cluster_a_killed_leader_stops_only_its_partitions_companies() {
     assert!(ids.is_subset(&attempted), "rows nobody posted");
     drop(workers);
 }
+
+/// The leader of each of `layout`'s streams, by node index.
+async fn leaders_of(cluster: &callcap_tests::cluster::NatsCluster, layout: Layout) -> Vec<usize> {
+    let mut leaders = Vec::new();
+    for p in layout.partitions() {
+        leaders.push(cluster.stream_leader(&p.stream_name()).await);
+    }
+    leaders
+}
+
+/// The third probe, item 19: after a node was killed and restarted, two partitions stayed
+/// led by one node (losing it then stops two thirds of the companies), and `partitions
+/// set 3` returned early. `set` with the current count and `balance` spread them again,
+/// and `show` says when they are bunched.
+#[tokio::test]
+async fn leaders_are_spread_again_after_a_failover() {
+    use callcap_tests::cluster::{wait_stream_copies, NatsCluster};
+    let mut cluster = NatsCluster::start().await;
+    partitions_command(&cluster.seeds(), &["set", "3", "--no-wait"]).await;
+    let layout = Layout { epoch: 0, count: 3 };
+    let distinct = |l: &[usize]| l.iter().collect::<BTreeSet<_>>().len();
+    for round in 0..2 {
+        let leaders = leaders_of(&cluster, layout).await;
+        assert_eq!(
+            distinct(&leaders),
+            3,
+            "round {round}: spread before: {leaders:?}"
+        );
+        // The leader of partition 0 dies; another node takes it over; it comes back.
+        let killed = leaders[0];
+        cluster.nodes[killed].kill();
+        let name = layout.partitions()[0].stream_name();
+        eventually(
+            Duration::from_secs(30),
+            "a new leader of partition 0",
+            || async { (cluster.stream_leader(&name).await != killed).then_some(()) },
+        )
+        .await;
+        cluster.nodes[killed].start_again().await;
+        for p in layout.partitions() {
+            wait_stream_copies(&cluster.seeds(), &p.stream_name(), 3).await;
+        }
+        let bunched = leaders_of(&cluster, layout).await;
+        assert!(
+            distinct(&bunched) < 3,
+            "the failover bunched them: {bunched:?}"
+        );
+        let shown = partitions_command(&cluster.seeds(), &["show"]).await;
+        assert!(shown.contains("leaders bunched"), "{shown}");
+        // Round 0: `set` with the current count; round 1: `balance`.
+        let out = if round == 0 {
+            partitions_command(&cluster.seeds(), &["set", "3", "--no-wait"]).await
+        } else {
+            partitions_command(&cluster.seeds(), &["balance"]).await
+        };
+        println!("{out}");
+        let spread = leaders_of(&cluster, layout).await;
+        assert_eq!(
+            distinct(&spread),
+            3,
+            "round {round}: spread again: {spread:?} ({out})"
+        );
+        let shown = partitions_command(&cluster.seeds(), &["show"]).await;
+        assert!(!shown.contains("leaders bunched"), "{shown}");
+    }
+}
