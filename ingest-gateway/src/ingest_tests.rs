@@ -104,8 +104,8 @@ async fn a_valid_record_is_published_once_and_answered_201_with_the_documented_b
     let sent = h.publisher.records();
     assert_eq!(sent.len(), 2);
     assert_eq!(
-        sent[0].subject,
-        callcap::subjects::ingest_subject(h.company)
+        (sent[0].company, sent[0].lane),
+        (h.company, callcap::subjects::Lane::Main)
     );
     // The same call twice: the same id, the same dedup id.
     assert_eq!(sent[0].msg_id, sent[1].msg_id);

@@ -64,7 +64,7 @@ pub fn prepare(
     received_at: DateTime<Utc>,
 ) -> (CallId, Outbound) {
     let id = identity::call_history_id(&record, idem);
-    let subject = lane.subject(record.company_id);
+    let company = record.company_id;
     let envelope = Envelope::new(
         id.id,
         received_at,
@@ -77,7 +77,8 @@ pub fn prepare(
     (
         id,
         Outbound {
-            subject,
+            company,
+            lane,
             msg_id: identity::msg_id_of(id.id, &record_json),
             payload: Bytes::from(payload),
         },

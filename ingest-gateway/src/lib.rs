@@ -40,13 +40,16 @@ pub mod status;
 pub mod tls;
 
 use callcap::config::Role;
-use std::future::Future;
+use callcap::shutdown::Shutdown;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
-use callcap::subjects::SetupError;
+use callcap::subjects::{with_retry, SetupError};
+
+/// How long the gateway waits at start (and `setup` at each step) for NATS to answer.
+const SETUP_PATIENCE: Duration = Duration::from_secs(30);
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
@@ -85,7 +88,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             app::describe_metrics();
             callbacks::describe_metrics();
             server::describe_metrics();
-            serve(&cli, Some(metrics), shutdown_signal()).await
+            serve(&cli, Some(metrics), Shutdown::on_signals()).await
         }
         Some(Command::Keys(cmd)) => {
             let store = key_store(&cli).await?;
@@ -212,7 +215,7 @@ async fn run_connectors(cli: &Cli, cmd: &ConnectorsCommand) -> anyhow::Result<()
 pub async fn serve(
     cli: &Cli,
     metrics: Option<PrometheusHandle>,
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     cli.serve.check()?;
     let listener = TcpListener::bind(cli.serve.listen_addr)
@@ -253,7 +256,7 @@ pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
         .await
         .context("connecting to NATS")?;
     // A flush round trip means the connection is up and its INFO is the server's.
-    with_retry("reaching NATS", || async {
+    with_retry("reaching NATS", SETUP_PATIENCE, || async {
         match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
             Ok(flushed) => flushed.map_err(|e| SetupError::Nats(e.into())),
             Err(_) => Err(SetupError::Nats("no answer from NATS within 2 s".into())),
@@ -267,7 +270,7 @@ pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
         .build(client.clone());
     // The layout on the server (`ingest-gateway partitions`); none yet means a fresh
     // deployment: the CALLS stream, created here.
-    let found = with_retry("reading the partition layout", || async {
+    let found = with_retry("reading the partition layout", SETUP_PATIENCE, || async {
         callcap::partitions::list(&js)
             .await
             .map_err(SetupError::Nats)
@@ -279,7 +282,7 @@ pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
     let layout = match layout {
         Some(l) if l != callcap::partitions::Layout::default() => l,
         _ => {
-            let stream = with_retry("opening the CALLS stream", || {
+            let stream = with_retry("opening the CALLS stream", SETUP_PATIENCE, || {
                 callcap::subjects::open_stream(&js, &cli.stream)
             })
             .await?;
@@ -311,9 +314,9 @@ pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
     metrics::gauge!("gateway_partitions").set(f64::from(layout.count));
     let publisher = Partitioned::start(client, js.clone(), cli.serve.group_commit(), layout)
         .await
-        .context("subscribing the publish reply inbox")?;
+        .map_err(|e| anyhow::anyhow!("starting the publishers: {e}"))?;
     let fsync_mode = report_fsync_mode(&server, cli.serve.nats_monitor_url.as_deref()).await;
-    let bucket = with_retry("opening the API key bucket", || {
+    let bucket = with_retry("opening the API key bucket", SETUP_PATIENCE, || {
         auth::open_key_bucket(&js, cli.stream.stream_replicas)
     })
     .await?;
@@ -330,7 +333,7 @@ pub async fn connect(cli: &Cli, metrics: Option<PrometheusHandle>) -> anyhow::Re
         }
         None => None,
     };
-    let connector_bucket = with_retry("opening the connector bucket", || {
+    let connector_bucket = with_retry("opening the connector bucket", SETUP_PATIENCE, || {
         kv::open_bucket(&js, kv::CONNECTORS, cli.stream.stream_replicas)
     })
     .await?;
@@ -428,7 +431,7 @@ async fn fetch_fsync_mode(monitor_url: &str) -> anyhow::Result<FsyncMode> {
 /// When NATS is unreachable, refuses the definition, or the identity may not change it.
 pub async fn setup(cli: &Cli) -> anyhow::Result<String> {
     let js = admin_context(cli, "ingest-gateway setup").await?;
-    let found = with_retry("reading the partition layout", || async {
+    let found = with_retry("reading the partition layout", SETUP_PATIENCE, || async {
         callcap::partitions::list(&js)
             .await
             .map_err(SetupError::Nats)
@@ -441,7 +444,7 @@ pub async fn setup(cli: &Cli) -> anyhow::Result<String> {
     let streams = match layout {
         Some(l) if l != callcap::partitions::Layout::default() => {
             for p in l.partitions() {
-                with_retry("updating a partition stream", || async {
+                with_retry("updating a partition stream", SETUP_PATIENCE, || async {
                     let name = p.stream_name();
                     let existing = js
                         .get_stream(&name)
@@ -468,20 +471,26 @@ pub async fn setup(cli: &Cli) -> anyhow::Result<String> {
             l.partitions().iter().map(|p| p.stream_name()).collect()
         }
         _ => {
-            with_retry("creating or updating the CALLS stream", || {
-                callcap::subjects::ensure_stream(&js, &cli.stream)
-            })
+            with_retry(
+                "creating or updating the CALLS stream",
+                SETUP_PATIENCE,
+                || callcap::subjects::ensure_stream(&js, &cli.stream),
+            )
             .await?;
             vec![callcap::subjects::STREAM_NAME.to_owned()]
         }
     };
-    with_retry("creating or updating the API key bucket", || {
-        auth::key_bucket(&js, cli.stream.stream_replicas)
-    })
+    with_retry(
+        "creating or updating the API key bucket",
+        SETUP_PATIENCE,
+        || auth::key_bucket(&js, cli.stream.stream_replicas),
+    )
     .await?;
-    with_retry("creating or updating the connector bucket", || {
-        kv::bucket(&js, kv::CONNECTORS, cli.stream.stream_replicas)
-    })
+    with_retry(
+        "creating or updating the connector bucket",
+        SETUP_PATIENCE,
+        || kv::bucket(&js, kv::CONNECTORS, cli.stream.stream_replicas),
+    )
     .await?;
     let mut lines = Vec::new();
     for name in streams {
@@ -550,55 +559,4 @@ pub async fn key_store(cli: &Cli) -> anyhow::Result<jetstream::kv::Store> {
     auth::key_bucket(&js, cli.stream.stream_replicas)
         .await
         .map_err(|e| anyhow::anyhow!("opening the API key bucket: {e}"))
-}
-
-/// Retries start-up steps for a while: NATS may still be starting (or electing a leader).
-/// A refusal that retrying cannot change (e.g. 3 replicas on a single server) ends at once.
-async fn with_retry<T, F, Fut>(what: &str, mut step: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, SetupError>>,
-{
-    let mut attempt = 0u32;
-    loop {
-        match step().await {
-            Ok(v) => return Ok(v),
-            Err(SetupError::Refused(why)) => return Err(anyhow::anyhow!("{what}: {why}")),
-            Err(e) if attempt < 30 => {
-                attempt += 1;
-                tracing::warn!(error = %e, attempt, "{what} failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            Err(e) => return Err(anyhow::anyhow!("{what}: {e}")),
-        }
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-    tracing::info!("shutdown signal received");
 }

@@ -12,7 +12,6 @@
 //!   (HTTP/2 GOAWAY, HTTP/1 close after the response) and in-flight requests get
 //!   `SHUTDOWN_GRACE_SECS` (each has been published or will answer 503; none is lost).
 
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -147,7 +146,7 @@ pub async fn run(
     listener: TcpListener,
     state: AppState,
     tls: Option<TlsAcceptor>,
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: callcap::shutdown::Shutdown,
 ) -> std::io::Result<()> {
     let header_timeout = state.serve.header_timeout();
     let idle_timeout = Duration::from_secs(state.serve.idle_timeout_secs);
@@ -185,6 +184,7 @@ pub async fn run(
     let slots = Arc::new(Semaphore::new(max_connections as usize));
     let closing = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let shutdown = shutdown.triggered_owned();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

@@ -16,14 +16,16 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, message::AckKind};
 use callcap::partitions::Partition;
+use callcap::shutdown::Shutdown;
 use callcap::subjects::Lane;
 use futures::{FutureExt, StreamExt};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::RunArgs;
+use crate::health::ConsumerHealth;
+use crate::runner::{Component, Spec};
 use crate::write::{decode, write_reliably, Abandoned, Decoded};
 
 /// Records stored (0) and dead-lettered (1) by this worker, per second over the last
@@ -61,6 +63,145 @@ pub fn consumer_config(args: &RunArgs, lane: Lane, partition: Partition) -> pull
     }
 }
 
+/// The records component: every lane this worker serves (`LANES`), on every partition
+/// stream, each lane writing on its own connections so that a backlog in one never
+/// waits for the other's pool.
+pub struct Records {
+    pub lanes: Vec<Lane>,
+    pub pools: std::collections::HashMap<Lane, PgPool>,
+    pub policy: crate::privacy::Policy,
+    pub args: RunArgs,
+}
+
+impl Component for Records {
+    fn what(&self) -> &'static str {
+        "a lane's consumer"
+    }
+
+    fn lanes(&self, _found: &callcap::partitions::Found) -> Vec<Option<Lane>> {
+        self.lanes.iter().copied().map(Some).collect()
+    }
+
+    fn spec<'a>(
+        &'a self,
+        found: &'a callcap::partitions::Found,
+        lane: Option<Lane>,
+    ) -> futures::future::BoxFuture<'a, anyhow::Result<Spec>> {
+        Box::pin(async move {
+            let lane = lane.ok_or_else(|| anyhow::anyhow!("the records are served by lane"))?;
+            // A stream from before lanes has no subjects for the overflow lane: nothing
+            // can arrive there until `setup` adds them (the gateways keep every record
+            // in the main lane meanwhile).
+            let carried = found.subjects.contains(&found.partition.filter(lane));
+            Ok(Spec {
+                consumer: lane.consumer_name(),
+                wanted: carried.then(|| consumer_config(&self.args, lane, found.partition)),
+                fresh_from: None,
+            })
+        })
+    }
+
+    fn serve(
+        &self,
+        consumer: jetstream::consumer::PullConsumer,
+        health: std::sync::Arc<ConsumerHealth>,
+        shutdown: Shutdown,
+    ) -> futures::future::BoxFuture<'static, anyhow::Result<()>> {
+        let lane = health.lane().unwrap_or(Lane::Main);
+        let (policy, args) = (self.policy.clone(), self.args.clone());
+        let pool = self.pools.get(&lane).cloned();
+        Box::pin(async move {
+            let pool = pool.ok_or_else(|| anyhow::anyhow!("no pool for the {lane} lane"))?;
+            run(consumer, &health, pool, policy, args, shutdown)
+                .await
+                .map_err(|e| anyhow::anyhow!("the {lane} lane's consumer failed: {e}"))
+        })
+    }
+}
+
+/// Registers the `# HELP` text of the worker's metrics and starts its counters at 0 (a
+/// series that first appears at 1 shows no increase to Prometheus: the first dead letter
+/// or database error would not fire its alert).
+pub fn describe_metrics() {
+    let counters = [
+        (
+            "worker_messages_total",
+            "Stream messages handled (stored, merged or dead-lettered) and acked",
+        ),
+        (
+            "worker_rows_written_total",
+            "Rows inserted or changed in Postgres",
+        ),
+        (
+            "worker_dead_letters_total",
+            "Messages moved to the dead-letter table instead of stored",
+        ),
+        (
+            "worker_redeliveries_total",
+            "Messages delivered more than once (a worker died or was slow before its ack)",
+        ),
+    ];
+    for (name, help) in counters {
+        metrics::describe_counter!(name, help);
+        for lane in Lane::ALL {
+            metrics::counter!(name, "lane" => lane.as_str()).absolute(0);
+        }
+    }
+    metrics::describe_counter!(
+        "worker_records_dropped_total",
+        "Records not stored by reason: erased (a matching erasure; deleted from the stream) or expired (older than RETENTION_DAYS)"
+    );
+    for lane in Lane::ALL {
+        for reason in ["erased", "expired"] {
+            metrics::counter!("worker_records_dropped_total", "lane" => lane.as_str(), "reason" => reason)
+                .absolute(0);
+        }
+    }
+    metrics::describe_counter!(
+        "worker_messages_erased_total",
+        "Stream messages deleted (payload overwritten) because they held erased data"
+    );
+    metrics::counter!("worker_messages_erased_total").absolute(0);
+    metrics::describe_counter!(
+        "worker_rows_expired_total",
+        "Stored calls deleted by RETENTION_DAYS"
+    );
+    metrics::counter!("worker_rows_expired_total").absolute(0);
+    // Not a lane's: the database is shared.
+    metrics::describe_counter!(
+        "worker_db_errors_total",
+        "Failed database transactions (retried with backoff; nothing is acked)"
+    );
+    metrics::counter!("worker_db_errors_total").absolute(0);
+    metrics::describe_counter!(
+        "worker_consumer_repairs_total",
+        "Times the durable consumer was found missing or changed and recreated as defined, by reason"
+    );
+    for reason in ["missing", "changed"] {
+        for lane in Lane::ALL {
+            metrics::counter!("worker_consumer_repairs_total", "lane" => lane.as_str(), "reason" => reason)
+                .absolute(0);
+        }
+    }
+    metrics::describe_gauge!(
+        "worker_consumer_pending",
+        "Records of a lane not yet delivered to any worker (the backlog KEDA scales on), by lane"
+    );
+    metrics::describe_gauge!(
+        "worker_consumer_ack_pending",
+        "Records delivered to a worker and not yet acked (being stored)"
+    );
+    metrics::describe_histogram!(
+        "worker_batch_size",
+        "Messages per batch written in one transaction"
+    );
+    metrics::describe_histogram!(
+        "worker_batch_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time to write a batch: transaction and acks"
+    );
+}
+
 /// Consumes until `cancel` fires.
 ///
 /// Batches fill from the pull stream until `batch_size` messages or `batch_linger_ms`
@@ -77,13 +218,13 @@ pub fn consumer_config(args: &RunArgs, lane: Lane, partition: Partition) -> pull
 /// When the durable consumer cannot be created or its message stream opened.
 pub async fn run(
     consumer: jetstream::consumer::PullConsumer,
-    health: &std::sync::Arc<crate::guard::ConsumerHealth>,
+    health: &std::sync::Arc<ConsumerHealth>,
     pool: PgPool,
     policy: crate::privacy::Policy,
     args: RunArgs,
-    cancel: CancellationToken,
+    cancel: Shutdown,
 ) -> Result<(), async_nats::Error> {
-    let lane = health.lane();
+    let lane = health.lane().unwrap_or(Lane::Main);
     tracing::info!(
         consumer = lane.consumer_name(),
         batch_size = args.batch_size,
@@ -111,7 +252,7 @@ pub async fn run(
             .await?;
         loop {
             let first = tokio::select! {
-                () = cancel.cancelled() => {
+                () = cancel.triggered() => {
                     writing.drain().await;
                     hand_back_prefetched(&mut messages).await;
                     let _ = tending.await;
@@ -122,20 +263,7 @@ pub async fn run(
                 next = messages.next() => next,
             };
             let Some(first) = first else { break };
-            let mut msgs: Vec<jetstream::Message> = Vec::with_capacity(batch);
-            msgs.extend(usable(first));
-            let linger = tokio::time::sleep(args.batch_linger());
-            tokio::pin!(linger);
-            while msgs.len() < batch {
-                tokio::select! {
-                    biased;
-                    next = messages.next() => match next {
-                        Some(m) => msgs.extend(usable(m)),
-                        None => break,
-                    },
-                    () = &mut linger => break,
-                }
-            }
+            let msgs = fill(first, &mut messages, batch, args.batch_linger()).await;
             if msgs.is_empty() {
                 continue;
             }
@@ -178,6 +306,34 @@ pub async fn run(
         tracing::warn!("pull stream ended; reopening");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// A batch: `first`, then what the pull brings until `batch` messages or `linger` after
+/// the first, whichever comes first.
+async fn fill<S>(
+    first: Result<jetstream::Message, pull::MessagesError>,
+    messages: &mut S,
+    batch: usize,
+    linger: Duration,
+) -> Vec<jetstream::Message>
+where
+    S: futures::Stream<Item = Result<jetstream::Message, pull::MessagesError>> + Unpin,
+{
+    let mut msgs: Vec<jetstream::Message> = Vec::with_capacity(batch);
+    msgs.extend(usable(first));
+    let linger = tokio::time::sleep(linger);
+    tokio::pin!(linger);
+    while msgs.len() < batch {
+        tokio::select! {
+            biased;
+            next = messages.next() => match next {
+                Some(m) => msgs.extend(usable(m)),
+                None => break,
+            },
+            () = &mut linger => break,
+        }
+    }
+    msgs
 }
 
 /// One batch's write task.
@@ -274,7 +430,7 @@ async fn handle(
     pool: &PgPool,
     policy: &crate::privacy::Policy,
     args: &RunArgs,
-    cancel: &CancellationToken,
+    cancel: &Shutdown,
     batch: Batch,
     held: &Held,
 ) -> Result<(), Abandoned> {
@@ -424,11 +580,11 @@ impl Held {
     /// health, and hands them back when `cancel` fires.
     async fn tend(
         self,
-        health: std::sync::Arc<crate::guard::ConsumerHealth>,
+        health: std::sync::Arc<ConsumerHealth>,
         pool: PgPool,
         policy: crate::privacy::Policy,
         args: RunArgs,
-        cancel: CancellationToken,
+        cancel: Shutdown,
     ) {
         // Well inside the ack wait, so a held message is never redelivered meanwhile.
         let keep_alive = (args.ack_wait() / 3).max(Duration::from_millis(200));
@@ -437,7 +593,7 @@ impl Held {
         loop {
             tokio::select! {
                 () = tokio::time::sleep(keep_alive) => {}
-                () = cancel.cancelled() => break,
+                () = cancel.triggered() => break,
             }
             let msgs = std::mem::take(&mut self.lock().msgs);
             if msgs.is_empty() {
@@ -471,7 +627,7 @@ impl Held {
         pool: &PgPool,
         policy: &crate::privacy::Policy,
         args: &RunArgs,
-        cancel: &CancellationToken,
+        cancel: &Shutdown,
     ) -> Vec<jetstream::Message> {
         let decoded = decode(&msgs);
         let keep_alive = || async {

@@ -14,131 +14,14 @@
 //! `consumer: changed` from the moment it is seen until it is repaired. The same reading
 //! feeds the backlog gauges KEDA scales on.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{self, pull, DeliverPolicy};
 use async_nats::jetstream::stream::Stream;
-use callcap::partitions::Partition;
-use callcap::subjects::Lane;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+use callcap::shutdown::Shutdown;
 
-/// What the guard last saw of the consumer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Condition {
-    /// Not checked yet.
-    Unknown,
-    /// The stream has no subjects for this lane (created before lanes): not served.
-    Absent,
-    /// As defined.
-    Right,
-    /// Not on the server.
-    Missing,
-    /// On the server with another definition: the differences.
-    Changed(Vec<String>),
-}
-
-/// The guard's findings about one lane's consumer, shared with the ops endpoints and
-/// that lane's consume loop.
-#[derive(Debug)]
-pub struct ConsumerHealth {
-    lane: Lane,
-    partition: Partition,
-    condition: Mutex<Condition>,
-    repairs: AtomicU64,
-    pending: AtomicU64,
-    ack_pending: AtomicU64,
-    /// Counts repairs for the consume loop, which reopens its pull on the new consumer.
-    reopened: watch::Sender<u64>,
-    /// Records the consume loop holds because their company's erasures cannot be checked
-    /// here, and why.
-    holding: Mutex<Option<(u64, crate::privacy::Uncheckable)>>,
-}
-
-impl ConsumerHealth {
-    /// Nothing seen yet of `lane`'s consumer on `partition`'s stream.
-    pub fn new(lane: Lane, partition: Partition) -> Self {
-        ConsumerHealth {
-            lane,
-            partition,
-            condition: Mutex::new(Condition::Unknown),
-            repairs: AtomicU64::new(0),
-            pending: AtomicU64::new(0),
-            ack_pending: AtomicU64::new(0),
-            reopened: watch::Sender::new(0),
-            holding: Mutex::new(None),
-        }
-    }
-}
-
-impl ConsumerHealth {
-    /// Marks the lane as not in the stream (not served, nothing can arrive in it).
-    pub fn set_absent(&self) {
-        self.set(Condition::Absent);
-    }
-
-    /// The lane whose consumer this is.
-    pub fn lane(&self) -> Lane {
-        self.lane
-    }
-
-    /// The partition stream the consumer is on.
-    pub fn partition(&self) -> Partition {
-        self.partition
-    }
-
-    /// The consumer's condition as last seen.
-    pub fn condition(&self) -> Condition {
-        self.condition
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    fn set(&self, c: Condition) {
-        *self
-            .condition
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = c;
-    }
-
-    /// Changes after each repair: the consume loop reopens its pull then.
-    pub fn reopened(&self) -> watch::Receiver<u64> {
-        self.reopened.subscribe()
-    }
-
-    /// Times the consumer was recreated by this worker.
-    pub fn repairs(&self) -> u64 {
-        self.repairs.load(Ordering::Relaxed)
-    }
-
-    /// Records held unstored (their company's erasures cannot be checked here), and why;
-    /// `None` when none is.
-    pub fn holding(&self) -> Option<(u64, crate::privacy::Uncheckable)> {
-        self.holding
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Sets what [`ConsumerHealth::holding`] says.
-    pub fn set_holding(&self, held: Option<(u64, crate::privacy::Uncheckable)>) {
-        *self
-            .holding
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = held;
-    }
-
-    /// Records not yet delivered, and delivered but not acked, as last read.
-    pub fn backlog(&self) -> (u64, u64) {
-        (
-            self.pending.load(Ordering::Relaxed),
-            self.ack_pending.load(Ordering::Relaxed),
-        )
-    }
-}
+use crate::health::{Condition, ConsumerHealth};
 
 /// What differs between the consumer on the server and the one wanted, in what governs
 /// which records are delivered and whether they are delivered at all. Two kinds of
@@ -178,7 +61,16 @@ pub fn differences(current: &consumer::Config, wanted: &consumer::Config) -> Vec
     if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&current.ack_wait) {
         out.push(format!("ack_wait: {:?} (1 s to 1 h)", current.ack_wait));
     }
-    if !(4..=1000).contains(&current.max_deliver) {
+    // A consumer that never gives up (the archiver's, -1) must stay so; the workers'
+    // bounded redeliveries may be tuned within their flag's range.
+    if wanted.max_deliver <= 0 {
+        if current.max_deliver != wanted.max_deliver {
+            out.push(format!(
+                "max_deliver: {} (wanted {})",
+                current.max_deliver, wanted.max_deliver
+            ));
+        }
+    } else if !(4..=1000).contains(&current.max_deliver) {
         out.push(format!("max_deliver: {} (4 to 1,000)", current.max_deliver));
     }
     out
@@ -196,7 +88,7 @@ pub async fn open(
     health: &ConsumerHealth,
 ) -> Result<consumer::PullConsumer, async_nats::Error> {
     let want = consumer::IntoConsumerConfig::into_consumer_config(wanted.clone());
-    let name = health.lane.consumer_name();
+    let name = health.consumer();
     match stream.consumer_info(name).await {
         Ok(info) => {
             let diff = differences(&info.config, &want);
@@ -219,6 +111,7 @@ pub async fn open(
                     "changed",
                 )
                 .await?;
+                health.repaired();
             }
         }
         Err(e) if is_not_found(&e) => {}
@@ -229,32 +122,58 @@ pub async fn open(
     Ok(consumer)
 }
 
-/// Checks the consumer every `every` until `cancel`, repairing it as the module says.
+/// Creates the consumer anew, delivering from `from`: for a component that knows better
+/// than the consumer where to resume (the archiver: past what the archive holds), so
+/// that what a previous run had in hand unacked comes again in order, not after the
+/// ack wait behind newer messages.
+///
+/// # Errors
+/// When the consumer cannot be created.
+pub async fn open_fresh(
+    stream: &Stream,
+    wanted: &pull::Config,
+    from: u64,
+    health: &ConsumerHealth,
+) -> Result<consumer::PullConsumer, async_nats::Error> {
+    if let Err(e) = stream.delete_consumer(health.consumer()).await {
+        tracing::debug!(error = %e, "deleting the consumer before creating it anew");
+    }
+    let config = pull::Config {
+        deliver_policy: DeliverPolicy::ByStartSequence {
+            start_sequence: from.max(1),
+        },
+        ..wanted.clone()
+    };
+    let consumer = stream.create_consumer(config).await?;
+    health.set(Condition::Right);
+    Ok(consumer)
+}
+
+/// Checks the consumer every `every` until `shutdown`, repairing it as the module says.
 pub async fn watch(
     stream: Stream,
     wanted: pull::Config,
     health: Arc<ConsumerHealth>,
     every: Duration,
-    cancel: CancellationToken,
+    shutdown: Shutdown,
 ) {
     let want = consumer::IntoConsumerConfig::into_consumer_config(wanted.clone());
     // The next sequence to deliver were the consumer recreated now: one past the ack floor
     // last seen while it was right.
     let mut resume_from: Option<u64> = None;
-    let name = health.lane.consumer_name();
-    let lane = health.lane.as_str();
-    let stream_label = health.partition.label();
+    let name = health.consumer();
+    let stream_label = health.partition().label();
     loop {
         match stream.consumer_info(name).await {
             Ok(info) => {
-                health.pending.store(info.num_pending, Ordering::Relaxed);
-                health
-                    .ack_pending
-                    .store(info.num_ack_pending as u64, Ordering::Relaxed);
-                metrics::gauge!("worker_consumer_pending", "lane" => lane, "stream" => stream_label.clone())
-                    .set(info.num_pending as f64);
-                metrics::gauge!("worker_consumer_ack_pending", "lane" => lane, "stream" => stream_label.clone())
-                    .set(info.num_ack_pending as f64);
+                health.set_backlog(info.num_pending, info.num_ack_pending as u64);
+                if let Some(lane) = health.lane() {
+                    let lane = lane.as_str();
+                    metrics::gauge!("worker_consumer_pending", "lane" => lane, "stream" => stream_label.clone())
+                        .set(info.num_pending as f64);
+                    metrics::gauge!("worker_consumer_ack_pending", "lane" => lane, "stream" => stream_label.clone())
+                        .set(info.num_ack_pending as f64);
+                }
                 let diff = differences(&info.config, &want);
                 if diff.is_empty() {
                     health.set(Condition::Right);
@@ -286,7 +205,7 @@ pub async fn watch(
         }
         tokio::select! {
             () = tokio::time::sleep(every) => {}
-            () = cancel.cancelled() => return,
+            () = shutdown.triggered() => return,
         }
     }
 }
@@ -301,7 +220,7 @@ async fn repair(
     match recreate(stream, wanted, from, health, reason).await {
         Ok(()) => {
             health.set(Condition::Right);
-            health.reopened.send_modify(|n| *n += 1);
+            health.repaired();
         }
         // Another worker may have repaired it first; the next check sees.
         Err(e) => tracing::warn!(error = %e, "recreating the durable consumer failed; retrying"),
@@ -316,7 +235,7 @@ async fn recreate(
     health: &ConsumerHealth,
     reason: &'static str,
 ) -> Result<(), async_nats::Error> {
-    let name = health.lane.consumer_name();
+    let name = health.consumer();
     if let Err(e) = stream.delete_consumer(name).await {
         tracing::debug!(error = %e, "deleting the durable consumer before recreating it");
     }
@@ -327,14 +246,17 @@ async fn recreate(
         ..wanted.clone()
     };
     stream.create_consumer(config).await?;
-    health.repairs.fetch_add(1, Ordering::Relaxed);
-    metrics::counter!("worker_consumer_repairs_total", "lane" => health.lane.as_str(), "reason" => reason)
-        .increment(1);
+    if let Some(lane) = health.lane() {
+        metrics::counter!("worker_consumer_repairs_total", "lane" => lane.as_str(), "reason" => reason)
+            .increment(1);
+    }
     tracing::warn!(consumer = name, from, reason, "durable consumer recreated");
     Ok(())
 }
 
-fn is_not_found(e: &async_nats::jetstream::context::ConsumerInfoError) -> bool {
+/// Whether a consumer lookup failed because the consumer is not there (by the error's
+/// kind, not its text).
+pub fn is_not_found(e: &async_nats::jetstream::context::ConsumerInfoError) -> bool {
     matches!(
         e.kind(),
         async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound
@@ -345,6 +267,8 @@ fn is_not_found(e: &async_nats::jetstream::context::ConsumerInfoError) -> bool {
 mod tests {
     use super::*;
     use crate::config::RunArgs;
+    use callcap::partitions::Partition;
+    use callcap::subjects::Lane;
 
     fn wanted() -> consumer::Config {
         consumer::IntoConsumerConfig::into_consumer_config(crate::consume::consumer_config(

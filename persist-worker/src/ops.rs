@@ -11,8 +11,13 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
+use callcap::shutdown::Shutdown;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
+
+use callcap::subjects::Lane;
+
+use crate::health::{Condition, ConsumerHealth, Registry};
 
 /// What the endpoints look at.
 #[derive(Clone)]
@@ -20,47 +25,21 @@ pub struct OpsState {
     pub pool: PgPool,
     pub nats: async_nats::Client,
     pub metrics: Option<PrometheusHandle>,
-    /// Each served (stream, lane)'s durable consumer as the guard last saw it, and its
-    /// backlog.
-    pub consumers: Served,
-    /// The erasure key this worker checks records with, if any.
+    /// Every consumer this process serves, as the guard and its component last saw it.
+    pub consumers: Registry,
+    /// The erasure key this process checks records with, if any.
     pub erasure_key: Option<std::sync::Arc<crate::privacy::ErasureKey>>,
 }
 
-/// The consumers this worker serves; grows as partition streams appear.
-#[derive(Clone, Default)]
-pub struct Served(
-    std::sync::Arc<std::sync::RwLock<Vec<std::sync::Arc<crate::guard::ConsumerHealth>>>>,
-);
-
-impl Served {
-    /// Adds a consumer being served.
-    pub fn add(&self, h: std::sync::Arc<crate::guard::ConsumerHealth>) {
-        let mut all = self
-            .0
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        all.push(h);
-        all.sort_by_key(|h| (h.partition(), h.lane()));
-    }
-
-    /// The consumers as now.
-    pub fn all(&self) -> Vec<std::sync::Arc<crate::guard::ConsumerHealth>> {
-        self.0
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-}
-
-/// How a consumer is named on the pages: `main` on the CALLS stream, `main CALLS_E1_P0`
-/// on a partition stream.
-fn name_of(h: &crate::guard::ConsumerHealth) -> String {
-    if h.partition() == callcap::partitions::Partition::LEGACY {
-        h.lane().to_string()
-    } else {
-        format!("{} {}", h.lane(), h.partition().stream_name())
-    }
+/// Serves the ops endpoints on `listener` until `shutdown`, in a task of its own.
+pub fn serve(listener: tokio::net::TcpListener, state: OpsState, shutdown: Shutdown) {
+    let app = router(state);
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.triggered_owned());
+        if let Err(e) = served.await {
+            tracing::error!(error = %e, "ops endpoint failed");
+        }
+    });
 }
 
 /// The ops router.
@@ -91,13 +70,7 @@ async fn readyz(State(s): State<OpsState>) -> (StatusCode, String) {
     let lanes: String = consumers
         .iter()
         .zip(&states)
-        .map(|(h, c)| {
-            let (pending, ack_pending) = h.backlog();
-            format!(
-                "lane {}: {c} (pending {pending}, ack pending {ack_pending})\n",
-                name_of(h)
-            )
-        })
+        .map(|(h, c)| consumer_line(h, c))
         .collect();
     let repairs: u64 = consumers.iter().map(|h| h.repairs()).sum();
     // Not one consumer yet (no stream found): not ready.
@@ -108,7 +81,8 @@ async fn readyz(State(s): State<OpsState>) -> (StatusCode, String) {
     };
     let consumer_ok = consumer == "ok";
     let erasures = erasure_checks(&s, &consumers).await;
-    let status = if nats_ok && db_ok && consumer_ok && erasures == "ok" {
+    let troubled = consumers.iter().any(|h| h.trouble().is_some());
+    let status = if nats_ok && db_ok && consumer_ok && erasures == "ok" && !troubled {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -123,13 +97,31 @@ async fn readyz(State(s): State<OpsState>) -> (StatusCode, String) {
     )
 }
 
+/// One consumer's line of `/readyz`: a lane's with its backlog, a whole stream's (the
+/// archiver's) with its position and what keeps it from its work.
+fn consumer_line(h: &ConsumerHealth, state: &str) -> String {
+    match h.lane() {
+        Some(_) => {
+            let (pending, ack_pending) = h.backlog();
+            format!(
+                "lane {}: {state} (pending {pending}, ack pending {ack_pending})\n",
+                h.name()
+            )
+        }
+        None => format!(
+            "stream {}: {} (consumer {state}; done through sequence {})\n",
+            h.name(),
+            h.trouble()
+                .map_or_else(|| "ok".to_owned(), |t| format!("failing: {t}")),
+            h.position()
+        ),
+    }
+}
+
 /// Whether this worker can check records against every erasure: `ok`, or why not and
 /// how many records its lanes hold meanwhile (their companies' records are held, the
 /// others stored).
-async fn erasure_checks(
-    s: &OpsState,
-    consumers: &[std::sync::Arc<crate::guard::ConsumerHealth>],
-) -> String {
+async fn erasure_checks(s: &OpsState, consumers: &[std::sync::Arc<ConsumerHealth>]) -> String {
     let state = tokio::time::timeout(
         Duration::from_secs(2),
         crate::store::privacy::key_state(&s.pool, s.erasure_key.as_deref()),
@@ -165,8 +157,7 @@ async fn erasure_checks(
 const ABSENT: &str = "not in the stream (run `ingest-gateway setup`)";
 
 /// The consumer's condition in a word: `ok`, `missing`, `changed`, or `not checked yet`.
-fn consumer_state(c: &crate::guard::Condition) -> &'static str {
-    use crate::guard::Condition;
+fn consumer_state(c: &Condition) -> &'static str {
     match c {
         Condition::Right => "ok",
         Condition::Absent => ABSENT,
@@ -195,14 +186,8 @@ async fn metrics(State(s): State<OpsState>) -> (StatusCode, String) {
 }
 
 /// A backlog figure summed over `healths`, or "not read yet" before every one was read.
-fn figure(
-    healths: &[std::sync::Arc<crate::guard::ConsumerHealth>],
-    pick: fn((u64, u64)) -> u64,
-) -> String {
-    if healths
-        .iter()
-        .any(|h| h.condition() == crate::guard::Condition::Unknown)
-    {
+fn figure(healths: &[std::sync::Arc<ConsumerHealth>], pick: fn((u64, u64)) -> u64) -> String {
+    if healths.iter().any(|h| h.condition() == Condition::Unknown) {
         "not read yet".into()
     } else {
         healths
@@ -217,7 +202,7 @@ fn figure(
 /// consumer (read from JetStream, so it shows even when no archiver runs).
 async fn archive_rows(
     nats: &async_nats::Client,
-    consumers: &[std::sync::Arc<crate::guard::ConsumerHealth>],
+    consumers: &[std::sync::Arc<ConsumerHealth>],
 ) -> String {
     let js = async_nats::jetstream::new(nats.clone());
     let mut streams: Vec<String> = consumers
@@ -232,7 +217,7 @@ async fn archive_rows(
             let mut stream = js.get_stream(&name).await?;
             let last = stream.info().await?.state.last_sequence;
             let archiver = stream
-                .consumer_info(crate::archive::run::CONSUMER)
+                .consumer_info(crate::archive::component::CONSUMER)
                 .await
                 .ok()
                 .map(|i| {
@@ -262,22 +247,12 @@ async fn archive_rows(
     rows
 }
 
-/// `GET /`: the worker's status page for an operator without Grafana.
-async fn status_page(State(s): State<OpsState>) -> Response {
-    let nats_ok = s.nats.connection_state() == async_nats::connection::State::Connected;
-    let db = tokio::time::timeout(
-        Duration::from_secs(2),
-        crate::store::recent_dead_letters(&s.pool, 5),
-    )
-    .await;
-    let (db_ok, dead_total, recent) = match db {
-        Ok(Ok((total, recent))) => (true, Some(total), recent),
-        _ => (false, None, Vec::new()),
-    };
-    // Erasure and retention, all workers and `erase` runs together (counts only).
+/// The erasure and retention figures of all workers and `erase` runs together (counts
+/// only), as table rows.
+async fn privacy_rows(pool: &PgPool) -> String {
     let counters = tokio::time::timeout(
         Duration::from_secs(2),
-        crate::store::privacy::counters(&s.pool),
+        crate::store::privacy::counters(pool),
     )
     .await
     .ok()
@@ -314,37 +289,22 @@ async fn status_page(State(s): State<OpsState>) -> Response {
             "<tr><td>{label}</td><td class=\"n\" id=\"privacy-{name}\">{value}</td></tr>\n"
         ));
     }
-    let state = |ok: bool| {
-        if ok {
-            r#"<span class="ok">OK</span>"#
-        } else {
-            r#"<span class="bad">Unavailable</span>"#
-        }
-    };
-    let [stored, dead] = crate::consume::throughput().rates();
-    let mut reasons = String::new();
-    for (at, reason) in &recent {
-        reasons.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td></tr>\n",
-            at.format("%Y-%m-%d %H:%M:%S UTC"),
-            html_escape(reason)
-        ));
-    }
-    if reasons.is_empty() {
-        reasons.push_str("<tr><td colspan=\"2\">None waiting</td></tr>\n");
-    }
-    let consumers = s.consumers.all();
+    privacy
+}
+
+/// The consumers' rows of the status page.
+fn consumer_rows(consumers: &[std::sync::Arc<ConsumerHealth>]) -> String {
     let mut lanes = String::new();
-    for h in &consumers {
-        let lane = h.lane();
-        let id = name_of(h).replace(' ', "-");
+    for h in consumers {
+        let lane = h.lane().map_or("archive", Lane::as_str);
+        let id = h.name().replace(' ', "-");
         let one = std::slice::from_ref(h);
         lanes.push_str(&format!(
             "<tr><td>{lane} (<code>{name}</code> on <code>{stream}</code>)</td><td id=\"consumer-{id}\">{state}</td>\
              <td class=\"n\" id=\"pending-{id}\">{pending}</td>\
              <td class=\"n\" id=\"ack-pending-{id}\">{ack_pending}</td>\
              <td class=\"n\">{repairs}</td></tr>\n",
-            name = lane.consumer_name(),
+            name = h.consumer(),
             stream = h.partition().stream_name(),
             state = match consumer_state(&h.condition()) {
                 "ok" => r#"<span class="ok">OK</span>"#.to_owned(),
@@ -355,6 +315,51 @@ async fn status_page(State(s): State<OpsState>) -> Response {
             repairs = h.repairs(),
         ));
     }
+    lanes
+}
+
+/// A dependency's state on the page.
+fn available(ok: bool) -> &'static str {
+    if ok {
+        r#"<span class="ok">OK</span>"#
+    } else {
+        r#"<span class="bad">Unavailable</span>"#
+    }
+}
+
+/// The latest dead letters' rows: when, and why.
+fn reason_rows(recent: &[(chrono::DateTime<chrono::Utc>, String)]) -> String {
+    let mut reasons = String::new();
+    for (at, reason) in recent {
+        reasons.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td></tr>\n",
+            at.format("%Y-%m-%d %H:%M:%S UTC"),
+            html_escape(reason)
+        ));
+    }
+    if reasons.is_empty() {
+        reasons.push_str("<tr><td colspan=\"2\">None waiting</td></tr>\n");
+    }
+    reasons
+}
+
+/// `GET /`: the worker's status page for an operator without Grafana.
+async fn status_page(State(s): State<OpsState>) -> Response {
+    let nats_ok = s.nats.connection_state() == async_nats::connection::State::Connected;
+    let db = tokio::time::timeout(
+        Duration::from_secs(2),
+        crate::store::recent_dead_letters(&s.pool, 5),
+    )
+    .await;
+    let (db_ok, dead_total, recent) = match db {
+        Ok(Ok((total, recent))) => (true, Some(total), recent),
+        _ => (false, None, Vec::new()),
+    };
+    let privacy = privacy_rows(&s.pool).await;
+    let [stored, dead] = crate::consume::throughput().rates();
+    let reasons = reason_rows(&recent);
+    let consumers = s.consumers.all();
+    let lanes = consumer_rows(&consumers);
     let archive = archive_rows(&s.nats, &consumers).await;
     let worst = consumers
         .iter()
@@ -408,8 +413,8 @@ async fn status_page(State(s): State<OpsState>) -> Response {
 {reasons}</tbody>
 </table>
 <p><small><code>persist-worker dlq list</code> shows them all; <code>dlq redrive</code> stores them again once the cause is fixed.</small></p>"#,
-        nats = state(nats_ok),
-        db = state(db_ok),
+        nats = available(nats_ok),
+        db = available(db_ok),
         pending = figure(&consumers, |b| b.0),
         ack_pending = figure(&consumers, |b| b.1),
         consumer = match worst {

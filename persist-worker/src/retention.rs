@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
+use callcap::shutdown::Shutdown;
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 
 /// Calls deleted per transaction.
 pub const BATCH: i64 = 500;
@@ -19,7 +19,7 @@ pub const PAUSE: Duration = Duration::from_millis(200);
 pub const EVERY: Duration = Duration::from_secs(60);
 
 /// Deletes expired calls until `cancel` fires.
-pub async fn run(pool: PgPool, days: u32, cancel: CancellationToken) {
+pub async fn run(pool: PgPool, days: u32, cancel: Shutdown) {
     tracing::info!(
         days,
         "retention: deleting calls and dead letters older than {days} days"
@@ -55,7 +55,7 @@ pub async fn run(pool: PgPool, days: u32, cancel: CancellationToken) {
         };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
-            () = cancel.cancelled() => return,
+            () = cancel.triggered() => return,
         }
     }
 }

@@ -7,10 +7,10 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
+use callcap::shutdown::Shutdown;
 use callcap::Envelope;
 use futures::StreamExt as _;
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 
 use crate::store::{self, DeadLetter, Row, StoreError, WriteStats};
 
@@ -49,7 +49,11 @@ pub fn decode(msgs: &[jetstream::Message]) -> Decoded {
 /// The dead letter, when the payload is not a valid envelope for its subject.
 pub fn decode_message(seq: u64, subject: &str, payload: &[u8]) -> Result<Row, DeadLetter> {
     match Envelope::decode_checked(subject, payload) {
-        Ok(envelope) => Ok(Row { seq, envelope }),
+        Ok(envelope) => Ok(Row {
+            seq,
+            subject: subject.to_owned(),
+            envelope,
+        }),
         Err(e) => Err(DeadLetter {
             seq,
             subject: subject.to_owned(),
@@ -138,7 +142,7 @@ pub enum Abandoned {
 async fn until_stored<T, Op, OpFut, K, KFut>(
     what: &str,
     retry_max: Duration,
-    cancel: &CancellationToken,
+    cancel: &Shutdown,
     keep_alive: &mut K,
     mut op: Op,
 ) -> Result<Result<T, StoreError>, Abandoned>
@@ -159,7 +163,7 @@ where
                 keep_alive().await;
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
-                    () = cancel.cancelled() => return Err(Abandoned::Shutdown),
+                    () = cancel.triggered() => return Err(Abandoned::Shutdown),
                 }
                 pause = (pause * 2).min(retry_max);
             }
@@ -178,7 +182,7 @@ pub async fn write_reliably<K, KFut>(
     rows: &[Row],
     dead: &[DeadLetter],
     retry_max: Duration,
-    cancel: &CancellationToken,
+    cancel: &Shutdown,
     mut keep_alive: K,
 ) -> Result<WriteStats, Abandoned>
 where
@@ -209,7 +213,7 @@ where
             Ok(s) => total.add(s),
             Err(e) => guilty.push(DeadLetter {
                 seq: row.seq,
-                subject: callcap::subjects::ingest_subject(row.envelope.record.company_id),
+                subject: row.subject.clone(),
                 reason: format!("refused by the database: {e}"),
                 payload: row.envelope.encode(),
             }),

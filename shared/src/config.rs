@@ -209,9 +209,7 @@ impl NatsArgs {
             .name(name)
             .event_callback(|event| async move {
                 match event {
-                    async_nats::Event::ServerError(e)
-                        if e.to_string().contains("Permissions Violation") =>
-                    {
+                    async_nats::Event::ServerError(e) if is_permissions_violation(&e) => {
                         tracing::error!(
                             error = %e,
                             "NATS refused this identity an operation: is NATS_NKEY_FILE this \
@@ -304,4 +302,12 @@ mod tests {
         assert!(bad.contains("notaport"), "{bad}");
         assert!(NatsArgs::new(" , ").server_addrs().is_err());
     }
+}
+
+/// Whether the server refused this identity an operation. The NATS protocol reports it
+/// as an `-ERR 'Permissions Violation for …'` line, which async-nats hands on as
+/// [`async_nats::ServerError::Other`] with that text: the protocol gives no other kind to
+/// match.
+fn is_permissions_violation(e: &async_nats::ServerError) -> bool {
+    matches!(e, async_nats::ServerError::Other(text) if text.starts_with("Permissions Violation"))
 }

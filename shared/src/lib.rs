@@ -9,6 +9,7 @@
 //! - [`examples`]: the API document's example records;
 //! - [`phone`]: reading written phone numbers (connectors' E.164, erasure's matching);
 //! - [`recent`]: figures over the last minute and the status pages' HTML frame;
+//! - [`shutdown`]: one shutdown for every task of a process (SIGTERM, SIGINT);
 //! - [`telemetry`]: logging setup;
 //! - [`timestamp`]: reading and writing timestamps and dates so that both read back.
 
@@ -20,6 +21,7 @@ pub mod partitions;
 pub mod phone;
 pub mod recent;
 pub mod record;
+pub mod shutdown;
 pub mod subjects;
 pub mod telemetry;
 pub mod timestamp;

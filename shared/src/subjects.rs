@@ -222,6 +222,50 @@ pub enum SetupError {
     Nats(#[from] async_nats::Error),
 }
 
+/// A set-up step that did not succeed: which, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct SetupFailed {
+    pub what: String,
+    #[source]
+    pub source: SetupError,
+}
+
+/// Runs a set-up step until it succeeds, pausing a second between attempts while NATS
+/// does not answer or refuses for a reason that may pass (starting, a cluster forming, a
+/// leader being elected), for up to `patience`; a setting the server cannot honour
+/// ([`SetupError::Refused`]) fails at once. Each failed attempt is logged at WARN.
+///
+/// # Errors
+/// The refusal, or the last failure once `patience` is spent; named by `what`.
+pub async fn with_retry<T, F, Fut>(
+    what: &str,
+    patience: Duration,
+    mut step: F,
+) -> Result<T, SetupFailed>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, SetupError>>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut attempt = 0u32;
+    loop {
+        let e = match step().await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        if matches!(e, SetupError::Refused(_)) || tokio::time::Instant::now() >= deadline {
+            return Err(SetupFailed {
+                what: what.to_owned(),
+                source: e,
+            });
+        }
+        attempt += 1;
+        tracing::warn!(error = %e, attempt, "{what} failed; retrying");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// How many replicas a stream (or the key bucket) should have.
 ///
 /// `requested` is `STREAM_REPLICAS`; `existing` the count of a stream that already

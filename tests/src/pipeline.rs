@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use callcap::config::{Role, StreamArgs};
+use callcap::shutdown::Shutdown;
 use callcap::telemetry::LogFormat;
 use futures::StreamExt;
 use ingest_gateway::app::AppState;
@@ -14,7 +15,6 @@ use ingest_gateway::config::ServeArgs;
 use persist_worker::config::{DbArgs, RunArgs};
 use reqwest::StatusCode;
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 /// A gateway running in this process.
@@ -23,7 +23,7 @@ pub struct TestGateway {
     pub state: AppState,
     pub nats_url: String,
     pub http: reqwest::Client,
-    cancel: CancellationToken,
+    cancel: Shutdown,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -60,8 +60,8 @@ impl TestGateway {
             .await
             .expect("binding the gateway");
         let addr = listener.local_addr().expect("gateway address");
-        let cancel = CancellationToken::new();
-        let shutdown = cancel.clone().cancelled_owned();
+        let cancel = Shutdown::new();
+        let shutdown = cancel.clone();
         let run_state = state.clone();
         let task = tokio::spawn(async move {
             ingest_gateway::server::run(listener, run_state, None, shutdown)
@@ -144,7 +144,7 @@ impl TestGateway {
 
     /// Stops serving (drains in-flight requests).
     pub async fn stop(self) {
-        self.cancel.cancel();
+        self.cancel.trigger();
         let _ = self.task.await;
     }
 }
@@ -205,7 +205,9 @@ pub fn test_run_args() -> RunArgs {
 
 /// A worker running in this process.
 pub struct TestWorker {
-    cancel: CancellationToken,
+    /// Its ops endpoints (`/readyz`, `/metrics`, the status page).
+    pub ops: SocketAddr,
+    cancel: Shutdown,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
@@ -223,15 +225,25 @@ impl TestWorker {
     /// Starts a worker from a full command line (e.g. with erasure and retention settings).
     pub async fn start_cli(cli: persist_worker::config::Cli) -> Self {
         callcap::telemetry::init_for_tests();
-        let cancel = CancellationToken::new();
+        // Its METRICS_ADDR (test_run_args: a free port).
+        let listener = tokio::net::TcpListener::bind(cli.run.metrics_addr)
+            .await
+            .expect("binding the worker's ops endpoints");
+        let ops = listener.local_addr().expect("the ops address");
+        let cancel = Shutdown::new();
         let c = cancel.clone();
-        let task = tokio::spawn(async move { persist_worker::run(&cli, None, c).await });
-        TestWorker { cancel, task }
+        let task = tokio::spawn(async move { persist_worker::run(listener, &cli, None, c).await });
+        TestWorker { ops, cancel, task }
+    }
+
+    /// `http://` its ops address.
+    pub fn ops_base(&self) -> String {
+        format!("http://{}", self.ops)
     }
 
     /// SIGTERM-equivalent: finish the batch in hand and exit.
     pub async fn stop(self) {
-        self.cancel.cancel();
+        self.cancel.trigger();
         match tokio::time::timeout(Duration::from_secs(30), self.task).await {
             Ok(Ok(Ok(()))) => {}
             other => panic!("worker did not stop cleanly: {other:?}"),

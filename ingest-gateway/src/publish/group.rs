@@ -30,7 +30,9 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
-use super::wire::{PendingReply, Reply, Transport, Wire, ERR_BATCH_DUPLICATE_MSG_ID};
+use callcap::partitions::Partition;
+
+use super::wire::{Message, PendingReply, Reply, Transport, Wire, ERR_BATCH_DUPLICATE_MSG_ID};
 use super::{NotReady, Outbound, Outcomes, PublishError, PublishStats, Publisher, Receipt};
 
 #[derive(Default)]
@@ -57,7 +59,7 @@ pub struct GroupCommitConfig {
 }
 
 struct Job {
-    records: Vec<Outbound>,
+    records: Vec<Message>,
     done: oneshot::Sender<Outcomes>,
     /// When the job was queued (for the linger bound).
     queued: Instant,
@@ -66,8 +68,8 @@ struct Job {
 /// The group-commit publisher: handlers hand records to the committer task through a
 /// bounded queue and wait for their outcomes.
 pub struct GroupCommit {
-    /// The stream every record goes to.
-    stream: String,
+    /// The partition stream every record goes to: its subjects are this one's.
+    partition: Partition,
     queue: mpsc::Sender<Job>,
     wire: Arc<Wire>,
     js: jetstream::Context,
@@ -76,7 +78,7 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Starts the committer on `client`.
+    /// Starts the committer on `client` for the first layout's single stream, `CALLS`.
     ///
     /// # Errors
     /// When the reply inbox cannot be subscribed.
@@ -84,15 +86,16 @@ impl GroupCommit {
         client: async_nats::Client,
         config: GroupCommitConfig,
     ) -> Result<Self, async_nats::SubscribeError> {
-        Self::start_for(client, config, callcap::subjects::STREAM_NAME).await
+        Self::start_for(client, config, Partition::LEGACY).await
     }
 
-    /// A publisher for the stream `stream` (a partition's): every record handed to it
-    /// must be one of that stream's subjects (an atomic batch is one stream's).
+    /// A publisher for one partition stream: every record handed to it goes to that
+    /// stream, on the partition's subject of its lane and company (an atomic batch is
+    /// one stream's).
     pub async fn start_for(
         client: async_nats::Client,
         config: GroupCommitConfig,
-        stream: &str,
+        partition: Partition,
     ) -> Result<Self, async_nats::SubscribeError> {
         let wire = Arc::new(Wire::new(client.clone()).await?);
         let js = jetstream::ContextBuilder::new()
@@ -114,7 +117,7 @@ impl GroupCommit {
             js,
             config,
             counters,
-            stream: stream.to_owned(),
+            partition,
         })
     }
 
@@ -131,6 +134,14 @@ impl GroupCommit {
 
 impl Publisher for GroupCommit {
     fn publish(&self, records: Vec<Outbound>) -> BoxFuture<'_, Outcomes> {
+        let records: Vec<Message> = records
+            .into_iter()
+            .map(|r| Message {
+                subject: self.partition.subject(r.lane, r.company),
+                msg_id: r.msg_id,
+                payload: r.payload,
+            })
+            .collect();
         Box::pin(async move {
             let total = records.len();
             let deadline = tokio::time::Instant::now() + self.config.ack_timeout;
@@ -139,7 +150,7 @@ impl Publisher for GroupCommit {
             let mut waiting = Vec::new();
             let mut records = records.into_iter().peekable();
             while records.peek().is_some() {
-                let chunk: Vec<Outbound> = records
+                let chunk: Vec<Message> = records
                     .by_ref()
                     .take(self.config.max_batch_records)
                     .collect();
@@ -178,11 +189,12 @@ impl Publisher for GroupCommit {
             if self.client().connection_state() != async_nats::connection::State::Connected {
                 return Err(NotReady::Disconnected);
             }
-            tokio::time::timeout(self.config.ack_timeout, self.js.get_stream(&self.stream))
+            let stream = self.partition.stream_name();
+            tokio::time::timeout(self.config.ack_timeout, self.js.get_stream(&stream))
                 .await
                 .map_err(|_| NotReady::NoAnswer)?
                 .map_err(|e| NotReady::StreamUnreachable {
-                    stream: self.stream.clone(),
+                    stream,
                     reason: e.to_string(),
                 })?;
             Ok(())
@@ -203,7 +215,7 @@ impl Publisher for GroupCommit {
 /// the message index of each of its records.
 #[derive(Default)]
 struct Batch {
-    messages: Vec<Outbound>,
+    messages: Vec<Message>,
     by_msg_id: HashMap<String, usize>,
     waiters: Vec<(oneshot::Sender<Outcomes>, Vec<usize>)>,
     first_queued: Option<Instant>,
@@ -360,12 +372,12 @@ async fn send(
 /// Hands `messages` to the connection: one plain publish, or one atomic batch.
 async fn send_messages(
     wire: &dyn Transport,
-    messages: &[Outbound],
+    messages: &[Message],
 ) -> Result<PendingReply, PublishError> {
     if let [one] = messages {
         wire.send_single(one).await
     } else {
-        let refs: Vec<&Outbound> = messages.iter().collect();
+        let refs: Vec<&Message> = messages.iter().collect();
         wire.send_atomic(&refs).await
     }
 }
@@ -382,7 +394,7 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 /// a 503.
 async fn reply_by(
     wire: &dyn Transport,
-    messages: &[Outbound],
+    messages: &[Message],
     mut pending: PendingReply,
     deadline: Instant,
     counters: &Counters,
@@ -415,7 +427,7 @@ async fn reply_by(
 /// The outcome of each message of a sent batch.
 async fn await_batch(
     wire: &dyn Transport,
-    messages: &[Outbound],
+    messages: &[Message],
     pending: PendingReply,
     ack_timeout: Duration,
     counters: &Counters,
@@ -462,7 +474,7 @@ async fn await_batch(
 /// Publishes each message on its own (all sent first, then the acks awaited together).
 async fn one_by_one(
     wire: &dyn Transport,
-    messages: &[Outbound],
+    messages: &[Message],
     ack_timeout: Duration,
 ) -> Vec<Result<Receipt, PublishError>> {
     let mut pending = Vec::with_capacity(messages.len());
@@ -485,8 +497,8 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    fn record(msg_id: &str) -> Outbound {
-        Outbound {
+    fn record(msg_id: &str) -> Message {
+        Message {
             subject: "calls.ingest.x".into(),
             msg_id: msg_id.into(),
             payload: Bytes::from_static(b"{}"),
@@ -612,7 +624,7 @@ mod tests {
     impl Transport for ScriptedTransport {
         fn send_single<'a>(
             &'a self,
-            record: &'a Outbound,
+            record: &'a Message,
         ) -> BoxFuture<'a, Result<PendingReply, PublishError>> {
             let pending = self.pending(vec![record.msg_id.clone()]);
             Box::pin(async move { Ok(pending) })
@@ -620,7 +632,7 @@ mod tests {
 
         fn send_atomic<'a>(
             &'a self,
-            records: &'a [&'a Outbound],
+            records: &'a [&'a Message],
         ) -> BoxFuture<'a, Result<PendingReply, PublishError>> {
             let pending = self.pending(records.iter().map(|r| r.msg_id.clone()).collect());
             Box::pin(async move { Ok(pending) })

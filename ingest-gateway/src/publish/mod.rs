@@ -68,10 +68,13 @@ pub(crate) fn record_latency(seconds: f64) {
     LATENCIES.record(seconds);
 }
 
-/// One record ready to publish.
+/// One record ready to publish, addressed by what it is: its company and lane. The
+/// stream and subject follow from them and the current layout ([`Partitioned`]), never
+/// from a string parsed back.
 #[derive(Debug, Clone)]
 pub struct Outbound {
-    pub subject: String,
+    pub company: uuid::Uuid,
+    pub lane: callcap::subjects::Lane,
     /// `Nats-Msg-Id`: JetStream drops a second publish with the same id in its window.
     pub msg_id: String,
     pub payload: Bytes,

@@ -27,7 +27,19 @@ use futures::StreamExt;
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
-use super::{Outbound, PublishError};
+use bytes::Bytes;
+
+use super::PublishError;
+
+/// A record as the connection sends it: its subject on the stream, its `Nats-Msg-Id`,
+/// its payload.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub subject: String,
+    /// `Nats-Msg-Id`: JetStream drops a second publish with the same id in its window.
+    pub msg_id: String,
+    pub payload: Bytes,
+}
 
 /// JetStream's error code for an atomic batch holding a `Nats-Msg-Id` the stream has
 /// already stored (or one that appears twice in the batch).
@@ -160,27 +172,27 @@ pub trait Transport: Send + Sync + 'static {
     /// Publishes one record on its own (see [`Wire::send_single`]).
     fn send_single<'a>(
         &'a self,
-        record: &'a Outbound,
+        record: &'a Message,
     ) -> futures::future::BoxFuture<'a, Result<PendingReply, PublishError>>;
 
     /// Publishes two or more records as one atomic batch (see [`Wire::send_atomic`]).
     fn send_atomic<'a>(
         &'a self,
-        records: &'a [&'a Outbound],
+        records: &'a [&'a Message],
     ) -> futures::future::BoxFuture<'a, Result<PendingReply, PublishError>>;
 }
 
 impl Transport for Wire {
     fn send_single<'a>(
         &'a self,
-        record: &'a Outbound,
+        record: &'a Message,
     ) -> futures::future::BoxFuture<'a, Result<PendingReply, PublishError>> {
         Box::pin(Wire::send_single(self, record))
     }
 
     fn send_atomic<'a>(
         &'a self,
-        records: &'a [&'a Outbound],
+        records: &'a [&'a Message],
     ) -> futures::future::BoxFuture<'a, Result<PendingReply, PublishError>> {
         Box::pin(Wire::send_atomic(self, records))
     }
@@ -298,7 +310,7 @@ impl Wire {
     ///
     /// # Errors
     /// When the message cannot be handed to the connection (too large, client closed).
-    pub async fn send_single(&self, record: &Outbound) -> Result<PendingReply, PublishError> {
+    pub async fn send_single(&self, record: &Message) -> Result<PendingReply, PublishError> {
         self.send_expecting_reply(record, record_headers(record))
             .await
     }
@@ -310,13 +322,13 @@ impl Wire {
     /// # Errors
     /// When a message cannot be handed to the connection; the server then abandons the
     /// incomplete batch after its batch timeout.
-    pub async fn send_atomic(&self, records: &[&Outbound]) -> Result<PendingReply, PublishError> {
+    pub async fn send_atomic(&self, records: &[&Message]) -> Result<PendingReply, PublishError> {
         debug_assert!(records.len() >= 2, "a batch of one is a single publish");
         let batch_id = uuid::Uuid::new_v4().simple().to_string();
         let (last, rest) = records
             .split_last()
             .expect("a batch has at least one record");
-        let batch_headers = |record: &Outbound, n: usize| {
+        let batch_headers = |record: &Message, n: usize| {
             let mut headers = record_headers(record);
             headers.insert(header::NATS_BATCH_ID, batch_id.as_str());
             headers.insert(header::NATS_BATCH_SEQUENCE, n.to_string());
@@ -341,7 +353,7 @@ impl Wire {
 
     async fn send_expecting_reply(
         &self,
-        record: &Outbound,
+        record: &Message,
         headers: HeaderMap,
     ) -> Result<PendingReply, PublishError> {
         let (reply_to, pending) = self.register();
@@ -359,7 +371,7 @@ impl Wire {
 }
 
 /// Every record carries its `Nats-Msg-Id`: JetStream deduplicates retries by it.
-fn record_headers(record: &Outbound) -> HeaderMap {
+fn record_headers(record: &Message) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(header::NATS_MESSAGE_ID, record.msg_id.as_str());
     headers

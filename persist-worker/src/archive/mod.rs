@@ -1,8 +1,8 @@
 //! The stream's long-term tier: immutable objects in S3-compatible storage.
 //!
-//! `persist-worker archive` ([`run`]) copies every partition stream into objects; `replay
-//! --from-archive` reads them back through the normal write path; `erase` rewrites the
-//! objects that hold erased records.
+//! `persist-worker archive` ([`component`], gathering objects with [`gather`]) copies
+//! every partition stream into objects; `replay --from-archive` reads them back through
+//! the normal write path; `erase` rewrites the objects that hold erased records.
 //!
 //! Layout under `ARCHIVE_URL` (`s3://bucket/prefix`):
 //!
@@ -21,7 +21,8 @@
 //! - an object is zstd-compressed JSON lines, one [`Entry`] per message: readable with
 //!   `zstd -dc | jq` and nothing of ours.
 
-pub mod run;
+pub mod component;
+pub mod gather;
 
 use std::borrow::Cow;
 use std::sync::Arc;

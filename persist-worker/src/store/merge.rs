@@ -87,7 +87,7 @@ async fn split_foreign<'a>(
             refused.insert(row.seq);
             foreign.push(DeadLetter {
                 seq: row.seq,
-                subject: callcap::subjects::ingest_subject(company),
+                subject: row.subject.clone(),
                 reason: format!(
                     "call_history_id {id} belongs to another company; a record may not overwrite another company's call"
                 ),
@@ -391,6 +391,7 @@ mod tests {
     fn row(id: u128, seq: u64) -> Row {
         Row {
             seq,
+            subject: callcap::subjects::ingest_subject(Uuid::from_u128(99)),
             envelope: Envelope::new(
                 Uuid::from_u128(id),
                 Utc::now(),

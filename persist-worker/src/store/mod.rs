@@ -31,6 +31,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 pub struct Row {
     /// JetStream stream sequence.
     pub seq: u64,
+    /// The subject it came on (a dead letter made of it names it: dead letters are
+    /// keyed by sequence and subject, and a partition stream's subjects are its own).
+    pub subject: String,
     pub envelope: Envelope,
 }
 

@@ -135,40 +135,32 @@ pub async fn filter<'a>(
         .iter()
         .map(|d| callcap::Envelope::decode(&d.payload).ok())
         .collect();
-    let companies: Vec<Uuid> = rows
+    let of_dead = dead
+        .iter()
+        .zip(&dead_envelopes)
+        .filter_map(|(d, e)| match e {
+            Some(e) => Some(e.record.company_id),
+            None => subject_company(&d.subject),
+        });
+    let companies: HashSet<Uuid> = rows
         .iter()
         .map(|r| r.envelope.record.company_id)
-        .chain(
-            dead.iter()
-                .zip(&dead_envelopes)
-                .filter_map(|(d, e)| match e {
-                    Some(e) => Some(e.record.company_id),
-                    None => subject_company(&d.subject),
-                }),
-        )
-        .collect::<HashSet<_>>()
-        .into_iter()
+        .chain(of_dead)
         .collect();
+    let companies: Vec<Uuid> = companies.into_iter().collect();
     let checks = checks(tx, policy, &companies).await?;
     let keep_since = policy.keep_since(Utc::now());
-    if checks.is_empty() && keep_since.is_none() {
-        return Ok(Filtered {
-            rows: Cow::Borrowed(rows),
-            dead: Cow::Borrowed(dead),
-            erased: Vec::new(),
-            expired: 0,
-            held: Vec::new(),
-            hold: None,
-        });
-    }
     let mut out = Filtered {
-        rows: Cow::Owned(Vec::with_capacity(rows.len())),
-        dead: Cow::Owned(Vec::with_capacity(dead.len())),
+        rows: Cow::Borrowed(rows),
+        dead: Cow::Borrowed(dead),
         erased: Vec::new(),
         expired: 0,
         held: Vec::new(),
         hold: None,
     };
+    if checks.is_empty() && keep_since.is_none() {
+        return Ok(out);
+    }
     // What becomes of one call of `company`: `None` to keep it.
     let verdict = |company: Uuid, ids: Identifiers<'_>, seq: u64, out: &mut Filtered<'_>| match (
         checks.get(&company),
@@ -213,21 +205,7 @@ pub async fn filter<'a>(
                     kept_dead.push(d.clone());
                 }
             }
-            // No envelope: nothing in it can be checked against hashes. On the subject of
-            // a company with erasures it is kept without its payload, never with
-            // identifiers an erasure may name.
-            None => match subject_company(&d.subject).filter(|c| checks.contains_key(c)) {
-                Some(_) => kept_dead.push(DeadLetter {
-                    reason: format!(
-                        "{} (payload of {} bytes withheld: not an envelope, on the subject of a company with erasures)",
-                        d.reason,
-                        d.payload.len()
-                    ),
-                    payload: Vec::new(),
-                    ..d.clone()
-                }),
-                None => kept_dead.push(d.clone()),
-            },
+            None => kept_dead.push(undecodable(d, &checks)),
         }
     }
     count(tx, "records_dropped_erased", out.erased.len() as u64).await?;
@@ -235,6 +213,24 @@ pub async fn filter<'a>(
     out.rows = Cow::Owned(kept);
     out.dead = Cow::Owned(kept_dead);
     Ok(out)
+}
+
+/// A dead letter that is no envelope: nothing in it can be checked against hashes. On the
+/// subject of a company with erasures it is kept without its payload, never with
+/// identifiers an erasure may name.
+fn undecodable(d: &DeadLetter, checks: &HashMap<Uuid, Check>) -> DeadLetter {
+    match subject_company(&d.subject).filter(|c| checks.contains_key(c)) {
+        Some(_) => DeadLetter {
+            reason: format!(
+                "{} (payload of {} bytes withheld: not an envelope, on the subject of a company with erasures)",
+                d.reason,
+                d.payload.len()
+            ),
+            payload: Vec::new(),
+            ..d.clone()
+        },
+        None => d.clone(),
+    }
 }
 
 /// Adds `n` to a counter of `privacy_counters`.

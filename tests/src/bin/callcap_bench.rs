@@ -570,12 +570,11 @@ async fn broker_atomic(
     size: usize,
     in_flight: usize,
 ) -> anyhow::Result<()> {
-    use ingest_gateway::publish::wire::{Reply, Wire};
-    use ingest_gateway::publish::Outbound;
+    use ingest_gateway::publish::wire::{Message, Reply, Wire};
     let wire = Wire::new(client).await?;
-    let records: Vec<Outbound> = payloads
+    let records: Vec<Message> = payloads
         .into_iter()
-        .map(|(msg_id, payload)| Outbound {
+        .map(|(msg_id, payload)| Message {
             subject: subject.to_owned(),
             msg_id,
             payload,
@@ -594,7 +593,7 @@ async fn broker_atomic(
                 _ => errors += 1,
             }
         }
-        let refs: Vec<&Outbound> = chunk.iter().collect();
+        let refs: Vec<&Message> = chunk.iter().collect();
         let pending = if refs.len() == 1 {
             wire.send_single(refs[0]).await?
         } else {
@@ -903,10 +902,11 @@ async fn worker(
         ..Default::default()
     };
     let cli = callcap_tests::pipeline::worker_cli(nats_url, database_url, run);
-    let cancel = tokio_util::sync::CancellationToken::new();
+    let cancel = callcap::shutdown::Shutdown::new();
     let started = Instant::now();
     let c = cancel.clone();
-    let task = tokio::spawn(async move { persist_worker::run(&cli, None, c).await });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let task = tokio::spawn(async move { persist_worker::run(listener, &cli, None, c).await });
     loop {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM call_history")
             .fetch_one(&pool)
@@ -931,7 +931,7 @@ async fn worker(
     .fetch_one(&pool)
     .await?;
     let wall = started.elapsed().as_secs_f64();
-    cancel.cancel();
+    cancel.trigger();
     let _ = task.await;
     println!(
         "worker count={count} batch_size={batch_size} batches_in_flight={batches_in_flight} seconds_wall={wall:.2} seconds_first_to_last_commit={span:.2} rows_per_sec={:.0}",
@@ -1422,7 +1422,7 @@ async fn isolation(o: &Isolation) -> anyhow::Result<()> {
         .pool_max_idle_per_host(o.connections + 4)
         .build()?;
     let run = Uuid::new_v4().simple().to_string();
-    let stop_quiet = tokio_util::sync::CancellationToken::new();
+    let stop_quiet = callcap::shutdown::Shutdown::new();
     // The quiet company: open loop, one record per interval, each post its own task so a
     // slow answer never delays the next record.
     let quiet = {
@@ -1436,7 +1436,7 @@ async fn isolation(o: &Isolation) -> anyhow::Result<()> {
             let mut n = 0u64;
             loop {
                 tokio::select! {
-                    () = stop.cancelled() => break,
+                    () = stop.triggered() => break,
                     _ = tick.tick() => {}
                 }
                 n += 1;
@@ -1518,7 +1518,7 @@ async fn isolation(o: &Isolation) -> anyhow::Result<()> {
     let drained_at = Utc::now();
     // A few more quiet records after the backlog is gone, then stop and wait for them.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop_quiet.cancel();
+    stop_quiet.trigger();
     let quiet_accepted = quiet.await?;
     let quiet_deadline = Instant::now() + Duration::from_secs(120);
     while (count(o.quiet.1).await as u64) < quiet_accepted {

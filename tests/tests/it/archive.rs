@@ -202,7 +202,7 @@ async fn every_record_is_archived_once_across_crashes_and_the_archive_rebuilds_t
         .get_stream(STREAM)
         .await
         .unwrap()
-        .delete_consumer(persist_worker::archive::run::CONSUMER)
+        .delete_consumer(persist_worker::archive::component::CONSUMER)
         .await
         .unwrap();
     let mut arch = archiver(&s3, urls, port, &fast, dir.path());

@@ -395,7 +395,12 @@ async fn more_than_one_replica_on_a_single_server_is_refused_at_once_saying_why(
     wcli.stream.stream_replicas = Some(3);
     let refused = tokio::time::timeout(
         Duration::from_secs(30),
-        persist_worker::run(&wcli, None, tokio_util::sync::CancellationToken::new()),
+        persist_worker::run(
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            &wcli,
+            None,
+            callcap::shutdown::Shutdown::new(),
+        ),
     )
     .await
     .expect("the worker gives up instead of retrying")

@@ -142,8 +142,8 @@ async fn replay_all(
     admin: &jetstream::Context,
     db: &TestDb,
     policy: &persist_worker::privacy::Policy,
-) -> persist_worker::replay::ReplaySummary {
-    persist_worker::replay::run(
+) -> persist_worker::cli::replay::ReplaySummary {
+    persist_worker::cli::replay::run(
         admin,
         None,
         &db.pool,
@@ -158,7 +158,7 @@ async fn replay_all(
             quiet: true,
         },
         Duration::from_millis(500),
-        &tokio_util::sync::CancellationToken::new(),
+        &callcap::shutdown::Shutdown::new(),
     )
     .await
     .unwrap()
@@ -325,7 +325,7 @@ async fn erased_data_is_nowhere_and_no_path_brings_it_back() {
     let policy = policy_with(&key);
     let replayed = replay_all(&admin, &db, &policy).await;
     assert!(replayed.completed && replayed.messages > 0);
-    persist_worker::dlq::redrive(&db.pool, &policy, None, &mut Vec::new())
+    persist_worker::cli::dlq::redrive(&db.pool, &policy, None, &mut Vec::new())
         .await
         .unwrap();
     check("after replay and redrive").await;

@@ -268,6 +268,7 @@ async fn accepted_records_are_storable_and_read_back_as_validated() {
         let envelope = Envelope::new(id, received_at, "kfuzz".into(), None, record.clone());
         rows.push(Row {
             seq: seq as u64 + 1,
+            subject: callcap::subjects::ingest_subject(record.company_id),
             envelope,
         });
     }

@@ -22,6 +22,7 @@ fn row(seq: u64, record: CallRecord) -> Row {
     let id = callcap::identity::call_history_id(&record, None).id;
     Row {
         seq,
+        subject: callcap::subjects::ingest_subject(record.company_id),
         envelope: Envelope::new(
             id,
             t(12) + chrono::Duration::seconds(seq as i64),
@@ -197,10 +198,12 @@ async fn calls_without_an_external_id_are_never_merged() {
     let rows = [
         Row {
             seq: 1,
+            subject: callcap::subjects::ingest_subject(c),
             envelope: Envelope::new(a, t(1), "k".into(), None, anon.clone()),
         },
         Row {
             seq: 2,
+            subject: callcap::subjects::ingest_subject(c),
             envelope: Envelope::new(b, t(1), "k".into(), None, anon),
         },
     ];

@@ -40,7 +40,7 @@ type Acked = Arc<Mutex<BTreeMap<(Uuid, String), &'static str>>>;
 fn dialers(
     gw: &TestGateway,
     companies: &[(Uuid, String)],
-    stop: tokio_util::sync::CancellationToken,
+    stop: callcap::shutdown::Shutdown,
     acked: Acked,
 ) -> Vec<tokio::task::JoinHandle<u64>> {
     companies
@@ -52,7 +52,7 @@ fn dialers(
                 let http = reqwest::Client::new();
                 let mut retries = 0u64;
                 let mut k = 0;
-                while !stop.is_cancelled() {
+                while !stop.is_triggered() {
                     k += 1;
                     let ext = format!("CALL-{k}");
                     for status in ["ringing", "completed"] {
@@ -93,8 +93,8 @@ async fn replay(
     js: &async_nats::jetstream::Context,
     db: &TestDb,
     company: Option<Uuid>,
-) -> persist_worker::replay::ReplaySummary {
-    persist_worker::replay::run(
+) -> persist_worker::cli::replay::ReplaySummary {
+    persist_worker::cli::replay::run(
         js,
         None,
         &db.pool,
@@ -109,7 +109,7 @@ async fn replay(
             quiet: true,
         },
         Duration::from_millis(500),
-        &tokio_util::sync::CancellationToken::new(),
+        &callcap::shutdown::Shutdown::new(),
     )
     .await
     .unwrap()
@@ -159,7 +159,7 @@ async fn changing_the_number_of_partitions_while_dialers_post_loses_doubles_and_
         companies.push((c, gw.create_key(c).await));
     }
     let acked: Acked = Arc::default();
-    let stop = tokio_util::sync::CancellationToken::new();
+    let stop = callcap::shutdown::Shutdown::new();
     let posting = dialers(&gw, &companies, stop.clone(), acked.clone());
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -172,7 +172,7 @@ async fn changing_the_number_of_partitions_while_dialers_post_loses_doubles_and_
     let out = partitions_command(&nats.url(), &["set", "1"]).await;
     assert!(out.contains("created CALLS_E2_P0"), "{out}");
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.cancel();
+    stop.trigger();
     let mut retries = 0;
     for p in posting {
         retries += p.await.unwrap();
@@ -493,4 +493,75 @@ async fn leaders_are_spread_again_after_a_failover() {
         let shown = partitions_command(&cluster.seeds(), &["show"]).await;
         assert!(!shown.contains("leaders bunched"), "{shown}");
     }
+}
+
+/// A dead letter made on the write path (a record claiming another company's call, which
+/// only a stolen gateway seed could publish) names the subject its message came on. At
+/// P = 3 that is the partition's subject; it used to be rebuilt as the first layout's,
+/// naming a subject the message never had (dead letters are keyed by sequence and
+/// subject).
+#[tokio::test]
+async fn a_write_path_dead_letter_names_its_messages_partition_subject() {
+    let callcap_tests::stack::Pipeline {
+        nats,
+        db,
+        gw,
+        company: a,
+        key,
+        worker,
+    } = callcap_tests::stack::Pipeline::start().await;
+    partitions_command(&nats.url(), &["set", "3", "--no-wait"]).await;
+    let admin = async_nats::jetstream::new(callcap_tests::identities::connect(&nats.url()).await);
+    let layout = partitions::current_of(&partitions::list(&admin).await.unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(layout.count, 3);
+    // A's call, without an external id (its id is random, not derived).
+    eventually(
+        Duration::from_secs(10),
+        "the gateway to follow the layout",
+        || async {
+            let (status, body) = gw
+                .post_call(&key, &json!({"company_id": a, "notes": "A's call"}))
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+            (db.count_calls().await > 0).then_some(())
+        },
+    )
+    .await;
+    let a_id: Uuid = sqlx::query_scalar("SELECT id FROM call_history LIMIT 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    // Company B's record carrying A's id, on B's partition subject.
+    let b = Uuid::new_v4();
+    let subject = layout.partition_of(b).subject(Lane::Main, b);
+    let forged = callcap::Envelope::new(
+        a_id,
+        chrono::Utc::now(),
+        "kx".into(),
+        None,
+        callcap::CallRecord::new(b),
+    );
+    admin
+        .publish(subject.clone(), forged.encode().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "the dead letter", || async {
+        (db.count_dead_letters().await == 1).then_some(())
+    })
+    .await;
+    let (named, reason): (String, String) =
+        sqlx::query_as("SELECT subject, reason FROM dead_letters")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(reason.contains("another company"), "{reason}");
+    assert_eq!(
+        named, subject,
+        "the dead letter names the message's own subject"
+    );
+    worker.stop().await;
 }

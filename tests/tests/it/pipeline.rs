@@ -164,14 +164,14 @@ async fn truncate_and_replay_from_sequence_one_rebuilds_the_table_identically() 
         batch_size: 64,
         quiet: true,
     };
-    let summary = persist_worker::replay::run(
+    let summary = persist_worker::cli::replay::run(
         &js,
         None,
         &db.pool,
         &Default::default(),
         &args,
         Duration::from_millis(500),
-        &tokio_util::sync::CancellationToken::new(),
+        &callcap::shutdown::Shutdown::new(),
     )
     .await
     .unwrap();
@@ -182,14 +182,14 @@ async fn truncate_and_replay_from_sequence_one_rebuilds_the_table_identically() 
     assert_eq!(before, after, "replay must rebuild the same rows");
 
     // Replaying again over the rebuilt table changes nothing.
-    let again = persist_worker::replay::run(
+    let again = persist_worker::cli::replay::run(
         &js,
         None,
         &db.pool,
         &Default::default(),
         &args,
         Duration::from_millis(500),
-        &tokio_util::sync::CancellationToken::new(),
+        &callcap::shutdown::Shutdown::new(),
     )
     .await
     .unwrap();
@@ -217,8 +217,8 @@ async fn replay_of_one_company_touches_only_its_records() {
         batch_size: 7,
         quiet: true,
     };
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let summary = persist_worker::replay::run(
+    let cancel = callcap::shutdown::Shutdown::new();
+    let summary = persist_worker::cli::replay::run(
         &js,
         None,
         &db.pool,
@@ -291,13 +291,13 @@ async fn a_poison_message_is_dead_lettered_and_its_neighbours_stored() {
     worker.stop().await;
 
     let mut out = Vec::new();
-    persist_worker::dlq::list(&db.pool, false, 100, &mut out)
+    persist_worker::cli::dlq::list(&db.pool, false, 100, &mut out)
         .await
         .unwrap();
     let listing = String::from_utf8(out).unwrap();
     assert!(listing.contains("2 dead letter(s)"), "{listing}");
     let mut out = Vec::new();
-    let summary = persist_worker::dlq::redrive(&db.pool, &Default::default(), None, &mut out)
+    let summary = persist_worker::cli::dlq::redrive(&db.pool, &Default::default(), None, &mut out)
         .await
         .unwrap();
     assert_eq!((summary.stored, summary.still_failing), (0, 2));
@@ -322,7 +322,7 @@ async fn a_poison_message_is_dead_lettered_and_its_neighbours_stored() {
     .await
     .unwrap();
     let summary =
-        persist_worker::dlq::redrive(&db.pool, &Default::default(), None, &mut Vec::new())
+        persist_worker::cli::dlq::redrive(&db.pool, &Default::default(), None, &mut Vec::new())
             .await
             .unwrap();
     assert_eq!((summary.stored, summary.still_failing), (1, 2));

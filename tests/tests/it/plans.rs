@@ -76,6 +76,7 @@ fn row(seq: u64, id: Uuid, company: Uuid, follow_up: bool) -> Row {
     }
     Row {
         seq,
+        subject: callcap::subjects::ingest_subject(company),
         envelope: Envelope::new(id, Utc::now(), "k1".into(), None, r),
     }
 }

@@ -537,7 +537,7 @@ async fn a_gateway_that_has_not_loaded_its_keys_answers_503_not_401() {
         listener,
         starting,
         None,
-        std::future::pending(),
+        callcap::shutdown::Shutdown::new(),
     ));
     let company = Uuid::new_v4();
     let key = callcap_tests::pipeline::create_key(&nats.url(), company).await;

@@ -11,10 +11,10 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, consumer::DeliverPolicy};
+use callcap::shutdown::Shutdown;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::ReplayArgs;
 
@@ -126,7 +126,7 @@ pub async fn run(
     policy: &crate::privacy::Policy,
     args: &ReplayArgs,
     retry_max: Duration,
-    cancel: &CancellationToken,
+    cancel: &Shutdown,
 ) -> Result<ReplaySummary, async_nats::Error> {
     // Every partition stream, oldest layout first (sealed ones too: they hold the
     // records from before a layout change). With --company, only the stream its records
@@ -147,72 +147,12 @@ pub async fn run(
         })
     };
     if let Some(archive) = archive {
-        // The archive's streams (some may be gone from NATS: drained older layouts) and
-        // the live ones, in layout order.
-        let mut names: Vec<String> = archive.streams().await.map_err(|e| format!("{e:#}"))?;
-        for f in &found {
-            names.push(f.partition.stream_name());
-        }
-        let order = |n: &String| {
-            found
-                .iter()
-                .find(|f| f.partition.stream_name() == *n)
-                .map(|f| (f.partition.epoch, f.partition.index))
-        };
-        names.sort_by(|a, b| order(a).cmp(&order(b)).then_with(|| a.cmp(b)));
-        names.dedup();
-        for name in names {
-            let live = found.iter().find(|f| f.partition.stream_name() == name);
-            if live.is_some_and(|f| !wanted(f.partition)) {
-                continue;
-            }
-            // What the live stream holds bounds what its archive may name.
-            let stream_last = match live {
-                Some(_) => Some(
-                    js.get_stream(&name)
-                        .await?
-                        .info()
-                        .await?
-                        .state
-                        .last_sequence,
-                ),
-                None => None,
-            };
-            let (one, last) = replay_archived(
-                archive,
-                (&name, stream_last),
-                (pool, policy),
-                args,
-                retry_max,
-                cancel,
-            )
-            .await?;
-            summary.add(one);
-            if cancel.is_cancelled() {
-                summary.completed = false;
-                break;
-            }
-            let Some(f) = live else { continue };
-            // The stream from right after the archive's last sequence: no gap, no overlap.
-            let mut rest = args.clone();
-            if let Some(last) = last {
-                rest.from_seq = Some(last + 1);
-                rest.since = None;
-                let state = js.get_stream(&name).await?.info().await?.state.clone();
-                if state.first_sequence > last + 1 && state.last_sequence > last {
-                    summary
-                        .gaps
-                        .push((name.clone(), last + 1, state.first_sequence - 1));
-                }
-            }
-            let one =
-                replay_stream(js, f.partition, (pool, policy), &rest, retry_max, cancel).await?;
-            summary.add(one);
-            if cancel.is_cancelled() {
-                summary.completed = false;
-                break;
-            }
-        }
+        let streams = (
+            &found[..],
+            &wanted as &dyn Fn(callcap::partitions::Partition) -> bool,
+        );
+        let ctx = (pool, policy, retry_max, cancel);
+        from_archive(js, archive, streams, ctx, args, &mut summary).await?;
         return Ok(summary);
     }
     for f in found {
@@ -221,12 +161,92 @@ pub async fn run(
         }
         let one = replay_stream(js, f.partition, (pool, policy), args, retry_max, cancel).await?;
         summary.add(one);
-        if cancel.is_cancelled() {
+        if cancel.is_triggered() {
             summary.completed = false;
             break;
         }
     }
     Ok(summary)
+}
+
+/// Replays the archive's streams (some may be gone from NATS: drained older layouts) and
+/// the live ones, in layout order: each from the archive, then from its stream right
+/// after the archive's last sequence.
+async fn from_archive(
+    js: &jetstream::Context,
+    archive: &crate::archive::Archive,
+    (found, wanted): (
+        &[callcap::partitions::Found],
+        &dyn Fn(callcap::partitions::Partition) -> bool,
+    ),
+    (pool, policy, retry_max, cancel): (&PgPool, &crate::privacy::Policy, Duration, &Shutdown),
+    args: &ReplayArgs,
+    summary: &mut ReplaySummary,
+) -> Result<(), async_nats::Error> {
+    let mut names: Vec<String> = archive.streams().await.map_err(|e| format!("{e:#}"))?;
+    for f in found {
+        names.push(f.partition.stream_name());
+    }
+    let order = |n: &String| {
+        found
+            .iter()
+            .find(|f| f.partition.stream_name() == *n)
+            .map(|f| (f.partition.epoch, f.partition.index))
+    };
+    names.sort_by(|a, b| order(a).cmp(&order(b)).then_with(|| a.cmp(b)));
+    names.dedup();
+    for name in names {
+        let live = found.iter().find(|f| f.partition.stream_name() == name);
+        if live.is_some_and(|f| !wanted(f.partition)) {
+            continue;
+        }
+        // What the live stream holds bounds what its archive may name.
+        let stream_last = match live {
+            Some(_) => Some(
+                js.get_stream(&name)
+                    .await?
+                    .info()
+                    .await?
+                    .state
+                    .last_sequence,
+            ),
+            None => None,
+        };
+        let (one, last) = replay_archived(
+            archive,
+            (&name, stream_last),
+            (pool, policy),
+            args,
+            retry_max,
+            cancel,
+        )
+        .await?;
+        summary.add(one);
+        if cancel.is_triggered() {
+            summary.completed = false;
+            break;
+        }
+        let Some(f) = live else { continue };
+        // The stream from right after the archive's last sequence: no gap, no overlap.
+        let mut rest = args.clone();
+        if let Some(last) = last {
+            rest.from_seq = Some(last + 1);
+            rest.since = None;
+            let state = js.get_stream(&name).await?.info().await?.state.clone();
+            if state.first_sequence > last + 1 && state.last_sequence > last {
+                summary
+                    .gaps
+                    .push((name.clone(), last + 1, state.first_sequence - 1));
+            }
+        }
+        let one = replay_stream(js, f.partition, (pool, policy), &rest, retry_max, cancel).await?;
+        summary.add(one);
+        if cancel.is_triggered() {
+            summary.completed = false;
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Replays the window of one stream held in the archive: the summary, and the last
@@ -237,7 +257,7 @@ async fn replay_archived(
     (pool, policy): (&PgPool, &crate::privacy::Policy),
     args: &ReplayArgs,
     retry_max: Duration,
-    cancel: &CancellationToken,
+    cancel: &Shutdown,
 ) -> Result<(ReplaySummary, Option<u64>), async_nats::Error> {
     let mut summary = ReplaySummary {
         completed: true,
@@ -262,7 +282,7 @@ async fn replay_archived(
     let (mut rows, mut dead) = (Vec::new(), Vec::new());
     let ctx = (pool, policy, retry_max, cancel);
     for o in &objects {
-        if cancel.is_cancelled() {
+        if cancel.is_triggered() {
             summary.completed = false;
             break;
         }
@@ -322,12 +342,7 @@ async fn replay_archived(
 
 /// Writes archived records gathered so far.
 async fn write_archived(
-    (pool, policy, retry_max, cancel): (
-        &PgPool,
-        &crate::privacy::Policy,
-        Duration,
-        &CancellationToken,
-    ),
+    (pool, policy, retry_max, cancel): (&PgPool, &crate::privacy::Policy, Duration, &Shutdown),
     (rows, dead): (
         &mut Vec<crate::store::Row>,
         &mut Vec<crate::store::DeadLetter>,
@@ -347,6 +362,92 @@ async fn write_archived(
     Ok(())
 }
 
+/// Where a stream's replay ends: its last sequence when the replay started, or `--until`.
+struct Window<'a> {
+    stream: String,
+    end_seq: u64,
+    args: &'a ReplayArgs,
+}
+
+/// Reads `messages` to the end of the window and applies them in batches. The end is the
+/// last message the consumer had pending, never a pause: a stall (a broker paused or
+/// partitioned) is an error that leaves the replay incomplete.
+async fn read_window(
+    js: &jetstream::Context,
+    mut messages: pull::Ordered,
+    window: &Window<'_>,
+    (pool, policy): (&PgPool, &crate::privacy::Policy),
+    (retry_max, cancel): (Duration, &Shutdown),
+    bar: &ProgressBar,
+    summary: &mut ReplaySummary,
+) -> Result<(), async_nats::Error> {
+    let batch = window.args.batch_size as usize;
+    let mut pending: Vec<jetstream::Message> = Vec::with_capacity(batch);
+    loop {
+        let next = tokio::select! {
+            () = cancel.triggered() => break,
+            next = tokio::time::timeout(STALL, messages.next()) => next,
+        };
+        let msg = match next {
+            Err(_) => {
+                return Err(format!(
+                    "stream {}: no message for {} s before the end of the window (sequence {}): stalled; run the replay again",
+                    window.stream,
+                    STALL.as_secs(),
+                    window.end_seq
+                )
+                .into())
+            }
+            Ok(None) => {
+                return Err(format!(
+                    "stream {}: the read ended before the end of the window",
+                    window.stream
+                )
+                .into())
+            }
+            Ok(Some(msg)) => msg?,
+        };
+        let info = msg.info()?;
+        let (seq, remaining, published) = (info.stream_sequence, info.pending, info.published);
+        if seq > window.end_seq || window.args.until.is_some_and(|u| published > u) {
+            summary.completed = true;
+            break;
+        }
+        if bar.length().is_none() {
+            bar.set_length(remaining + 1);
+        }
+        pending.push(msg);
+        let last = remaining == 0 || seq == window.end_seq;
+        if pending.len() >= batch || last {
+            apply(
+                js,
+                (pool, policy),
+                &mut pending,
+                summary,
+                (retry_max, cancel),
+                bar,
+            )
+            .await?;
+        }
+        if last {
+            summary.completed = true;
+            break;
+        }
+    }
+    if !pending.is_empty() && !cancel.is_triggered() {
+        apply(
+            js,
+            (pool, policy),
+            &mut pending,
+            summary,
+            (retry_max, cancel),
+            bar,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
 /// Replays the window of one partition stream.
 async fn replay_stream(
     js: &jetstream::Context,
@@ -354,7 +455,7 @@ async fn replay_stream(
     (pool, policy): (&PgPool, &crate::privacy::Policy),
     args: &ReplayArgs,
     retry_max: Duration,
-    cancel: &CancellationToken,
+    cancel: &Shutdown,
 ) -> Result<ReplaySummary, async_nats::Error> {
     let mut stream = js.get_stream(partition.stream_name()).await?;
     let state = stream.info().await?.state.clone();
@@ -387,77 +488,27 @@ async fn replay_stream(
         summary.completed = true;
         return Ok(summary);
     }
-    let mut messages = consumer.messages().await?;
+    let messages = consumer.messages().await?;
     let bar = progress_bar(
         args.quiet,
         "{elapsed_precise} [{wide_bar}] {pos}/{len} msgs {per_sec} ETA {eta}",
     );
     let started = Instant::now();
-    let batch = args.batch_size as usize;
-    let mut pending: Vec<jetstream::Message> = Vec::with_capacity(batch);
-    loop {
-        // The end is the last message the consumer had pending, never a pause: a stall
-        // (a broker paused or partitioned) is an error that leaves the replay incomplete.
-        let next = tokio::select! {
-            () = cancel.cancelled() => break,
-            next = tokio::time::timeout(STALL, messages.next()) => next,
-        };
-        let msg = match next {
-            Err(_) => {
-                return Err(format!(
-                    "stream {}: no message for {} s before the end of the window (sequence {end_seq}): stalled; run the replay again",
-                    partition.stream_name(),
-                    STALL.as_secs()
-                )
-                .into())
-            }
-            Ok(None) => {
-                return Err(format!(
-                    "stream {}: the read ended before the end of the window",
-                    partition.stream_name()
-                )
-                .into())
-            }
-            Ok(Some(msg)) => msg?,
-        };
-        let info = msg.info()?;
-        let (seq, remaining, published) = (info.stream_sequence, info.pending, info.published);
-        if seq > end_seq || args.until.is_some_and(|u| published > u) {
-            summary.completed = true;
-            break;
-        }
-        if bar.length().is_none() {
-            bar.set_length(remaining + 1);
-        }
-        pending.push(msg);
-        let last = remaining == 0 || seq == end_seq;
-        if pending.len() >= batch || last {
-            apply(
-                js,
-                (pool, policy),
-                &mut pending,
-                &mut summary,
-                (retry_max, cancel),
-                &bar,
-            )
-            .await?;
-        }
-        if last {
-            summary.completed = true;
-            break;
-        }
-    }
-    if !pending.is_empty() && !cancel.is_cancelled() {
-        apply(
-            js,
-            (pool, policy),
-            &mut pending,
-            &mut summary,
-            (retry_max, cancel),
-            &bar,
-        )
-        .await?;
-    }
+    let window = Window {
+        stream: partition.stream_name(),
+        end_seq,
+        args,
+    };
+    read_window(
+        js,
+        messages,
+        &window,
+        (pool, policy),
+        (retry_max, cancel),
+        &bar,
+        &mut summary,
+    )
+    .await?;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64().max(1e-3);
     tracing::info!(
@@ -474,7 +525,7 @@ async fn apply(
     (pool, policy): (&PgPool, &crate::privacy::Policy),
     pending: &mut Vec<jetstream::Message>,
     summary: &mut ReplaySummary,
-    (retry_max, cancel): (Duration, &CancellationToken),
+    (retry_max, cancel): (Duration, &Shutdown),
     bar: &ProgressBar,
 ) -> Result<(), async_nats::Error> {
     let decoded = decode(pending);

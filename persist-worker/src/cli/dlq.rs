@@ -111,6 +111,7 @@ async fn redrive_one(
     let envelope = Envelope::decode_checked(&dl.subject, &dl.payload)?;
     let row = Row {
         seq: u64::try_from(dl.stream_seq).unwrap_or(0),
+        subject: dl.subject.clone(),
         envelope,
     };
     match store::write_batch(pool, policy, &[row], &[]).await {
