@@ -285,6 +285,14 @@ fn auth_error(e: CredentialsError) -> async_nats::ConnectError {
     async_nats::ConnectError::with_source(async_nats::ConnectErrorKind::Authentication, e)
 }
 
+/// Whether the server refused this identity an operation. The NATS protocol reports it
+/// as an `-ERR 'Permissions Violation for …'` line, which async-nats hands on as
+/// [`async_nats::ServerError::Other`] with that text: the protocol gives no other kind to
+/// match.
+fn is_permissions_violation(e: &async_nats::ServerError) -> bool {
+    matches!(e, async_nats::ServerError::Other(text) if text.starts_with("Permissions Violation"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,12 +310,4 @@ mod tests {
         assert!(bad.contains("notaport"), "{bad}");
         assert!(NatsArgs::new(" , ").server_addrs().is_err());
     }
-}
-
-/// Whether the server refused this identity an operation. The NATS protocol reports it
-/// as an `-ERR 'Permissions Violation for …'` line, which async-nats hands on as
-/// [`async_nats::ServerError::Other`] with that text: the protocol gives no other kind to
-/// match.
-fn is_permissions_violation(e: &async_nats::ServerError) -> bool {
-    matches!(e, async_nats::ServerError::Other(text) if text.starts_with("Permissions Violation"))
 }
