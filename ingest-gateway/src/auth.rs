@@ -4,7 +4,7 @@
 //! A key is `cc_live_` plus 40 random alphanumerics (~238 bits). Only its SHA-256 is
 //! stored, in the NATS KV bucket `callcap_api_keys`, keyed by a separate key id. Each gateway
 //! watches the bucket, so a create or revoke reaches it within a second, and a request
-//! costs one hash and one map lookup. Admin commands (`keys …`) live in [`crate::keys`].
+//! costs one hash and one map lookup. Admin commands (`keys …`) live in [`crate::cli::keys`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,18 +1,22 @@
-//! Call Capture ingest gateway.
+//! Call Capture ingest gateway: boot. Connects, sets up the streams and buckets, and
+//! serves until shutdown; the other commands are [`cli`]'s.
 //!
-//! Authenticates (`x-api-key`), validates, publishes each record to the JetStream stream
-//! `CALLS` and answers 201 once JetStream has acknowledged it. Never touches Postgres.
+//! Authenticates (`x-api-key`, or a provider's signature for its connector), validates,
+//! publishes each record to its company's partition stream and answers 201 once
+//! JetStream has acknowledged it. Never touches Postgres.
 //!
 //! - [`config`]: command line and environment;
 //! - [`state`]: what handlers share; [`app`]: routes, middleware, operational endpoints;
-//!   [`server`]: connections and drain;
-//! - [`ingest`]: the record handlers; [`answers`]: what they answer; [`extract`]: who is
-//!   calling and the body; [`body`]: reading a request body within its limits;
+//!   [`server`]: connections and drain; [`status`]: the status page; [`tls`]: HTTPS;
+//! - the record handlers: [`ingest`] (API keys) and [`callbacks`] (provider connectors),
+//!   both ending in the shared [`intake`]; [`answers`]: what they answer; [`extract`]:
+//!   who is calling and the body; [`body`]: reading a request body within its limits;
 //!   [`budget`]: the memory request bodies may hold; [`error`]: every error answer;
-//! - [`auth`]: API keys and the watched cache; [`keys`]: the `keys` admin commands;
-//! - [`publish`]: the JetStream publisher; [`ratelimit`]: per-key token buckets;
-//! - [`status`]: the status page; [`check`]: the `check` command; [`tls`]: HTTPS;
-//!   [`nkey`]: the `nkey` commands.
+//! - [`auth`]: API keys and their watched cache; [`connectors`]: provider connectors,
+//!   their secrets, signatures and mapping; [`kv`]: the watched buckets;
+//! - [`publish`]: the JetStream publisher; [`lanes`]: which lane a company's records
+//!   take; [`ratelimit`]: per-key token buckets;
+//! - [`cli`]: `keys`, `connectors`, `partitions`, `setup`, `check`, `nkey`.
 
 pub mod answers;
 pub mod app;
@@ -20,18 +24,15 @@ pub mod auth;
 pub mod body;
 pub mod budget;
 pub mod callbacks;
-pub mod check;
+pub mod cli;
 pub mod config;
 pub mod connectors;
 pub mod error;
 pub mod extract;
 pub mod ingest;
 pub mod intake;
-pub mod keys;
 pub mod kv;
 pub mod lanes;
-pub mod layout;
-pub mod nkey;
 pub mod publish;
 pub mod ratelimit;
 pub mod server;
@@ -45,17 +46,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream;
 use callcap::subjects::{with_retry, SetupError};
 
 /// How long the gateway waits at start (and `setup` at each step) for NATS to answer.
-const SETUP_PATIENCE: Duration = Duration::from_secs(30);
+pub(crate) const SETUP_PATIENCE: Duration = Duration::from_secs(30);
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
 use crate::app::AppState;
 use crate::auth::KeyCache;
-use crate::config::{Cli, Command, ConnectorsCommand, KeysCommand, NkeyCommand, PartitionsCommand};
+use crate::config::{Cli, Command};
 use crate::publish::Partitioned;
 
 /// Runs what the command line asks: serve (with the Prometheus recorder installed and
@@ -90,121 +90,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
             server::describe_metrics();
             serve(&cli, Some(metrics), Shutdown::on_signals()).await
         }
-        Some(Command::Keys(cmd)) => {
-            let store = key_store(&cli).await?;
-            let mut out = std::io::stdout().lock();
-            match cmd {
-                KeysCommand::Create {
-                    company,
-                    name,
-                    expires_in_days,
-                } => keys::create(&store, *company, name, *expires_in_days, &mut out)
-                    .await
-                    .map(|_| ()),
-                KeysCommand::List { company } => keys::list(&store, *company, &mut out).await,
-                KeysCommand::Revoke { key_id } => keys::revoke(&store, key_id, &mut out).await,
-            }
-        }
-        Some(Command::Connectors(cmd)) => run_connectors(&cli, cmd).await,
-        Some(Command::Setup) => {
-            let summary = setup(&cli).await?;
-            println!("{summary}");
-            Ok(())
-        }
-        Some(Command::Partitions(cmd)) => {
-            let js = admin_context(&cli, "ingest-gateway partitions").await?;
-            let mut out = std::io::stdout().lock();
-            match cmd {
-                PartitionsCommand::Show => layout::show(&js, &mut out).await,
-                PartitionsCommand::Keda {
-                    namespace,
-                    monitoring,
-                } => layout::keda(&js, namespace, monitoring, &mut out).await,
-                PartitionsCommand::Set { count, no_wait } => {
-                    layout::set(&js, &cli.stream, *count, !*no_wait, &mut out).await
-                }
-                PartitionsCommand::Balance => layout::balance(&js, &mut out).await,
-            }
-        }
-        Some(Command::Check(args)) => {
-            let mut out = std::io::stdout().lock();
-            if check::run(args, &mut out).await? {
-                Ok(())
-            } else {
-                anyhow::bail!("the integration check failed")
-            }
-        }
-        Some(Command::Nkey(cmd)) => {
-            let mut out = std::io::stdout().lock();
-            match cmd {
-                NkeyCommand::Create { out: path } => nkey::create(path, &mut out),
-                NkeyCommand::Public { seed_file } => nkey::public(seed_file, &mut out),
-            }
-        }
-    }
-}
-
-/// `ingest-gateway connectors …`, printing to stdout.
-async fn run_connectors(cli: &Cli, cmd: &ConnectorsCommand) -> anyhow::Result<()> {
-    use connectors::admin;
-    let mut out = std::io::stdout().lock();
-    match cmd {
-        ConnectorsCommand::NewSecretsKey { out: path } => admin::new_secrets_key(path, &mut out),
-        ConnectorsCommand::Create {
-            company,
-            provider,
-            public_url,
-            secret_file,
-            country,
-            allow_network,
-            application,
-        } => {
-            let key = secrets_key(cli)?;
-            let store = connector_store(cli).await?;
-            let new = admin::NewConnector {
-                company: *company,
-                provider: *provider,
-                public_url,
-                secret_file: secret_file.as_deref(),
-                country: country.as_deref(),
-                allow_networks: allow_network,
-                application: application.as_deref(),
-            };
-            admin::create(&store, &key, &new, &mut out)
-                .await
-                .map(|_| ())
-        }
-        ConnectorsCommand::List { company } => {
-            admin::list(&connector_store(cli).await?, *company, &mut out).await
-        }
-        ConnectorsCommand::RotateSecret {
-            connector_id,
-            secret_file,
-            overlap_hours,
-        } => {
-            let key = secrets_key(cli)?;
-            let store = connector_store(cli).await?;
-            admin::rotate_secret(
-                &store,
-                &key,
-                connector_id,
-                secret_file.as_deref(),
-                chrono::Duration::hours(i64::from(*overlap_hours)),
-                &mut out,
-            )
-            .await
-        }
-        ConnectorsCommand::Bind {
-            connector_id,
-            application,
-        } => {
-            let key = secrets_key(cli)?;
-            let store = connector_store(cli).await?;
-            admin::bind(&store, &key, connector_id, application, &mut out).await
-        }
-        ConnectorsCommand::Revoke { connector_id } => {
-            admin::revoke(&connector_store(cli).await?, connector_id, &mut out).await
-        }
+        Some(command) => cli::run(&cli, command).await,
     }
 }
 
@@ -420,143 +306,4 @@ async fn fetch_fsync_mode(monitor_url: &str) -> anyhow::Result<FsyncMode> {
             .sync_interval
             .map_or(120, |ns| ns / 1_000_000_000),
     })
-}
-
-/// Creates the stream and the key bucket, or brings existing ones to the STREAM_*
-/// settings (`ingest-gateway setup`, admin identity): the current partition layout's
-/// streams (sealed ones from older layouts are left as they are). Returns a line per
-/// stream.
-///
-/// # Errors
-/// When NATS is unreachable, refuses the definition, or the identity may not change it.
-pub async fn setup(cli: &Cli) -> anyhow::Result<String> {
-    let js = admin_context(cli, "ingest-gateway setup").await?;
-    let found = with_retry("reading the partition layout", SETUP_PATIENCE, || async {
-        callcap::partitions::list(&js)
-            .await
-            .map_err(SetupError::Nats)
-    })
-    .await?;
-    let layout = callcap::partitions::current_of(&found)
-        .map_err(|why| anyhow::anyhow!("reading the partition layout: {why}"))?;
-    // The current layout's streams get the settings; sealed ones (older layouts) keep
-    // what they hold as it is.
-    let streams = match layout {
-        Some(l) if l != callcap::partitions::Layout::default() => {
-            for p in l.partitions() {
-                with_retry("updating a partition stream", SETUP_PATIENCE, || async {
-                    let name = p.stream_name();
-                    let existing = js
-                        .get_stream(&name)
-                        .await
-                        .map_err(|e| SetupError::Nats(e.into()))?
-                        .cached_info()
-                        .config
-                        .clone();
-                    let replicas = callcap::subjects::target_replicas(
-                        &name,
-                        cli.stream.stream_replicas,
-                        Some(existing.num_replicas),
-                        callcap::subjects::clustered(&js),
-                    )?;
-                    let mut config = callcap::partitions::stream_config(&cli.stream, replicas, p);
-                    config.first_sequence = existing.first_sequence;
-                    js.update_stream(config)
-                        .await
-                        .map_err(|e| SetupError::Nats(e.into()))?;
-                    Ok(())
-                })
-                .await?;
-            }
-            l.partitions().iter().map(|p| p.stream_name()).collect()
-        }
-        _ => {
-            with_retry(
-                "creating or updating the CALLS stream",
-                SETUP_PATIENCE,
-                || callcap::subjects::ensure_stream(&js, &cli.stream),
-            )
-            .await?;
-            vec![callcap::subjects::STREAM_NAME.to_owned()]
-        }
-    };
-    with_retry(
-        "creating or updating the API key bucket",
-        SETUP_PATIENCE,
-        || auth::key_bucket(&js, cli.stream.stream_replicas),
-    )
-    .await?;
-    with_retry(
-        "creating or updating the connector bucket",
-        SETUP_PATIENCE,
-        || kv::bucket(&js, kv::CONNECTORS, cli.stream.stream_replicas),
-    )
-    .await?;
-    let mut lines = Vec::new();
-    for name in streams {
-        let mut stream = js
-            .get_stream(&name)
-            .await
-            .context("reading the stream back")?;
-        let info = stream.info().await.context("reading the stream back")?;
-        lines.push(format!(
-            "stream {} ready: {} replica(s), max age {} s, max {} bytes, {} records held",
-            info.config.name,
-            info.config.num_replicas,
-            info.config.max_age.as_secs(),
-            info.config.max_bytes,
-            info.state.messages
-        ));
-    }
-    Ok(lines.join("\n"))
-}
-
-/// A JetStream context as the admin identity, for the operator's commands (`name` is the
-/// connection's name in the server's monitoring).
-///
-/// # Errors
-/// When NATS is unreachable.
-async fn admin_context(cli: &Cli, name: &str) -> anyhow::Result<jetstream::Context> {
-    let client = cli
-        .nats
-        .connect_once(name, Role::Admin)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
-    Ok(jetstream::new(client))
-}
-
-/// Opens the connector bucket as the admin identity (`connectors` commands).
-///
-/// # Errors
-/// When NATS is unreachable or the bucket cannot be created.
-pub async fn connector_store(cli: &Cli) -> anyhow::Result<jetstream::kv::Store> {
-    let js = admin_context(cli, "ingest-gateway connectors").await?;
-    kv::bucket(&js, kv::CONNECTORS, cli.stream.stream_replicas)
-        .await
-        .map_err(|e| anyhow::anyhow!("opening the connector bucket: {e}"))
-}
-
-/// The secrets key of the `connectors` commands that seal a secret.
-///
-/// # Errors
-/// When `CONNECTOR_SECRETS_KEY_FILE` is not set or does not hold a key.
-pub fn secrets_key(cli: &Cli) -> anyhow::Result<connectors::seal::SecretsKey> {
-    let path = cli.serve.connector_secrets_key_file.as_deref().ok_or_else(|| {
-        anyhow::anyhow!(
-            "CONNECTOR_SECRETS_KEY_FILE (--connector-secrets-key-file) must name the gateways' secrets key file; \
-             make one with `ingest-gateway connectors new-secrets-key --out FILE`"
-        )
-    })?;
-    connectors::seal::SecretsKey::from_file(path)
-}
-
-/// Opens the key bucket for the `keys` commands.
-///
-/// # Errors
-/// When NATS is unreachable.
-pub async fn key_store(cli: &Cli) -> anyhow::Result<jetstream::kv::Store> {
-    let js = admin_context(cli, "ingest-gateway keys").await?;
-    auth::key_bucket(&js, cli.stream.stream_replicas)
-        .await
-        .map_err(|e| anyhow::anyhow!("opening the API key bucket: {e}"))
 }

@@ -7,7 +7,7 @@
 //! holding up the rest of its batch. A record whose company has erasures this worker
 //! cannot check (no `ERASURE_KEY_FILE`, or another key than the erasures') is held —
 //! neither stored nor acked, kept alive with progress acks and retried — while the
-//! batch's other records, and every other company's, are stored ([`Held`]). On shutdown
+//! batch's other records, and every other company's, are stored (`Held`). On shutdown
 //! it stops pulling, finishes (or hands back) the batch in hand and what it holds, and
 //! returns.
 

@@ -8,7 +8,7 @@
 //!   serves (`/metrics`, `/readyz`, `/healthz`, the status page);
 //! - components: [`consume`] (the records: pull, write, ack) and [`archive`] (the
 //!   long-term tier in S3-compatible storage);
-//! - [`write`]: decode and write until stored (what consume, replay and redrive share),
+//! - [`mod@write`]: decode and write until stored (what consume, replay and redrive share),
 //!   and the deletion of erased messages; [`store`]: every SQL statement and migrations;
 //! - [`privacy`]: erasure (keyed hashes, one matching rule) and retention, applied by
 //!   every write; [`retention`]: the background deletes of `RETENTION_DAYS`;

@@ -230,7 +230,7 @@ fn names_a_number(key: &str) -> bool {
     DETAIL_NUMBER_KEYS.contains(&k.as_str()) || k.ends_with("number") || k.ends_with("phone")
 }
 
-/// The numbers in the number fields of `call_details`' top level ([`names_a_number`]):
+/// The numbers in the number fields of `call_details`' top level (`names_a_number`):
 /// strings holding at least 6 digits once written forms are folded.
 pub fn detail_numbers(details: Option<&serde_json::Map<String, serde_json::Value>>) -> Vec<&str> {
     let Some(map) = details else {

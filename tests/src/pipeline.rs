@@ -160,11 +160,11 @@ pub fn admin_cli(nats_url: &str) -> ingest_gateway::config::Cli {
 
 pub async fn create_key(nats_url: &str, company: Uuid) -> String {
     let cli = admin_cli(nats_url);
-    let store = ingest_gateway::key_store(&cli)
+    let store = ingest_gateway::cli::key_store(&cli)
         .await
         .expect("opening the key bucket");
     let mut out = Vec::new();
-    ingest_gateway::keys::create(&store, company, "test dialer", None, &mut out)
+    ingest_gateway::cli::keys::create(&store, company, "test dialer", None, &mut out)
         .await
         .expect("creating a key");
     String::from_utf8(out)

@@ -9,7 +9,7 @@
 //! signature covers reaches the record: the form or JSON body, and the URL's query where
 //! the provider signs the URL (Twilio, Plivo; Exotel's URL carries its token). Nothing is
 //! published before the signature has been checked. The success answer is what the
-//! provider expects ([`answer`]); errors keep the API's JSON shape. Every answer is
+//! provider expects (`answer`); errors keep the API's JSON shape. Every answer is
 //! counted ([`outcome`]).
 
 pub mod extract;

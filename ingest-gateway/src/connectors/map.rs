@@ -4,7 +4,7 @@
 //! `CallUUID`, Vonage `uuid`), the provider `external_system`, so every callback about one
 //! call lands on one row and the merge rules decide what it keeps: a terminal status is
 //! never replaced by a lifecycle one, whatever order the callbacks arrive in. Numbers go
-//! to E.164 ([`super::phone`]), statuses to the API's set ([`status`], the README's
+//! to E.164 ([`callcap::phone`]), statuses to the API's set ([`status`], the README's
 //! table), durations and times to the record's fields; a recording callback adds
 //! `recording_url`. Every other parameter goes into `call_details`, bounded
 //! ([`DETAILS_MAX_KEYS`], [`DETAILS_MAX_VALUE_BYTES`], [`DETAILS_MAX_BYTES`]).

@@ -6,12 +6,11 @@
 //! provider's signing secret(s), sealed ([`seal`]). Providers cannot send `x-api-key`, so
 //! the URL identifies the connector and the provider's signature authenticates it.
 //! Every gateway mirrors the bucket ([`ConnectorCache`]) and opens the secrets with
-//! `CONNECTOR_SECRETS_KEY_FILE`. Admin commands are in [`admin`], signature checks in
+//! `CONNECTOR_SECRETS_KEY_FILE`. Admin commands are in [`crate::cli::connectors`], signature checks in
 //! [`verify`], the mapping of a callback to a call record in [`map`] (numbers read by
 //! [`callcap::phone`]), and
 //! the HTTP handler in [`crate::callbacks`].
 
-pub mod admin;
 pub mod map;
 pub mod seal;
 pub mod verify;

@@ -3,7 +3,7 @@
 //! stored again.
 //!
 //! Order, so that nothing escapes while gateways and workers run:
-//! 1. the entry is added ([`store::privacy::add_erasure`]), after every write in progress
+//! 1. the entry is added ([`crate::store::privacy::add_erasure`]), after every write in progress
 //!    and before any later one: from then on every write drops matching records, and the
 //!    workers delete such messages from the stream;
 //! 2. matching rows are deleted (calls with their follow-ups, then leads or the company);

@@ -2,9 +2,9 @@
 //! connects what it needs from the command line and prints what it did; the work itself
 //! is the stages' (the write path, the store, the archive).
 //!
-//! - [`replay`]: re-apply a window of the streams (or the archive) through the write path;
-//! - [`erase`]: a caller's data removed everywhere, with an entry that keeps it out;
-//! - [`dlq`]: dead letters listed and re-driven.
+//! - [`mod@replay`]: re-apply a window of the streams (or the archive) through the write path;
+//! - [`mod@erase`]: a caller's data removed everywhere, with an entry that keeps it out;
+//! - [`mod@dlq`]: dead letters listed and re-driven.
 
 pub mod dlq;
 pub mod erase;

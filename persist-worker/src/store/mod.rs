@@ -1,9 +1,9 @@
 //! Postgres: the pool, migrations, errors, and (in the submodules) every SQL statement of
 //! the worker.
 //!
-//! - [`merge`]: a batch written in one transaction with set-based statements, the merge
+//! - `merge`: a batch written in one transaction with set-based statements, the merge
 //!   rules of DESIGN.md in its `ON CONFLICT` clause;
-//! - [`dead`]: the dead letters, recorded with the batch or on their own, listed and
+//! - `dead`: the dead letters, recorded with the batch or on their own, listed and
 //!   marked redriven;
 //! - [`privacy`]: erasure entries, what erasure and retention delete, their counters.
 

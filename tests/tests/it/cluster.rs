@@ -345,7 +345,7 @@ async fn stream_replicas_is_applied_by_setup_to_the_stream_the_key_bucket_and_th
     // three nodes, the consumer included.
     let mut admin = callcap_tests::pipeline::admin_cli(&seeds);
     admin.stream.stream_replicas = Some(3);
-    let summary = ingest_gateway::setup(&admin)
+    let summary = ingest_gateway::cli::setup(&admin)
         .await
         .expect("setup with 3 replicas");
     assert!(summary.contains("3 replica"), "{summary}");

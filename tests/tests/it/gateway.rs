@@ -199,14 +199,14 @@ async fn keys_are_checked_scoped_to_their_company_and_revocable() {
 
     // Revoke through the admin path; the running gateway refuses the key within seconds.
     let cli = callcap_tests::pipeline::admin_cli(&nats.url());
-    let store = ingest_gateway::key_store(&cli).await.unwrap();
-    let records = ingest_gateway::keys::records(&store, Some(company))
+    let store = ingest_gateway::cli::key_store(&cli).await.unwrap();
+    let records = ingest_gateway::cli::keys::records(&store, Some(company))
         .await
         .unwrap();
     assert_eq!(records.len(), 1);
     assert!(!records[0].sha256.is_empty());
     let mut out = Vec::new();
-    ingest_gateway::keys::revoke(&store, &records[0].key_id, &mut out)
+    ingest_gateway::cli::keys::revoke(&store, &records[0].key_id, &mut out)
         .await
         .unwrap();
     let revoked_at = Instant::now();
@@ -221,7 +221,7 @@ async fn keys_are_checked_scoped_to_their_company_and_revocable() {
     .await;
     assert!(revoked_at.elapsed() < Duration::from_secs(3));
     assert!(
-        ingest_gateway::keys::revoke(&store, &records[0].key_id, &mut out)
+        ingest_gateway::cli::keys::revoke(&store, &records[0].key_id, &mut out)
             .await
             .is_err()
     );

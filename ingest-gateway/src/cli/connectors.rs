@@ -14,8 +14,8 @@ use chrono::{Duration, Utc};
 use rand::distr::{Alphanumeric, SampleString};
 use uuid::Uuid;
 
-use super::seal::SecretsKey;
-use super::{ConnectorRecord, Provider, StoredSecret};
+use crate::connectors::seal::SecretsKey;
+use crate::connectors::{ConnectorRecord, Provider, StoredSecret};
 use callcap::phone;
 
 /// Longest provider secret taken (Twilio and Plivo tokens are 32 characters).
