@@ -472,38 +472,7 @@ pub struct ServeArgs {
 
 impl Default for ServeArgs {
     fn default() -> Self {
-        ServeArgs {
-            listen_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
-            max_body_bytes: 64 * 1024,
-            max_batch_bytes: 8 * 1024 * 1024,
-            max_batch_records: 1000,
-            header_timeout_ms: 5_000,
-            idle_timeout_secs: 75,
-            tls_cert_file: None,
-            tls_key_file: None,
-            tls_reload_secs: 30,
-            max_connections: 10_000,
-            body_timeout_ms: 10_000,
-            publish_timeout_ms: 10_000,
-            max_in_flight_publishes: 8192,
-            publish_batch_max_records: 1000,
-            publish_batches_in_flight: 2,
-            publish_linger_us: 10_000,
-            overflow_rate: 1000.0,
-            overflow_burst: 500,
-            overflow_sticky_secs: 30,
-            overflow_companies: Vec::new(),
-            nats_monitor_url: None,
-            body_memory_mb: 0,
-            body_memory_per_key_percent: 50,
-            callback_memory_percent: 10,
-            trusted_proxies: Vec::new(),
-            rate_limit_per_sec: 0.0,
-            rate_limit_burst: 100,
-            retry_after_secs: 1,
-            connector_secrets_key_file: None,
-            shutdown_grace_secs: 20,
-        }
+        callcap::config::defaults()
     }
 }
 

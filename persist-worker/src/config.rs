@@ -94,10 +94,7 @@ pub struct ArchiveArgs {
 
 impl Default for ArchiveArgs {
     fn default() -> Self {
-        ArchiveArgs {
-            archive_url: None,
-            archive_read_max_bytes: 64 * 1024 * 1024,
-        }
+        callcap::config::defaults()
     }
 }
 
@@ -292,19 +289,7 @@ pub struct RunArgs {
 
 impl Default for RunArgs {
     fn default() -> Self {
-        RunArgs {
-            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9091)),
-            lanes: callcap::subjects::Lane::ALL.to_vec(),
-            batch_size: 1000,
-            batch_linger_ms: 5,
-            batches_in_flight: 3,
-            ack_wait_secs: 30,
-            max_deliver: 20,
-            max_ack_pending: 20_000,
-            retry_max_ms: 5_000,
-            consumer_check_secs: 5,
-            no_migrate: false,
-        }
+        callcap::config::defaults()
     }
 }
 

@@ -119,12 +119,7 @@ pub struct StreamArgs {
 
 impl Default for StreamArgs {
     fn default() -> Self {
-        StreamArgs {
-            stream_max_age_secs: 30 * 24 * 3600,
-            stream_max_bytes: 10 * 1024 * 1024 * 1024,
-            stream_replicas: None,
-            stream_duplicate_window_secs: 120,
-        }
+        defaults()
     }
 }
 
@@ -291,6 +286,19 @@ fn auth_error(e: CredentialsError) -> async_nats::ConnectError {
 /// match.
 fn is_permissions_violation(e: &async_nats::ServerError) -> bool {
     matches!(e, async_nats::ServerError::Other(text) if text.starts_with("Permissions Violation"))
+}
+
+/// The settings `T` holds when nothing is given: clap's own defaults, the one place they
+/// are written (the environment is not read: a default is the same on every machine).
+///
+/// # Panics
+/// When a setting of `T` has neither a default nor an optional type (a bug of `T`).
+pub fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let command = T::augment_args(clap::Command::new("defaults")).mut_args(|a| a.env(None));
+    let matches = command
+        .try_get_matches_from(["defaults"])
+        .expect("every setting has a default or is optional");
+    T::from_arg_matches(&matches).expect("the defaults parse as the settings")
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ mod archive;
 mod callbacks;
 mod cluster;
 mod deploy;
+mod docs;
 mod encoding;
 mod erasure;
 mod examples;
