@@ -272,6 +272,14 @@ bench_prepare() {
 #   wait_key KEY GATEWAY_URL until the gateway takes KEY (a POST is no longer 401/503).
 #   create_key BIN_DIR COMPANY NAME GATEWAY_URL
 #                            prints a new API key for COMPANY once the gateway takes it.
+#   wait_connector CALLBACK_URL GATEWAY_URL
+#                            until the gateway knows the connector of CALLBACK_URL (its
+#                            path, sent to GATEWAY_URL, is no longer an unknown connector).
+#   start_s3 DIR PORT BUCKET LOG [VOLUME_MB]
+#                            SeaweedFS (WEED_BIN, ensure_seaweedfs) serving S3 on
+#                            127.0.0.1:PORT from DIR (its master, volume and filer on
+#                            PORT+1000..1002), until BUCKET exists; S3_PID; exports the
+#                            AWS_* settings the archive reads.
 # The identities come from ensure_nkeys (CALLCAP_NKEY_DIR); admin commands use the
 # exported NATS_NKEY_FILE.
 
@@ -348,4 +356,34 @@ create_key() {
   key=$("$1/ingest-gateway" keys create --company "$2" --name "$3" | tail -n1) || die "keys create failed"
   wait_key "$key" "$4"
   echo "$key"
+}
+
+wait_connector() {
+  local path url=$2 body
+  path="/${1#*://*/}"
+  for _ in $(seq 1 100); do
+    # Unsigned, so refused either way: only the reason says whether the connector is known.
+    body=$(curl -s -X POST -H 'content-type: application/x-www-form-urlencoded' -d 'x=1' "$url$path" || true)
+    [ -n "$body" ] && ! grep -q 'unknown or revoked connector' <<< "$body" && return 0
+    sleep 0.1
+  done
+  die "the gateway at $url did not learn the connector of $1 within 10 s"
+}
+
+start_s3() {
+  local dir=$1 port=$2 bucket=$3 log=$4 volume_mb=${5:-64}
+  mkdir -p "$dir"
+  # nohup: up.sh leaves it running after the terminal that started it is gone.
+  start_bg "$log" nohup "$WEED_BIN" server -dir="$dir" -ip=127.0.0.1 -ip.bind=127.0.0.1 -filer -s3 \
+    -master.port=$((port + 1000)) -volume.port=$((port + 1001)) -filer.port=$((port + 1002)) \
+    -s3.port="$port" -s3.port.iceberg=0 -s3.port.lance=0 -master.volumeSizeLimitMB="$volume_mb" -volume.max=20
+  S3_PID=$LAST_PID
+  for _ in $(seq 1 120); do
+    curl -sf -o /dev/null -X PUT "http://127.0.0.1:$port/$bucket" && break
+    sleep 0.5
+  done
+  curl -sf -o /dev/null "http://127.0.0.1:$port/$bucket" || { tail -n 20 "$log" >&2; die "SeaweedFS did not start on port $port (see $log)"; }
+  # SeaweedFS without an identity file takes any credentials.
+  export AWS_ENDPOINT_URL="http://127.0.0.1:$port" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
+    AWS_ACCESS_KEY_ID=callcap-local AWS_SECRET_ACCESS_KEY=callcap-local
 }

@@ -99,19 +99,9 @@ log "migrating $DATABASE_URL"
 S3_PORT=${S3_PORT:-18333}
 ARCHIVER_METRICS_PORT=${ARCHIVER_METRICS_PORT:-9093}
 log "starting SeaweedFS (S3 on 127.0.0.1:$S3_PORT) for the archive"
-mkdir -p "$RUN/s3"
-nohup "$WEED_BIN" server -dir="$PWD/$RUN/s3" -ip=127.0.0.1 -ip.bind=127.0.0.1 -filer -s3 \
-  -master.port=$((S3_PORT + 1000)) -volume.port=$((S3_PORT + 1001)) -filer.port=$((S3_PORT + 1002)) \
-  -s3.port="$S3_PORT" -s3.port.iceberg=0 -s3.port.lance=0 -master.volumeSizeLimitMB=64 -volume.max=20 \
-  > "$RUN/s3.log" 2>&1 &
-echo $! > "$RUN/s3.pid"
-for _ in $(seq 1 120); do
-  curl -sf -o /dev/null -X PUT "http://127.0.0.1:$S3_PORT/callcap-archive" && break
-  sleep 0.5
-done
-curl -sf -o /dev/null "http://127.0.0.1:$S3_PORT/callcap-archive" || die "the archive's object store did not start; see $RUN/s3.log"
-export AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
-  AWS_ACCESS_KEY_ID=callcap-local AWS_SECRET_ACCESS_KEY=callcap-local
+# Left running when this script exits (the pipeline stays up): its pid goes to a file.
+start_s3 "$PWD/$RUN/s3" "$S3_PORT" callcap-archive "$RUN/s3.log"
+echo "$S3_PID" > "$RUN/s3.pid"
 export ARCHIVE_URL="s3://callcap-archive/calls"
 
 GATEWAYS=()

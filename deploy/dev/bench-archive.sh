@@ -23,13 +23,8 @@ trap stop_started EXIT
 now() { python3 -c 'import time; print(time.time())'; }
 
 rm -rf "$OUT/s3-archive"; mkdir -p "$OUT/s3-archive"
-start_bg "$OUT/s3-archive.log" "$WEED_BIN" server -dir="$PWD/$OUT/s3-archive" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
-  -filer -s3 -master.port=$((S3_PORT + 1000)) -volume.port=$((S3_PORT + 1001)) -filer.port=$((S3_PORT + 1002)) \
-  -s3.port=$S3_PORT -s3.port.iceberg=0 -s3.port.lance=0 -master.volumeSizeLimitMB=256 -volume.max=20
-for _ in $(seq 1 120); do curl -sf -o /dev/null -X PUT "http://127.0.0.1:$S3_PORT/bench" && break; sleep 0.5; done
-curl -sf -o /dev/null "http://127.0.0.1:$S3_PORT/bench" || die "SeaweedFS did not start on port $S3_PORT (see $OUT/s3-archive.log)"
-export AWS_ENDPOINT_URL="http://127.0.0.1:$S3_PORT" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
-  AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench ARCHIVE_URL="s3://bench/calls-$(date +%s)"
+start_s3 "$PWD/$OUT/s3-archive" "$S3_PORT" bench "$OUT/s3-archive.log" 256
+export ARCHIVE_URL="s3://bench/calls-$(date +%s)"
 
 start_nats single.conf "$NATS_PORT" 0 "$PWD/$OUT/js-archive" "$OUT/nats-archive.log"
 log "filling the stream with $ROWS records"

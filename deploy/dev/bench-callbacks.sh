@@ -33,7 +33,7 @@ echo "$TOKEN" > "$OUT/twilio.token"
 PUBLIC=https://calls.example.test
 URL=$("$B/ingest-gateway" connectors create --company "$COMPANY" --provider twilio \
   --public-url "$PUBLIC" --secret-file "$OUT/twilio.token" | tail -n1)
-sleep 2 # the connector reaches the gateway through its KV watch (within a second)
+wait_connector "$URL" "$GW_URL" # it reaches the gateway through its KV watch
 
 TABLE="$OUT/callbacks.txt"
 {

@@ -10,7 +10,8 @@
 # .run/bench/lanes.txt (BENCHMARKS.md, "Lanes").
 #
 # Settings: BENCH_BURST_SECS (20), BENCH_WORKER_BATCH (200), BENCH_WORKER_IN_FLIGHT (1),
-# BENCH_DBS ("warm fresh"), BENCH_MODES ("one-lane lanes").
+# BENCH_DBS ("warm fresh"), BENCH_MODES ("one-lane lanes"), BENCH_WORKER_BIN_DIR (the
+# persist-worker to measure, e.g. another commit's release build; default this one's).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . deploy/lib.sh
@@ -22,6 +23,7 @@ MODES=${BENCH_MODES:-one-lane lanes}
 OUT=.run/bench
 mkdir -p "$OUT"
 bench_prepare
+WB=${BENCH_WORKER_BIN_DIR:-$B}
 NATS_PORT=24322 NATS_MONITOR_PORT=24323 GATEWAY_PORT=18181
 export NATS_URL="nats://127.0.0.1:$NATS_PORT"
 BENCH_DB_URL=$(with_database "$DATABASE_URL" callcap_bench_lanes)
@@ -49,7 +51,7 @@ for DB in $DBS; do
     start_nats single.conf "$NATS_PORT" "$NATS_MONITOR_PORT" "$PWD/$OUT/js-lanes" "$OUT/nats-lanes.log"
     if [ "$MODE" = one-lane ]; then RATE=0; else RATE=1000; fi
     start_gateway "$B" "$GATEWAY_PORT" "$OUT/gateway-lanes.log" OVERFLOW_RATE="$RATE"
-    start_worker "$B" 19191 "$BENCH_DB_URL" "$OUT/worker-lanes.log" NO_MIGRATE=true \
+    start_worker "$WB" 19191 "$BENCH_DB_URL" "$OUT/worker-lanes.log" NO_MIGRATE=true \
       BATCH_SIZE="$WBATCH" BATCHES_IN_FLIGHT="$WINFLIGHT"
     HOT=$(python3 -c 'import uuid; print(uuid.uuid4())')
     QUIET=$(python3 -c 'import uuid; print(uuid.uuid4())')

@@ -8,7 +8,8 @@
 # `partitions::on_a_cluster_a_killed_leader_stops_only_its_partitions_companies`).
 # Results on stdout and in .run/bench/partitions.txt (BENCHMARKS.md, "Partitions").
 #
-# Settings: BENCH_SECS (15), BENCH_PARTITIONS ("1 3").
+# Settings: BENCH_SECS (15), BENCH_PARTITIONS ("1 3"), BENCH_WORKER_BIN_DIR (the
+# persist-worker to measure, e.g. another commit's release build; default this one's).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . deploy/lib.sh
@@ -17,6 +18,7 @@ COUNTS=${BENCH_PARTITIONS:-1 3}
 OUT=.run/bench
 mkdir -p "$OUT"
 bench_prepare
+WB=${BENCH_WORKER_BIN_DIR:-$B}
 NATS_PORT=24422 MON=24432 ROUTE=24442 GATEWAY_PORT=18281
 export NATS_URL="nats://127.0.0.1:$NATS_PORT,nats://127.0.0.1:$((NATS_PORT + 1)),nats://127.0.0.1:$((NATS_PORT + 2))"
 export STREAM_REPLICAS=3
@@ -60,7 +62,7 @@ for P in $COUNTS; do
   echo "$SET" >> "$OUT/partitions-raw.txt"
   LEADERS=$(sed -n 's/^\(CALLS[_A-Z0-9]*\) led by \(n[0-9]\).*/\2/p' <<< "$SET" | paste -sd, -)
   start_gateway "$B" "$GATEWAY_PORT" "$OUT/gateway-part.log"
-  start_worker "$B" 19291 "$BENCH_DB_URL" "$OUT/worker-part.log" NO_MIGRATE=true
+  start_worker "$WB" 19291 "$BENCH_DB_URL" "$OUT/worker-part.log" NO_MIGRATE=true
   E2E_PIDS=()
   KEYS=()
   for c in $(seq 1 16); do

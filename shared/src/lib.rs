@@ -7,6 +7,7 @@
 //! - [`subjects`]: stream, subject, consumer and bucket names and definitions;
 //! - [`config`]: settings both binaries read from one environment;
 //! - [`examples`]: the API document's example records;
+//! - [`partitions`]: the partition layout (which stream a company's records go to);
 //! - [`phone`]: reading written phone numbers (connectors' E.164, erasure's matching);
 //! - [`recent`]: figures over the last minute and the status pages' HTML frame;
 //! - [`shutdown`]: one shutdown for every task of a process (SIGTERM, SIGINT);

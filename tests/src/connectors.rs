@@ -14,9 +14,9 @@ use uuid::Uuid;
 
 use crate::eventually;
 use crate::nats::stream_messages;
-use crate::pipeline::{admin_command_env, test_run_args};
+use crate::pipeline::admin_command_env;
 use crate::providers::{send, Signed};
-use crate::stack::Pipeline;
+use crate::stack::{Pipeline, Stack};
 
 /// The URL the providers call, as given to `connectors create`: not the gateway's own
 /// address, which the tests send to (as a load balancer would forward).
@@ -42,8 +42,7 @@ pub struct Connectors {
     pub p: Pipeline,
     /// The gateway binary the `connectors` commands run (the test crate's).
     bin: String,
-    pub dir: tempfile::TempDir,
-    /// `CONNECTOR_SECRETS_KEY_FILE`.
+    /// `CONNECTOR_SECRETS_KEY_FILE` (in the stack's dir, `p.dir`).
     pub key_file: PathBuf,
     /// The company whose calls the connectors carry.
     pub company: Uuid,
@@ -52,25 +51,14 @@ pub struct Connectors {
 }
 
 impl Connectors {
-    /// A pipeline (gateway `serve` settings as given, less the secrets key this adds) and
-    /// a fresh company for the connectors; `bin` is the gateway binary.
+    /// A pipeline (gateway `serve` settings as given, plus the stack's connector secrets
+    /// key) and a fresh company for the connectors; `bin` is the gateway binary.
     pub async fn start_with(bin: &str, serve: ServeArgs) -> Self {
-        let dir = tempfile::tempdir().expect("a temp dir");
-        let key_file = dir.path().join("connector-secrets.key");
-        std::fs::write(
-            &key_file,
-            ingest_gateway::connectors::seal::SecretsKey::generate().expect("a secrets key"),
-        )
-        .expect("writing the secrets key");
-        let serve = ServeArgs {
-            connector_secrets_key_file: Some(key_file.clone()),
-            ..serve
-        };
-        let p = Pipeline::start_with(serve, test_run_args()).await;
+        let p = Stack::new().serve(serve).connectors().pipeline().await;
+        let key_file = p.secrets_key.clone().expect("the stack made a secrets key");
         Connectors {
             p,
             bin: bin.to_owned(),
-            dir,
             key_file,
             company: Uuid::new_v4(),
             other_sent: Vec::new(),
@@ -126,6 +114,7 @@ impl Connectors {
     ) -> (String, String) {
         let company = company.to_string();
         let secret_path = self
+            .p
             .dir
             .path()
             .join(format!("{provider}-{}.secret", Uuid::new_v4()));

@@ -96,3 +96,34 @@ pub async fn closed_within(
         }
     }
 }
+
+/// GETs `url`: status and body text (panics when nothing answers: the caller expects a
+/// server there; poll with [`try_get`] while one may be starting).
+pub async fn get(url: &str) -> (reqwest::StatusCode, String) {
+    try_get(url)
+        .await
+        .unwrap_or_else(|| panic!("nothing answered GET {url}"))
+}
+
+/// GETs `url`: status and body text, or `None` when nothing answers (yet).
+pub async fn try_get(url: &str) -> Option<(reqwest::StatusCode, String)> {
+    let resp = reqwest::get(url).await.ok()?;
+    let status = resp.status();
+    Some((status, resp.text().await.ok()?))
+}
+
+/// `http://127.0.0.1:PORT/PATH` of a process's ops or HTTP port, as [`get`].
+pub async fn get_port(port: u16, path: &str) -> (reqwest::StatusCode, String) {
+    get(&format!("http://127.0.0.1:{port}{path}")).await
+}
+
+/// The sum of the samples of `name` in a Prometheus text page (every label set), or
+/// `None` when it has none.
+pub fn metric_sum(page: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = page
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}

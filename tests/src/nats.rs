@@ -212,6 +212,11 @@ impl NatsServer {
         format!("http://127.0.0.1:{}", self.monitor_port)
     }
 
+    /// Whether the process was started (and not stopped or killed since).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// The port (stable across restarts).
     pub fn port(&self) -> u16 {
         self.port

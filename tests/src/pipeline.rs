@@ -115,6 +115,19 @@ impl TestGateway {
         .await;
     }
 
+    /// GETs `path` (`/readyz`, `/status`, `/openapi.json`): status and body text.
+    pub async fn get(&self, path: &str) -> (StatusCode, String) {
+        crate::get(&format!("{}{path}", self.base())).await
+    }
+
+    /// GETs `path` and reads its JSON body (`/readyz`, `/openapi.json`).
+    pub async fn get_json(&self, path: &str) -> (StatusCode, Value) {
+        let (status, body) = self.get(path).await;
+        let json = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {body}"));
+        (status, json)
+    }
+
     /// POSTs JSON to `path` with `key`; returns status, headers and JSON body.
     pub async fn post(
         &self,
@@ -239,6 +252,11 @@ impl TestWorker {
     /// `http://` its ops address.
     pub fn ops_base(&self) -> String {
         format!("http://{}", self.ops)
+    }
+
+    /// GETs `path` of its ops endpoints (`/readyz`, `/metrics`, `/`): status and body.
+    pub async fn get(&self, path: &str) -> (StatusCode, String) {
+        crate::get(&format!("{}{path}", self.ops_base())).await
     }
 
     /// SIGTERM-equivalent: finish the batch in hand and exit.

@@ -227,3 +227,7 @@ fn params(
     }
     Ok(params)
 }
+
+#[cfg(test)]
+#[path = "../callbacks_tests.rs"]
+mod tests;

@@ -169,7 +169,9 @@ mod tests {
         // Another key: refused, and the message names both fingerprints.
         let other = SecretsKey::from_base64(&SecretsKey::generate().unwrap()).unwrap();
         let e = other.open(&sealed, "c1|company|twilio").unwrap_err();
-        assert!(e.to_string().contains(key.fingerprint()), "{e}");
+        // What the operator reads: the whole chain, as logged.
+        let logged = format!("{e:#}");
+        assert!(logged.contains(key.fingerprint()), "{logged}");
         // Altered ciphertext: refused.
         let mut bytes = B64.decode(&sealed.data).unwrap();
         bytes[0] ^= 1;

@@ -11,9 +11,9 @@ use std::time::Duration;
 use async_nats::jetstream;
 use callcap_tests::db::TestDb;
 use callcap_tests::eventually;
-use callcap_tests::nats::NatsServer;
-use callcap_tests::pipeline::{admin_command_env, post_many, Process, TestGateway, TestWorker};
+use callcap_tests::pipeline::{admin_command_env, post_many, Process};
 use callcap_tests::s3::S3Server;
+use callcap_tests::stack::{Pipeline, Stack, Stored};
 use persist_worker::archive::{Archive, ObjectRef};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -101,18 +101,8 @@ async fn archived_ids(archive: &Archive) -> Vec<Uuid> {
 
 /// A gauge or counter from `/metrics` (summed over its series matching `label`).
 async fn metric(port: u16, name: &str) -> Option<f64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    let values: Vec<f64> = text
-        .lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
-    (!values.is_empty()).then(|| values.iter().sum())
+    let (_, page) = callcap_tests::try_get(&format!("http://127.0.0.1:{port}/metrics")).await?;
+    callcap_tests::metric_sum(&page, name)
 }
 
 async fn replay_from_archive(s3: &S3Server, nats_url: &str, db: &TestDb, extra: &[&str]) -> String {
@@ -141,13 +131,18 @@ async fn replay_from_archive(s3: &S3Server, nats_url: &str, db: &TestDb, extra: 
 #[tokio::test]
 async fn every_record_is_archived_once_across_crashes_and_the_archive_rebuilds_the_database() {
     let s3 = S3Server::start().await;
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let worker = TestWorker::start(&nats.url(), &db.url).await;
     // Two companies: the archive and the replay treat both.
-    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    let (key_a, key_b) = (gw.create_key(a).await, gw.create_key(b).await);
+    let Pipeline {
+        nats,
+        db,
+        gw,
+        worker,
+        company: a,
+        key: key_a,
+        others,
+        ..
+    } = Stack::new().companies(2).pipeline().await;
+    let (b, key_b) = others[0].pair();
     let dir = tempfile::tempdir().unwrap();
     let archive = s3.archive("calls");
     let urls = (nats.url(), db.url.clone());
@@ -278,19 +273,29 @@ async fn every_record_is_archived_once_across_crashes_and_the_archive_rebuilds_t
 #[tokio::test]
 async fn with_the_object_store_down_the_stream_keeps_everything_and_the_archiver_catches_up() {
     let mut s3 = S3Server::start().await;
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
     // A one-minute stream: the archiver falling half a window behind is what the alert
     // (CallcapArchiveBehind) looks for.
-    let mut cli = callcap_tests::pipeline::gateway_cli(&nats.url(), Default::default());
-    cli.stream.stream_max_age_secs = 60;
-    cli.stream.stream_duplicate_window_secs = 30;
-    let gw = TestGateway::start_cli(cli).await;
+    let Stored {
+        nats,
+        db,
+        gw,
+        company: a,
+        key: key_a,
+        others,
+        workers,
+        ..
+    } = Stack::new()
+        .companies(2)
+        .gateway_cli(|cli| {
+            cli.stream.stream_max_age_secs = 60;
+            cli.stream.stream_duplicate_window_secs = 30;
+        })
+        .stored()
+        .await;
+    let (b, key_b) = others[0].pair();
     // The worker as its own process: its status page shows the archive's position.
     let worker_port = callcap_tests::free_port();
-    let mut worker = Process::worker(crate::WORKER_BIN, &nats.url(), &db.url, worker_port, &[]);
-    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    let (key_a, key_b) = (gw.create_key(a).await, gw.create_key(b).await);
+    let mut worker = workers.process(crate::WORKER_BIN, worker_port, &[]);
     let dir = tempfile::tempdir().unwrap();
     let archive = s3.archive("calls");
     let port = callcap_tests::free_port();
@@ -325,11 +330,9 @@ async fn with_the_object_store_down_the_stream_keeps_everything_and_the_archiver
         || async { (metric(port, "archive_errors_total").await? > 0.0).then_some(()) },
     )
     .await;
-    let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
-    assert!(ready.text().await.unwrap().contains("failing"));
+    let (status, ready) = callcap_tests::get_port(port, "/readyz").await;
+    assert_eq!(status, reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(ready.contains("failing"), "{ready}");
     // The alert's expression: oldest unarchived age over half the stream's age limit.
     eventually(
         Duration::from_secs(45),
@@ -353,16 +356,9 @@ async fn with_the_object_store_down_the_stream_keeps_everything_and_the_archiver
     assert_eq!(ids.len(), 80);
     assert_eq!(ids.into_iter().collect::<BTreeSet<_>>(), posted);
     tiled(&archive, 80).await;
-    let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), reqwest::StatusCode::OK);
-    let page = reqwest::get(format!("http://127.0.0.1:{worker_port}/"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (status, _) = callcap_tests::get_port(port, "/readyz").await;
+    assert_eq!(status, reqwest::StatusCode::OK);
+    let (_, page) = callcap_tests::get_port(worker_port, "/").await;
     assert!(page.contains(r#"id="archived-CALLS">80<"#), "{page}");
     arch.terminate();
     worker.terminate();
@@ -390,31 +386,24 @@ async fn archived_with(archive: &Archive, company: Uuid, digits: &str) -> usize 
 
 #[tokio::test]
 async fn an_erasure_rewrites_archived_objects_and_the_archiver_leaves_erased_records_out() {
-    use base64::Engine as _;
     const ERASED: &str = "+919876500001";
     const KEPT: &str = "+919876500002";
     let s3 = S3Server::start().await;
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("erasure.key");
-    let bytes: [u8; 32] = rand::random();
-    std::fs::write(
-        &key,
-        base64::engine::general_purpose::STANDARD.encode(bytes),
-    )
-    .unwrap();
+    let Pipeline {
+        nats,
+        db,
+        gw,
+        worker,
+        company: a,
+        key: key_a,
+        others,
+        dir,
+        erasure_key,
+        ..
+    } = Stack::new().erasure_key().companies(2).pipeline().await;
+    let (b, key_b) = others[0].pair();
+    let key = erasure_key.expect("the stack's erasure key");
     let key_env = ("ERASURE_KEY_FILE", key.display().to_string());
-    let gw = TestGateway::start(&nats.url()).await;
-    let mut cli = callcap_tests::pipeline::worker_cli(
-        &nats.url(),
-        &db.url,
-        callcap_tests::pipeline::test_run_args(),
-    );
-    cli.privacy.erasure_key_file = Some(key.clone());
-    let worker = TestWorker::start_cli(cli).await;
-    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    let (key_a, key_b) = (gw.create_key(a).await, gw.create_key(b).await);
     let logs = dir.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
     let port = callcap_tests::free_port();
@@ -538,10 +527,13 @@ async fn archived_ids_everywhere(archive: &Archive) -> Vec<Uuid> {
 #[tokio::test]
 async fn a_partition_layout_change_is_archived_whole_and_replayed_from_every_stream() {
     let s3 = S3Server::start().await;
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let worker = TestWorker::start(&nats.url(), &db.url).await;
+    let Pipeline {
+        nats,
+        db,
+        gw,
+        worker,
+        ..
+    } = Pipeline::start().await;
     // Two companies in each of the two partitions the layout change makes.
     let mut companies = Vec::new();
     for index in [0, 0, 1, 1] {
@@ -628,28 +620,19 @@ async fn replay_from_archive_outcome(
 /// which, and an erasure stays incomplete with the reason); decompression is bounded.
 #[tokio::test]
 async fn a_forged_or_broken_archive_object_is_reported_and_the_others_read() {
-    use base64::Engine as _;
     let s3 = S3Server::start().await;
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("erasure.key");
-    let bytes: [u8; 32] = rand::random();
-    std::fs::write(
-        &key,
-        base64::engine::general_purpose::STANDARD.encode(bytes),
-    )
-    .unwrap();
-    let gw = TestGateway::start(&nats.url()).await;
-    let mut cli = callcap_tests::pipeline::worker_cli(
-        &nats.url(),
-        &db.url,
-        callcap_tests::pipeline::test_run_args(),
-    );
-    cli.privacy.erasure_key_file = Some(key.clone());
-    let worker = TestWorker::start_cli(cli).await;
-    let a = Uuid::new_v4();
-    let key_a = gw.create_key(a).await;
+    let Pipeline {
+        nats,
+        db,
+        gw,
+        worker,
+        company: a,
+        key: key_a,
+        dir,
+        erasure_key,
+        ..
+    } = Stack::new().erasure_key().pipeline().await;
+    let key = erasure_key.expect("the stack's erasure key");
     let archive = s3.archive("calls");
     let logs = dir.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();

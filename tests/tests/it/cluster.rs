@@ -10,7 +10,8 @@ use callcap::subjects::STREAM_NAME;
 use callcap_tests::cluster::{wait_stream_copies, NatsCluster};
 use callcap_tests::db::TestDb;
 use callcap_tests::load::{Load, Seen};
-use callcap_tests::pipeline::{gateway_cli, Process, TestGateway, TestWorker};
+use callcap_tests::pipeline::{gateway_cli, Process, TestGateway};
+use callcap_tests::stack::{Backend, Stack};
 use ingest_gateway::config::ServeArgs;
 use uuid::Uuid;
 
@@ -45,12 +46,16 @@ impl Scenario {
     /// A cluster (routes cuttable when asked), R3 everything, and one gateway per entry
     /// of `gateway_seeds` (indexes of the nodes it is given; empty = all three).
     async fn start(cuttable: bool, serve: ServeArgs, gateway_seeds: &[&[usize]]) -> Self {
-        let cluster = if cuttable {
-            NatsCluster::start_with_cuttable_routes().await
-        } else {
-            NatsCluster::start().await
-        };
-        let db = TestDb::create().await;
+        // The gateways are the scenario's own (one seed list each), so the stack gives
+        // the cluster, the database, the company's key and the workers.
+        let Backend {
+            nats: cluster,
+            db,
+            company,
+            key,
+            workers,
+            ..
+        } = Stack::new().cluster(cuttable).backend().await;
         let mut gateways = Vec::new();
         for seeds in gateway_seeds {
             let url = if seeds.is_empty() {
@@ -69,16 +74,13 @@ impl Scenario {
             };
             gateways.push(Arc::new(TestGateway::start_cli(cli).await));
         }
-        let company = Uuid::new_v4();
-        let key = gateways[0].create_key(company).await;
-        for gw in &gateways[1..] {
+        for gw in &gateways {
             gw.wait_for_key(&key).await;
         }
         let workers = (0..2)
             .map(|_| {
                 let port = callcap_tests::free_port();
-                let w = Process::worker(crate::WORKER_BIN, &cluster.seeds(), &db.url, port, &[]);
-                (w, port)
+                (workers.process(crate::WORKER_BIN, port, &[]), port)
             })
             .collect();
         Scenario {
@@ -158,14 +160,11 @@ impl Scenario {
 
 /// A counter from a worker's `/metrics` (0 when it has not been touched).
 async fn worker_counter(port: u16, name: &str) -> u64 {
-    let Ok(resp) = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await else {
+    let Some((_, page)) = callcap_tests::try_get(&format!("http://127.0.0.1:{port}/metrics")).await
+    else {
         return 0;
     };
-    let text = resp.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    callcap_tests::metric_sum(&page, name).unwrap_or(0.0) as u64
 }
 
 #[tokio::test]
@@ -308,20 +307,24 @@ async fn two_of_three_nodes_down_means_503_never_201_then_recovery() {
 async fn stream_replicas_is_applied_by_setup_to_the_stream_the_key_bucket_and_the_consumer() {
     use callcap::subjects::{CONSUMER_NAME, KEYS_BUCKET_STREAM};
     use callcap_tests::cluster::wait_consumer_copies;
-    let cluster = NatsCluster::start().await;
+    // No key made by the stack: the first gateway creates the key bucket.
+    let Backend {
+        nats: cluster,
+        workers,
+        ..
+    } = Stack::new().cluster(false).companies(0).backend().await;
     let seeds = cluster.seeds();
     let gateway_with = |replicas: Option<u8>| {
         let mut cli = gateway_cli(&seeds, ServeArgs::default());
         cli.stream.stream_replicas = replicas;
         cli
     };
-    let db = TestDb::create().await;
 
     // Asked for 1: the stream and the bucket get 1, and the worker's consumer follows.
     let _first = ingest_gateway::connect(&gateway_with(Some(1)), None)
         .await
         .expect("a gateway with STREAM_REPLICAS=1");
-    let worker = TestWorker::start(&seeds, &db.url).await;
+    let worker = workers.start().await;
     wait_stream_copies(&seeds, STREAM_NAME, 1).await;
     wait_stream_copies(&seeds, KEYS_BUCKET_STREAM, 1).await;
     wait_consumer_copies(&seeds, STREAM_NAME, CONSUMER_NAME, 1).await;
@@ -358,7 +361,7 @@ async fn stream_replicas_is_applied_by_setup_to_the_stream_the_key_bucket_and_th
 #[tokio::test]
 async fn a_new_stream_on_a_cluster_gets_three_replicas_without_being_told() {
     use callcap::subjects::KEYS_BUCKET_STREAM;
-    let cluster = NatsCluster::start().await;
+    let Backend { nats: cluster, .. } = Stack::new().cluster(false).companies(0).backend().await;
     let seeds = cluster.seeds();
     let _gw = ingest_gateway::connect(&gateway_cli(&seeds, ServeArgs::default()), None)
         .await
@@ -369,7 +372,12 @@ async fn a_new_stream_on_a_cluster_gets_three_replicas_without_being_told() {
 
 #[tokio::test]
 async fn more_than_one_replica_on_a_single_server_is_refused_at_once_saying_why() {
-    let nats = callcap_tests::nats::NatsServer::start().await;
+    let Backend {
+        nats,
+        db: _db,
+        workers,
+        ..
+    } = Stack::new().companies(0).backend().await;
     let mut cli = gateway_cli(&nats.url(), ServeArgs::default());
     cli.stream.stream_replicas = Some(3);
     // Refused at once: a setting retrying cannot fix must not look like a slow start.
@@ -386,12 +394,7 @@ async fn more_than_one_replica_on_a_single_server_is_refused_at_once_saying_why(
     );
 
     // The worker, finding no stream, refuses the same way.
-    let db = TestDb::create().await;
-    let mut wcli = callcap_tests::pipeline::worker_cli(
-        &nats.url(),
-        &db.url,
-        callcap_tests::pipeline::test_run_args(),
-    );
+    let mut wcli = workers.cli();
     wcli.stream.stream_replicas = Some(3);
     let refused = tokio::time::timeout(
         Duration::from_secs(30),

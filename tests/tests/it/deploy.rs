@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use callcap_tests::nats::NatsServer;
 use callcap_tests::pipeline::Process;
+use callcap_tests::stack::{Backend, Stack};
 use serde_yaml::Value;
 
 fn repo() -> PathBuf {
@@ -479,11 +479,17 @@ fn every_dashboard_query_is_valid_promql() {
 
 #[tokio::test]
 async fn every_metric_the_alerts_and_dashboard_use_is_exported() {
-    let nats = NatsServer::start().await;
-    let db = callcap_tests::db::TestDb::create().await;
+    let Backend {
+        nats,
+        db,
+        company,
+        key,
+        workers,
+        ..
+    } = Stack::new().backend().await;
     let (gw_port, worker_port) = (callcap_tests::free_port(), callcap_tests::free_port());
     let _gw = Process::gateway(crate::GATEWAY_BIN, &nats.url(), gw_port, &[]);
-    let _worker = Process::worker(crate::WORKER_BIN, &nats.url(), &db.url, worker_port, &[]);
+    let _worker = workers.process(crate::WORKER_BIN, worker_port, &[]);
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{gw_port}");
     callcap_tests::eventually(
@@ -501,8 +507,6 @@ async fn every_metric_the_alerts_and_dashboard_use_is_exported() {
     )
     .await;
     // Some traffic, so every series exists: a 201 and a stored row.
-    let company = uuid::Uuid::new_v4();
-    let key = callcap_tests::pipeline::create_key(&nats.url(), company).await;
     callcap_tests::eventually(Duration::from_secs(10), "a 201", || async {
         let r = http
             .post(format!("{base}/v1/calls"))

@@ -2,14 +2,11 @@
 //! refused with 415 naming the accepted ones; the size limits apply to the decompressed
 //! bytes, so a decompression bomb gets 413; big answers compressed on request.
 
-use callcap_tests::nats::NatsServer;
 use callcap_tests::payloads::{self, compress};
 use callcap_tests::pipeline::TestGateway;
 use callcap_tests::stack::Edge;
-use ingest_gateway::config::ServeArgs;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use uuid::Uuid;
 
 async fn post_raw(
     gw: &TestGateway,
@@ -39,6 +36,7 @@ async fn compressed_bodies_are_accepted_bounded_and_refused_when_unknown() {
         gw,
         company,
         key,
+        ..
     } = Edge::start().await;
 
     let mut sent = 0;
@@ -102,10 +100,13 @@ async fn compressed_bodies_are_accepted_bounded_and_refused_when_unknown() {
 
 #[tokio::test]
 async fn a_decompression_bomb_gets_413_and_large_answers_are_compressed_on_request() {
-    let nats = NatsServer::start().await;
-    let gw = TestGateway::start_with(&nats.url(), ServeArgs::default()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Edge {
+        nats: _nats,
+        gw,
+        company,
+        key,
+        ..
+    } = Edge::start().await;
     // 256 MiB of one repeated record's worth of spaces: ~250 KiB of gzip, ~8 KiB of zstd.
     let mut bomb = br#"{"company_id":""#.to_vec();
     bomb.extend(company.to_string().as_bytes());

@@ -15,11 +15,10 @@ use callcap::subjects::{ingest_subject, Lane};
 use callcap::{CallRecord, Envelope};
 use callcap_tests::db::TestDb;
 use callcap_tests::eventually;
-use callcap_tests::nats::{stream_messages, stream_payloads_of, NatsConfig, NatsServer};
-use callcap_tests::pipeline::{
-    admin_command_env, test_run_args, worker_cli, Process, TestGateway, TestWorker,
-};
+use callcap_tests::nats::{stream_messages, stream_payloads_of, NatsConfig};
+use callcap_tests::pipeline::{admin_command_env, Process, TestGateway};
 use callcap_tests::powerfs::PowerFs;
+use callcap_tests::stack::{Backend, Pipeline, Stack, Stored};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -30,18 +29,6 @@ const ERASED: &str = "+919876500001";
 const ERASED_DIGITS: &str = "9876500001";
 /// Another number of the same company, kept.
 const KEPT: &str = "+919876500002";
-
-fn key_file(dir: &std::path::Path) -> std::path::PathBuf {
-    use base64::Engine as _;
-    let path = dir.join("erasure.key");
-    let bytes: [u8; 32] = rand::random();
-    std::fs::write(
-        &path,
-        base64::engine::general_purpose::STANDARD.encode(bytes),
-    )
-    .unwrap();
-    path
-}
 
 fn call(company: Uuid, ext: &str, number: &str) -> Value {
     json!({
@@ -120,13 +107,6 @@ pub(crate) async fn drained(nats_url: &str) {
     .await;
 }
 
-/// A worker in this process hashing with the erasure key in `key`.
-async fn keyed_worker(nats: &NatsServer, db: &TestDb, key: &std::path::Path) -> TestWorker {
-    let mut cli = worker_cli(&nats.url(), &db.url, test_run_args());
-    cli.privacy.erasure_key_file = Some(key.to_owned());
-    TestWorker::start_cli(cli).await
-}
-
 /// The policy `replay` and `dlq redrive` apply with the erasure key in `key`.
 fn policy_with(key: &std::path::Path) -> persist_worker::privacy::Policy {
     persist_worker::privacy::Policy {
@@ -183,23 +163,24 @@ async fn erase(nats_url: &str, db: &TestDb, key: &std::path::Path, args: &[&str]
 
 #[tokio::test]
 async fn erased_data_is_nowhere_and_no_path_brings_it_back() {
-    let mut nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let gw = Arc::new(TestGateway::start(&nats.url()).await);
-    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    let (key_a, key_b) = (gw.create_key(a).await, gw.create_key(b).await);
+    let Stored {
+        mut nats,
+        db,
+        gw,
+        company: a,
+        key: key_a,
+        others,
+        dir,
+        erasure_key,
+        workers,
+        ..
+    } = Stack::new().erasure_key().companies(2).stored().await;
+    let key = erasure_key.expect("the stack's erasure key");
+    let (b, key_b) = others[0].pair();
+    let gw = Arc::new(gw);
     let ops_port = callcap_tests::free_port();
     let log = dir.path().join("worker.log");
-    let mut worker = Process::worker_logged(
-        crate::WORKER_BIN,
-        &nats.url(),
-        &db.url,
-        ops_port,
-        &[("ERASURE_KEY_FILE", key.display().to_string())],
-        &log,
-    );
+    let mut worker = workers.process_logged(crate::WORKER_BIN, ops_port, &[], &log);
 
     // Company A: 20 calls with the number to erase, 20 with another; company B: 10 with
     // the same number (another company's data, not erased).
@@ -364,12 +345,7 @@ async fn erased_data_is_nowhere_and_no_path_brings_it_back() {
     );
 
     // Counts on the status page, never the number; nor in the worker's log.
-    let page = reqwest::get(format!("http://127.0.0.1:{ops_port}/"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, page) = callcap_tests::get_port(ops_port, "/").await;
     let erased_rows = page
         .split("id=\"privacy-rows_erased\">")
         .nth(1)
@@ -394,13 +370,18 @@ async fn erased_data_is_nowhere_and_no_path_brings_it_back() {
 /// exist: it holds them until given the key, rather than storing erased data.
 #[tokio::test]
 async fn a_worker_without_the_key_holds_records_of_a_company_with_erasures() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let gw = TestGateway::start(&nats.url()).await;
-    let a = Uuid::new_v4();
-    let key_a = gw.create_key(a).await;
+    let Stored {
+        nats,
+        db,
+        gw,
+        company: a,
+        key: key_a,
+        dir: _dir,
+        erasure_key,
+        workers,
+        ..
+    } = Stack::new().erasure_key().stored().await;
+    let key = erasure_key.expect("the stack's erasure key");
     // Nothing stored yet: erase says so, and that another written form is another erasure.
     let printed = erase(
         &nats.url(),
@@ -411,7 +392,9 @@ async fn a_worker_without_the_key_holds_records_of_a_company_with_erasures() {
     .await;
     assert!(printed.contains("nothing stored matched"), "{printed}");
     assert!(printed.contains("not matched: domestic forms"), "{printed}");
-    let keyless = TestWorker::start(&nats.url(), &db.url).await;
+    let keyless = workers
+        .start_edited(|cli| cli.privacy.erasure_key_file = None)
+        .await;
     assert_eq!(
         gw.post_call(&key_a, &call(a, "E-1", ERASED)).await.0,
         StatusCode::CREATED
@@ -423,7 +406,7 @@ async fn a_worker_without_the_key_holds_records_of_a_company_with_erasures() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(db.count_calls().await, 0, "held, not stored");
     keyless.stop().await;
-    let worker = keyed_worker(&nats, &db, &key).await;
+    let worker = workers.start().await;
     drained(&nats.url()).await;
     assert_eq!(rows_with(&db, a, ERASED).await, 0);
     assert_eq!(rows_with(&db, a, KEPT).await, 1);
@@ -436,15 +419,24 @@ async fn a_worker_without_the_key_holds_records_of_a_company_with_erasures() {
 async fn an_erasure_survives_a_power_cut_under_the_broker() {
     let mount = tempfile::tempdir().unwrap();
     let fs = PowerFs::mount(mount.path());
-    let mut nats =
-        NatsServer::start_with(NatsConfig::Strict, Some(&mount.path().join("jetstream"))).await;
-    let db = TestDb::create().await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let gw = TestGateway::start(&nats.url()).await;
-    let a = Uuid::new_v4();
-    let key_a = gw.create_key(a).await;
-    let worker = keyed_worker(&nats, &db, &key).await;
+    let Stored {
+        mut nats,
+        db,
+        gw,
+        company: a,
+        key: key_a,
+        dir: _dir,
+        erasure_key,
+        workers,
+        ..
+    } = Stack::new()
+        .nats(NatsConfig::Strict)
+        .store_dir(&mount.path().join("jetstream"))
+        .erasure_key()
+        .stored()
+        .await;
+    let key = erasure_key.expect("the stack's erasure key");
+    let worker = workers.start().await;
     post_both(&gw, &key_a, a, 0..30).await;
     drained(&nats.url()).await;
     let before: BTreeSet<u64> = stream_messages(&nats.url())
@@ -507,12 +499,18 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 /// of the stream does not bring the old ones back.
 #[tokio::test]
 async fn retention_deletes_old_calls_and_replay_does_not_restore_them() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    let (key_a, key_b) = (gw.create_key(a).await, gw.create_key(b).await);
-    let worker = TestWorker::start(&nats.url(), &db.url).await;
+    let Pipeline {
+        nats,
+        db,
+        gw,
+        company: a,
+        key: key_a,
+        others,
+        worker,
+        workers,
+        ..
+    } = Stack::new().companies(2).pipeline().await;
+    let (b, key_b) = others[0].pair();
     let old = (chrono::Utc::now() - chrono::Duration::days(40)).to_rfc3339();
     for i in 0..15 {
         for (c, k) in [(a, &key_a), (b, &key_b)] {
@@ -549,9 +547,9 @@ async fn retention_deletes_old_calls_and_replay_does_not_restore_them() {
             .await
             .unwrap();
     }
-    let mut cli = worker_cli(&nats.url(), &db.url, test_run_args());
-    cli.privacy.retention_days = Some(30);
-    let worker = TestWorker::start_cli(cli).await;
+    let worker = workers
+        .start_edited(|cli| cli.privacy.retention_days = Some(30))
+        .await;
     eventually(
         Duration::from_secs(20),
         "retention to delete the old calls",
@@ -602,14 +600,19 @@ async fn retention_deletes_old_calls_and_replay_does_not_restore_them() {
 /// replay of the sealed stream stores none of them.
 #[tokio::test]
 async fn matching_messages_in_a_sealed_stream_are_reported_and_never_stored_again() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let gw = TestGateway::start(&nats.url()).await;
-    let a = Uuid::new_v4();
-    let key_a = gw.create_key(a).await;
-    let worker = keyed_worker(&nats, &db, &key).await;
+    let Stored {
+        nats,
+        db,
+        gw,
+        company: a,
+        key: key_a,
+        dir: _dir,
+        erasure_key,
+        workers,
+        ..
+    } = Stack::new().erasure_key().stored().await;
+    let key = erasure_key.expect("the stack's erasure key");
+    let worker = workers.start().await;
     post_both(&gw, &key_a, a, 0..5).await;
     drained(&nats.url()).await;
     crate::partitions::partitions_command(&nats.url(), &["set", "2", "--no-wait"]).await;
@@ -643,14 +646,22 @@ async fn matching_messages_in_a_sealed_stream_are_reported_and_never_stored_agai
 /// found by hashing theirs.
 #[tokio::test]
 async fn an_interrupted_erasure_is_completed_by_resume_from_its_hash_alone() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let gw = TestGateway::start(&nats.url()).await;
-    let a = Uuid::new_v4();
-    let key_a = gw.create_key(a).await;
-    let worker = TestWorker::start(&nats.url(), &db.url).await;
+    let Stored {
+        nats,
+        db,
+        gw,
+        company: a,
+        key: key_a,
+        dir: _dir,
+        erasure_key,
+        workers,
+        ..
+    } = Stack::new().erasure_key().stored().await;
+    let key = erasure_key.expect("the stack's erasure key");
+    // Before any erasure: a worker without the key stores everything.
+    let worker = workers
+        .start_edited(|cli| cli.privacy.erasure_key_file = None)
+        .await;
     let lead = Uuid::new_v4();
     for i in 0..6 {
         let mut body = call(a, &format!("L-{i}"), KEPT);
@@ -737,14 +748,21 @@ async fn erase_outcome(
 /// other company's, and say why on `/readyz` (503) and in the log.
 #[tokio::test]
 async fn a_worker_that_cannot_check_erasures_holds_only_that_companys_records_and_says_so() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let other_key = key_file(&dir.path().join("other").tap_mkdir());
-    let gw = TestGateway::start(&nats.url()).await;
-    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    let (key_a, key_b) = (gw.create_key(a).await, gw.create_key(b).await);
+    let Stored {
+        nats,
+        db,
+        gw,
+        company: a,
+        key: key_a,
+        others,
+        dir,
+        erasure_key,
+        workers,
+        ..
+    } = Stack::new().erasure_key().companies(2).stored().await;
+    let key = erasure_key.expect("the stack's erasure key");
+    let (b, key_b) = others[0].pair();
+    let other_key = callcap_tests::stack::write_erasure_key(&dir.path().join("other"));
     erase(
         &nats.url(),
         &db,
@@ -806,14 +824,8 @@ async fn a_worker_that_cannot_check_erasures_holds_only_that_companys_records_an
             0,
             "{label}: held, not stored"
         );
-        let http = reqwest::Client::new();
-        let ready = http
-            .get(format!("http://127.0.0.1:{port}/readyz"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE, "{label}");
-        let said = ready.text().await.unwrap();
+        let (status, said) = callcap_tests::get_port(port, "/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{label}");
         assert!(
             said.contains(cause) && said.contains("held"),
             "{label}: {said}"
@@ -826,23 +838,11 @@ async fn a_worker_that_cannot_check_erasures_holds_only_that_companys_records_an
         );
     }
     // The worker with the erasures' key stores what was held, less the erased.
-    let worker = keyed_worker(&nats, &db, &key).await;
+    let worker = workers.start().await;
     drained(&nats.url()).await;
     assert_eq!(rows_with(&db, a, ERASED).await, 0);
     assert_eq!(rows_with(&db, a, KEPT).await, 6);
     worker.stop().await;
-}
-
-/// Creates a directory and returns it.
-trait TapMkdir {
-    fn tap_mkdir(self) -> std::path::PathBuf;
-}
-
-impl TapMkdir for std::path::PathBuf {
-    fn tap_mkdir(self) -> std::path::PathBuf {
-        std::fs::create_dir_all(&self).unwrap();
-        self
-    }
 }
 
 /// Publishes `n` envelopes of company `a` on its subject, as fast as the broker takes
@@ -916,11 +916,19 @@ async fn until_read(nats_url: &str, before: &std::collections::HashSet<String>) 
 /// past `--stall-secs` fails the command and leaves the erasure for `--resume`.
 #[tokio::test]
 async fn an_erasure_never_takes_a_stalled_stream_for_its_end() {
-    let nats = NatsServer::start_with(NatsConfig::IntervalFsync, None).await;
-    let db = TestDb::create().await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let a = Uuid::new_v4();
+    let Backend {
+        nats,
+        db,
+        company: a,
+        dir: _dir,
+        erasure_key,
+        ..
+    } = Stack::new()
+        .nats(NatsConfig::IntervalFsync)
+        .erasure_key()
+        .backend()
+        .await;
+    let key = erasure_key.expect("the stack's erasure key");
     fill(&nats.url(), a, 60_000).await;
     let hits = || async { stream_hits(&nats.url(), a).await };
     assert_eq!(hits().await, 1);
@@ -1009,14 +1017,19 @@ async fn an_erasure_never_takes_a_stalled_stream_for_its_end() {
 /// the number fields of `call_details` — and says which forms it does not cover.
 #[tokio::test]
 async fn a_number_is_erased_in_every_written_form() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let gw = TestGateway::start(&nats.url()).await;
-    let a = Uuid::new_v4();
-    let key_a = gw.create_key(a).await;
-    let worker = keyed_worker(&nats, &db, &key).await;
+    let Stored {
+        nats,
+        db,
+        gw,
+        company: a,
+        key: key_a,
+        dir: _dir,
+        erasure_key,
+        workers,
+        ..
+    } = Stack::new().erasure_key().stored().await;
+    let key = erasure_key.expect("the stack's erasure key");
+    let worker = workers.start().await;
     let forms = [
         "+919876500001",
         "919876500001",
@@ -1086,8 +1099,9 @@ async fn a_number_is_erased_in_every_written_form() {
 /// found"), not by matching its text.
 #[tokio::test]
 async fn deleting_a_message_already_gone_is_not_a_failure() {
-    let nats = NatsServer::start().await;
-    let a = Uuid::new_v4();
+    let Backend {
+        nats, company: a, ..
+    } = Stack::new().backend().await;
     fill(&nats.url(), a, 3).await;
     let admin = jetstream::new(callcap_tests::identities::connect(&nats.url()).await);
     let first =
@@ -1105,12 +1119,19 @@ async fn deleting_a_message_already_gone_is_not_a_failure() {
 /// now withheld (it cannot be checked against hashes).
 #[tokio::test]
 async fn an_undecodable_dead_letter_after_an_erasure_keeps_no_payload() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    let worker = keyed_worker(&nats, &db, &key).await;
+    let Backend {
+        nats,
+        db,
+        company: a,
+        others,
+        dir: _dir,
+        erasure_key,
+        workers,
+        ..
+    } = Stack::new().erasure_key().companies(2).backend().await;
+    let key = erasure_key.expect("the stack's erasure key");
+    let b = others[0].company;
+    let worker = workers.start().await;
     erase(
         &nats.url(),
         &db,
@@ -1159,12 +1180,17 @@ async fn an_undecodable_dead_letter_after_an_erasure_keeps_no_payload() {
 /// date and its receipt: written, replayed or stored, it expires with its receipt.
 #[tokio::test]
 async fn a_call_dated_in_the_future_expires_by_its_receipt() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let a = Uuid::new_v4();
-    let mut cli = worker_cli(&nats.url(), &db.url, test_run_args());
-    cli.privacy.retention_days = Some(30);
-    let worker = TestWorker::start_cli(cli).await;
+    let Backend {
+        nats,
+        db,
+        company: a,
+        workers,
+        ..
+    } = Stack::new()
+        .worker_cli(|cli| cli.privacy.retention_days = Some(30))
+        .backend()
+        .await;
+    let worker = workers.start().await;
     // Received 60 days ago (the envelope's `received_at`), dated 2099: published as a
     // gateway would have then; and one received now, for contrast.
     let admin = jetstream::new(callcap_tests::identities::connect(&nats.url()).await);
@@ -1209,9 +1235,7 @@ async fn a_call_dated_in_the_future_expires_by_its_receipt() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let mut cli = worker_cli(&nats.url(), &db.url, test_run_args());
-    cli.privacy.retention_days = Some(30);
-    let worker = TestWorker::start_cli(cli).await;
+    let worker = workers.start().await;
     eventually(
         Duration::from_secs(20),
         "retention to delete it",
@@ -1258,14 +1282,19 @@ async fn relation_file_holds(db: &TestDb, relation: &str, needle: &str) -> (bool
 /// `erase` returns, still in the data file, and gone from it after `VACUUM FULL`.
 #[tokio::test]
 async fn what_erase_leaves_in_postgres_files_is_what_the_readme_says() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let gw = TestGateway::start(&nats.url()).await;
-    let a = Uuid::new_v4();
-    let key_a = gw.create_key(a).await;
-    let worker = keyed_worker(&nats, &db, &key).await;
+    let Stored {
+        nats,
+        db,
+        gw,
+        company: a,
+        key: key_a,
+        dir: _dir,
+        erasure_key,
+        workers,
+        ..
+    } = Stack::new().erasure_key().stored().await;
+    let key = erasure_key.expect("the stack's erasure key");
+    let worker = workers.start().await;
     post_both(&gw, &key_a, a, 0..5).await;
     drained(&nats.url()).await;
     assert!(

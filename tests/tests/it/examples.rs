@@ -6,9 +6,6 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use callcap_tests::db::TestDb;
-use callcap_tests::nats::NatsServer;
-use callcap_tests::pipeline::{TestGateway, TestWorker};
 use callcap_tests::stack::Pipeline;
 use uuid::Uuid;
 
@@ -53,12 +50,15 @@ fn text(o: &Output) -> String {
 
 #[tokio::test]
 async fn every_checker_sends_both_examples_and_explains_refusals() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let worker = TestWorker::start(&nats.url(), &db.url).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Pipeline {
+        nats: _nats,
+        db,
+        gw,
+        worker,
+        company,
+        key,
+        ..
+    } = Pipeline::start().await;
     let base = gw.base();
 
     let mut expected_rows = 0;
@@ -133,6 +133,7 @@ async fn the_readmes_curl_one_liner_works_as_written() {
         company,
         key,
         worker,
+        ..
     } = Pipeline::start().await;
     let base = gw.base();
     // The README's curl one-liner, as written there.

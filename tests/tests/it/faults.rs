@@ -5,34 +5,36 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use callcap_tests::db::{self, TestDb};
-use callcap_tests::nats::NatsServer;
+use callcap_tests::db::{self};
 use callcap_tests::payloads;
-use callcap_tests::pipeline::{Process, TestGateway};
+use callcap_tests::pipeline::Process;
 use callcap_tests::proxy::Proxy;
 use reqwest::StatusCode;
 use uuid::Uuid;
 
 use callcap_tests::db::assert_stored_exactly;
 use callcap_tests::pipeline::post_many;
+use callcap_tests::stack::{Stack, Stored};
 
 #[tokio::test]
 async fn kill_9_mid_batch_then_restart_loses_and_doubles_nothing() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Stored {
+        nats: _nats,
+        db,
+        gw,
+        company,
+        key,
+        workers,
+        ..
+    } = Stack::new().stored().await;
     // A backlog big enough that the worker is mid-way when it dies.
     let ids: BTreeSet<Uuid> = post_many(&gw, &key, 20_000, 128, |i| {
         payloads::complete(company, &format!("KILL-{i}"))
     })
     .await;
 
-    let mut worker = Process::worker(
+    let mut worker = workers.process(
         crate::WORKER_BIN,
-        &nats.url(),
-        &db.url,
         callcap_tests::free_port(),
         &[("BATCH_SIZE", "500".to_owned())],
     );
@@ -52,20 +54,20 @@ async fn kill_9_mid_batch_then_restart_loses_and_doubles_nothing() {
         "the worker finished before the kill ({seen} then {after_kill}); the test needs a bigger backlog"
     );
 
-    let _restarted = Process::worker(
-        crate::WORKER_BIN,
-        &nats.url(),
-        &db.url,
-        callcap_tests::free_port(),
-        &[],
-    );
+    let _restarted = workers.process(crate::WORKER_BIN, callcap_tests::free_port(), &[]);
     assert_stored_exactly(&db, &ids, Duration::from_secs(120)).await;
 }
 
 #[tokio::test]
 async fn postgres_refusing_connections_does_not_stop_ingest_and_the_worker_catches_up() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
+    let Stored {
+        nats,
+        db,
+        gw,
+        company,
+        key,
+        ..
+    } = Stack::new().stored().await;
     let target: SocketAddr = {
         let u = url::Url::parse(&db::base_url()).unwrap();
         let host = u.host_str().unwrap_or("127.0.0.1");
@@ -83,9 +85,7 @@ async fn postgres_refusing_connections_does_not_stop_ingest_and_the_worker_catch
     via_proxy.set_host(Some("127.0.0.1")).unwrap();
     via_proxy.set_port(Some(proxy.addr.port())).unwrap();
 
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    // The worker reaches Postgres through the proxy the test cuts.
     let metrics_port = callcap_tests::free_port();
     let _worker = Process::worker(
         crate::WORKER_BIN,
@@ -124,30 +124,25 @@ async fn postgres_refusing_connections_does_not_stop_ingest_and_the_worker_catch
 
     proxy.up();
     assert_stored_exactly(&db, &ids, Duration::from_secs(60)).await;
-    let metrics = http
-        .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, metrics) = callcap_tests::get_port(metrics_port, "/metrics").await;
     assert!(metrics.contains("worker_db_errors_total"), "{metrics}");
     assert!(metrics.contains("worker_rows_written_total"), "{metrics}");
 }
 
 #[tokio::test]
 async fn sigterm_finishes_the_batch_in_hand_and_exits_cleanly() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Stored {
+        nats: _nats,
+        db,
+        gw,
+        company,
+        key,
+        workers,
+        ..
+    } = Stack::new().stored().await;
     let ids = post_many(&gw, &key, 5000, 64, |_| payloads::minimal(company)).await;
-    let mut worker = Process::worker(
+    let mut worker = workers.process(
         crate::WORKER_BIN,
-        &nats.url(),
-        &db.url,
         callcap_tests::free_port(),
         &[("BATCH_SIZE", "200".to_owned())],
     );
@@ -160,12 +155,6 @@ async fn sigterm_finishes_the_batch_in_hand_and_exits_cleanly() {
     let status = worker.terminate().expect("exit status");
     assert!(status.success(), "worker exited with {status}");
     // Whatever it had not stored is handed back and stored by the next worker, once.
-    let _next = Process::worker(
-        crate::WORKER_BIN,
-        &nats.url(),
-        &db.url,
-        callcap_tests::free_port(),
-        &[],
-    );
+    let _next = workers.process(crate::WORKER_BIN, callcap_tests::free_port(), &[]);
     assert_stored_exactly(&db, &ids, Duration::from_secs(60)).await;
 }

@@ -2,10 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use callcap_tests::nats::NatsServer;
 use callcap_tests::payloads;
 use callcap_tests::pipeline::TestGateway;
-use callcap_tests::stack::Edge;
+use callcap_tests::stack::{Backend, Edge, Stack};
 use ingest_gateway::config::ServeArgs;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -35,6 +34,7 @@ async fn every_example_of_the_api_document_is_accepted_on_both_paths() {
         gw,
         company,
         key,
+        ..
     } = Edge::start().await;
     let examples = [
         payloads::quick_start(company),
@@ -59,6 +59,7 @@ async fn a_retry_gets_the_same_id_and_anonymous_records_do_not() {
         gw,
         company,
         key,
+        ..
     } = Edge::start().await;
 
     let body = payloads::complete(company, "CALL-RETRY");
@@ -91,6 +92,7 @@ async fn each_validation_rule_answers_400_naming_the_field() {
         gw,
         company,
         key,
+        ..
     } = Edge::start().await;
 
     let (status, body) = gw.post_call(&key, &json!({"caller_number": "+1"})).await;
@@ -173,6 +175,7 @@ async fn keys_are_checked_scoped_to_their_company_and_revocable() {
         gw,
         company,
         key,
+        ..
     } = Edge::start().await;
     let unauthorized = json!({"error": "Unauthorized", "message": "Invalid or missing API key"});
 
@@ -234,6 +237,7 @@ async fn protocol_errors_keep_the_json_error_shape() {
         gw,
         company,
         key,
+        ..
     } = Edge::start().await;
     let url = format!("{}/v1/calls", gw.base());
 
@@ -321,14 +325,17 @@ async fn protocol_errors_keep_the_json_error_shape() {
 
 #[tokio::test]
 async fn nats_down_means_503_with_retry_after_then_recovery() {
-    let mut nats = NatsServer::start().await;
     let serve = ServeArgs {
         publish_timeout_ms: 2_000,
         ..ServeArgs::default()
     };
-    let gw = TestGateway::start_with(&nats.url(), serve).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Edge {
+        mut nats,
+        gw,
+        company,
+        key,
+        ..
+    } = Stack::new().serve(serve).edge().await;
     let (s, b) = gw.post_call(&key, &payloads::minimal(company)).await;
     assert_created(s, &b);
 
@@ -345,13 +352,8 @@ async fn nats_down_means_503_with_retry_after_then_recovery() {
     );
     assert!(headers.contains_key("retry-after"));
     assert_eq!(body["error"], "Service Unavailable");
-    let ready = gw
-        .http
-        .get(format!("{}/readyz", gw.base()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let (ready, _) = gw.get("/readyz").await;
+    assert_eq!(ready, StatusCode::SERVICE_UNAVAILABLE);
 
     nats.start_again().await;
     callcap_tests::eventually(
@@ -365,28 +367,16 @@ async fn nats_down_means_503_with_retry_after_then_recovery() {
         },
     )
     .await;
-    let ready = gw
-        .http
-        .get(format!("{}/readyz", gw.base()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), StatusCode::OK);
+    let (ready, _) = gw.get("/readyz").await;
+    assert_eq!(ready, StatusCode::OK);
 }
 
 #[tokio::test]
 async fn openapi_document_covers_every_route() {
-    let nats = NatsServer::start().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let doc: Value = gw
-        .http
-        .get(format!("{}/openapi.json", gw.base()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let Edge {
+        nats: _nats, gw, ..
+    } = Edge::start().await;
+    let doc: Value = gw.get_json("/openapi.json").await.1;
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     for path in [
         "/v1/calls",
@@ -412,12 +402,10 @@ async fn openapi_document_covers_every_route() {
 
 #[tokio::test]
 async fn the_binary_serves_metrics_and_drains_on_sigterm() {
-    let nats = NatsServer::start().await;
-    let (mut gw, base) =
-        callcap_tests::pipeline::Process::gateway_ready(crate::GATEWAY_BIN, &nats.url(), &[]).await;
+    let stack = Stack::new().backend().await;
+    let (mut gw, base) = stack.gateway_process(crate::GATEWAY_BIN, &[]).await;
     let http = reqwest::Client::new();
-    let company = Uuid::new_v4();
-    let key = callcap_tests::pipeline::create_key(&nats.url(), company).await;
+    let (company, key) = (stack.company, stack.key.clone());
     callcap_tests::eventually(Duration::from_secs(5), "a 201 from the binary", || async {
         let r = http
             .post(format!("{base}/v1/calls"))
@@ -447,8 +435,8 @@ async fn the_binary_serves_metrics_and_drains_on_sigterm() {
 
 #[tokio::test]
 async fn keys_cli_prints_the_key_alone_on_the_last_line_of_stdout() {
-    let nats = NatsServer::start().await;
-    let company = Uuid::new_v4();
+    // The key is the CLI's to make: the stack makes none.
+    let Backend { nats, company, .. } = Stack::new().companies(0).backend().await;
     let out = tokio::process::Command::new(crate::GATEWAY_BIN)
         .args([
             "keys",

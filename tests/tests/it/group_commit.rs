@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use callcap_tests::nats::{stream_envelopes, NatsConfig, NatsServer};
 use callcap_tests::payloads;
-use callcap_tests::pipeline::TestGateway;
-use callcap_tests::stack::Edge;
+use callcap_tests::stack::{Edge, Stack};
 use futures::StreamExt;
 use ingest_gateway::config::ServeArgs;
 use reqwest::StatusCode;
@@ -38,6 +37,7 @@ async fn concurrent_posts_are_coalesced_and_each_stored_once() {
         gw,
         company,
         key,
+        ..
     } = Edge::start().await;
     let before = gw.state.publisher.stats();
     let n = 400;
@@ -84,6 +84,7 @@ async fn a_batch_request_is_stored_at_consecutive_sequences_in_order() {
         gw,
         company,
         key,
+        ..
     } = Edge::start().await;
     let calls: Vec<Value> = (0..250)
         .map(|i| payloads::complete(company, &format!("ORDER-{i:03}")))
@@ -115,6 +116,7 @@ async fn a_retried_record_inside_a_batch_gets_201_and_the_others_are_stored() {
         gw,
         company,
         key,
+        ..
     } = Edge::start().await;
     let a = payloads::complete(company, "RETRY-A");
     let (status, first) = gw.post_call(&key, &a).await;
@@ -156,6 +158,7 @@ async fn the_same_record_twice_in_one_batch_is_one_message() {
         gw,
         company,
         key,
+        ..
     } = Edge::start().await;
     let d = payloads::complete(company, "TWICE-D");
     let before = gw.state.publisher.stats();
@@ -175,21 +178,16 @@ async fn readyz_reports_the_fsync_mode_the_server_runs() {
         (NatsConfig::Strict, "always"),
         (NatsConfig::IntervalFsync, "every 120 s"),
     ] {
-        let nats = NatsServer::start_with(config, None).await;
+        // The monitor address is known once the server is prepared: the stack takes it so.
+        let nats = NatsServer::prepare(config, Vec::new());
         let serve = ServeArgs {
             nats_monitor_url: Some(nats.monitor_url()),
             ..ServeArgs::default()
         };
-        let gw = TestGateway::start_with(&nats.url(), serve).await;
-        let ready: Value = gw
-            .http
-            .get(format!("{}/readyz", gw.base()))
-            .send()
-            .await
-            .expect("readyz")
-            .json()
-            .await
-            .expect("json");
+        let Edge {
+            nats: _nats, gw, ..
+        } = Stack::new().nats_server(nats).serve(serve).edge().await;
+        let ready: Value = gw.get_json("/readyz").await.1;
         let fsync = ready["fsync"].as_str().unwrap_or_default();
         assert!(fsync.starts_with(want), "{config:?}: fsync = {fsync:?}");
         gw.stop().await;

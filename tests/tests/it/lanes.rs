@@ -10,9 +10,9 @@ use callcap::subjects::Lane;
 use callcap_tests::db::TestDb;
 use callcap_tests::eventually;
 use callcap_tests::nats::{stream_messages, NatsServer};
-use callcap_tests::pipeline::{test_run_args, TestGateway, TestWorker};
+use callcap_tests::pipeline::TestGateway;
+use callcap_tests::stack::{Backend, Stack, Stored};
 use ingest_gateway::config::ServeArgs;
-use persist_worker::config::RunArgs;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -41,70 +41,53 @@ async fn stored(db: &TestDb, company: Uuid, ext: &str) -> Option<(String, String
 
 /// The gateway's `/status` page.
 async fn status_page(gw: &TestGateway) -> String {
-    reqwest::get(format!("{}/status", gw.base()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    gw.get("/status").await.1
 }
 
-/// A gateway that puts `company` in the overflow lane for good (OVERFLOW_COMPANIES).
-async fn forcing(nats: &NatsServer, company: Uuid) -> TestGateway {
-    TestGateway::start_with(
+/// A gateway that puts `company` in the overflow lane for good (OVERFLOW_COMPANIES),
+/// holding `key` (made by the stack).
+async fn forcing(nats: &NatsServer, company: Uuid, key: &str) -> TestGateway {
+    let gw = TestGateway::start_with(
         &nats.url(),
         ServeArgs {
             overflow_companies: vec![company],
             ..ServeArgs::default()
         },
     )
-    .await
-}
-
-/// A worker serving both lanes, and the port of its `/readyz`.
-async fn worker_with_ops_port(nats: &NatsServer, db: &TestDb) -> (TestWorker, u16) {
-    let port = callcap_tests::free_port();
-    let worker = TestWorker::start_with(
-        &nats.url(),
-        &db.url,
-        RunArgs {
-            metrics_addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-            ..test_run_args()
-        },
-    )
     .await;
-    (worker, port)
-}
-
-fn only(lane: Lane) -> RunArgs {
-    RunArgs {
-        lanes: vec![lane],
-        ..test_run_args()
-    }
+    gw.wait_for_key(key).await;
+    gw
 }
 
 #[tokio::test]
 async fn a_calls_later_submission_wins_across_lanes_and_a_hot_companys_backlog_holds_up_nobody_else(
 ) {
-    let nats = NatsServer::start().await;
     // A share of one record a second, one at once, and one second in the lane after the
     // last excess: small enough to move the company by hand.
-    let gw = TestGateway::start_with(
-        &nats.url(),
-        ServeArgs {
+    let Stored {
+        nats,
+        db,
+        gw,
+        company: hot,
+        key: hot_key,
+        others,
+        workers,
+        ..
+    } = Stack::new()
+        .serve(ServeArgs {
             overflow_rate: 1.0,
             overflow_burst: 1,
             overflow_sticky_secs: 1,
             ..ServeArgs::default()
-        },
-    )
-    .await;
-    let (hot, quiet) = (Uuid::new_v4(), Uuid::new_v4());
-    let hot_key = gw.create_key(hot).await;
-    let quiet_key = gw.create_key(quiet).await;
-    let db = TestDb::create().await;
+        })
+        .companies(2)
+        .stored()
+        .await;
+    let (quiet, quiet_key) = others[0].pair();
     // Only the main lane is served at first: the overflow lane's records wait.
-    let main_worker = TestWorker::start_with(&nats.url(), &db.url, only(Lane::Main)).await;
+    let main_worker = workers
+        .start_edited(|cli| cli.run.lanes = vec![Lane::Main])
+        .await;
 
     // C2 rings (main lane: the burst covers it)…
     let (s, _) = gw
@@ -185,7 +168,9 @@ async fn a_calls_later_submission_wins_across_lanes_and_a_hot_companys_backlog_h
 
     // The overflow lane's worker comes: C2's later completion wins over its earlier
     // ringing; C1's earlier ringing, stored after its completion, changes nothing.
-    let overflow_worker = TestWorker::start_with(&nats.url(), &db.url, only(Lane::Overflow)).await;
+    let overflow_worker = workers
+        .start_edited(|cli| cli.run.lanes = vec![Lane::Overflow])
+        .await;
     eventually(
         Duration::from_secs(20),
         "the overflow lane stored",
@@ -228,14 +213,20 @@ async fn a_calls_later_submission_wins_across_lanes_and_a_hot_companys_backlog_h
 #[tokio::test]
 async fn a_worker_serving_both_lanes_reports_each_and_an_operator_can_force_a_company_into_the_overflow_lane(
 ) {
-    let nats = NatsServer::start().await;
-    let forced = Uuid::new_v4();
-    let other = Uuid::new_v4();
-    let gw = forcing(&nats, forced).await;
-    let forced_key = gw.create_key(forced).await;
-    let other_key = gw.create_key(other).await;
-    let db = TestDb::create().await;
-    let (worker, port) = worker_with_ops_port(&nats, &db).await;
+    // The gateway is the test's: it forces the stack's company into the overflow lane.
+    let Backend {
+        nats,
+        db,
+        company: forced,
+        key: forced_key,
+        others,
+        workers,
+        ..
+    } = Stack::new().companies(2).backend().await;
+    let (other, other_key) = others[0].pair();
+    let gw = forcing(&nats, forced, &forced_key).await;
+    gw.wait_for_key(&other_key).await;
+    let worker = workers.start().await;
     for i in 0..5 {
         let (s, _) = gw
             .post_call(
@@ -264,10 +255,7 @@ async fn a_worker_serving_both_lanes_reports_each_and_an_operator_can_force_a_co
     })
     .await;
     let readyz = eventually(Duration::from_secs(20), "both lanes read", || async {
-        let r = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-            .await
-            .ok()?;
-        let text = r.text().await.ok()?;
+        let (_, text) = worker.get("/readyz").await;
         (text.contains("lane main: ok (pending 0") && text.contains("lane overflow: ok (pending 0"))
             .then_some(text)
     })
@@ -284,17 +272,21 @@ async fn a_worker_serving_both_lanes_reports_each_and_an_operator_can_force_a_co
 
 #[tokio::test]
 async fn a_stream_from_before_lanes_keeps_taking_every_record_in_the_main_lane_until_setup() {
-    let nats = NatsServer::start().await;
+    let Backend {
+        nats,
+        db,
+        company: forced,
+        key,
+        workers,
+        ..
+    } = Stack::new().backend().await;
     // The stream as an earlier release created it: the main lane's subjects only.
     let admin = async_nats::jetstream::new(callcap_tests::identities::connect(&nats.url()).await);
     let mut old = callcap::subjects::stream_config(&Default::default(), 1);
     old.subjects = vec![callcap::subjects::SUBJECT_WILDCARD.to_owned()];
     admin.create_stream(old).await.unwrap();
-    let forced = Uuid::new_v4();
-    let gw = forcing(&nats, forced).await;
-    let key = gw.create_key(forced).await;
-    let db = TestDb::create().await;
-    let (worker, port) = worker_with_ops_port(&nats, &db).await;
+    let gw = forcing(&nats, forced, &key).await;
+    let worker = workers.start().await;
     for i in 0..3 {
         let (s, body) = gw
             .post_call(&key, &call(forced, &format!("F{i}"), "completed", "f"))
@@ -313,12 +305,8 @@ async fn a_stream_from_before_lanes_keeps_taking_every_record_in_the_main_lane_u
     .await;
     // The worker is ready and says why it does not serve the overflow lane.
     let readyz = eventually(Duration::from_secs(20), "ready", || async {
-        let r = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
-            .await
-            .ok()?;
-        let ok = r.status() == StatusCode::OK;
-        let text = r.text().await.ok()?;
-        ok.then_some(text)
+        let (status, text) = worker.get("/readyz").await;
+        (status == StatusCode::OK).then_some(text)
     })
     .await;
     assert!(
@@ -337,8 +325,8 @@ async fn a_stream_from_before_lanes_keeps_taking_every_record_in_the_main_lane_u
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let gw = forcing(&nats, forced).await;
-    let worker = TestWorker::start(&nats.url(), &db.url).await;
+    let gw = forcing(&nats, forced, &key).await;
+    let worker = workers.start().await;
     let (s, _) = gw
         .post_call(&key, &call(forced, "F3", "completed", "f"))
         .await;

@@ -3,10 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use callcap_tests::nats::NatsServer;
 use callcap_tests::payloads;
-use callcap_tests::pipeline::TestGateway;
-use callcap_tests::stack::Pipeline;
+use callcap_tests::stack::{Edge, Pipeline, Stack};
 use ingest_gateway::config::ServeArgs;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -22,6 +20,7 @@ async fn a_mixed_batch_reports_each_item_and_stores_the_valid_ones() {
         company,
         key,
         worker,
+        ..
     } = Pipeline::start().await;
     let calls = json!({"calls": [
         payloads::complete(company, "B-1"),
@@ -72,14 +71,17 @@ async fn a_mixed_batch_reports_each_item_and_stores_the_valid_ones() {
 
 #[tokio::test]
 async fn batch_limits_answer_413_and_malformed_batches_400() {
-    let nats = NatsServer::start().await;
     let serve = ServeArgs {
         max_batch_records: 5,
         ..ServeArgs::default()
     };
-    let gw = TestGateway::start_with(&nats.url(), serve).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Edge {
+        nats: _nats,
+        gw,
+        company,
+        key,
+        ..
+    } = Stack::new().serve(serve).edge().await;
     let six: Vec<Value> = (0..6).map(|_| payloads::minimal(company)).collect();
     let (status, _, body) = gw
         .post("/v1/calls/batch", &key, &json!({"calls": six}))
@@ -95,15 +97,18 @@ async fn batch_limits_answer_413_and_malformed_batches_400() {
 
 #[tokio::test]
 async fn over_the_rate_limit_a_key_gets_429_with_retry_after() {
-    let nats = NatsServer::start().await;
     let serve = ServeArgs {
         rate_limit_per_sec: 1.0,
         rate_limit_burst: 3,
         ..ServeArgs::default()
     };
-    let gw = TestGateway::start_with(&nats.url(), serve).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Edge {
+        nats: _nats,
+        gw,
+        company,
+        key,
+        ..
+    } = Stack::new().serve(serve).edge().await;
     let other = gw.create_key(company).await;
     for remaining in ["2", "1", "0"] {
         let (status, headers, _) = gw
@@ -128,15 +133,18 @@ async fn over_the_rate_limit_a_key_gets_429_with_retry_after() {
 
 #[tokio::test]
 async fn past_the_in_flight_bound_the_answer_is_503_not_a_queue() {
-    let mut nats = NatsServer::start().await;
     let serve = ServeArgs {
         max_in_flight_publishes: 2,
         publish_timeout_ms: 4_000,
         ..ServeArgs::default()
     };
-    let gw = TestGateway::start_with(&nats.url(), serve).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Edge {
+        mut nats,
+        gw,
+        company,
+        key,
+        ..
+    } = Stack::new().serve(serve).edge().await;
     // With NATS gone, two publishes wait for acks and hold the whole budget.
     nats.stop();
     let slow = async {
@@ -178,15 +186,17 @@ async fn past_the_in_flight_bound_the_answer_is_503_not_a_queue() {
 
 #[tokio::test]
 async fn a_slow_body_gets_408_and_slow_headers_lose_the_connection() {
-    let nats = NatsServer::start().await;
     let serve = ServeArgs {
         body_timeout_ms: 300,
         header_timeout_ms: 300,
         ..ServeArgs::default()
     };
-    let gw = TestGateway::start_with(&nats.url(), serve).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Edge {
+        nats: _nats,
+        gw,
+        key,
+        ..
+    } = Stack::new().serve(serve).edge().await;
 
     let mut conn = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let head = format!(

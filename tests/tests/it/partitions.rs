@@ -11,8 +11,8 @@ use callcap::partitions::{self, Layout};
 use callcap::subjects::Lane;
 use callcap_tests::db::TestDb;
 use callcap_tests::eventually;
-use callcap_tests::nats::NatsServer;
-use callcap_tests::pipeline::{test_run_args, TestGateway, TestWorker};
+use callcap_tests::pipeline::{test_run_args, TestGateway};
+use callcap_tests::stack::{Backend, Pipeline, Stack};
 use persist_worker::config::RunArgs;
 use reqwest::StatusCode;
 use serde_json::json;
@@ -141,23 +141,26 @@ async fn assert_exactly_what_was_acked(db: &TestDb, acked: &Acked) {
 
 #[tokio::test]
 async fn changing_the_number_of_partitions_while_dialers_post_loses_doubles_and_reorders_nothing() {
-    let nats = NatsServer::start().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let db = TestDb::create().await;
-    let worker = TestWorker::start_with(
-        &nats.url(),
-        &db.url,
-        RunArgs {
+    let Pipeline {
+        nats,
+        db,
+        gw,
+        worker,
+        company,
+        key,
+        others,
+        ..
+    } = Stack::new()
+        .run(RunArgs {
             consumer_check_secs: 1,
             ..test_run_args()
-        },
-    )
-    .await;
-    let mut companies = Vec::new();
-    for _ in 0..6 {
-        let c = Uuid::new_v4();
-        companies.push((c, gw.create_key(c).await));
-    }
+        })
+        .companies(6)
+        .pipeline()
+        .await;
+    let companies: Vec<(Uuid, String)> = std::iter::once((company, key))
+        .chain(others.iter().map(|t| t.pair()))
+        .collect();
     let acked: Acked = Arc::default();
     let stop = callcap::shutdown::Shutdown::new();
     let posting = dialers(&gw, &companies, stop.clone(), acked.clone());
@@ -328,9 +331,14 @@ async fn changing_the_number_of_partitions_while_dialers_post_loses_doubles_and_
 /// partition; everyone else keeps posting. Every 201 is stored exactly once.
 #[tokio::test]
 async fn on_a_cluster_a_killed_leader_stops_only_its_partitions_companies() {
-    use callcap_tests::cluster::NatsCluster;
     use callcap_tests::load::Load;
-    let mut cluster = NatsCluster::start().await;
+    // No key before the layout is set: the test's companies are chosen by partition.
+    let Backend {
+        nats: mut cluster,
+        db,
+        workers,
+        ..
+    } = Stack::new().cluster(false).companies(0).backend().await;
     let out = partitions_command(&cluster.seeds(), &["set", "3", "--no-wait"]).await;
     println!("{out}");
     let layout = Layout { epoch: 0, count: 3 };
@@ -353,17 +361,8 @@ async fn on_a_cluster_a_killed_leader_stops_only_its_partitions_companies() {
     let mut cli = callcap_tests::pipeline::gateway_cli(&others.join(","), Default::default());
     cli.stream.stream_replicas = Some(3);
     let gw = Arc::new(TestGateway::start_cli(cli).await);
-    let db = TestDb::create().await;
     let workers: Vec<_> = (0..2)
-        .map(|_| {
-            callcap_tests::pipeline::Process::worker(
-                crate::WORKER_BIN,
-                &cluster.seeds(),
-                &db.url,
-                callcap_tests::free_port(),
-                &[],
-            )
-        })
+        .map(|_| workers.process(crate::WORKER_BIN, callcap_tests::free_port(), &[]))
         .collect();
     // Two companies in each partition.
     let mut companies: Vec<(Uuid, u32)> = Vec::new();
@@ -444,8 +443,10 @@ async fn leaders_of(cluster: &callcap_tests::cluster::NatsCluster, layout: Layou
 /// and `show` says when they are bunched.
 #[tokio::test]
 async fn leaders_are_spread_again_after_a_failover() {
-    use callcap_tests::cluster::{wait_stream_copies, NatsCluster};
-    let mut cluster = NatsCluster::start().await;
+    use callcap_tests::cluster::wait_stream_copies;
+    let Backend {
+        nats: mut cluster, ..
+    } = Stack::new().cluster(false).companies(0).backend().await;
     partitions_command(&cluster.seeds(), &["set", "3", "--no-wait"]).await;
     let layout = Layout { epoch: 0, count: 3 };
     let distinct = |l: &[usize]| l.iter().collect::<BTreeSet<_>>().len();
@@ -509,6 +510,7 @@ async fn a_write_path_dead_letter_names_its_messages_partition_subject() {
         company: a,
         key,
         worker,
+        ..
     } = callcap_tests::stack::Pipeline::start().await;
     partitions_command(&nats.url(), &["set", "3", "--no-wait"]).await;
     let admin = async_nats::jetstream::new(callcap_tests::identities::connect(&nats.url()).await);

@@ -4,24 +4,26 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use callcap_tests::db::assert_stored_exactly;
-use callcap_tests::db::TestDb;
-use callcap_tests::nats::NatsServer;
 use callcap_tests::payloads;
-use callcap_tests::pipeline::{post_many, TestGateway, TestWorker};
-use callcap_tests::stack::Pipeline;
+use callcap_tests::pipeline::post_many;
+use callcap_tests::stack::{Pipeline, Stack, Stored};
 use reqwest::StatusCode;
 use serde_json::Value;
 use uuid::Uuid;
 
 #[tokio::test]
 async fn a_burst_is_stored_exactly_once_by_two_workers() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
-    let w1 = TestWorker::start(&nats.url(), &db.url).await;
-    let w2 = TestWorker::start(&nats.url(), &db.url).await;
+    let Stored {
+        nats: _nats,
+        db,
+        gw,
+        company,
+        key,
+        workers,
+        ..
+    } = Stack::new().stored().await;
+    let w1 = workers.start().await;
+    let w2 = workers.start().await;
     // Half with an external id (deterministic ids), half anonymous; some posted twice.
     let ids = post_many(&gw, &key, 4000, 64, |i| {
         if i % 2 == 0 {
@@ -50,6 +52,7 @@ async fn the_quick_start_record_is_visible_a_moment_later() {
         company,
         key,
         worker,
+        ..
     } = Pipeline::start().await;
     let (status, body) = gw
         .post_call(&key, &payloads::complete(company, "CALL-12345"))
@@ -77,12 +80,16 @@ async fn the_quick_start_record_is_visible_a_moment_later() {
 
 #[tokio::test]
 async fn nats_restart_the_worker_reconnects_and_resumes() {
-    let mut nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
-    let worker = TestWorker::start(&nats.url(), &db.url).await;
+    let Stored {
+        mut nats,
+        db,
+        gw,
+        company,
+        key,
+        workers,
+        ..
+    } = Stack::new().stored().await;
+    let worker = workers.start().await;
     let mut ids = post_many(&gw, &key, 200, 16, |_| payloads::minimal(company)).await;
     assert_stored_exactly(&db, &ids, Duration::from_secs(30)).await;
 
@@ -114,6 +121,7 @@ async fn truncate_and_replay_from_sequence_one_rebuilds_the_table_identically() 
         company,
         key,
         worker,
+        ..
     } = Pipeline::start().await;
     // Updates of the same calls, in order, so the merge rules shape the final rows.
     let mut ids = BTreeSet::new();
@@ -199,11 +207,16 @@ async fn truncate_and_replay_from_sequence_one_rebuilds_the_table_identically() 
 
 #[tokio::test]
 async fn replay_of_one_company_touches_only_its_records() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    let (ka, kb) = (gw.create_key(a).await, gw.create_key(b).await);
+    let Stored {
+        nats,
+        db,
+        gw,
+        company: a,
+        key: ka,
+        others,
+        ..
+    } = Stack::new().companies(2).stored().await;
+    let (b, kb) = others[0].pair();
     post_many(&gw, &ka, 30, 8, |_| payloads::minimal(a)).await;
     post_many(&gw, &kb, 20, 8, |_| payloads::minimal(b)).await;
     let client = callcap_tests::identities::connect(&nats.url()).await;
@@ -240,11 +253,15 @@ async fn replay_of_one_company_touches_only_its_records() {
 
 #[tokio::test]
 async fn a_poison_message_is_dead_lettered_and_its_neighbours_stored() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Stored {
+        nats,
+        db,
+        gw,
+        company,
+        key,
+        workers,
+        ..
+    } = Stack::new().stored().await;
     let mut ids = post_many(&gw, &key, 20, 4, |_| payloads::minimal(company)).await;
 
     // Published straight to the stream, bypassing the gateway: undecodable bytes, and an
@@ -268,7 +285,7 @@ async fn a_poison_message_is_dead_lettered_and_its_neighbours_stored() {
         .unwrap();
     ids.extend(post_many(&gw, &key, 20, 4, |_| payloads::minimal(company)).await);
 
-    let worker = TestWorker::start(&nats.url(), &db.url).await;
+    let worker = workers.start().await;
     assert_stored_exactly(&db, &ids, Duration::from_secs(30)).await;
     let dead = callcap_tests::eventually(Duration::from_secs(10), "two dead letters", || async {
         let rows = persist_worker::store::dead_letters(&db.pool, true, 100)

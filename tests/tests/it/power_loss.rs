@@ -14,13 +14,15 @@ use std::time::Duration;
 use callcap_tests::db::TestDb;
 use callcap_tests::load::{Load, Seen};
 use callcap_tests::nats::{stream_envelopes, NatsConfig, NatsServer};
-use callcap_tests::pipeline::{TestGateway, TestWorker};
 use callcap_tests::powerfs::PowerFs;
+use callcap_tests::stack::{Stack, Stored, Workers};
 use uuid::Uuid;
 
 /// What a power cut under load left.
 struct Cut {
     nats: NatsServer,
+    db: TestDb,
+    workers: Workers,
     /// Ids that got a 201 before the cut.
     accepted: BTreeSet<Uuid>,
     /// Ids that were posted at all (201 or not: a record whose ack was lost in the cut
@@ -50,10 +52,20 @@ async fn stream_ids(nats_url: &str) -> BTreeSet<Uuid> {
 async fn cut_power_under_load(config: NatsConfig) -> Cut {
     let mount = tempfile::tempdir().expect("mount point");
     let fs = PowerFs::mount(mount.path());
-    let mut nats = NatsServer::start_with(config, Some(&mount.path().join("jetstream"))).await;
-    let gw = Arc::new(TestGateway::start(&nats.url()).await);
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Stored {
+        mut nats,
+        db,
+        gw,
+        company,
+        key,
+        workers,
+        ..
+    } = Stack::new()
+        .nats(config)
+        .store_dir(&mount.path().join("jetstream"))
+        .stored()
+        .await;
+    let gw = Arc::new(gw);
 
     let load = Load::start(gw.clone(), &key, company, 64, "POWER");
     // Cut once records are flowing and some are not yet fsynced by an interval server.
@@ -79,6 +91,8 @@ async fn cut_power_under_load(config: NatsConfig) -> Cut {
     let in_stream = stream_ids(&nats.url()).await;
     Cut {
         nats,
+        db,
+        workers,
         accepted,
         attempted,
         in_stream,
@@ -106,8 +120,8 @@ async fn with_strict_fsync_every_201_survives_a_power_cut_and_is_stored_once() {
     );
 
     // And from the stream into Postgres: each accepted record exactly once.
-    let db = TestDb::create().await;
-    let worker = TestWorker::start(&cut.nats.url(), &db.url).await;
+    let db = &cut.db;
+    let worker = cut.workers.start().await;
     let want = cut.in_stream.len() as i64;
     callcap_tests::eventually(
         Duration::from_secs(60),

@@ -6,10 +6,9 @@
 use std::time::{Duration, Instant};
 
 use callcap_tests::db::TestDb;
-use callcap_tests::nats::NatsServer;
 use callcap_tests::payloads;
-use callcap_tests::pipeline::{Process, TestGateway};
-use callcap_tests::stack::Pipeline;
+use callcap_tests::pipeline::TestGateway;
+use callcap_tests::stack::{Edge, Pipeline, Stack, Stored};
 use ingest_gateway::config::ServeArgs;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -39,6 +38,7 @@ async fn whatever_the_gateway_accepts_at_the_edges_of_time_the_worker_stores() {
         company,
         key,
         worker,
+        ..
     } = Pipeline::start().await;
 
     let mut accepted: Vec<(Uuid, &str, String)> = Vec::new();
@@ -148,16 +148,20 @@ async fn post_raw(
 #[tokio::test]
 async fn compressed_bodies_that_cost_more_than_their_bytes_are_bounded_per_key_and_another_company_is_served(
 ) {
-    let nats = NatsServer::start().await;
     let serve = ServeArgs {
         body_memory_mb: 96,
         body_memory_per_key_percent: 50,
         ..ServeArgs::default()
     };
-    let gw = TestGateway::start_with(&nats.url(), serve).await;
-    let (hot, quiet) = (Uuid::new_v4(), Uuid::new_v4());
-    let hot_key = gw.create_key(hot).await;
-    let quiet_key = gw.create_key(quiet).await;
+    let Edge {
+        nats: _nats,
+        gw,
+        company: hot,
+        key: hot_key,
+        others,
+        ..
+    } = Stack::new().serve(serve).companies(2).edge().await;
+    let (quiet, quiet_key) = others[0].pair();
     let url = format!("{}/v1/calls/batch", gw.base());
 
     // The probe's body costs ~270 MB to parse: more than one key may hold (48 MiB), 413.
@@ -232,6 +236,7 @@ async fn compressed_bodies_are_read_whole_or_refused() {
         company,
         key,
         worker,
+        ..
     } = Pipeline::start().await;
     let url = format!("{}/v1/calls", gw.base());
     let one = serde_json::to_vec(&payloads::complete(company, "GZ-1")).unwrap();
@@ -277,6 +282,7 @@ async fn the_batch_route_refuses_an_idempotency_key_and_publishes_nothing() {
         company,
         key,
         worker,
+        ..
     } = Pipeline::start().await;
     // Idempotency-Key on the batch route: 400, and nothing of the batch is published.
     let resp = gw
@@ -343,13 +349,10 @@ async fn get_with_headers(addr: &str, count: usize) -> String {
 
 #[tokio::test]
 async fn a_head_sent_a_byte_at_a_time_is_cut_at_the_header_timeout() {
-    let nats = NatsServer::start().await;
-    let (_gw, base) = Process::gateway_ready(
-        crate::GATEWAY_BIN,
-        &nats.url(),
-        &[("HEADER_TIMEOUT_MS", "1000".into())],
-    )
-    .await;
+    let stack = Stack::new().backend().await;
+    let (_gw, base) = stack
+        .gateway_process(crate::GATEWAY_BIN, &[("HEADER_TIMEOUT_MS", "1000".into())])
+        .await;
     let addr = base.trim_start_matches("http://").to_owned();
 
     // One byte every 100 ms: before the fix, closed after 11-16 s with 5 s configured.
@@ -401,16 +404,18 @@ async fn worker_readyz(port: u16) -> (u16, String) {
 async fn a_worker_repairs_its_consumer_when_its_own_identity_changes_or_deletes_it() {
     use async_nats::jetstream::{self, consumer::pull};
     use callcap::config::Role;
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Stored {
+        nats,
+        db,
+        gw,
+        company,
+        key,
+        workers,
+        ..
+    } = Stack::new().stored().await;
     let port = callcap_tests::free_port();
-    let _worker = Process::worker(
+    let _worker = workers.process(
         crate::WORKER_BIN,
-        &nats.url(),
-        &db.url,
         port,
         &[("CONSUMER_CHECK_SECS", "1".into())],
     );
@@ -510,8 +515,8 @@ async fn a_worker_repairs_its_consumer_when_its_own_identity_changes_or_deletes_
 
 #[tokio::test]
 async fn a_hundred_header_fields_are_taken_and_the_101st_is_431_saying_so() {
-    let nats = NatsServer::start().await;
-    let (_gw, base) = Process::gateway_ready(crate::GATEWAY_BIN, &nats.url(), &[]).await;
+    let stack = Stack::new().backend().await;
+    let (_gw, base) = stack.gateway_process(crate::GATEWAY_BIN, &[]).await;
     let addr = base.trim_start_matches("http://").to_owned();
     // SECURITY.md: 100 header fields are taken, the 101st is 431 saying so.
     let answer = get_with_headers(&addr, 100).await;

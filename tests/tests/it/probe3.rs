@@ -207,7 +207,7 @@ async fn a_vonage_token_is_taken_only_by_its_applications_connector() {
         )
         .await;
     // The same secret and application for another company: refused, saying why.
-    let secret_file = fx.dir.path().join("shared.secret");
+    let secret_file = fx.p.dir.path().join("shared.secret");
     std::fs::write(&secret_file, VONAGE_SECRET).unwrap();
     let reseller_text = reseller.to_string();
     let secret_arg = secret_file.display().to_string();
@@ -331,7 +331,7 @@ async fn a_flood_of_forged_callbacks_leaves_a_few_log_lines() {
     let fx = Connectors::start(crate::GATEWAY_BIN).await;
     let (connector, url) = fx.create("twilio", Some(TWILIO_TOKEN), &[]).await;
     let port = callcap_tests::free_port();
-    let log = fx.dir.path().join("gateway.log");
+    let log = fx.p.dir.path().join("gateway.log");
     let mut gw = Process::gateway_logged(
         crate::GATEWAY_BIN,
         &fx.p.nats.url(),

@@ -5,8 +5,7 @@
 
 use std::path::Path;
 
-use callcap_tests::nats::NatsServer;
-use callcap_tests::pipeline::{create_key, Process};
+use callcap_tests::stack::Stack;
 use uuid::Uuid;
 
 /// `schemathesis run` against `base` in `mode`, with the hooks when `hooks` is set.
@@ -62,11 +61,10 @@ async fn schemathesis(
 
 #[tokio::test]
 async fn every_request_the_openapi_document_allows_is_answered_as_documented() {
-    let nats = NatsServer::start().await;
+    let stack = Stack::new().backend().await;
     // The real binary: /metrics is served by its recorder, as deployed.
-    let (_gw, base) = Process::gateway_ready(crate::GATEWAY_BIN, &nats.url(), &[]).await;
-    let company = Uuid::new_v4();
-    let key = create_key(&nats.url(), company).await;
+    let (_gw, base) = stack.gateway_process(crate::GATEWAY_BIN, &[]).await;
+    let (company, key) = (stack.company, stack.key.clone());
     callcap_tests::eventually(
         std::time::Duration::from_secs(10),
         "the key to reach the gateway",

@@ -9,12 +9,11 @@ use async_nats::jetstream;
 use callcap::config::Role;
 use callcap::subjects::{ingest_subject, CONNECTORS_BUCKET, KEYS_BUCKET, STREAM_NAME};
 use callcap::{CallRecord, Envelope};
-use callcap_tests::db::TestDb;
 use callcap_tests::identities::identities;
 use callcap_tests::nats::NatsServer;
 use callcap_tests::payloads;
-use callcap_tests::pipeline::{Process, TestGateway, TestWorker};
-use callcap_tests::stack::Pipeline;
+use callcap_tests::pipeline::Process;
+use callcap_tests::stack::{Backend, Edge, Pipeline, Stack, Stored};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -66,12 +65,15 @@ async fn assert_refused(refusals: &Arc<Mutex<Vec<String>>>, subject: &str, what:
 
 #[tokio::test]
 async fn each_nats_identity_can_do_its_job_and_is_refused_the_rest() {
-    let nats = NatsServer::start().await;
-    let url = nats.url();
     // The pipeline's own objects, as a gateway and a worker create them.
-    let gw = TestGateway::start(&url).await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
+    let Edge {
+        nats,
+        gw,
+        company,
+        key,
+        ..
+    } = Stack::new().edge().await;
+    let url = nats.url();
     let (status, _) = gw.post_call(&key, &payloads::minimal(company)).await;
     assert_eq!(status, StatusCode::CREATED);
 
@@ -218,11 +220,17 @@ async fn inject(js: &jetstream::Context, subject: &str, payload: Vec<u8>) {
 
 #[tokio::test]
 async fn the_worker_dead_letters_what_the_gateway_would_not_have_published() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let gw = TestGateway::start(&nats.url()).await;
-    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-    let key = gw.create_key(a).await;
+    let Stored {
+        nats,
+        db,
+        gw,
+        company: a,
+        key,
+        workers,
+        ..
+    } = Stack::new().stored().await;
+    // Another company, without a key: the records forged for it must not be stored.
+    let b = Uuid::new_v4();
     // Two genuine calls of company A: one with an external id, one without.
     let (s, body) = gw.post_call(&key, &payloads::complete(a, "A-1")).await;
     assert_eq!(s, StatusCode::CREATED, "{body}");
@@ -238,7 +246,7 @@ async fn the_worker_dead_letters_what_the_gateway_would_not_have_published() {
         .unwrap()
         .parse()
         .unwrap();
-    let worker = TestWorker::start(&nats.url(), &db.url).await;
+    let worker = workers.start().await;
     callcap_tests::eventually(Duration::from_secs(20), "A's two rows", || async {
         (db.count_calls().await == 2).then_some(())
     })
@@ -306,10 +314,12 @@ async fn the_worker_dead_letters_what_the_gateway_would_not_have_published() {
     worker.stop().await;
 }
 
-/// A gateway binary (its Prometheus recorder is global, so `/metrics` needs a process of
-/// its own), ready, with `env` added.
-async fn gateway_process(nats: &NatsServer, env: &[(&str, String)]) -> (Process, String) {
-    Process::gateway_ready(crate::GATEWAY_BIN, &nats.url(), env).await
+/// The stack with the gateway binary as a process (its Prometheus recorder is global, so
+/// `/metrics` needs a process of its own), ready, with `env` added.
+async fn gateway_process(env: &[(&str, String)]) -> (Backend, Process, String) {
+    let stack = Stack::new().backend().await;
+    let (gw, base) = stack.gateway_process(crate::GATEWAY_BIN, env).await;
+    (stack, gw, base)
 }
 
 /// `{"a":{"a":…{}}}`, `levels` deep.
@@ -326,6 +336,7 @@ async fn what_the_gateway_accepts_the_worker_stores_and_the_probes_holes_are_clo
         company,
         key,
         worker,
+        ..
     } = Pipeline::start().await;
     let post = |body: Value| {
         let gw = &gw;
@@ -418,8 +429,7 @@ async fn what_the_gateway_accepts_the_worker_stores_and_the_probes_holes_are_clo
 
 #[tokio::test]
 async fn http_layer_refusals_have_the_json_shape() {
-    let nats = NatsServer::start().await;
-    let (_gw, base) = gateway_process(&nats, &[]).await;
+    let (_stack, _gw, base) = gateway_process(&[]).await;
     let http = reqwest::Client::new();
 
     // 414 and 431 answered by the router: the API's JSON body and a request id.
@@ -457,8 +467,7 @@ async fn http_layer_refusals_have_the_json_shape() {
 
 #[tokio::test]
 async fn made_up_methods_do_not_grow_the_metrics_and_refusals_are_counted_by_reason() {
-    let nats = NatsServer::start().await;
-    let (_gw, base) = gateway_process(&nats, &[]).await;
+    let (_stack, _gw, base) = gateway_process(&[]).await;
     let http = reqwest::Client::new();
     // Made-up methods (no key needed) do not grow /metrics.
     for i in 0..50 {
@@ -492,7 +501,7 @@ async fn made_up_methods_do_not_grow_the_metrics_and_refusals_are_counted_by_rea
 
 #[tokio::test]
 async fn an_out_of_range_cli_argument_is_a_usage_error_not_a_panic() {
-    let nats = NatsServer::start().await;
+    let Backend { nats, .. } = Stack::new().companies(0).backend().await;
     let out = tokio::process::Command::new(crate::GATEWAY_BIN)
         .args([
             "keys",
@@ -520,9 +529,14 @@ async fn an_out_of_range_cli_argument_is_a_usage_error_not_a_panic() {
 #[tokio::test]
 async fn a_gateway_that_has_not_loaded_its_keys_answers_503_not_401() {
     use ingest_gateway::app::AppState;
-    let nats = NatsServer::start().await;
-    let cli = callcap_tests::pipeline::gateway_cli(&nats.url(), Default::default());
-    let loaded = ingest_gateway::connect(&cli, None).await.unwrap();
+    let Edge {
+        gw: loaded,
+        company,
+        key,
+        ..
+    } = Stack::new().edge().await;
+    let cli = callcap_tests::pipeline::gateway_cli(&loaded.nats_url, Default::default());
+    let loaded = loaded.state;
     // The same gateway at the moment before its key watch has read the bucket.
     let starting = AppState::new(
         loaded.publisher.clone(),
@@ -539,8 +553,6 @@ async fn a_gateway_that_has_not_loaded_its_keys_answers_503_not_401() {
         None,
         callcap::shutdown::Shutdown::new(),
     ));
-    let company = Uuid::new_v4();
-    let key = callcap_tests::pipeline::create_key(&nats.url(), company).await;
     for path in [
         "/v1/calls",
         "/functions/v1/webhook-call-capture",
@@ -563,15 +575,11 @@ async fn a_gateway_that_has_not_loaded_its_keys_answers_503_not_401() {
 
 #[tokio::test]
 async fn silent_and_idle_connections_are_closed_and_a_flood_is_capped() {
-    let nats = NatsServer::start().await;
-    let (_gw, base) = gateway_process(
-        &nats,
-        &[
-            ("HEADER_TIMEOUT_MS", "1000".into()),
-            ("IDLE_TIMEOUT_SECS", "2".into()),
-            ("MAX_CONNECTIONS", "24".into()),
-        ],
-    )
+    let (_stack, _gw, base) = gateway_process(&[
+        ("HEADER_TIMEOUT_MS", "1000".into()),
+        ("IDLE_TIMEOUT_SECS", "2".into()),
+        ("MAX_CONNECTIONS", "24".into()),
+    ])
     .await;
     let addr = base.trim_start_matches("http://").to_owned();
 
@@ -658,27 +666,21 @@ async fn silent_and_idle_connections_are_closed_and_a_flood_is_capped() {
 
 #[tokio::test]
 async fn the_openapi_document_lists_every_status_the_routes_answer() {
-    let nats = NatsServer::start().await;
-    let gw = TestGateway::start_with(
-        &nats.url(),
-        ingest_gateway::config::ServeArgs {
+    let Edge {
+        nats: _nats,
+        gw,
+        company,
+        key,
+        ..
+    } = Stack::new()
+        .serve(ingest_gateway::config::ServeArgs {
             max_body_bytes: 4096,
             max_batch_bytes: 8192,
             ..Default::default()
-        },
-    )
-    .await;
-    let company = Uuid::new_v4();
-    let key = gw.create_key(company).await;
-    let doc: Value = gw
-        .http
-        .get(format!("{}/openapi.json", gw.base()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        })
+        .edge()
+        .await;
+    let doc: Value = gw.get_json("/openapi.json").await.1;
     let big = json!({"company_id": company, "notes": "n".repeat(9000)});
     for path in [
         "/v1/calls",
@@ -758,8 +760,7 @@ async fn https_get(ca: &callcap_tests::tls::TestCa, addr: &str, path: &str) -> (
 
 #[tokio::test]
 async fn the_gateway_serves_https_and_picks_up_a_renewed_certificate_without_restarting() {
-    let nats = NatsServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
+    let Backend { nats, dir, .. } = Stack::new().backend().await;
     let ca = callcap_tests::tls::TestCa::new(dir.path());
     let first = ca.issue(dir.path(), "gateway");
     let port = callcap_tests::free_port();
@@ -843,7 +844,10 @@ async fn records_flow_over_tls_to_nats_and_to_postgres() {
     })
     .await;
     let ca_env = ("NATS_TLS_CA_FILE", ca.pem_file.display().to_string());
-    let company = Uuid::new_v4();
+    // The stack's keys are made without the CA: none here (the test makes its own).
+    let Backend {
+        nats, db, company, ..
+    } = Stack::new().nats_server(nats).companies(0).backend().await;
 
     // Without the CA the admin CLI cannot connect (the server's certificate is not
     // trusted); with it, it can.
@@ -887,16 +891,20 @@ async fn records_flow_over_tls_to_nats_and_to_postgres() {
 
     // Gateway and worker over TLS to NATS, the worker over TLS to Postgres.
     let tls_on: String = sqlx::query_scalar("SHOW ssl")
-        .fetch_one(&TestDb::create().await.pool)
+        .fetch_one(&db.pool)
         .await
         .unwrap();
     assert_eq!(
         tls_on, "on",
         "this test needs a Postgres with ssl = on (Debian's default)"
     );
-    let db = TestDb::create().await;
     let db_tls = format!("{}?sslmode=require", db.url);
-    let (_gw, base) = gateway_process(&nats, std::slice::from_ref(&ca_env)).await;
+    let (_gw, base) = Process::gateway_ready(
+        crate::GATEWAY_BIN,
+        &nats.url(),
+        std::slice::from_ref(&ca_env),
+    )
+    .await;
     let _worker = Process::worker(
         crate::WORKER_BIN,
         &nats.url(),

@@ -4,25 +4,25 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use callcap_tests::db::TestDb;
-use callcap_tests::nats::NatsServer;
 use callcap_tests::payloads;
 use callcap_tests::pipeline::{create_key, Process};
 use reqwest::StatusCode;
 use uuid::Uuid;
 
 use callcap_tests::db::assert_stored_exactly;
+use callcap_tests::stack::{Backend, Stack};
 
 #[tokio::test]
 async fn every_binary_takes_a_seed_list_with_a_dead_server_first() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
+    // The key is made below, through the seed list.
+    let Backend {
+        nats, db, company, ..
+    } = Stack::new().companies(0).backend().await;
     // Nothing listens on the first seed.
     let dead = callcap_tests::free_port();
     let seeds = format!("nats://127.0.0.1:{dead}, {}", nats.url());
 
     // The admin command (`keys create`'s code path) connects through the list.
-    let company = Uuid::new_v4();
     let key = create_key(&seeds, company).await;
 
     let port = callcap_tests::free_port();

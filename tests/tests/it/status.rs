@@ -6,13 +6,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use callcap_tests::db::TestDb;
-use callcap_tests::nats::NatsServer;
 use callcap_tests::payloads;
-use callcap_tests::pipeline::Process;
+use callcap_tests::stack::Stack;
 use reqwest::StatusCode;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 fn chromium() -> String {
     std::env::var("CHROMIUM_BIN").unwrap_or_else(|_| "chromium".into())
@@ -99,14 +96,12 @@ fn assert_accessible(dom: &str) {
 
 #[tokio::test]
 async fn the_status_pages_show_readiness_and_figures_that_move_in_a_browser() {
-    let nats = NatsServer::start().await;
-    let db = TestDb::create().await;
-    let (_gw, base) = Process::gateway_ready(crate::GATEWAY_BIN, &nats.url(), &[]).await;
+    let stack = Stack::new().backend().await;
+    let (_gw, base) = stack.gateway_process(crate::GATEWAY_BIN, &[]).await;
     let metrics_port = callcap_tests::free_port();
-    let _worker = Process::worker(crate::WORKER_BIN, &nats.url(), &db.url, metrics_port, &[]);
+    let _worker = stack.workers.process(crate::WORKER_BIN, metrics_port, &[]);
     let worker_page = format!("http://127.0.0.1:{metrics_port}/");
-    let company = Uuid::new_v4();
-    let key = callcap_tests::pipeline::create_key(&nats.url(), company).await;
+    let (company, key, db) = (stack.company, stack.key.clone(), &stack.db);
 
     // Records flow for the rest of the test: 8 clients posting.
     let stop = CancellationToken::new();
