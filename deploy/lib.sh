@@ -24,6 +24,10 @@
 #   ensure_chromium     Debian's chromium, headless, for the status pages' browser test.
 #   ensure_node         Node.js 18+ (built-in fetch) for examples/test-webhook.js and its
 #                       test; installs Debian's nodejs when none is found.
+#   ensure_php          PHP with curl (Debian php-cli, php-curl) for the API document's PHP
+#                       snippet (examples/snippets/send.php) and its test.
+#   ensure_pytest       pytest (PyPI) and psql (Debian postgresql-client) for the clients'
+#                       tests (clients/, which read the rows back with psql).
 #   ensure_nkeys DIR CMD…  the pipeline's NATS identities (SECURITY.md): creates DIR/
 #                       gateway.nk, worker.nk, admin.nk (nkey seeds, mode 0600) and
 #                       route.password when missing, with CMD… being an ingest-gateway
@@ -199,6 +203,22 @@ ensure_node() {
     apt_install nodejs
   fi
   return 0
+}
+
+ensure_php() {
+  command -v php >/dev/null 2>&1 && php -m 2>/dev/null | grep -qx curl && return 0
+  log "installing PHP with curl (Debian php-cli, php-curl): the API document's PHP snippet"
+  apt_install php-cli
+  apt_install php-curl
+}
+
+ensure_pytest() {
+  command -v psql >/dev/null 2>&1 || apt_install postgresql-client
+  python3 -m pytest --version >/dev/null 2>&1 && return 0
+  log "installing pytest (PyPI): the Python client's tests"
+  python3 -m pip install --quiet --disable-pip-version-check pytest >&2 \
+    || python3 -m pip install --quiet --disable-pip-version-check --user pytest >&2 \
+    || die "pip install pytest failed"
 }
 
 ensure_rust() {

@@ -2,9 +2,11 @@
 # Runs every test: installs what is missing (nats-server 2.15+, PostgreSQL, FUSE, the
 # deploy checks' kubernetes-validate and promtool, Node.js for examples/, chromium for the
 # status pages, schemathesis for the OpenAPI run, the telephony providers' SDKs that sign
-# the callback tests' requests, SeaweedFS for the archive's S3-compatible store), then
-# `cargo test --workspace`. Tests start their own nats-server on free ports and create a
-# fresh database per test on the server at DATABASE_URL.
+# the callback tests' requests, SeaweedFS for the archive's S3-compatible store, PHP for
+# the API document's PHP snippet, pytest), then `cargo test --workspace`, then the
+# clients' own tests (clients/python with pytest, clients/node with node --test) against
+# the services built here. Tests start their own nats-server on free ports and create a
+# fresh database per test on the server at DATABASE_URL. Arguments go to cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/lib.sh
@@ -18,6 +20,15 @@ ensure_seaweedfs
 ensure_provider_sdks
 ensure_node
 ensure_chromium
+ensure_php
+ensure_pytest
 log "nats-server: $NATS_SERVER_BIN ($("$NATS_SERVER_BIN" --version))"
 log "postgres:    $DATABASE_URL"
-exec cargo test --workspace "$@"
+cargo test --workspace "$@"
+# The clients' tests run the services as processes (clients/testing/pipeline.py).
+cargo build --quiet -p ingest-gateway -p persist-worker
+export CALLCAP_BIN_DIR="$PWD/target/debug"
+log "the Python client's tests (clients/python)"
+python3 -m pytest -q clients/python/tests
+log "the Node client's tests (clients/node)"
+node --test clients/node/test/
