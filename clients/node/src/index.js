@@ -322,12 +322,17 @@ export class Client {
     }
     const stored = [];
     const retry = [];
+    const answered = new Set();
     for (const r of results) {
+      if (!Number.isInteger(r.index) || r.index < 0 || r.index >= batch.length || answered.has(r.index)) continue;
+      answered.add(r.index);
       const item = batch[r.index];
       if (r.status === 200 || r.status === 201) stored.push(item);
       else if (REFUSED.has(r.status)) this.refuse(item, r.status, r.error, r.message);
       else retry.push(item);
     }
+    // A record the answer does not account for is sent again (safe: same id).
+    batch.forEach((item, i) => { if (!answered.has(i)) retry.push(item); });
     if (this.spool) this.spool.done(stored.map((i) => i.n));
     this.counts.sent += stored.length;
     return [this.retrying(retry), retryAfter(resp)];

@@ -373,8 +373,13 @@ class Client:
             log.info("callcap: %s for %d record(s); retrying", status, len(batch))
             return self._retrying(batch), _retry_after(resp)
         stored, retry = [], []
+        answered = set()
         for result in results:
-            item = batch[result["index"]]
+            index = result.get("index")
+            if not isinstance(index, int) or not 0 <= index < len(batch) or index in answered:
+                continue
+            answered.add(index)
+            item = batch[index]
             code = result.get("status")
             if code in (200, 201):
                 stored.append(item)
@@ -382,6 +387,8 @@ class Client:
                 self._refuse(item, code, result.get("error"), result.get("message"))
             else:
                 retry.append(item)
+        # A record the answer does not account for is sent again (safe: same id).
+        retry.extend(item for i, item in enumerate(batch) if i not in answered)
         if self._spool is not None:
             self._spool.done([i.n for i in stored])
         with self._cond:
