@@ -422,6 +422,33 @@ struct Batch {
     started: Instant,
 }
 
+/// Writes `decoded` until stored (retrying while Postgres is away), telling JetStream the
+/// batch's messages are still being worked on so their ack wait does not run out.
+async fn write_keeping_alive(
+    msgs: &[jetstream::Message],
+    decoded: &Decoded,
+    pool: &PgPool,
+    policy: &crate::privacy::Policy,
+    args: &RunArgs,
+    cancel: &Shutdown,
+) -> Result<crate::store::WriteStats, Abandoned> {
+    let keep_alive = || async {
+        for m in msgs {
+            let _ = m.ack_with(AckKind::Progress).await;
+        }
+    };
+    write_reliably(
+        pool,
+        policy,
+        &decoded.rows,
+        &decoded.dead,
+        args.retry_max(),
+        cancel,
+        keep_alive,
+    )
+    .await
+}
+
 /// Writes one decoded batch and acks it, less the records held ([`Held`]); on shutdown
 /// without a write, hands it back. Messages dropped as erased are deleted from the stream
 /// (a dialer resending an erased record, or one in flight when the erasure was made).
@@ -439,21 +466,7 @@ async fn handle(
         decoded,
         started,
     } = batch;
-    let keep_alive = || async {
-        for m in &msgs {
-            let _ = m.ack_with(AckKind::Progress).await;
-        }
-    };
-    let written = write_reliably(
-        pool,
-        policy,
-        &decoded.rows,
-        &decoded.dead,
-        args.retry_max(),
-        cancel,
-        keep_alive,
-    )
-    .await;
+    let written = write_keeping_alive(&msgs, &decoded, pool, policy, args, cancel).await;
     match written {
         Ok(stats) => {
             let (msgs, holding) = held.take_out(msgs, &stats);
@@ -630,21 +643,7 @@ impl Held {
         cancel: &Shutdown,
     ) -> Vec<jetstream::Message> {
         let decoded = decode(&msgs);
-        let keep_alive = || async {
-            for m in &msgs {
-                let _ = m.ack_with(AckKind::Progress).await;
-            }
-        };
-        let written = write_reliably(
-            pool,
-            policy,
-            &decoded.rows,
-            &decoded.dead,
-            args.retry_max(),
-            cancel,
-            keep_alive,
-        )
-        .await;
+        let written = write_keeping_alive(&msgs, &decoded, pool, policy, args, cancel).await;
         match written {
             Ok(stats) => {
                 let held: HashSet<u64> = stats.held.iter().copied().collect();
