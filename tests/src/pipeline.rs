@@ -162,7 +162,6 @@ impl TestGateway {
     }
 }
 
-/// Creates a key in the bucket on `nats_url`; returns the secret (the last line printed).
 /// The gateway's CLI as the operator runs its admin commands (`keys`, `setup`): with the
 /// admin NATS identity.
 pub fn admin_cli(nats_url: &str) -> ingest_gateway::config::Cli {
@@ -171,21 +170,26 @@ pub fn admin_cli(nats_url: &str) -> ingest_gateway::config::Cli {
     cli
 }
 
+/// Creates a key in the bucket on `nats_url`; returns the secret (the last line printed).
+/// On a cluster that has just started, the bucket the first key creates is not readable on
+/// every node at once ("no stream found"): the key is made again until it is (a key
+/// that was made and not reported is an unused key, which harms nothing).
 pub async fn create_key(nats_url: &str, company: Uuid) -> String {
     let cli = admin_cli(nats_url);
-    let store = ingest_gateway::cli::key_store(&cli)
-        .await
-        .expect("opening the key bucket");
-    let mut out = Vec::new();
-    ingest_gateway::cli::keys::create(&store, company, "test dialer", None, &mut out)
-        .await
-        .expect("creating a key");
-    String::from_utf8(out)
-        .expect("keys create prints UTF-8")
-        .lines()
-        .last()
-        .expect("keys create prints the key last")
-        .to_owned()
+    crate::eventually(
+        Duration::from_secs(30),
+        "the key bucket to take a key",
+        || async {
+            let store = ingest_gateway::cli::key_store(&cli).await.ok()?;
+            let mut out = Vec::new();
+            ingest_gateway::cli::keys::create(&store, company, "test dialer", None, &mut out)
+                .await
+                .ok()?;
+            let printed = String::from_utf8(out).ok()?;
+            printed.lines().last().map(str::to_owned)
+        },
+    )
+    .await
 }
 
 /// The worker's CLI for a test NATS and database.
