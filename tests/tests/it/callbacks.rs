@@ -304,7 +304,8 @@ async fn twilio_callbacks_are_checked_and_stored() {
     )
     .await;
     assert!(fx.row(&forged_sid).await.is_none());
-    fx.finish(&["4242", "+14155550199", &forged_sid]).await;
+    fx.finish(&["\"duration_seconds\":4242", "+14155550199", &forged_sid])
+        .await;
 }
 
 // ---------------------------------------------------------------------------- Plivo
@@ -435,7 +436,7 @@ async fn plivo_callbacks_are_checked_and_stored() {
     .await;
     fx.other_posts(5).await;
     assert!(fx.row(&forged).await.is_none());
-    fx.finish(&["4242", &forged]).await;
+    fx.finish(&["\"duration_seconds\":4242", &forged]).await;
 }
 
 // ---------------------------------------------------------------------------- Vonage
@@ -557,7 +558,7 @@ async fn vonage_callbacks_are_checked_and_stored() {
     .await;
     fx.other_posts(5).await;
     assert!(fx.row(&forged).await.is_none());
-    fx.finish(&["4242", &forged]).await;
+    fx.finish(&["\"duration_seconds\":4242", &forged]).await;
 }
 
 // ---------------------------------------------------------------------------- Exotel

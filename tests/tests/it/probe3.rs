@@ -123,8 +123,13 @@ async fn a_signature_over_the_url_alone_authenticates_no_body() {
     );
     assert!(fx.row(&forged_sid).await.is_none());
     assert!(fx.row(&plivo_forged_sid).await.is_none());
-    fx.finish(&["attacker.example", "3600", &forged_sid, &plivo_forged_sid])
-        .await;
+    fx.finish(&[
+        "attacker.example",
+        "\"duration_seconds\":3600",
+        &forged_sid,
+        &plivo_forged_sid,
+    ])
+    .await;
 }
 
 fn vonage_status(url: &str, uuid: &str) -> Value {
@@ -188,7 +193,8 @@ async fn nothing_of_a_vonage_callbacks_url_reaches_the_record() {
     );
     let conversation = fx.stored(&format!("CON-{call}")).await;
     assert!(conversation.recording_url.unwrap().contains("bbbbbbbb"));
-    fx.finish(&["attacker.example", "3600"]).await;
+    fx.finish(&["attacker.example", "\"duration_seconds\":3600"])
+        .await;
 }
 
 /// Finding 3: two connectors holding one Vonage signature secret (one account serving two
@@ -373,7 +379,7 @@ async fn a_flood_of_forged_callbacks_leaves_a_few_log_lines() {
         "{lines} refusal lines for 2,000 forgeries"
     );
     assert!(logged.contains(&connector));
-    fx.finish(&["4242"]).await;
+    fx.finish(&["\"duration_seconds\":4242"]).await;
 }
 
 /// Finding 6 (low): Twilio's signature covers each distinct value of a form key once, so
