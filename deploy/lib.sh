@@ -146,6 +146,14 @@ ensure_provider_sdks() {
     || die "pip install twilio plivo vonage PyJWT failed"
 }
 
+ensure_otlp_proto() {
+  python3 -c 'import opentelemetry.proto.collector.trace.v1.trace_service_pb2' 2>/dev/null && return 0
+  log "installing PyPI opentelemetry-proto: the trace tests' OTLP receiver decodes with it"
+  python3 -m pip install --quiet --disable-pip-version-check opentelemetry-proto >&2 \
+    || python3 -m pip install --quiet --disable-pip-version-check --user opentelemetry-proto >&2 \
+    || die "pip install opentelemetry-proto failed"
+}
+
 ensure_seaweedfs() {
   local c py_bin
   py_bin=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)

@@ -2,7 +2,7 @@
 # Runs every test: installs what is missing (nats-server 2.15+, PostgreSQL, FUSE, the
 # deploy checks' kubernetes-validate and promtool, Node.js for examples/, chromium for the
 # status pages, schemathesis for the OpenAPI run, the telephony providers' SDKs that sign
-# the callback tests' requests, SeaweedFS for the archive's S3-compatible store, PHP for
+# the callback tests' requests, opentelemetry-proto for the trace tests' OTLP receiver, SeaweedFS for the archive's S3-compatible store, PHP for
 # the API document's PHP snippet, pytest), then `cargo test --workspace`, then the
 # clients' own tests (clients/python with pytest, clients/node with node --test) against
 # the services built here. Tests start their own nats-server on free ports and create a
@@ -18,6 +18,7 @@ ensure_deploy_tools
 ensure_schemathesis
 ensure_seaweedfs
 ensure_provider_sdks
+ensure_otlp_proto
 ensure_node
 ensure_chromium
 ensure_php

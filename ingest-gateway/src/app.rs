@@ -124,7 +124,23 @@ pub fn app(state: AppState) -> Router {
                                 .get("x-request-id")
                                 .and_then(|v| v.to_str().ok())
                                 .unwrap_or("");
-                            tracing::info_span!("request", method = %req.method(), path = %loggable_path(req.uri().path()), request_id = %rid)
+                            let path = req.uri().path();
+                            if matches!(path, "/healthz" | "/readyz" | "/metrics" | "/status") {
+                                // Probes and scrapes: no trace of their own every few
+                                // seconds, and nothing logged inside them at INFO.
+                                if callcap::traces::enabled() {
+                                    return tracing::Span::none();
+                                }
+                                return tracing::debug_span!("request", method = %req.method(), path = %path, request_id = %rid);
+                            }
+                            let span = tracing::info_span!("request", method = %req.method(), path = %loggable_path(path), request_id = %rid, trace_id = tracing::field::Empty);
+                            // The dialer's W3C trace context: continued when traces are
+                            // on, its trace id logged either way.
+                            let parent = callcap::traces::TraceContext::from_headers(|name| {
+                                req.headers().get(name).and_then(|v| v.to_str().ok())
+                            });
+                            callcap::traces::adopt(&span, parent.as_ref());
+                            span
                         })
                         // Failures are logged once, with their cause, by ApiError.
                         .on_failure(()),

@@ -59,12 +59,17 @@ impl FromRequestParts<AppState> for Caller {
                 retry_after_secs: u64::from(state.serve.retry_after_secs),
             });
         }
-        let principal = parts
-            .headers
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|k| state.keys.authenticate(k.trim(), chrono::Utc::now()))
-            .ok_or(ApiError::Unauthorized)?;
+        let principal = {
+            let _auth = callcap::otel_span!("auth", key_id = tracing::field::Empty).entered();
+            let principal = parts
+                .headers
+                .get("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|k| state.keys.authenticate(k.trim(), chrono::Utc::now()))
+                .ok_or(ApiError::Unauthorized)?;
+            tracing::Span::current().record("key_id", principal.key_id.as_str());
+            principal
+        };
         let rate = match &state.rate_limiter {
             None => RateHeaders(None),
             Some(rl) => match rl.check(&principal.key_id, std::time::Instant::now()) {

@@ -15,6 +15,7 @@ use callcap::validate::Incoming;
 use callcap::{CallRecord, ValidationError};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use tracing::Instrument as _;
 
 use crate::answers::{
     item_err, item_ok, timestamp, BatchItem, BatchRefusals, BatchRequestDoc, BatchResponse,
@@ -50,12 +51,16 @@ pub async fn create_call(
 ) -> Result<(StatusCode, RateHeaders, Json<Created>), ApiError> {
     let principal = &caller.principal;
     let bytes = &body.text;
-    let record = match serde_json::from_slice::<Incoming>(bytes) {
-        Ok(incoming) => incoming.validate()?,
-        // Not a well-formed object: the parsed value names what is wrong.
-        Err(_) => callcap::validate(&parse_json(bytes)?)?,
+    let record = {
+        let _validate = callcap::otel_span!("validate").entered();
+        let record = match serde_json::from_slice::<Incoming>(bytes) {
+            Ok(incoming) => incoming.validate()?,
+            // Not a well-formed object: the parsed value names what is wrong.
+            Err(_) => callcap::validate(&parse_json(bytes)?)?,
+        };
+        check_company(principal, &record)?;
+        record
     };
-    check_company(principal, &record)?;
     let idem = idempotency_key(&headers)?;
     let received_at = Utc::now();
     let (id, receipt) = intake::publish_one(
@@ -63,7 +68,7 @@ pub async fn create_call(
         principal,
         record,
         idem.as_deref(),
-        intake::request_id(&headers),
+        &intake::Origin::of(&headers),
         received_at,
     )
     .await?;
@@ -219,7 +224,9 @@ async fn batch(
         )));
     }
     let received_at = Utc::now();
-    let rid = intake::request_id(headers);
+    let origin = intake::Origin::of(headers);
+    let validating = callcap::otel_span!("validate", records = calls.len());
+    let validating = validating.enter();
     // Every record of a request is its key's company's: one lane for the request, sized
     // by its records.
     let lane = state
@@ -235,21 +242,35 @@ async fn batch(
             .and_then(|r| check_company(principal, &r).map(|()| r));
         match checked {
             Ok(record) => {
-                let (id, out) =
-                    intake::prepare(record, principal, lane, None, rid.clone(), received_at);
+                let (id, out) = intake::prepare(
+                    record,
+                    principal,
+                    lane,
+                    None,
+                    (origin.request_id.clone(), None),
+                    received_at,
+                );
                 valid.push((index, id, out));
                 results.push(None);
             }
             Err(e) => results.push(Some(item_err(index, &e))),
         }
     }
+    drop(validating);
     if !valid.is_empty() {
+        // Every record of the request carries the one publish span's context.
+        let (span, trace) = intake::publish_span(&origin, valid.len());
+        for (_, _, out) in &mut valid {
+            out.trace.clone_from(&trace);
+        }
         let permits = state
             .inflight
             .clone()
             .try_acquire_many_owned(u32::try_from(valid.len()).unwrap_or(u32::MAX))
             .map_err(|_| intake::overloaded(state))?;
-        publish_all(state, valid, &mut results, received_at).await;
+        publish_all(state, valid, &mut results, received_at)
+            .instrument(span)
+            .await;
         drop(permits);
     }
     let results: Vec<BatchItem> = results

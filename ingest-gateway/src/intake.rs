@@ -10,11 +10,46 @@ use callcap::{CallRecord, Envelope};
 use chrono::{DateTime, Utc};
 
 use axum::http::HeaderMap;
+use callcap::traces::TraceContext;
+use tracing::Instrument as _;
 
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::publish::{Outbound, PublishError, Receipt};
 use crate::state::AppState;
+
+/// Where a request came from, as its records carry it: its `x-request-id` and the
+/// dialer's W3C trace context.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub request_id: Option<String>,
+    pub trace: Option<TraceContext>,
+}
+
+impl Origin {
+    /// The request's origin, read from its headers.
+    pub fn of(headers: &HeaderMap) -> Self {
+        Origin {
+            request_id: request_id(headers),
+            trace: TraceContext::from_headers(|name| {
+                headers.get(name).and_then(|v| v.to_str().ok())
+            }),
+        }
+    }
+}
+
+/// The span a request's records are published in (with traces on), and the trace
+/// context their messages carry: that span's, or the dialer's with traces off.
+pub fn publish_span(origin: &Origin, records: usize) -> (tracing::Span, Option<TraceContext>) {
+    let span = callcap::otel_span!(
+        "publish",
+        records = records as i64,
+        stream_seq = tracing::field::Empty,
+        duplicate = tracing::field::Empty
+    );
+    let trace = callcap::traces::carried(&span, origin.trace.as_ref());
+    (span, trace)
+}
 
 /// Publishes one valid record of `principal` and waits for its ack: the record's id and
 /// the stream's receipt.
@@ -27,7 +62,7 @@ pub async fn publish_one(
     principal: &Principal,
     record: CallRecord,
     idem: Option<&str>,
-    request_id: Option<String>,
+    origin: &Origin,
     received_at: DateTime<Utc>,
 ) -> Result<(CallId, Receipt), ApiError> {
     let permit = state
@@ -38,12 +73,27 @@ pub async fn publish_one(
     let lane = state
         .lanes
         .route(principal.company_id, 1, std::time::Instant::now());
-    let (id, outbound) = prepare(record, principal, lane, idem, request_id, received_at);
-    let outcome = state.publisher.publish(vec![outbound]).await.pop();
+    let (span, trace) = publish_span(origin, 1);
+    let (id, outbound) = prepare(
+        record,
+        principal,
+        lane,
+        idem,
+        (origin.request_id.clone(), trace),
+        received_at,
+    );
+    let outcome = state
+        .publisher
+        .publish(vec![outbound])
+        .instrument(span.clone())
+        .await
+        .pop();
     drop(permit);
     let receipt = outcome
         .expect("the publisher answers one outcome per record")
         .map_err(|e| unavailable(state, e))?;
+    span.record("stream_seq", receipt.seq as i64);
+    span.record("duplicate", receipt.duplicate);
     Ok((id, receipt))
 }
 
@@ -54,13 +104,14 @@ pub fn overloaded(state: &AppState) -> ApiError {
     }
 }
 
-/// Derives the record's id and builds its stream message.
+/// Derives the record's id and builds its stream message, carrying the request id and
+/// the trace context given.
 pub fn prepare(
     record: CallRecord,
     principal: &Principal,
     lane: Lane,
     idem: Option<&str>,
-    request_id: Option<String>,
+    (request_id, trace): (Option<String>, Option<TraceContext>),
     received_at: DateTime<Utc>,
 ) -> (CallId, Outbound) {
     let id = identity::call_history_id(&record, idem);
@@ -81,6 +132,7 @@ pub fn prepare(
             lane,
             msg_id: identity::msg_id_of(id.id, &record_json),
             payload: Bytes::from(payload),
+            trace,
         },
     )
 }

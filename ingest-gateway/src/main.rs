@@ -50,6 +50,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    callcap::telemetry::init(cli.log_format);
+    // Kept until exit: dropping it sends the traces still queued.
+    let _traces = callcap::telemetry::init(cli.log_format, "ingest-gateway")?;
     ingest_gateway::execute(cli).await
 }

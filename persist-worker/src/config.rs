@@ -70,6 +70,37 @@ pub enum Command {
     /// age limit can be short. Run one (one replica). Needs Postgres (erasures are
     /// checked before archiving) and the worker NATS identity.
     Archive(ArchiveRunArgs),
+    /// Where one call's record is: on which stream and sequence and whether a worker has
+    /// acked it, stored (the row's stored_at and status), dead-lettered (why), erased
+    /// (when), archived (which object) — one answer to paste into a ticket. Reads only.
+    /// Exits 1 when the record is found nowhere. Needs Postgres and the admin NATS
+    /// identity; ERASURE_KEY_FILE to check erasures, ARCHIVE_URL to look in the archive.
+    Trace(TraceArgs),
+}
+
+/// Which call `trace` looks for: a company's, by external id or by `call_history_id`.
+#[derive(Debug, Clone, Args)]
+#[command(group(clap::ArgGroup::new("call").required(true).args(["external_call_id", "call_history_id"])))]
+pub struct TraceArgs {
+    /// The company the call belongs to.
+    #[arg(long)]
+    pub company: Uuid,
+
+    /// The dialer's `external_call_id` (the id the ticket usually quotes).
+    #[arg(value_name = "EXTERNAL_CALL_ID")]
+    pub external_call_id: Option<String>,
+
+    /// The record's `external_system`, when it was sent with one.
+    #[arg(long, requires = "external_call_id")]
+    pub external_system: Option<String>,
+
+    /// The `call_history_id` the 201 answered, instead of the external id.
+    #[arg(long, conflicts_with = "external_call_id")]
+    pub call_history_id: Option<Uuid>,
+
+    /// One JSON object instead of lines for people.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Where the archive is, for every command that reads or writes it.

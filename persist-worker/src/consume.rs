@@ -21,6 +21,7 @@ use callcap::subjects::Lane;
 use futures::{FutureExt, StreamExt};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::config::RunArgs;
@@ -263,12 +264,25 @@ pub async fn run(
                 next = messages.next() => next,
             };
             let Some(first) = first else { break };
-            let msgs = fill(first, &mut messages, batch, args.batch_linger()).await;
+            // With traces on: the batch transaction's span, with pull, decode, upsert,
+            // commit and ack under it; each record's own span links to it.
+            let span = callcap::otel_span!(
+                "write batch",
+                lane = lane.as_str(),
+                messages = tracing::field::Empty
+            );
+            let msgs = fill(first, &mut messages, batch, args.batch_linger())
+                .instrument(callcap::otel_span!(parent: &span, "pull"))
+                .await;
             if msgs.is_empty() {
                 continue;
             }
+            span.record("messages", msgs.len() as i64);
             let started = Instant::now();
-            let decoded = decode(&msgs);
+            let decoded = {
+                let _decode = callcap::otel_span!(parent: &span, "decode").entered();
+                decode(&msgs)
+            };
             let ids: HashSet<Uuid> = decoded
                 .rows
                 .iter()
@@ -299,7 +313,9 @@ pub async fn run(
                     decoded,
                     started,
                 };
-                handle(lane, &pool, &policy, &args, &cancel, batch, &held).await
+                handle(lane, &pool, &policy, &args, &cancel, batch, &held)
+                    .instrument(span)
+                    .await
             });
             writing.batches.push_back((ids, task));
         }
@@ -466,12 +482,18 @@ async fn handle(
         decoded,
         started,
     } = batch;
+    let records = crate::write::record_spans(&decoded.rows, "consume");
     let written = write_keeping_alive(&msgs, &decoded, pool, policy, args, cancel).await;
     match written {
         Ok(stats) => {
             let (msgs, holding) = held.take_out(msgs, &stats);
             // Ack strictly after commit. A lost ack means a harmless redelivery.
-            let acks = futures::future::join_all(msgs.iter().map(|m| m.ack())).await;
+            let ack = callcap::otel_span!("ack", messages = msgs.len() as i64);
+            let acks = futures::future::join_all(msgs.iter().map(|m| m.ack()))
+                .instrument(ack)
+                .await;
+            log_records(&decoded.rows, &stats);
+            drop(records);
             let failed = acks.iter().filter(|a| a.is_err()).count();
             if failed > 0 {
                 tracing::warn!(
@@ -511,6 +533,30 @@ async fn handle(
             nak_all(&msgs).await;
             Err(Abandoned::Shutdown)
         }
+    }
+}
+
+/// One DEBUG line per record with what became of it, its request id and trace id: what
+/// an operator greps for when following one call (`RUST_LOG=persist_worker=debug`).
+fn log_records(rows: &[crate::store::Row], stats: &crate::store::WriteStats) {
+    for row in rows {
+        let outcome = if stats.erased.contains(&row.seq) {
+            "erased"
+        } else if stats.held.contains(&row.seq) {
+            "held"
+        } else if stats.refused.contains(&row.seq) {
+            "dead-lettered"
+        } else {
+            "stored"
+        };
+        tracing::debug!(
+            seq = row.seq,
+            call_history_id = %row.envelope.call_history_id,
+            request_id = row.envelope.request_id.as_deref().unwrap_or(""),
+            trace_id = row.trace.as_ref().map_or("", |t| t.trace_id()),
+            outcome,
+            "record written"
+        );
     }
 }
 

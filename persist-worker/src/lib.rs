@@ -69,6 +69,7 @@ pub async fn execute(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Replay(args)) => cli::replay(&cli, args, &shutdown).await,
         Some(Command::Erase(args)) => cli::erase(&cli, args).await,
         Some(Command::Dlq(cmd)) => cli::dlq(&cli, cmd).await,
+        Some(Command::Trace(args)) => cli::trace(&cli, args).await,
     }
 }
 

@@ -12,6 +12,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    callcap::telemetry::init(cli.log_format);
+    // Kept until exit: dropping it sends the traces still queued.
+    let _traces = callcap::telemetry::init(cli.log_format, "persist-worker")?;
     persist_worker::execute(cli).await
 }

@@ -35,7 +35,10 @@ pub fn decode(msgs: &[jetstream::Message]) -> Decoded {
             metrics::counter!("worker_redeliveries_total", "lane" => lane).increment(1);
         }
         match decode_message(seq, &m.subject, &m.payload) {
-            Ok(row) => rows.push(row),
+            Ok(mut row) => {
+                row.trace = callcap::traces::TraceContext::from_nats(m.headers.as_ref());
+                rows.push(row);
+            }
             Err(d) => dead.push(d),
         }
     }
@@ -52,6 +55,7 @@ pub fn decode_message(seq: u64, subject: &str, payload: &[u8]) -> Result<Row, De
         Ok(envelope) => Ok(Row {
             seq,
             subject: subject.to_owned(),
+            trace: None,
             envelope,
         }),
         Err(e) => Err(DeadLetter {
@@ -61,6 +65,37 @@ pub fn decode_message(seq: u64, subject: &str, payload: &[u8]) -> Result<Row, De
             payload: payload.to_vec(),
         }),
     }
+}
+
+/// One span per record being written (with traces on; none otherwise): the record's own
+/// trace continued from its message's `traceparent` (the gateway's publish span), linked
+/// to the batch transaction it is written in (the current span). `via` says which path
+/// wrote it: `consume`, `replay` or `redrive`. Dropping the spans ends them: hold them
+/// until the records are acknowledged.
+pub fn record_spans(rows: &[Row], via: &'static str) -> Vec<tracing::Span> {
+    if !callcap::traces::enabled() {
+        return Vec::new();
+    }
+    let batch = callcap::traces::carried(&tracing::Span::current(), None);
+    rows.iter()
+        .map(|row| {
+            let span = tracing::info_span!(
+                parent: None,
+                "store record",
+                via,
+                call_history_id = %row.envelope.call_history_id,
+                company_id = %row.envelope.record.company_id,
+                request_id = row.envelope.request_id.as_deref().unwrap_or(""),
+                stream_seq = row.seq as i64,
+                trace_id = tracing::field::Empty
+            );
+            callcap::traces::adopt(&span, row.trace.as_ref());
+            if let Some(batch) = &batch {
+                callcap::traces::link(&span, batch);
+            }
+            span
+        })
+        .collect()
 }
 
 /// What [`delete_messages`] did.
@@ -211,12 +246,23 @@ where
         .await?;
         match one {
             Ok(s) => total.add(s),
-            Err(e) => guilty.push(DeadLetter {
-                seq: row.seq,
-                subject: row.subject.clone(),
-                reason: format!("refused by the database: {e}"),
-                payload: row.envelope.encode(),
-            }),
+            Err(e) => {
+                tracing::warn!(
+                    seq = row.seq,
+                    call_history_id = %row.envelope.call_history_id,
+                    request_id = row.envelope.request_id.as_deref().unwrap_or(""),
+                    trace_id = row.trace.as_ref().map_or("", |t| t.trace_id()),
+                    error = %e,
+                    "record refused by the database; dead-lettered"
+                );
+                total.refused.push(row.seq);
+                guilty.push(DeadLetter {
+                    seq: row.seq,
+                    subject: row.subject.clone(),
+                    reason: format!("refused by the database: {e}"),
+                    payload: row.envelope.encode(),
+                });
+            }
         }
     }
     let recorded = until_stored(

@@ -36,11 +36,10 @@ pub struct CallId {
 /// and `("a","b/c")` stay different.
 pub fn call_history_id(record: &CallRecord, idempotency_key: Option<&str>) -> CallId {
     let name = match (&record.external_call_id, idempotency_key) {
-        (Some(ext), _) => Some(format!(
-            "ext\u{1f}{}\u{1f}{}\u{1f}{}",
+        (Some(ext), _) => Some(external_name(
             record.company_id,
-            record.external_system.as_deref().unwrap_or(""),
-            ext
+            record.external_system.as_deref(),
+            ext,
         )),
         (None, Some(key)) => Some(format!("idem\u{1f}{}\u{1f}{}", record.company_id, key)),
         (None, None) => None,
@@ -55,6 +54,26 @@ pub fn call_history_id(record: &CallRecord, idempotency_key: Option<&str>) -> Ca
             deterministic: false,
         },
     }
+}
+
+fn external_name(company: Uuid, system: Option<&str>, external_call_id: &str) -> String {
+    format!(
+        "ext\u{1f}{company}\u{1f}{}\u{1f}{external_call_id}",
+        system.unwrap_or("")
+    )
+}
+
+/// The `call_history_id` of a company's call sent with `external_call_id` (and
+/// `external_system`): what [`call_history_id`] gives such a record, whatever else it holds.
+pub fn external_call_history_id(
+    company: Uuid,
+    system: Option<&str>,
+    external_call_id: &str,
+) -> Uuid {
+    Uuid::new_v5(
+        &NAMESPACE,
+        external_name(company, system, external_call_id).as_bytes(),
+    )
 }
 
 /// The `Nats-Msg-Id` of a publish: SHA-256 over the id and the canonical record.
@@ -85,6 +104,26 @@ pub fn valid_idempotency_key(key: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_id_of_an_external_call_id_is_the_records_id() {
+        let company = Uuid::from_u128(7);
+        let mut r = CallRecord::new(company);
+        r.external_call_id = Some("CALL-123".into());
+        assert_eq!(
+            call_history_id(&r, Some("ignored")).id,
+            external_call_history_id(company, None, "CALL-123")
+        );
+        r.external_system = Some("dialer-a".into());
+        assert_eq!(
+            call_history_id(&r, None).id,
+            external_call_history_id(company, Some("dialer-a"), "CALL-123")
+        );
+        assert_ne!(
+            external_call_history_id(company, None, "CALL-123"),
+            external_call_history_id(company, Some("dialer-a"), "CALL-123")
+        );
+    }
+
     use super::*;
 
     fn record(ext: Option<&str>, system: Option<&str>) -> CallRecord {

@@ -12,6 +12,7 @@
 //! - [`recent`]: figures over the last minute and the status pages' HTML frame;
 //! - [`shutdown`]: one shutdown for every task of a process (SIGTERM, SIGINT);
 //! - [`telemetry`]: logging setup;
+//! - [`traces`]: OpenTelemetry traces and the W3C trace context across NATS;
 //! - [`timestamp`]: reading and writing timestamps and dates so that both read back.
 
 pub mod config;
@@ -26,6 +27,7 @@ pub mod shutdown;
 pub mod subjects;
 pub mod telemetry;
 pub mod timestamp;
+pub mod traces;
 pub mod validate;
 
 pub use envelope::Envelope;

@@ -464,8 +464,18 @@ impl Process {
         nats_url: &str,
         extra: &[(&str, String)],
     ) -> (Self, String) {
+        Self::gateway_ready_logged(bin, nats_url, extra, None).await
+    }
+
+    /// As [`Process::gateway_ready`], its log written to `log` when given.
+    pub async fn gateway_ready_logged(
+        bin: &str,
+        nats_url: &str,
+        extra: &[(&str, String)],
+        log: Option<&std::path::Path>,
+    ) -> (Self, String) {
         let port = crate::free_port();
-        let gw = Self::gateway(bin, nats_url, port, extra);
+        let gw = Self::spawn_logged(bin, &gateway_env(nats_url, port, extra), log);
         let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::new();
         crate::eventually(

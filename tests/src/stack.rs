@@ -627,4 +627,14 @@ impl<N: Broker> Backend<N> {
     pub async fn gateway_process(&self, bin: &str, env: &[(&str, String)]) -> (Process, String) {
         Process::gateway_ready(bin, &self.nats.url(), env).await
     }
+
+    /// As [`Backend::gateway_process`], its log written to `log`.
+    pub async fn gateway_process_logged(
+        &self,
+        bin: &str,
+        env: &[(&str, String)],
+        log: &Path,
+    ) -> (Process, String) {
+        Process::gateway_ready_logged(bin, &self.nats.url(), env, Some(log)).await
+    }
 }

@@ -154,7 +154,7 @@ async fn store(
         &principal,
         record,
         None,
-        intake::request_id(headers),
+        &intake::Origin::of(headers),
         Utc::now(),
     )
     .await?;

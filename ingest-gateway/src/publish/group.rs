@@ -32,6 +32,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use callcap::partitions::Partition;
 
+use tracing::Instrument as _;
+
 use super::wire::{Message, PendingReply, Reply, Transport, Wire, ERR_BATCH_DUPLICATE_MSG_ID};
 use super::{NotReady, Outbound, Outcomes, PublishError, PublishStats, Publisher, Receipt};
 
@@ -140,6 +142,7 @@ impl Publisher for GroupCommit {
                 subject: self.partition.subject(r.lane, r.company),
                 msg_id: r.msg_id,
                 payload: r.payload,
+                trace: r.trace,
             })
             .collect();
         Box::pin(async move {
@@ -338,13 +341,31 @@ async fn send(
         return None;
     }
     let started = Instant::now();
-    let sent =
-        match tokio::time::timeout(ack_timeout, send_messages(&**wire, &batch.messages)).await {
-            Ok(r) => r,
-            Err(_) => Err(PublishError::Timeout(
-                "NATS did not take the batch in time".into(),
-            )),
-        };
+    // With traces on: the atomic batch's own span, linked to every record's publish span
+    // (a record's trace shows the batch it went in; the batch shows whose records).
+    let span = callcap::otel_span!(
+        "atomic batch",
+        records = batch.messages.len() as i64,
+        last_seq = tracing::field::Empty
+    );
+    if callcap::traces::enabled() {
+        for m in &batch.messages {
+            if let Some(trace) = &m.trace {
+                callcap::traces::link(&span, trace);
+            }
+        }
+    }
+    let sent = match tokio::time::timeout(
+        ack_timeout,
+        send_messages(&**wire, &batch.messages).instrument(span.clone()),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(PublishError::Timeout(
+            "NATS did not take the batch in time".into(),
+        )),
+    };
     let pending = match sent {
         Ok(p) => p,
         Err(e) => {
@@ -359,14 +380,20 @@ async fn send(
         .fetch_add(batch.messages.len() as u64, Ordering::Relaxed);
     let wire = wire.clone();
     let counters = counters.clone();
-    Some(Box::pin(async move {
-        let per_message =
-            await_batch(&*wire, &batch.messages, pending, ack_timeout, &counters).await;
-        let took = started.elapsed().as_secs_f64();
-        metrics::histogram!("gateway_publish_duration_seconds").record(took);
-        super::record_latency(took);
-        batch.resolve(&per_message);
-    }))
+    Some(Box::pin(
+        async move {
+            let per_message =
+                await_batch(&*wire, &batch.messages, pending, ack_timeout, &counters).await;
+            let took = started.elapsed().as_secs_f64();
+            metrics::histogram!("gateway_publish_duration_seconds").record(took);
+            super::record_latency(took);
+            if let Some(Ok(last)) = per_message.last() {
+                tracing::Span::current().record("last_seq", last.seq as i64);
+            }
+            batch.resolve(&per_message);
+        }
+        .instrument(span),
+    ))
 }
 
 /// Hands `messages` to the connection: one plain publish, or one atomic batch.
@@ -502,6 +529,7 @@ mod tests {
             subject: "calls.ingest.x".into(),
             msg_id: msg_id.into(),
             payload: Bytes::from_static(b"{}"),
+            trace: None,
         }
     }
 

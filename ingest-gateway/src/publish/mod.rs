@@ -78,6 +78,10 @@ pub struct Outbound {
     /// `Nats-Msg-Id`: JetStream drops a second publish with the same id in its window.
     pub msg_id: String,
     pub payload: Bytes,
+    /// The W3C trace context the message carries to the worker (`traceparent`,
+    /// `tracestate` headers): the publish span's when traces are on, the dialer's as it
+    /// came when they are off, none when there is neither.
+    pub trace: Option<callcap::traces::TraceContext>,
 }
 
 /// JetStream's acknowledgement of one record.

@@ -384,6 +384,7 @@ mod tests {
             },
             msg_id: format!("m{n}"),
             payload: bytes::Bytes::from(format!("{n}")),
+            trace: None,
         }
     }
 

@@ -39,6 +39,8 @@ pub struct Message {
     /// `Nats-Msg-Id`: JetStream drops a second publish with the same id in its window.
     pub msg_id: String,
     pub payload: Bytes,
+    /// Sent as the `traceparent`/`tracestate` headers.
+    pub trace: Option<callcap::traces::TraceContext>,
 }
 
 /// JetStream's error code for an atomic batch holding a `Nats-Msg-Id` the stream has
@@ -374,6 +376,9 @@ impl Wire {
 fn record_headers(record: &Message) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(header::NATS_MESSAGE_ID, record.msg_id.as_str());
+    if let Some(trace) = &record.trace {
+        trace.to_nats(&mut headers);
+    }
     headers
 }
 

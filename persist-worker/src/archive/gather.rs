@@ -185,6 +185,7 @@ impl Gatherer {
                 o.rows.push(Row {
                     seq: m.seq,
                     subject: m.subject.clone(),
+                    trace: None,
                     envelope,
                 });
                 Entry::line_of_json(m.seq, &m.subject, m.time, &m.payload)

@@ -4,6 +4,7 @@
 //! original stream sequence, so the merge rules hold as if it had never failed.
 
 use std::io::Write;
+use tracing::Instrument as _;
 
 use callcap::Envelope;
 use sqlx::PgPool;
@@ -112,9 +113,19 @@ async fn redrive_one(
     let row = Row {
         seq: u64::try_from(dl.stream_seq).unwrap_or(0),
         subject: dl.subject.clone(),
+        trace: None,
         envelope,
     };
-    match store::write_batch(pool, policy, &[row], &[]).await {
+    // A dead letter keeps no trace context: a redrive starts a trace of its own, whose
+    // span names the record's call and request ids.
+    let span = callcap::otel_span!("redrive", dead_letter = dl.id);
+    let rows = [row];
+    let records = span.in_scope(|| crate::write::record_spans(&rows, "redrive"));
+    let written = store::write_batch(pool, policy, &rows, &[])
+        .instrument(span)
+        .await;
+    drop(records);
+    match written {
         Ok(_) => Ok(()),
         Err(e @ StoreError::Permanent(_)) => Err(RedriveError::Refused(e)),
         Err(e @ StoreError::Transient(_)) => Err(RedriveError::Unavailable(e)),

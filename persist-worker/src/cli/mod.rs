@@ -4,12 +4,15 @@
 //!
 //! - [`mod@replay`]: re-apply a window of the streams (or the archive) through the write path;
 //! - [`mod@erase`]: a caller's data removed everywhere, with an entry that keeps it out;
-//! - [`mod@dlq`]: dead letters listed and re-driven.
+//! - [`mod@dlq`]: dead letters listed and re-driven;
+//! - [`mod@trace`]: where one call's record is.
 
 pub mod dlq;
 pub mod erase;
 pub mod replay;
+pub mod trace;
 
+use std::io::Write as _;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -18,7 +21,7 @@ use callcap::config::Role;
 use callcap::shutdown::Shutdown;
 use sqlx::PgPool;
 
-use crate::config::{Cli, DlqCommand, EraseArgs, ReplayArgs};
+use crate::config::{Cli, DlqCommand, EraseArgs, ReplayArgs, TraceArgs};
 use crate::{archive, privacy, store};
 
 fn pool(cli: &Cli) -> anyhow::Result<PgPool> {
@@ -115,6 +118,47 @@ pub async fn dlq(cli: &Cli, cmd: &DlqCommand) -> anyhow::Result<()> {
                 .map(|_| ())
         }
     }
+}
+
+/// `persist-worker trace`: prints where the call is; exits 1 when it is nowhere.
+///
+/// # Errors
+/// NATS, Postgres or the archive unavailable, or the record found nowhere.
+pub async fn trace(cli: &Cli, args: &TraceArgs) -> anyhow::Result<()> {
+    let js = admin_context(cli, "persist-worker trace").await?;
+    let pool = pool(cli)?;
+    let policy = privacy::Policy::from_args(&cli.privacy)?;
+    let archive = archive::Archive::from_args(&cli.archive)?;
+    let call = match (&args.external_call_id, args.call_history_id) {
+        (_, Some(id)) => id,
+        (Some(ext), None) => callcap::identity::external_call_history_id(
+            args.company,
+            args.external_system.as_deref(),
+            ext,
+        ),
+        (None, None) => anyhow::bail!("give an EXTERNAL_CALL_ID or --call-history-id"),
+    };
+    let query = trace::Query {
+        company: args.company,
+        call,
+        external_call_id: args.external_call_id.clone(),
+        external_system: args.external_system.clone(),
+    };
+    let report = trace::run(&js, &pool, archive.as_ref(), policy.key.as_deref(), &query)
+        .await
+        .context("tracing the call")?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        trace::write_text(&report, &mut out)?;
+    }
+    out.flush()?;
+    if !report.found() {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// Refuses to run `what` (a command that writes records) when it could not check them

@@ -22,6 +22,7 @@ use crate::config::ReplayArgs;
 /// fails (a stall is never taken for the end).
 const STALL: Duration = Duration::from_secs(30);
 use crate::write::{decode, write_reliably};
+use tracing::Instrument as _;
 
 /// What a replay did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -528,7 +529,9 @@ async fn apply(
     (retry_max, cancel): (Duration, &Shutdown),
     bar: &ProgressBar,
 ) -> Result<(), async_nats::Error> {
+    let span = callcap::otel_span!("replay batch", messages = pending.len());
     let decoded = decode(pending);
+    let records = span.in_scope(|| crate::write::record_spans(&decoded.rows, "replay"));
     let stats = write_reliably(
         pool,
         policy,
@@ -538,8 +541,10 @@ async fn apply(
         cancel,
         || async {},
     )
+    .instrument(span)
     .await
     .map_err(|_| "replay interrupted while the database was unavailable")?;
+    drop(records);
     for s in pending
         .iter()
         .filter_map(|m| m.info().ok().map(|i| i.stream_sequence))

@@ -16,6 +16,7 @@ use std::sync::OnceLock;
 use callcap::CallRecord;
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::dead::{insert_dead_letters, DeadLetter};
@@ -34,23 +35,39 @@ pub async fn write_batch(
     dead: &[DeadLetter],
 ) -> Result<WriteStats, StoreError> {
     let mut tx = pool.begin().await?;
+    let upsert = callcap::otel_span!("upsert", rows = rows.len(), dead_letters = dead.len());
+    let stats = upsert_all(&mut tx, policy, rows, dead)
+        .instrument(upsert)
+        .await?;
+    tx.commit()
+        .instrument(callcap::otel_span!("commit"))
+        .await?;
+    Ok(stats)
+}
+
+/// The statements of [`write_batch`], inside its transaction.
+async fn upsert_all(
+    tx: &mut Transaction<'static, Postgres>,
+    policy: &crate::privacy::Policy,
+    rows: &[Row],
+    dead: &[DeadLetter],
+) -> Result<WriteStats, StoreError> {
     let mut stats = WriteStats::default();
     // Erased and expired records go no further: not stored, not dead-lettered.
-    let filtered = super::privacy::filter(&mut tx, policy, rows, dead).await?;
+    let filtered = super::privacy::filter(tx, policy, rows, dead).await?;
     stats.erased = filtered.erased;
     stats.expired = filtered.expired;
     stats.held = filtered.held;
     stats.hold = filtered.hold;
-    let (rows, foreign) = split_foreign(&mut tx, &filtered.rows).await?;
+    let (rows, foreign) = split_foreign(tx, &filtered.rows).await?;
     if !rows.is_empty() {
-        upsert_parents(&mut tx, &rows).await?;
+        upsert_parents(tx, &rows).await?;
         for round in rounds(&rows) {
-            stats.rows_changed += upsert_calls(&mut tx, &round).await?;
+            stats.rows_changed += upsert_calls(tx, &round).await?;
         }
     }
-    stats.dead_letters = insert_dead_letters(&mut tx, &filtered.dead).await?;
-    stats.dead_letters += insert_dead_letters(&mut tx, &foreign).await?;
-    tx.commit().await?;
+    stats.dead_letters = insert_dead_letters(tx, &filtered.dead).await?;
+    stats.dead_letters += insert_dead_letters(tx, &foreign).await?;
     Ok(stats)
 }
 
@@ -392,6 +409,7 @@ mod tests {
         Row {
             seq,
             subject: callcap::subjects::ingest_subject(Uuid::from_u128(99)),
+            trace: None,
             envelope: Envelope::new(
                 Uuid::from_u128(id),
                 Utc::now(),

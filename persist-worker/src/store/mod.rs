@@ -35,6 +35,9 @@ pub struct Row {
     /// keyed by sequence and subject, and a partition stream's subjects are its own).
     pub subject: String,
     pub envelope: Envelope,
+    /// The W3C trace context its message carried (`traceparent`), continued by the
+    /// record's write span and named in its log lines.
+    pub trace: Option<callcap::traces::TraceContext>,
 }
 
 /// A failed database operation, sorted by what to do about it.
@@ -139,6 +142,8 @@ pub struct WriteStats {
     pub held: Vec<u64>,
     /// Why they are held.
     pub hold: Option<crate::privacy::Uncheckable>,
+    /// Stream sequences of rows the database refused, dead-lettered instead of stored.
+    pub refused: Vec<u64>,
 }
 
 impl WriteStats {
@@ -149,6 +154,7 @@ impl WriteStats {
         self.erased.extend(other.erased);
         self.expired += other.expired;
         self.held.extend(other.held);
+        self.refused.extend(other.refused);
         if self.hold.is_none() {
             self.hold = other.hold;
         }

@@ -578,6 +578,7 @@ async fn broker_atomic(
             subject: subject.to_owned(),
             msg_id,
             payload,
+            trace: None,
         })
         .collect();
     let count = records.len();

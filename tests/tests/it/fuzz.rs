@@ -269,6 +269,7 @@ async fn accepted_records_are_storable_and_read_back_as_validated() {
         rows.push(Row {
             seq: seq as u64 + 1,
             subject: callcap::subjects::ingest_subject(record.company_id),
+            trace: None,
             envelope,
         });
     }

@@ -26,6 +26,7 @@ mod schema;
 mod security;
 mod seeds;
 mod status;
+mod traces;
 
 /// The service binaries, built from their own `main.rs` by this package.
 pub const WORKER_BIN: &str = env!("CARGO_BIN_EXE_worker-under-test");

@@ -23,6 +23,7 @@ fn row(seq: u64, record: CallRecord) -> Row {
     Row {
         seq,
         subject: callcap::subjects::ingest_subject(record.company_id),
+        trace: None,
         envelope: Envelope::new(
             id,
             t(12) + chrono::Duration::seconds(seq as i64),
@@ -199,11 +200,13 @@ async fn calls_without_an_external_id_are_never_merged() {
         Row {
             seq: 1,
             subject: callcap::subjects::ingest_subject(c),
+            trace: None,
             envelope: Envelope::new(a, t(1), "k".into(), None, anon.clone()),
         },
         Row {
             seq: 2,
             subject: callcap::subjects::ingest_subject(c),
+            trace: None,
             envelope: Envelope::new(b, t(1), "k".into(), None, anon),
         },
     ];

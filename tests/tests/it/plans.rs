@@ -77,6 +77,7 @@ fn row(seq: u64, id: Uuid, company: Uuid, follow_up: bool) -> Row {
     Row {
         seq,
         subject: callcap::subjects::ingest_subject(company),
+        trace: None,
         envelope: Envelope::new(id, Utc::now(), "k1".into(), None, r),
     }
 }
