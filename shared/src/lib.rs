@@ -2,6 +2,7 @@
 //!
 //! - [`record`]: the call record and its enumerations;
 //! - [`validate`]: the API document's field rules and size bounds;
+//! - [`history`]: the last hour of figures, drawn as inline SVG on the status pages;
 //! - [`identity`]: `call_history_id` and the publish dedup id;
 //! - [`envelope`]: the versioned stream message;
 //! - [`subjects`]: stream, subject, consumer and bucket names and definitions;
@@ -18,6 +19,7 @@
 pub mod config;
 pub mod envelope;
 pub mod examples;
+pub mod history;
 pub mod identity;
 pub mod partitions;
 pub mod phone;

@@ -98,9 +98,28 @@ pub const LATENCY_BOUNDS_MS: [f64; 20] = [
     f64::INFINITY,
 ];
 
-/// Latencies over the last minute, bucketed.
+/// Latencies over the last minute, bucketed; and every latency since start, bucketed the
+/// same way (for the per-10-second points of [`crate::history`]).
 #[derive(Default)]
-pub struct Latencies(Window<20>);
+pub struct Latencies(Window<20>, [std::sync::atomic::AtomicU64; 20]);
+
+/// The `p` quantile (0..1) of bucket `counts` as the upper bound of its bucket, in ms;
+/// `None` with no data.
+pub fn quantile_of(counts: &[u64; 20], p: f64) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = (p * total as f64).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (count, bound) in counts.iter().zip(LATENCY_BOUNDS_MS) {
+        seen += count;
+        if seen >= rank {
+            return Some(bound);
+        }
+    }
+    Some(f64::INFINITY)
+}
 
 impl Latencies {
     /// Records one latency.
@@ -111,24 +130,17 @@ impl Latencies {
             .position(|b| ms <= *b)
             .unwrap_or(19);
         self.0.add(i, 1);
+        self.1[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The `p` quantile (0..1) as the upper bound of its bucket, in ms; `None` with no data.
     pub fn quantile_ms(&self, p: f64) -> Option<f64> {
-        let (counts, _) = self.0.totals();
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
-            return None;
-        }
-        let rank = (p * total as f64).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (count, bound) in counts.iter().zip(LATENCY_BOUNDS_MS) {
-            seen += count;
-            if seen >= rank {
-                return Some(bound);
-            }
-        }
-        Some(f64::INFINITY)
+        quantile_of(&self.0.totals().0, p)
+    }
+
+    /// Every latency recorded since start, by bucket.
+    pub fn since_start(&self) -> [u64; 20] {
+        std::array::from_fn(|i| self.1[i].load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// How many were recorded over the last minute.
@@ -171,15 +183,19 @@ table {{ border-collapse: collapse; width: 100%; }}
 th, td {{ text-align: left; padding: .35rem .5rem; border-bottom: 1px solid #bbb; vertical-align: top; }}
 td.n {{ text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }}
 th {{ white-space: nowrap; }}
+@media (max-width: 30rem) {{ th {{ white-space: normal; overflow-wrap: anywhere; }} td.n {{ white-space: normal; }} }}
 .ok {{ font-weight: bold; }} .bad {{ font-weight: bold; text-decoration: underline; }}
 td {{ overflow-wrap: anywhere; }}
 small {{ color: #444; }}
+figure.chart {{ margin: 1rem 0 1.4rem; }} figure.chart svg.chart {{ display: block; max-width: 100%; height: auto; }}
+figcaption {{ font-weight: 600; margin-bottom: .3rem; }}
+ul.legend {{ list-style: none; padding: 0; margin: .3rem 0 0; display: flex; flex-wrap: wrap; gap: .2rem 1rem; font-size: .9rem; }}
 </style>
 </head>
 <body>
 <h1>{title}</h1>
 {body}
-<p><small>Figures over the last minute; this page refreshes every 5 seconds.</small></p>
+<p><small>Tables: figures over the last minute. Charts: the last hour, a point every 10 seconds since this process started. This page refreshes every 5 seconds.</small></p>
 </body>
 </html>
 "#,

@@ -195,3 +195,240 @@ async fn the_status_pages_show_readiness_and_figures_that_move_in_a_browser() {
     })
     .await;
 }
+
+/// A screenshot of `url` in a window `width` wide (and tall enough for the page), under
+/// target/test-output; its path.
+async fn screenshot_at(url: &str, name: &str, width: u32, height: u32) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-output");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.png"));
+    let _ = std::fs::remove_file(&path);
+    let out = tokio::process::Command::new(chromium())
+        .args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--force-device-scale-factor=1",
+        ])
+        .arg(format!("--window-size={width},{height}"))
+        .arg(format!("--screenshot={}", path.display()))
+        .arg(url)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    path
+}
+
+/// How many pixels of each of the charts' series colours each horizontal band of `band`
+/// rows of a PNG holds.
+fn painted(png_path: &std::path::Path, band: usize) -> Vec<Vec<usize>> {
+    let decoder = png::Decoder::new(std::fs::File::open(png_path).unwrap());
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let channels = info.color_type.samples();
+    let colours: Vec<[i32; 3]> = callcap::history::COLOURS
+        .iter()
+        .map(|c| {
+            let v = u32::from_str_radix(&c[1..], 16).unwrap();
+            [
+                (v >> 16) as i32,
+                ((v >> 8) & 0xff) as i32,
+                (v & 0xff) as i32,
+            ]
+        })
+        .collect();
+    let row = info.width as usize * channels;
+    let mut bands = Vec::new();
+    for (r, line) in buf[..info.buffer_size()].chunks(row).enumerate() {
+        if r % band == 0 {
+            bands.push(vec![0; colours.len()]);
+        }
+        let counts = bands.last_mut().unwrap();
+        for px in line.chunks(channels) {
+            let p = [px[0] as i32, px[1] as i32, px[2] as i32];
+            for (i, c) in colours.iter().enumerate() {
+                if (0..3).map(|k| (p[k] - c[k]).abs()).sum::<i32>() <= 24 {
+                    counts[i] += 1;
+                }
+            }
+        }
+    }
+    bands
+}
+
+/// The charts of a rendered page: (id, series count, each series' path data).
+fn charts(dom: &str) -> Vec<(String, usize, Vec<String>)> {
+    let mut out = Vec::new();
+    for part in dom.split("<figure class=\"chart\" id=\"chart-").skip(1) {
+        let id = part[..part.find('"').unwrap()].to_owned();
+        let count: usize = {
+            let at = part.find("data-series-count=\"").unwrap() + 19;
+            part[at..at + part[at..].find('"').unwrap()]
+                .parse()
+                .unwrap()
+        };
+        let figure = &part[..part.find("</figure>").unwrap()];
+        let paths = figure
+            .split("<path d=\"")
+            .skip(1)
+            .map(|p| p[..p.find('"').unwrap()].to_owned())
+            .collect();
+        out.push((id, count, paths));
+    }
+    out
+}
+
+/// Each series of each chart drawn on its own (the chart's SVG with the other series
+/// taken out), as Chromium paints it at phone and desktop width: a series whose colour is
+/// nowhere on its picture was not drawn. (Series with equal values overlap on the page,
+/// so they are looked at one by one: one picture per series, stacked in one page.)
+async fn assert_charts_painted(dom: &str, name: &str) {
+    let mut alone_svgs = Vec::new();
+    for part in dom.split("<figure class=\"chart\" id=\"chart-").skip(1) {
+        let id = part[..part.find('"').unwrap()].to_owned();
+        let svg_start = part.find("<svg viewBox").unwrap();
+        let svg = &part[svg_start..svg_start + part[svg_start..].find("</svg>").unwrap() + 6];
+        let groups: Vec<&str> = svg
+            .split("<g data-series=")
+            .skip(1)
+            .map(|g| &g[..g.find("</g>").unwrap() + 4])
+            .collect();
+        assert!(!groups.is_empty(), "chart {id} has no series");
+        for i in 0..groups.len() {
+            let mut alone = svg.to_owned();
+            for (j, other) in groups.iter().enumerate() {
+                if j != i {
+                    alone = alone.replace(&format!("<g data-series={other}"), "");
+                }
+            }
+            alone_svgs.push((id.clone(), i, alone));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for width in [390_usize, 1280] {
+        let band = width * 160 / 600 + 8;
+        let mut html = String::from("<!doctype html><html><body style=\"margin:0\">");
+        for (_, _, svg) in &alone_svgs {
+            html.push_str(&format!(
+                "<div style=\"height:{band}px;overflow:hidden\">{svg}</div>"
+            ));
+        }
+        html.push_str("</body></html>");
+        let file = dir.path().join(format!("{name}-{width}.html"));
+        std::fs::write(&file, html).unwrap();
+        let height = u32::try_from(band * alone_svgs.len()).unwrap();
+        let shot = screenshot_at(
+            &format!("file://{}", file.display()),
+            &format!("{name}-series-{width}"),
+            u32::try_from(width).unwrap(),
+            height,
+        )
+        .await;
+        let bands = painted(&shot, band);
+        for (k, (id, i, _)) in alone_svgs.iter().enumerate() {
+            let counts = &bands[k];
+            assert!(
+                counts[i % counts.len()] >= 8,
+                "chart {id}, series {i} at {width} px is not painted ({counts:?}); {}",
+                shot.display()
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_status_pages_draw_the_last_hour_at_phone_and_desktop_width() {
+    let stack = Stack::new().backend().await;
+    let (_gw, base) = stack.gateway_process(crate::GATEWAY_BIN, &[]).await;
+    let metrics_port = callcap_tests::free_port();
+    let _worker = stack.workers.process(crate::WORKER_BIN, metrics_port, &[]);
+    let worker_page = format!("http://127.0.0.1:{metrics_port}/");
+    let stop = CancellationToken::new();
+    let poster = {
+        let (http, url, key, stop, company) = (
+            reqwest::Client::new(),
+            format!("{base}/v1/calls"),
+            stack.key.clone(),
+            stop.clone(),
+            stack.company,
+        );
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let _ = http
+                    .post(&url)
+                    .header("x-api-key", &key)
+                    .json(&payloads::minimal(company))
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // Two points (the first at start, the next 10 s later) make the first rates.
+    let gateway = callcap_tests::eventually(
+        Duration::from_secs(40),
+        "the gateway's charts with points",
+        || async {
+            let dom = rendered(&format!("{base}/status")).await;
+            let c = charts(&dom);
+            let requests = c.iter().find(|(id, ..)| id == "requests")?;
+            let publish = c.iter().find(|(id, ..)| id == "publish")?;
+            (dom.contains("data-series=\"201 Created\"")
+                && !requests.2.iter().all(String::is_empty)
+                && publish.1 == 2
+                && publish.2.iter().all(|d| d.starts_with('M')))
+            .then_some(dom)
+        },
+    )
+    .await;
+    let worker = callcap_tests::eventually(
+        Duration::from_secs(40),
+        "the worker's charts with points",
+        || {
+            let url = worker_page.clone();
+            async move {
+                let dom = rendered(&url).await;
+                let c = charts(&dom);
+                let records = c.iter().find(|(id, ..)| id == "records")?;
+                let backlog = c.iter().find(|(id, ..)| id == "backlog")?;
+                let lanes = dom.matches("id=\"pending-").count();
+                (records.1 == 2
+                    && records.2.iter().all(|d| d.starts_with('M'))
+                    && backlog.1 == lanes
+                    && backlog.2.iter().all(|d| d.starts_with('M')))
+                .then_some(dom)
+            }
+        },
+    )
+    .await;
+    stop.cancel();
+    poster.await.unwrap();
+    for dom in [&gateway, &worker] {
+        assert_accessible(dom);
+        // Every chart says what it shows in words too: a legend line per series.
+        for (id, count, paths) in charts(dom) {
+            assert_eq!(paths.len(), count, "chart {id}");
+        }
+    }
+    assert!(gateway.contains("201 Created: "), "no legend value");
+    assert_charts_painted(&gateway, "status-gateway").await;
+    assert_charts_painted(&worker, "status-worker").await;
+    // The whole pages at phone and desktop width, for people to look at.
+    for width in [390, 1280] {
+        screenshot_at(
+            &format!("{base}/status"),
+            &format!("status-gateway-{width}"),
+            width,
+            2400,
+        )
+        .await;
+        screenshot_at(&worker_page, &format!("status-worker-{width}"), width, 2800).await;
+    }
+}
