@@ -15,7 +15,7 @@ use uuid::Uuid;
 /// publishes them to the NATS JetStream stream CALLS and answers 201 once JetStream has
 /// acknowledged each one.
 #[derive(Debug, Parser)]
-#[command(name = "ingest-gateway", version, about, long_about = None)]
+#[command(name = "ingest-gateway", version, about, long_about = None, after_help = callcap::traces::ENV_HELP)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,

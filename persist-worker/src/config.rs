@@ -17,7 +17,7 @@ use uuid::Uuid;
 /// durable consumer and writes each record to Postgres exactly once (idempotent upserts,
 /// acks only after commit). Run as many as you like side by side.
 #[derive(Debug, Parser)]
-#[command(name = "persist-worker", version, about, long_about = None)]
+#[command(name = "persist-worker", version, about, long_about = None, after_help = callcap::traces::ENV_HELP)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -32,6 +32,17 @@ pub const TRACESTATE: &str = "tracestate";
 /// Longest `tracestate` carried on (the W3C limit a propagator must keep).
 pub const MAX_TRACESTATE_BYTES: usize = 512;
 
+/// What `--help` says of the standard variables the trace exporter reads (they are the
+/// OpenTelemetry SDK's, not flags).
+pub const ENV_HELP: &str = "Traces (OpenTelemetry, off unless an endpoint is set): \
+OTEL_EXPORTER_OTLP_ENDPOINT (e.g. http://collector:4318; or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), \
+OTEL_EXPORTER_OTLP_HEADERS, OTEL_EXPORTER_OTLP_PROTOCOL (http/protobuf only), \
+OTEL_EXPORTER_OTLP_COMPRESSION (gzip), OTEL_EXPORTER_OTLP_TIMEOUT, OTEL_SERVICE_NAME \
+(default: the binary's name), OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER and \
+OTEL_TRACES_SAMPLER_ARG (default parentbased_always_on), OTEL_BSP_* (the batch exporter), \
+OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none (off). A dialer's W3C traceparent is \
+continued and carried on the NATS message; README, \"Following one call\".";
+
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// Whether spans are exported (an OTLP endpoint is configured and the layer installed).
