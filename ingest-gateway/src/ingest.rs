@@ -225,7 +225,7 @@ async fn batch(
     }
     let received_at = Utc::now();
     let origin = intake::Origin::of(headers);
-    let validating = callcap::otel_span!("validate", records = calls.len());
+    let validating = callcap::otel_span!("validate", records = calls.len() as i64);
     let validating = validating.enter();
     // Every record of a request is its key's company's: one lane for the request, sized
     // by its records.

@@ -353,9 +353,18 @@ async fn write_archived(
     if rows.is_empty() && dead.is_empty() {
         return Ok(());
     }
+    // An archived record kept no trace context: each starts a trace of its own.
+    let span = callcap::otel_span!(
+        "replay batch",
+        messages = (rows.len() + dead.len()) as i64,
+        archive = true
+    );
+    let records = span.in_scope(|| crate::write::record_spans(rows, "replay"));
     let stats = write_reliably(pool, policy, rows, dead, retry_max, cancel, || async {})
+        .instrument(span)
         .await
         .map_err(|_| "replay interrupted while the database was unavailable")?;
+    drop(records);
     summary.rows_changed += stats.rows_changed;
     summary.dead_letters += stats.dead_letters;
     rows.clear();
@@ -529,7 +538,7 @@ async fn apply(
     (retry_max, cancel): (Duration, &Shutdown),
     bar: &ProgressBar,
 ) -> Result<(), async_nats::Error> {
-    let span = callcap::otel_span!("replay batch", messages = pending.len());
+    let span = callcap::otel_span!("replay batch", messages = pending.len() as i64);
     let decoded = decode(pending);
     let records = span.in_scope(|| crate::write::record_spans(&decoded.rows, "replay"));
     let stats = write_reliably(

@@ -35,7 +35,11 @@ pub async fn write_batch(
     dead: &[DeadLetter],
 ) -> Result<WriteStats, StoreError> {
     let mut tx = pool.begin().await?;
-    let upsert = callcap::otel_span!("upsert", rows = rows.len(), dead_letters = dead.len());
+    let upsert = callcap::otel_span!(
+        "upsert",
+        rows = rows.len() as i64,
+        dead_letters = dead.len() as i64
+    );
     let stats = upsert_all(&mut tx, policy, rows, dead)
         .instrument(upsert)
         .await?;

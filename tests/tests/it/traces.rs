@@ -257,6 +257,34 @@ async fn one_posts_trace_runs_from_the_dialers_parent_through_the_gateway_to_the
             "{what} line without the trace id: {line}"
         );
     }
+    // A replay continues the same trace: the message still carries the publish span's
+    // context.
+    let out = callcap_tests::pipeline::admin_command_env(
+        crate::WORKER_BIN,
+        &stack.nats.url(),
+        &["replay", "--from-seq", "1", "--quiet"],
+        &[
+            ("DATABASE_URL", stack.db.url.as_str()),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        callcap_tests::pipeline::output_text(&out)
+    );
+    let replayed = eventually(Duration::from_secs(20), "the replay's span", || async {
+        receiver.spans().into_iter().find(|s| {
+            s["trace_id"] == trace.as_str()
+                && s["name"] == "store record"
+                && s["attributes"]["via"] == "replay"
+        })
+    })
+    .await;
+    assert_eq!(replayed["parent_span_id"], publish["span_id"]);
+    assert_eq!(replayed["service"], "persist-worker");
     // The row is there.
     let stored: i64 =
         sqlx::query_scalar("SELECT count(*) FROM call_history WHERE external_call_id = 'TRACE-1'")
